@@ -1,0 +1,33 @@
+# aifed: `make demo` runs a local federation on loopback; `make test` runs the whole test suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: all install demo test test-fast proto proto-check clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "aifed needs Python 3.11 or newer")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install aifed with its development tools
+
+demo: $(STAMP)  ## start 3 hubs and 2 antennas on loopback, run jobs through them, stop
+	$(BIN)/aifed demo
+
+test: $(STAMP)  ## the whole suite (installs and starts what the tests need)
+	$(BIN)/python -m pytest -q
+
+proto: $(STAMP)  ## regenerate federation/pb from proto/
+	$(BIN)/python proto/generate.py
+
+proto-check: $(STAMP)
+	$(BIN)/python proto/generate.py --check
+
+clean:
+	rm -rf var .pytest_cache build *.egg-info

@@ -1,0 +1,44 @@
+"""Placement: which hubs could run a job (filters, each with its reason) and which one starts it first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from federation.model import JobSpec
+from federation.pb import jobs_pb2
+from federation.timefmt import format_duration
+
+
+@dataclass(frozen=True)
+class Verdict:
+    site: str
+    reason: str = ""          # why the site cannot take the job; empty if it can
+    wait_s: float | None = None
+    transient: bool = False   # the reason may pass (an unreachable hub); a permanent one will not
+
+    @property
+    def fits(self) -> bool:
+        return not self.reason
+
+
+def why_not(spec: JobSpec, advert: jobs_pb2.Advert) -> str:
+    """Why a hub with this advert cannot run the job, or "" if it can."""
+    parts = list(advert.partitions)
+    if spec.partition:
+        parts = [p for p in parts if p.name == spec.partition]
+        if not parts:
+            return f"has no partition {spec.partition!r}"
+    if spec.access_mode and advert.access_modes and spec.access_mode not in advert.access_modes:
+        return f"does not accept access mode {spec.access_mode.slug}"
+    if not any(p.gpus_total >= spec.gpus for p in parts):
+        return f"has at most {max(p.gpus_total for p in parts)} GPUs in a partition"
+    if not any(p.gpus_total >= spec.gpus and p.max_walltime_s >= spec.walltime_s for p in parts):
+        longest = max(p.max_walltime_s for p in parts if p.gpus_total >= spec.gpus)
+        return f"allows at most {format_duration(longest)} of walltime for {spec.gpus} GPUs"
+    return ""
+
+
+def rank(verdicts: list[Verdict], free_gpus: dict[str, int]) -> list[Verdict]:
+    """Sites that fit and gave an estimate, earliest start first; ties go to the most free GPUs, then name."""
+    usable = [v for v in verdicts if v.fits and v.wait_s is not None]
+    return sorted(usable, key=lambda v: (round(v.wait_s or 0.0), -free_gpus.get(v.site, 0), v.site))

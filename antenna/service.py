@@ -1,0 +1,74 @@
+"""The antenna's user-facing gRPC service: thin translation between `aifed.v1.Antenna` and `AntennaCore`."""
+
+from __future__ import annotations
+
+from federation import convert
+from federation.errors import InvalidArgument, PermissionDenied
+from federation.identity import Identity, Role
+from federation.model import JobState
+from federation.pb import antenna_pb2, antenna_pb2_grpc
+from federation.rpc import Rule, caller
+from antenna.core import AntennaCore
+
+
+def access_rules(site: str) -> dict[str, Rule]:
+    """Users of this antenna only: another antenna, a hub, or a user vouched for by another antenna is refused."""
+
+    def own_users(who: Identity) -> None:
+        if who.role is not Role.USER:
+            raise PermissionDenied(f"a {who.role.value} may not call antenna {site}'s user service; "
+                                   "it is for users of this antenna")
+        if who.site != site:
+            raise PermissionDenied(f"user {who.name} belongs to antenna {who.site}, not {site}; "
+                                   f"submit through {who.site}")
+
+    service = antenna_pb2.DESCRIPTOR.services_by_name["Antenna"]
+    return {f"/{service.full_name}/{m.name}": own_users for m in service.methods}
+
+
+class AntennaService(antenna_pb2_grpc.AntennaServicer):
+    def __init__(self, core: AntennaCore):
+        self.core = core
+
+    async def SubmitJob(self, request, context):
+        if not request.HasField("spec"):
+            raise InvalidArgument("the request has no job spec")
+        job = await self.core.submit(caller(), convert.spec_from_pb(request.spec), request.request_id)
+        return convert.job_to_pb(job)
+
+    async def GetJob(self, request, context):
+        return convert.job_to_pb(self.core.get(caller(), request.job_id))
+
+    async def ListJobs(self, request, context):
+        try:
+            states = [JobState(s) for s in request.states]
+        except ValueError:
+            raise InvalidArgument("unknown job state in the filter") from None
+        jobs = self.core.list(caller(), states, request.limit or 100)
+        return antenna_pb2.ListJobsResponse(jobs=[convert.job_to_pb(j) for j in jobs])
+
+    async def WatchJob(self, request, context):
+        who = caller()
+        async with self.core.jobs.subscribe(request.job_id) as updates:
+            job = self.core.get(who, request.job_id)
+            yield convert.job_to_pb(job)
+            while not job.final:
+                job = await updates.get()
+                yield convert.job_to_pb(job)
+
+    async def CancelJob(self, request, context):
+        return convert.job_to_pb(await self.core.cancel(caller(), request.job_id))
+
+    async def StreamLogs(self, request, context):
+        async for chunk in self.core.logs(caller(), request):
+            yield chunk
+
+    async def ListSites(self, request, context):
+        out = []
+        for site in self.core.sites.values():
+            msg = antenna_pb2.Site(site=site.site, endpoint=site.endpoint, reachable=site.fresh, error=site.error)
+            if site.advert is not None:
+                msg.advert.CopyFrom(site.advert)
+                msg.advert_received_at.CopyFrom(convert.ts(site.received_at))
+            out.append(msg)
+        return antenna_pb2.ListSitesResponse(sites=out)

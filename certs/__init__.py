@@ -1,0 +1,1 @@
+"""The federation PKI: a root CA and certificates that carry federation identities."""

@@ -1,0 +1,318 @@
+"""The `aifed` command: daemons, PKI, and the user's job commands (Slurm-like: submit, status, list...).
+
+Exit codes: 0 success; 1 other failure; 2 bad input or usage; 3 configuration error;
+4 a daemon cannot be reached; 5 authentication or permission refused; 6 not found;
+7 refused in the current state (for example a walltime above the partition's maximum);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import sys
+from pathlib import Path
+
+import grpc
+import orjson
+
+from federation import output
+from federation.errors import ConfigError
+from federation.model import AccessMode, JobSpec, JobState
+from federation.pb import jobs_pb2
+from federation.timefmt import parse_duration
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_DENIED, EXIT_NOT_FOUND, EXIT_REFUSED = range(8)
+EXIT_INTERRUPTED = 130
+STATUS_EXIT = {
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE, grpc.StatusCode.UNAVAILABLE: EXIT_UNREACHABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNREACHABLE, grpc.StatusCode.UNAUTHENTICATED: EXIT_DENIED,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_DENIED, grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION: EXIT_REFUSED, grpc.StatusCode.ALREADY_EXISTS: EXIT_REFUSED,
+}
+log = logging.getLogger("aifed")
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message says what to fix."""
+
+
+# -- parsing helpers -----------------------------------------------------------------------------
+
+def parse_memory_mb(text: str) -> int:
+    """Slurm's --mem: a number of megabytes, or with a K/M/G/T suffix."""
+    m = re.fullmatch(r"(\d+)([KMGT]?)B?", text.strip().upper())
+    if not m:
+        raise UsageError(f"--mem {text!r} is not a size: use megabytes (4096) or a suffix (4G, 512M)")
+    value, unit = int(m.group(1)), m.group(2) or "M"
+    return {"K": max(1, value // 1024) if value else 0, "M": value, "G": value * 1024, "T": value * 1024 ** 2}[unit]
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--env {text!r} must be NAME=VALUE")
+    k, v = text.split("=", 1)
+    return k, v
+
+
+def _mode(text: str) -> AccessMode:
+    try:
+        return AccessMode.from_slug(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aifed", description="aifed: the federation daemon for EU AI Factories.",
+                                epilog="Exit codes: " + " ".join(__doc__.split("Exit codes: ")[1].split()))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, text in (("hub", "run a hub daemon (a hosting site)"), ("antenna", "run an antenna daemon")):
+        d = sub.add_parser(name, help=text, description=text)
+        d.add_argument("--config", required=True, help=f"the {name}'s TOML config file")
+        d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        d.add_argument("--log-format", default="human", choices=["human", "json"])
+
+    c = sub.add_parser("certs", help="manage the federation PKI").add_subparsers(dest="certs_cmd", required=True)
+    ci = c.add_parser("init", help="create the federation root CA")
+    ci.add_argument("--dir", required=True, help="PKI folder (keep it out of version control)")
+    ci.add_argument("--federation", required=True, help="the federation's name, e.g. eurohpc.example")
+    ci.add_argument("--days", type=int, default=3650)
+    ci.add_argument("--force", action="store_true", help="replace an existing CA")
+    cs = c.add_parser("issue", help="issue a certificate: hub SITE | antenna SITE | user ANTENNA NAME")
+    cs.add_argument("--dir", required=True)
+    cs.add_argument("role", choices=["hub", "antenna", "user"])
+    cs.add_argument("site", help="the hub or antenna site; for a user, the antenna that vouches for them")
+    cs.add_argument("name", nargs="?", default="", help="the user's name (users only)")
+    cs.add_argument("--dns", action="append", help="DNS name the daemon serves on (repeatable; default localhost)")
+    cs.add_argument("--ip", action="append", help="IP address the daemon serves on (default 127.0.0.1 and ::1)")
+    cs.add_argument("--days", type=int, default=365)
+    cl = c.add_parser("list", help="list issued certificates with their expiry")
+    cl.add_argument("--dir", required=True)
+
+    def client_opts(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_argument_group("connection (flags win over the client config file)")
+        g.add_argument("--config", help="client TOML ([client] antenna, [tls] ca/cert/key); default $AIFED_CONFIG "
+                                        "or ~/.config/aifed/client.toml")
+        g.add_argument("--antenna", help="antenna address HOST:PORT")
+        g.add_argument("--ca", help="federation CA certificate")
+        g.add_argument("--cert", help="your user certificate")
+        g.add_argument("--key", help="your user certificate's key")
+        sp.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    s = sub.add_parser("submit", help="submit a job: aifed submit [options] -- COMMAND [ARGS] | SCRIPT [ARGS]",
+                       description="Submit a command (after --) or a script file.")
+    client_opts(s)
+    s.add_argument("-J", "--job-name", default="", help="job name")
+    s.add_argument("-G", "--gpus", type=int, default=0, help="GPUs (default 0)")
+    s.add_argument("-c", "--cpus", type=int, default=1, help="CPUs (default 1)")
+    s.add_argument("--mem", default="0", help="memory: megabytes, or with K/M/G/T suffix")
+    s.add_argument("-t", "--time", type=_duration, default=3600,
+                   help="walltime: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (default 1:00:00)")
+    s.add_argument("-p", "--partition", default="", help="partition (default: the hub chooses)")
+    s.add_argument("--site", default="", help="run only at this hub site")
+    s.add_argument("--mode", type=_mode, default=AccessMode.UNSPECIFIED,
+                   help="access mode: playground, fast-lane, large-scale, ai-for-science")
+    s.add_argument("-A", "--project", default="", help="project / account")
+    s.add_argument("--env", type=_env_pair, action="append", default=[], help="NAME=VALUE for the job (repeatable)")
+    s.add_argument("--request-id", default="", help="a token that makes a retried submit return the first job")
+    s.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its exit code")
+    s.add_argument("script", nargs="*", help=argparse.SUPPRESS)
+
+    for name, text in (("status", "show a job in detail"), ("cancel", "cancel a job"),
+                       ("wait", "wait until a job ends and show how it ended")):
+        x = sub.add_parser(name, help=text, description=text)
+        client_opts(x)
+        x.add_argument("job_id")
+    lg = sub.add_parser("logs", help="print a job's output", description="print a job's stdout and stderr")
+    client_opts(lg)
+    lg.add_argument("job_id")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    which = lg.add_mutually_exclusive_group()
+    which.add_argument("--stdout", action="store_true", help="only stdout")
+    which.add_argument("--stderr", action="store_true", help="only stderr")
+    ls = sub.add_parser("list", help="list your jobs, newest first")
+    client_opts(ls)
+    ls.add_argument("--state", action="append", choices=[s.name for s in JobState], help="filter (repeatable)")
+    ls.add_argument("--limit", type=int, default=100)
+    st = sub.add_parser("sites", help="the federation's sites and their capacity")
+    client_opts(st)
+
+    dm = sub.add_parser("demo", help="run a local federation on loopback and show it working")
+    dm.add_argument("--dir", default="var/demo", help="where the demo keeps its PKI, configs and state")
+    return p
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+def _spec_from_args(args: argparse.Namespace, command: list[str] | None) -> JobSpec:
+    common = dict(name=args.job_name, gpus=args.gpus, cpus=args.cpus, memory_mb=parse_memory_mb(args.mem),
+                  walltime_s=args.time, partition=args.partition, site=args.site, access_mode=args.mode,
+                  project=args.project, env=dict(args.env))
+    if command is not None:
+        if not command:
+            raise UsageError("no command after `--`: give the program to run, e.g. aifed submit -- python train.py")
+        return JobSpec(argv=tuple(command), **common)
+    if not args.script:
+        raise UsageError("nothing to run: give a script file, or a command after `--`")
+    path = Path(args.script[0])
+    try:
+        text = path.read_bytes().decode()
+    except FileNotFoundError:
+        raise UsageError(f"script {path} does not exist (to run a command, put it after `--`)") from None
+    except IsADirectoryError:
+        raise UsageError(f"script {path} is a directory") from None
+    except PermissionError:
+        raise UsageError(f"script {path} is not readable (permission denied)") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"script {path} is not a text file") from None
+    if not text.strip():
+        raise UsageError(f"script {path} is empty")
+    return JobSpec(script=text, script_args=tuple(args.script[1:]), **common)
+
+
+def _print_json(value) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+async def _client_command(args: argparse.Namespace, command: list[str] | None) -> int:
+    from federation.client import AntennaClient, resolve_client_config
+
+    spec = _spec_from_args(args, command) if args.command == "submit" else None
+    config = resolve_client_config(args.config, args.antenna, args.ca, args.cert, args.key)
+    config.tls.read()  # a missing or unreadable certificate is reported before dialing
+    async with AntennaClient(config) as client:
+        if args.command == "submit":
+            job = await client.submit(spec, args.request_id)
+            if not args.wait:
+                _print_json(output.job_dict(job)) if args.json else print(f"Submitted job {job.id}")
+                return EXIT_OK
+            print(f"Submitted job {job.id}", file=sys.stderr)
+            job = await client.wait(job.id)
+            _print_json(output.job_dict(job)) if args.json else print(output.job_detail(job))
+            return job.exit_code if job.exit_code is not None else (EXIT_OK if job.state is JobState.COMPLETED
+                                                                    else EXIT_FAIL)
+        if args.command in ("status", "cancel", "wait"):
+            call = {"status": client.get, "cancel": client.cancel, "wait": client.wait}[args.command]
+            job = await call(args.job_id)
+            if args.json:
+                _print_json(output.job_dict(job))
+            elif args.command == "cancel":
+                print(f"Job {job.id} is {job.state.name}")
+            else:
+                print(output.job_detail(job))
+            return EXIT_OK
+        if args.command == "list":
+            jobs = await client.list(tuple(JobState[s] for s in args.state or ()), args.limit)
+            _print_json([output.job_dict(j) for j in jobs]) if args.json else print(output.job_rows(jobs))
+            return EXIT_OK
+        if args.command == "sites":
+            sites = await client.sites()
+            _print_json([output.site_dict(s) for s in sites]) if args.json else print(output.site_rows(sites))
+            return EXIT_OK
+        if args.command == "logs":
+            stream = (jobs_pb2.LOG_STREAM_STDOUT if args.stdout else
+                      jobs_pb2.LOG_STREAM_STDERR if args.stderr else jobs_pb2.LOG_STREAM_UNSPECIFIED)
+            async for chunk in client.logs(args.job_id, stream, args.follow):
+                if args.json:
+                    _print_json({"stream": "stderr" if chunk.stream == jobs_pb2.LOG_STREAM_STDERR else "stdout",
+                                 "offset": chunk.offset, "data": chunk.data.decode(errors="replace")})
+                else:
+                    out = sys.stderr if chunk.stream == jobs_pb2.LOG_STREAM_STDERR else sys.stdout
+                    out.buffer.write(chunk.data)
+                    out.flush()
+            return EXIT_OK
+    raise AssertionError(args.command)
+
+
+def _certs_command(args: argparse.Namespace) -> int:
+    from certs import pki
+    from federation.identity import Role
+
+    try:
+        if args.certs_cmd == "init":
+            path = pki.init_ca(args.dir, args.federation, days=args.days, force=args.force)
+            print(f"Created the root CA of federation {args.federation}: {path}")
+            print(f"Keep {Path(args.dir) / pki.CA_KEY} offline and out of version control.")
+        elif args.certs_cmd == "issue":
+            role = Role(args.role)
+            if role is Role.USER and not args.name:
+                raise UsageError("a user certificate needs: aifed certs issue user ANTENNA NAME")
+            issued = pki.issue(args.dir, role, args.site, args.name, dns=tuple(args.dns or ("localhost",)),
+                               ips=tuple(args.ip or ("127.0.0.1", "::1")), days=args.days)
+            print(f"Issued {issued.identity.uri}")
+            print(f"  certificate {issued.cert}\n  key         {issued.key} (0600)\n"
+                  f"  expires     {issued.not_after:%Y-%m-%d}")
+        else:
+            rows = [[str(p), uri, f"{exp:%Y-%m-%d}"] for p, uri, exp in pki.list_certs(args.dir)]
+            print(output.table(["CERTIFICATE", "IDENTITY", "EXPIRES"], rows))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    except pki.PkiError as exc:
+        print(f"aifed: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = None
+    if argv and argv[0] == "submit" and "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("hub", "antenna"):
+            from federation.runner import run_daemon
+            return run_daemon(args.command, args.config, args.log_level, args.log_format)
+        if args.command == "certs":
+            return _certs_command(args)
+        if args.command == "demo":
+            from federation.demo import run_demo
+            return run_demo(Path(args.dir))
+        if command is not None and args.script:
+            raise UsageError("give either a script file or a command after `--`, not both")
+        return asyncio.run(_client_command(args, command))
+    except UsageError as exc:
+        print(f"aifed: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        print(f"aifed: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (FileNotFoundError, PermissionError, ValueError) as exc:
+        print(f"aifed: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except grpc.aio.AioRpcError as exc:
+        print(f"aifed: {_explain_rpc_error(exc)}", file=sys.stderr)
+        return STATUS_EXIT.get(exc.code(), EXIT_FAIL)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _explain_rpc_error(exc: grpc.aio.AioRpcError) -> str:
+    details = exc.details() or ""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        if "CERTIFICATE_VERIFY_FAILED" in (exc.debug_error_string() or "") + details:
+            return ("the antenna's certificate is not signed by your CA (--ca): are you in the right federation? "
+                    f"({details})")
+        return (f"cannot reach the antenna ({details}). Is it running at that address? If it is, it refused "
+                "the TLS handshake: check that --cert/--key are a user certificate from this federation's CA")
+    return f"{exc.code().name}: {details}"
+
+
+def main_exit() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

@@ -1,0 +1,85 @@
+"""A small async client for an antenna's user service, used by the CLI, the demo and the tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from federation import convert
+from federation.config import ClientConfig, load_client
+from federation.errors import ConfigError
+from federation.model import Job, JobSpec, JobState
+from federation.pb import antenna_pb2, antenna_pb2_grpc, jobs_pb2
+from federation.rpc import secure_channel
+from federation.tls import TlsFiles
+
+DEFAULT_CONFIG = Path("~/.config/aifed/client.toml").expanduser()
+
+
+def resolve_client_config(config: str | None = None, antenna: str | None = None, ca: str | None = None,
+                          cert: str | None = None, key: str | None = None) -> ClientConfig:
+    """Flags win over the config file (--config, then $AIFED_CONFIG, then ~/.config/aifed/client.toml)."""
+    path = config or os.environ.get("AIFED_CONFIG") or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
+    if path is None and not (antenna and ca and cert and key):
+        raise ConfigError("(no client config)", "",
+                          "give --antenna, --ca, --cert and --key, or a client config file with --config, "
+                          f"$AIFED_CONFIG or {DEFAULT_CONFIG}")
+    base = load_client(path) if path else None
+    tls = TlsFiles(ca=Path(ca) if ca else base.tls.ca, cert=Path(cert) if cert else base.tls.cert,
+                   key=Path(key) if key else base.tls.key)
+    return ClientConfig(antenna=antenna or base.antenna, tls=tls)
+
+
+class AntennaClient:
+    """`async with AntennaClient(config) as c:` then submit, get, list, watch, cancel, logs, sites."""
+
+    def __init__(self, config: ClientConfig):
+        self.config = config
+        self.channel = secure_channel(config.antenna, config.tls)
+        self.stub = antenna_pb2_grpc.AntennaStub(self.channel)
+
+    async def __aenter__(self) -> "AntennaClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+    async def submit(self, spec: JobSpec, request_id: str = "", timeout: float = 30) -> Job:
+        msg = await self.stub.SubmitJob(
+            antenna_pb2.SubmitJobRequest(spec=convert.spec_to_pb(spec), request_id=request_id), timeout=timeout)
+        return convert.job_from_pb(msg)
+
+    async def get(self, job_id: str) -> Job:
+        return convert.job_from_pb(await self.stub.GetJob(jobs_pb2.JobRef(job_id=job_id), timeout=30))
+
+    async def list(self, states: tuple[JobState, ...] = (), limit: int = 100) -> list[Job]:
+        resp = await self.stub.ListJobs(
+            antenna_pb2.ListJobsRequest(states=[int(s) for s in states], limit=limit), timeout=30)
+        return [convert.job_from_pb(j) for j in resp.jobs]
+
+    async def watch(self, job_id: str) -> AsyncIterator[Job]:
+        async for msg in self.stub.WatchJob(jobs_pb2.JobRef(job_id=job_id)):
+            yield convert.job_from_pb(msg)
+
+    async def wait(self, job_id: str) -> Job:
+        """Follow the job until it is in a final state, and return it."""
+        job = None
+        async for job in self.watch(job_id):
+            if job.final:
+                return job
+        return await self.get(job_id)
+
+    async def cancel(self, job_id: str) -> Job:
+        return convert.job_from_pb(await self.stub.CancelJob(jobs_pb2.JobRef(job_id=job_id), timeout=30))
+
+    async def logs(self, job_id: str, stream: int = jobs_pb2.LOG_STREAM_UNSPECIFIED,
+                   follow: bool = False) -> AsyncIterator[jobs_pb2.LogChunk]:
+        async for chunk in self.stub.StreamLogs(jobs_pb2.LogsRequest(job_id=job_id, stream=stream, follow=follow)):
+            yield chunk
+
+    async def sites(self) -> list[antenna_pb2.Site]:
+        return list((await self.stub.ListSites(antenna_pb2.ListSitesRequest(), timeout=30)).sites)

@@ -1,0 +1,258 @@
+"""Declarative TOML configuration for hubs, antennas and the CLI, validated at load.
+
+Every error names the file, the key and the problem (`ConfigError`). Relative
+paths in a file are taken relative to that file's folder. Unknown keys are
+errors: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from federation.errors import ConfigError
+from federation.identity import check_federation_name, check_site_name
+from federation.model import AccessMode, MAX_GPUS
+from federation.timefmt import parse_duration
+from federation.tls import TlsFiles
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    name: str
+    gpu_model: str
+    gpus: int
+    max_walltime_s: int
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    path: Path
+    site: str
+    federation: str
+    listen: str
+    state_dir: Path
+    tls: TlsFiles
+    partitions: tuple[PartitionConfig, ...]
+    services: tuple[str, ...] = ()
+    sectors: tuple[str, ...] = ()
+    access_modes: tuple[AccessMode, ...] = ()
+    advert_ttl_s: int = 30
+    backend: str = "local"
+    kill_grace_s: int = 10
+    cpu_slots: int = 64
+
+
+@dataclass(frozen=True)
+class HubEndpoint:
+    site: str
+    endpoint: str
+
+
+@dataclass(frozen=True)
+class AntennaConfig:
+    path: Path
+    site: str
+    federation: str
+    listen: str
+    state_dir: Path
+    tls: TlsFiles
+    hubs: tuple[HubEndpoint, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    antenna: str
+    tls: TlsFiles
+
+
+class _Table:
+    """Typed access to one TOML table that remembers which keys were read."""
+
+    def __init__(self, path: Path, name: str, data: Any):
+        self.path, self.name = path, name
+        if not isinstance(data, dict):
+            raise ConfigError(path, name, f"must be a table, not {type(data).__name__}")
+        self.data = data
+        self.seen: set[str] = set()
+
+    def key(self, k: str) -> str:
+        return f"{self.name}.{k}" if self.name else k
+
+    def get(self, k: str, kind: type | tuple[type, ...], default: Any = ..., *, required: bool = False) -> Any:
+        self.seen.add(k)
+        if k not in self.data:
+            if required or default is ...:
+                raise ConfigError(self.path, self.key(k), "is required")
+            return default
+        value = self.data[k]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            want = kind.__name__ if isinstance(kind, type) else " or ".join(t.__name__ for t in kind)
+            raise ConfigError(self.path, self.key(k), f"must be a {want}, not {value!r}")
+        return value
+
+    def text(self, k: str, default: Any = ...) -> str:
+        value = self.get(k, str, default)
+        if isinstance(value, str) and not value.strip() and default is ...:
+            raise ConfigError(self.path, self.key(k), "must not be empty")
+        return value
+
+    def strings(self, k: str) -> tuple[str, ...]:
+        value = self.get(k, list, [])
+        if not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(self.path, self.key(k), "must be a list of non-empty strings")
+        return tuple(value)
+
+    def duration(self, k: str, default: Any = ...) -> int:
+        value = self.get(k, (str, int), default)
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise ConfigError(self.path, self.key(k), str(exc)) from None
+
+    def checked(self, k: str, check, default: Any = ...) -> str:
+        value = self.text(k, default)
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise ConfigError(self.path, self.key(k), str(exc)) from None
+
+    def path_(self, k: str, default: Any = ...) -> Path:
+        p = Path(self.text(k, default)).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p)
+
+    def table(self, k: str) -> "_Table":
+        self.seen.add(k)
+        return _Table(self.path, self.key(k), self.data.get(k, {}))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(self.path, self.key(unknown[0]), "is not a known setting (a typo?)")
+
+
+def _read(path: str | Path) -> tuple[Path, _Table]:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(p, "", "file not found") from None
+    except OSError as exc:
+        raise ConfigError(p, "", f"cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(p, "", f"is not valid TOML: {exc}") from None
+    return p, _Table(p, "", data)
+
+
+def _listen(t: _Table, k: str) -> str:
+    value = t.text(k)
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(t.path, t.key(k), f"{value!r} must be host:port, such as 127.0.0.1:50051")
+    return value
+
+
+def _tls(root: _Table) -> TlsFiles:
+    t = root.table("tls")
+    tls = TlsFiles(ca=t.path_("ca"), cert=t.path_("cert"), key=t.path_("key"))
+    t.done()
+    for k in ("ca", "cert", "key"):
+        p = getattr(tls, k)
+        if not p.is_file():
+            raise ConfigError(t.path, t.key(k), f"{p} does not exist")
+    return tls
+
+
+def load_hub(path: str | Path) -> HubConfig:
+    p, root = _read(path)
+    h = root.table("hub")
+    site = h.checked("site", check_site_name)
+    federation = h.checked("federation", check_federation_name)
+    listen = _listen(h, "listen")
+    state_dir = h.path_("state_dir")
+    services, sectors = h.strings("services"), h.strings("sectors")
+    modes = []
+    for m in h.strings("access_modes"):
+        try:
+            modes.append(AccessMode.from_slug(m))
+        except ValueError as exc:
+            raise ConfigError(p, "hub.access_modes", str(exc)) from None
+    ttl = h.duration("advert_ttl", "30s")
+    if ttl < 3:
+        raise ConfigError(p, "hub.advert_ttl", "must be at least 3 seconds")
+    h.done()
+    b = root.table("backend")
+    backend = b.text("type", "local")
+    if backend != "local":
+        raise ConfigError(p, "backend.type", f"unknown backend {backend!r}; this version has: local")
+    kill_grace = b.duration("kill_grace", "10s")
+    cpu_slots = b.get("cpu_slots", int, 64)
+    if cpu_slots < 1:
+        raise ConfigError(p, "backend.cpu_slots", "must be at least 1")
+    b.done()
+    root.seen.add("partitions")
+    raw_parts = root.data.get("partitions", [])
+    if not isinstance(raw_parts, list) or not raw_parts:
+        raise ConfigError(p, "partitions", "declare at least one [[partitions]] table")
+    partitions = []
+    for i, raw in enumerate(raw_parts):
+        t = _Table(p, f"partitions[{i}]", raw)
+        name = t.text("name")
+        gpus = t.get("gpus", int, 0)
+        if not 0 <= gpus <= MAX_GPUS:
+            raise ConfigError(p, t.key("gpus"), f"must be between 0 and {MAX_GPUS}")
+        model = t.text("gpu_model", "")
+        if gpus and not model:
+            raise ConfigError(p, t.key("gpu_model"), "is required when the partition has GPUs")
+        max_wall = t.duration("max_walltime")
+        if max_wall < 1:
+            raise ConfigError(p, t.key("max_walltime"), "must be positive")
+        t.done()
+        if any(q.name == name for q in partitions):
+            raise ConfigError(p, t.key("name"), f"partition {name!r} is declared twice")
+        partitions.append(PartitionConfig(name, model, gpus, max_wall))
+    tls = _tls(root)
+    root.done()
+    return HubConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
+                     partitions=tuple(partitions), services=services, sectors=sectors, access_modes=tuple(modes),
+                     advert_ttl_s=ttl, backend=backend, kill_grace_s=kill_grace, cpu_slots=cpu_slots)
+
+
+def load_antenna(path: str | Path) -> AntennaConfig:
+    p, root = _read(path)
+    a = root.table("antenna")
+    site = a.checked("site", check_site_name)
+    federation = a.checked("federation", check_federation_name)
+    listen = _listen(a, "listen")
+    state_dir = a.path_("state_dir")
+    a.done()
+    root.seen.add("hubs")
+    raw_hubs = root.data.get("hubs", [])
+    if not isinstance(raw_hubs, list) or not raw_hubs:
+        raise ConfigError(p, "hubs", "declare at least one [[hubs]] table with site and endpoint")
+    hubs = []
+    for i, raw in enumerate(raw_hubs):
+        t = _Table(p, f"hubs[{i}]", raw)
+        hub = HubEndpoint(t.checked("site", check_site_name), _listen(t, "endpoint"))
+        t.done()
+        if any(h.site == hub.site for h in hubs):
+            raise ConfigError(p, t.key("site"), f"hub {hub.site!r} is listed twice")
+        hubs.append(hub)
+    tls = _tls(root)
+    root.done()
+    return AntennaConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
+                         hubs=tuple(hubs))
+
+
+def load_client(path: str | Path) -> ClientConfig:
+    p, root = _read(path)
+    c = root.table("client")
+    antenna = _listen(c, "antenna")
+    c.done()
+    tls = _tls(root)
+    root.done()
+    return ClientConfig(antenna, tls)

@@ -1,0 +1,62 @@
+"""Conversion between protobuf messages and the domain model, used only at the RPC edge."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from federation.errors import InvalidArgument
+from federation.model import AccessMode, Job, JobSpec, JobState, Transition
+from federation.pb import jobs_pb2
+
+
+def ts(seconds: float) -> Timestamp:
+    out = Timestamp()
+    if seconds:
+        out.FromNanoseconds(int(seconds * 1e9))
+    return out
+
+
+def from_ts(stamp: Timestamp) -> float:
+    return stamp.ToNanoseconds() / 1e9
+
+
+def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
+    return jobs_pb2.JobSpec(
+        name=spec.name, argv=spec.argv, script=spec.script, script_args=spec.script_args, env=spec.env,
+        gpus=spec.gpus, cpus=spec.cpus, memory_mb=spec.memory_mb, walltime_s=spec.walltime_s,
+        partition=spec.partition, access_mode=int(spec.access_mode), project=spec.project, site=spec.site)
+
+
+def spec_from_pb(msg: jobs_pb2.JobSpec) -> JobSpec:
+    """The domain spec; unset cpus and walltime take their defaults. Does not validate."""
+    try:
+        mode = AccessMode(msg.access_mode)
+    except ValueError:
+        raise InvalidArgument(f"unknown access mode {msg.access_mode}") from None
+    return JobSpec(
+        name=msg.name, argv=tuple(msg.argv), script=msg.script, script_args=tuple(msg.script_args),
+        env=dict(msg.env), gpus=msg.gpus, cpus=msg.cpus or 1, memory_mb=msg.memory_mb,
+        walltime_s=msg.walltime_s or JobSpec.walltime_s, partition=msg.partition, access_mode=mode,
+        project=msg.project, site=msg.site)
+
+
+def job_to_pb(job: Job) -> jobs_pb2.Job:
+    return jobs_pb2.Job(
+        id=job.id, spec=spec_to_pb(job.spec), state=int(job.state), owner=job.owner, antenna=job.antenna,
+        site=job.site, partition=job.partition, has_exit_code=job.exit_code is not None,
+        exit_code=job.exit_code or 0, reason=job.reason,
+        history=[jobs_pb2.Transition(state=int(t.state), at=ts(t.at), reason=t.reason) for t in job.history],
+        created_at=ts(job.created_at), updated_at=ts(job.updated_at))
+
+
+def job_from_pb(msg: jobs_pb2.Job) -> Job:
+    try:
+        state = JobState(msg.state)
+        history = tuple(Transition(JobState(t.state), from_ts(t.at), t.reason) for t in msg.history)
+    except ValueError:
+        raise InvalidArgument(f"job {msg.id!r} carries an unknown state") from None
+    return Job(
+        id=msg.id, spec=spec_from_pb(msg.spec), state=state, owner=msg.owner, antenna=msg.antenna,
+        site=msg.site, partition=msg.partition, exit_code=msg.exit_code if msg.has_exit_code else None,
+        reason=msg.reason, history=history, created_at=from_ts(msg.created_at),
+        updated_at=from_ts(msg.updated_at))

@@ -1,0 +1,159 @@
+"""The job model every part of aifed speaks. Protobuf stays at the edge (`federation.convert`)."""
+
+from __future__ import annotations
+
+import enum
+import re
+import time
+from dataclasses import dataclass, field, replace
+
+from federation.errors import InvalidArgument
+
+
+class JobState(enum.IntEnum):
+    """Where a federated job is. Values match `aifed.v1.JobState`."""
+
+    PENDING = 1     #: accepted and journaled by the antenna, not yet at a hub
+    FORWARDED = 2   #: a hub acknowledged it and journaled it
+    QUEUED = 3      #: waiting in the hub's scheduler for resources
+    RUNNING = 4     #: started by the hub's scheduler
+    COMPLETED = 5   #: ended with exit code 0
+    FAILED = 6      #: ended with a non-zero exit code, or could not be started or placed
+    CANCELLED = 7   #: cancelled by its owner
+    TIMEOUT = 8     #: killed when it reached its walltime
+    LOST = 9        #: the hub lost track of it: its outcome is unknown
+
+    @property
+    def final(self) -> bool:
+        return self >= JobState.COMPLETED
+
+
+FINAL_STATES = frozenset(s for s in JobState if s.final)
+
+
+class AccessMode(enum.IntEnum):
+    """EuroHPC AI Factory access modes. Values match `aifed.v1.AccessMode`."""
+
+    UNSPECIFIED = 0
+    PLAYGROUND = 1
+    FAST_LANE = 2
+    LARGE_SCALE = 3
+    AI_FOR_SCIENCE = 4
+
+    @property
+    def slug(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+    @classmethod
+    def from_slug(cls, text: str) -> "AccessMode":
+        for mode in cls:
+            if mode.slug == text.strip().lower().replace("_", "-") and mode is not cls.UNSPECIFIED:
+                return mode
+        choices = ", ".join(m.slug for m in cls if m is not cls.UNSPECIFIED)
+        raise ValueError(f"unknown access mode {text!r}; choose one of {choices}")
+
+
+# Bounds that no real AI Factory job exceeds; beyond them a value is a typo or an attack.
+MAX_GPUS = 100_000
+MAX_CPUS = 1_000_000
+MAX_MEMORY_MB = 1 << 40
+MAX_WALLTIME_S = 366 * 86400
+MAX_ARGV = 4096
+MAX_SCRIPT_BYTES = 1 << 20
+MAX_ENV = 1024
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"^[\w.+-]{0,128}$")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a user asks to run: a command (argv) or a script, and the resources it needs."""
+
+    argv: tuple[str, ...] = ()
+    script: str = ""
+    script_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    name: str = ""
+    gpus: int = 0
+    cpus: int = 1
+    memory_mb: int = 0
+    walltime_s: int = 3600
+    partition: str = ""
+    access_mode: AccessMode = AccessMode.UNSPECIFIED
+    project: str = ""
+    site: str = ""
+
+    def validate(self) -> None:
+        """Raise InvalidArgument naming the field and what to fix. Checks only what needs no site."""
+        if self.argv and self.script:
+            raise InvalidArgument("give either a command or a script, not both")
+        if not self.argv and not self.script.strip():
+            raise InvalidArgument("the job has no command: give a command after `--` or a script file")
+        if self.argv and not self.argv[0].strip():
+            raise InvalidArgument("the command is empty: its first word must name a program")
+        if len(self.argv) + len(self.script_args) > MAX_ARGV:
+            raise InvalidArgument(f"too many arguments ({len(self.argv) + len(self.script_args)}); at most {MAX_ARGV}")
+        if any("\x00" in a for a in (*self.argv, *self.script_args)):
+            raise InvalidArgument("an argument contains a NUL byte")
+        if len(self.script.encode()) > MAX_SCRIPT_BYTES:
+            raise InvalidArgument(f"the script is larger than {MAX_SCRIPT_BYTES} bytes")
+        if "\x00" in self.script:
+            raise InvalidArgument("the script contains a NUL byte; is it a binary file?")
+        if len(self.env) > MAX_ENV:
+            raise InvalidArgument(f"too many environment variables ({len(self.env)}); at most {MAX_ENV}")
+        for key, value in self.env.items():
+            if not _ENV_NAME.match(key):
+                raise InvalidArgument(f"environment variable name {key!r} is not valid: use letters, digits and _")
+            if "\x00" in value:
+                raise InvalidArgument(f"environment variable {key} contains a NUL byte")
+        if not _NAME.match(self.name):
+            raise InvalidArgument(
+                f"job name {self.name!r} is not valid: at most 128 letters, digits, and . _ + -")
+        _bounded("gpus", self.gpus, 0, MAX_GPUS)
+        _bounded("cpus", self.cpus, 1, MAX_CPUS)
+        _bounded("memory_mb", self.memory_mb, 0, MAX_MEMORY_MB)
+        _bounded("walltime", self.walltime_s, 1, MAX_WALLTIME_S)
+        if self.access_mode not in AccessMode.__members__.values():
+            raise InvalidArgument(f"unknown access mode {self.access_mode}")
+
+
+def _bounded(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise InvalidArgument(f"{name} must be between {low} and {high}, not {value}")
+
+
+@dataclass(frozen=True)
+class Transition:
+    state: JobState
+    at: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A federated job as journaled by an antenna or a hub."""
+
+    id: str
+    spec: JobSpec
+    state: JobState
+    owner: str = ""
+    antenna: str = ""
+    site: str = ""
+    partition: str = ""
+    exit_code: int | None = None
+    reason: str = ""
+    history: tuple[Transition, ...] = ()
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def final(self) -> bool:
+        return self.state.final
+
+    def moved(self, state: JobState, reason: str = "", *, at: float | None = None, **changes) -> "Job":
+        """A copy in `state`, with the transition recorded. Same state: only the other changes apply."""
+        now = time.time() if at is None else at
+        if state == self.state:
+            return replace(self, updated_at=now, **changes) if changes else self
+        history = (*self.history, Transition(state, now, reason))
+        return replace(self, state=state, reason=reason, history=history, updated_at=now, **changes)

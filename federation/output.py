@@ -1,0 +1,99 @@
+"""How the CLI shows jobs and sites: aligned tables for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+from federation.model import AccessMode, Job, JobState
+from federation.pb import antenna_pb2
+from federation.timefmt import format_duration
+
+
+def when(seconds: float) -> str:
+    if not seconds:
+        return "-"
+    return dt.datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def job_dict(job: Job) -> dict:
+    s = job.spec
+    return {
+        "id": job.id, "state": job.state.name, "site": job.site, "partition": job.partition,
+        "exit_code": job.exit_code, "reason": job.reason, "owner": job.owner, "antenna": job.antenna,
+        "created_at": job.created_at, "updated_at": job.updated_at,
+        "spec": {"name": s.name, "argv": list(s.argv), "script": bool(s.script), "script_args": list(s.script_args),
+                 "gpus": s.gpus, "cpus": s.cpus, "memory_mb": s.memory_mb, "walltime_s": s.walltime_s,
+                 "partition": s.partition, "access_mode": s.access_mode.slug if s.access_mode else "",
+                 "project": s.project, "site": s.site, "env": sorted(s.env)},
+        "history": [{"state": t.state.name, "at": t.at, "reason": t.reason} for t in job.history],
+    }
+
+
+def job_rows(jobs: list[Job]) -> str:
+    rows = [[j.id, j.spec.name or "-", j.state.name, j.site or "-", j.partition or "-", str(j.spec.gpus),
+             format_duration(j.spec.walltime_s), "-" if j.exit_code is None else str(j.exit_code),
+             when(j.created_at)] for j in jobs]
+    return table(["JOBID", "NAME", "STATE", "SITE", "PARTITION", "GPUS", "TIME_LIMIT", "EXIT", "SUBMITTED"], rows)
+
+
+def job_detail(job: Job) -> str:
+    s = job.spec
+    command = " ".join(s.argv) if s.argv else f"(script, {len(s.script.splitlines())} lines) " + " ".join(
+        s.script_args)
+    lines = [
+        f"JobId={job.id} Name={s.name or '-'}",
+        f"   State={job.state.name}" + (f" Reason={job.reason}" if job.reason else ""),
+        f"   ExitCode={'-' if job.exit_code is None else job.exit_code}",
+        f"   Site={job.site or '-'} Partition={job.partition or '-'} Antenna={job.antenna}",
+        f"   GPUs={s.gpus} CPUs={s.cpus} Memory={s.memory_mb or '-'}MB TimeLimit={format_duration(s.walltime_s)}"
+        + (f" Mode={AccessMode(s.access_mode).slug}" if s.access_mode else "")
+        + (f" Project={s.project}" if s.project else ""),
+        f"   Command={command}",
+        f"   Owner={job.owner}",
+        "   History:",
+    ]
+    for t in job.history:
+        lines.append(f"     {when(t.at)}  {t.state.name:<9}  {t.reason}")
+    return "\n".join(lines)
+
+
+def site_rows(sites: list[antenna_pb2.Site]) -> str:
+    rows = []
+    now = time.time()
+    for s in sites:
+        status = "up" if s.reachable else "down"
+        if not s.HasField("advert"):
+            rows.append([s.site, status, "-", "-", "-", "-", "-", "-", s.error or "-"])
+            continue
+        age = now - s.advert_received_at.ToNanoseconds() / 1e9
+        for p in s.advert.partitions:
+            rows.append([s.site, status, p.name, p.gpu_model or "-", f"{p.gpus_free}/{p.gpus_total}",
+                         str(p.running_jobs), str(p.pending_jobs), format_duration(p.max_walltime_s),
+                         f"{age:.0f}s" if s.reachable else (s.error or "-")])
+    return table(["SITE", "STATUS", "PARTITION", "GPU_MODEL", "FREE/TOTAL", "RUNNING", "PENDING", "MAX_TIME",
+                  "ADVERT_AGE"], rows)
+
+
+def site_dict(s: antenna_pb2.Site) -> dict:
+    out = {"site": s.site, "endpoint": s.endpoint, "reachable": s.reachable, "error": s.error, "partitions": []}
+    if s.HasField("advert"):
+        a = s.advert
+        out.update(services=list(a.services), sectors=list(a.sectors),
+                   access_modes=[AccessMode(m).slug for m in a.access_modes], sequence=a.sequence,
+                   advert_received_at=s.advert_received_at.ToNanoseconds() / 1e9)
+        out["partitions"] = [{"name": p.name, "gpu_model": p.gpu_model, "gpus_total": p.gpus_total,
+                              "gpus_free": p.gpus_free, "running_jobs": p.running_jobs,
+                              "pending_jobs": p.pending_jobs, "pending_gpu_seconds": p.pending_gpu_seconds,
+                              "max_walltime_s": p.max_walltime_s} for p in a.partitions]
+    return out
+
+
+def state_names() -> list[str]:
+    return [s.name for s in JobState]

@@ -1,0 +1,41 @@
+"""TLS material for daemons and clients: one CA, one certificate and its key, all PEM files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Paths to the federation CA certificate, this party's certificate and its private key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """Read all three, or raise FileNotFoundError/PermissionError naming the missing one."""
+        out = []
+        for label, path in (("CA certificate", self.ca), ("certificate", self.cert), ("private key", self.key)):
+            try:
+                data = Path(path).read_bytes()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{label} {path} does not exist") from None
+            except PermissionError:
+                raise PermissionError(f"{label} {path} is not readable") from None
+            if b"-----BEGIN" not in data:
+                raise ValueError(f"{label} {path} is not a PEM file")
+            out.append(data)
+        return out[0], out[1], out[2]
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Credentials that require and verify a client certificate from the federation CA."""
+        ca, cert, key = self.read()
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        ca, cert, key = self.read()
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)

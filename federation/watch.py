@@ -1,0 +1,58 @@
+"""Small asyncio helpers for following changes: per-key subscriptions and a versioned signal."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Topics(Generic[T]):
+    """Publish values under a key to every current subscriber of that key. Never blocks the publisher."""
+
+    def __init__(self, maxsize: int = 1024):
+        self._subs: dict[str, set[asyncio.Queue[T]]] = defaultdict(set)
+        self._maxsize = maxsize
+
+    def publish(self, key: str, value: T) -> None:
+        for q in list(self._subs.get(key, ())):
+            if q.full():  # a stalled reader loses the oldest update, never the newest
+                q.get_nowait()
+            q.put_nowait(value)
+
+    @asynccontextmanager
+    async def subscribe(self, key: str) -> AsyncIterator[asyncio.Queue[T]]:
+        q: asyncio.Queue[T] = asyncio.Queue(self._maxsize)
+        self._subs[key].add(q)
+        try:
+            yield q
+        finally:
+            self._subs[key].discard(q)
+            if not self._subs[key]:
+                del self._subs[key]
+
+
+class Signal:
+    """A change counter that waiters can follow without missing a change."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self.version += 1
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait_past(self, version: int, timeout: float) -> int:
+        """Wait until the version moves past `version` or `timeout` passes; return the version now."""
+        if self.version <= version:
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return self.version

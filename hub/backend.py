@@ -1,0 +1,76 @@
+"""The interface between a hub and its site's scheduler.
+
+A backend runs jobs and tells the hub when they change (`on_change`). The hub
+journals every change; the backend keeps only what it needs to drive the
+scheduler. Implementations: `hub.local.LocalBackend` (the embedded default).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from federation.config import PartitionConfig
+from federation.model import Job, JobState
+
+
+@dataclass(frozen=True)
+class Change:
+    """A job changed state in the backend. `ref` is the backend's handle for it, if it has a new one."""
+
+    job_id: str
+    state: JobState
+    exit_code: int | None = None
+    reason: str = ""
+    ref: str | None = None
+
+
+@dataclass(frozen=True)
+class PartitionUsage:
+    name: str
+    gpus_total: int
+    gpus_free: int
+    running_jobs: int
+    pending_jobs: int
+    pending_gpu_seconds: float
+
+
+OnChange = Callable[[Change], None]
+
+
+class Backend(abc.ABC):
+    """Submit, follow, cancel and read the logs of jobs on one site's scheduler."""
+
+    def __init__(self, partitions: tuple[PartitionConfig, ...], on_change: OnChange):
+        self.partitions = {p.name: p for p in partitions}
+        self.on_change = on_change
+
+    @abc.abstractmethod
+    async def submit(self, job: Job) -> str:
+        """Queue the job in `job.partition`; return the backend's reference for it. Must not block on the job."""
+
+    @abc.abstractmethod
+    async def cancel(self, job_id: str) -> bool:
+        """Ask the scheduler to stop the job; the CANCELLED change follows. False if it is not known here."""
+
+    @abc.abstractmethod
+    async def recover(self, job: Job, ref: str) -> Change | None:
+        """After a hub restart, take back a job the journal says is unfinished.
+
+        Return a change to journal (for example LOST), or None if the backend follows it again."""
+
+    @abc.abstractmethod
+    def read_log(self, job_id: str, stream: str, offset: int, limit: int) -> bytes:
+        """Up to `limit` bytes of the job's `stdout` or `stderr` from `offset`."""
+
+    @abc.abstractmethod
+    def usage(self) -> list[PartitionUsage]:
+        """What each partition is doing now."""
+
+    @abc.abstractmethod
+    def estimate_wait(self, partition: str, gpus: int, walltime_s: int) -> float:
+        """Seconds from now until a job of this shape, submitted now, would start."""
+
+    async def close(self) -> None:
+        """Stop following jobs. Running jobs are left to the scheduler."""

@@ -1,0 +1,307 @@
+"""The local backend: the embedded default, running each job as a process on the hub's machine.
+
+Each partition is a pool of GPU slots; jobs wait in first-come first-served
+order until their GPUs are free (no backfill: a large job is never starved).
+Each job runs in its own folder and process group, under a small `sh` wrapper
+that records the exit code in a file, so a restarted hub can take back jobs
+that kept running while it was down. Walltime is enforced (TIMEOUT): SIGTERM to
+the process group, then SIGKILL after the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import os
+import shutil
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from federation.config import PartitionConfig
+from federation.model import Job, JobState
+from hub.backend import Backend, Change, OnChange, PartitionUsage
+
+log = logging.getLogger(__name__)
+
+# Runs the job's argv ("$@") without any shell interpretation of it, then records its exit code.
+_WRAPPER = '"$@"; rc=$?; echo $rc > exit.tmp && mv exit.tmp exit; exit $rc'
+_BASE_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
+
+
+@dataclass
+class _Task:
+    job: Job
+    gpus: int
+    cpus: int
+    walltime_s: int
+    submitted: float
+    slots: list[int] = field(default_factory=list)
+    pid: int = 0
+    started: float = 0.0
+    cancelled: bool = False
+    timed_out: bool = False
+    waiter: asyncio.Task | None = None
+
+
+class LocalBackend(Backend):
+    """Runs jobs as local processes with GPU-slot accounting and walltime enforcement."""
+
+    def __init__(self, partitions: tuple[PartitionConfig, ...], on_change: OnChange, workdir: Path,
+                 cpu_slots: int = 64, kill_grace_s: float = 10.0, poll_s: float = 0.2):
+        super().__init__(partitions, on_change)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.cpu_slots = cpu_slots
+        self.kill_grace_s = kill_grace_s
+        self.poll_s = poll_s
+        self._queues: dict[str, deque[_Task]] = {p: deque() for p in self.partitions}
+        self._running: dict[str, _Task] = {}
+        self._free: dict[str, set[int]] = {p.name: set(range(p.gpus)) for p in partitions}
+        self._cpus_used = 0
+        self._closed = False
+
+    # -- the interface ---------------------------------------------------------------------------
+
+    async def submit(self, job: Job) -> str:
+        task = _Task(job, job.spec.gpus, job.spec.cpus, job.spec.walltime_s, time.time())
+        self._queues[job.partition].append(task)
+        self._schedule()
+        return ""
+
+    async def cancel(self, job_id: str) -> bool:
+        for queue in self._queues.values():
+            for task in queue:
+                if task.job.id == job_id:
+                    queue.remove(task)
+                    self.on_change(Change(job_id, JobState.CANCELLED, reason="cancelled before it started"))
+                    self._schedule()
+                    return True
+        task = self._running.get(job_id)
+        if task is None:
+            return False
+        task.cancelled = True
+        self._signal(task, signal.SIGTERM)
+        asyncio.get_running_loop().call_later(self.kill_grace_s, self._signal, task, signal.SIGKILL)
+        return True
+
+    async def recover(self, job: Job, ref: str) -> Change | None:
+        folder = self._folder(job.id)
+        launched = (folder / "launched").exists()
+        if not launched:
+            # It never started: queue it again, in its original order (the journal lists oldest first).
+            self._queues[job.partition].append(
+                _Task(job, job.spec.gpus, job.spec.cpus, job.spec.walltime_s, job.created_at))
+            self._schedule()
+            return None
+        exit_code = _read_exit(folder)
+        if exit_code is not None:
+            return self._final_change(job.id, exit_code, cancelled=False, timed_out=False)
+        info = orjson.loads(ref) if ref else {}
+        pid = info.get("pid", 0)
+        if pid and _is_our_process(pid, job.id):
+            task = _Task(job, job.spec.gpus, job.spec.cpus, job.spec.walltime_s, job.created_at,
+                         slots=list(info.get("slots", [])), pid=pid, started=info.get("started", time.time()))
+            self._claim(job.partition, task)
+            task.waiter = asyncio.create_task(self._follow(task, child=None), name=f"follow {job.id}")
+            log.info("took back job %s (pid %d) after restart", job.id, pid)
+            return None
+        return Change(job.id, JobState.LOST,
+                      reason="the job's process ended while the hub was down and left no exit code")
+
+    def read_log(self, job_id: str, stream: str, offset: int, limit: int) -> bytes:
+        path = self._folder(job_id) / stream
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return f.read(limit)
+        except FileNotFoundError:
+            return b""
+
+    def usage(self) -> list[PartitionUsage]:
+        out = []
+        for name, part in self.partitions.items():
+            queue = self._queues[name]
+            running = sum(1 for t in self._running.values() if t.job.partition == name)
+            out.append(PartitionUsage(
+                name=name, gpus_total=part.gpus, gpus_free=len(self._free[name]), running_jobs=running,
+                pending_jobs=len(queue), pending_gpu_seconds=float(sum(t.gpus * t.walltime_s for t in queue))))
+        return out
+
+    def estimate_wait(self, partition: str, gpus: int, walltime_s: int) -> float:
+        """Replay the FCFS queue with every job using its full walltime: an upper bound."""
+        if gpus > self.partitions[partition].gpus:
+            return float("inf")
+        now = time.time()
+        free = len(self._free[partition])
+        ends = [(t.started + t.walltime_s, t.gpus) for t in self._running.values()
+                if t.job.partition == partition and t.gpus]
+        heapq.heapify(ends)
+        clock = now
+        for need, wall in [(t.gpus, t.walltime_s) for t in self._queues[partition]] + [(gpus, walltime_s)]:
+            while free < need:
+                end, released = heapq.heappop(ends)
+                clock, free = max(clock, end), free + released
+            free -= need
+            if need:
+                heapq.heappush(ends, (clock + wall, need))
+        return clock - now
+
+    async def close(self) -> None:
+        """Stop following jobs; running processes keep going and are taken back by the next start."""
+        self._closed = True
+        waiters = [t.waiter for t in self._running.values() if t.waiter]
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+
+    # -- scheduling ------------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        if self._closed:
+            return
+        for name, queue in self._queues.items():
+            while queue and len(self._free[name]) >= queue[0].gpus and \
+                    self._cpus_used + queue[0].cpus <= self.cpu_slots:
+                task = queue.popleft()
+                task.slots = sorted(self._free[name])[:task.gpus]
+                self._claim(name, task)
+                task.waiter = asyncio.create_task(self._run(task), name=f"run {task.job.id}")
+
+    def _claim(self, partition: str, task: _Task) -> None:
+        self._free[partition] -= set(task.slots)
+        self._cpus_used += task.cpus
+        self._running[task.job.id] = task
+
+    def _release(self, task: _Task) -> None:
+        if self._running.pop(task.job.id, None) is task:
+            self._free[task.job.partition] |= set(task.slots)
+            self._cpus_used -= task.cpus
+        self._schedule()
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def _folder(self, job_id: str) -> Path:
+        return self.workdir / job_id
+
+    async def _run(self, task: _Task) -> None:
+        job, spec = task.job, task.job.spec
+        folder = self._folder(job.id)
+        try:
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            if spec.script:
+                script = folder / "script"
+                script.write_text(spec.script)
+                script.chmod(0o700)
+                argv = [str(script) if spec.script.startswith("#!") else "/bin/sh", *(
+                    [] if spec.script.startswith("#!") else [str(script)]), *spec.script_args]
+            else:
+                argv = list(spec.argv)
+            env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
+            env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+            env.update(spec.env)
+            env.update({
+                "HOME": str(folder), "TMPDIR": str(folder), "AIFED_JOB_ID": job.id, "AIFED_SITE": job.site,
+                "AIFED_PARTITION": job.partition, "AIFED_GPUS": str(task.gpus),
+                "CUDA_VISIBLE_DEVICES": ",".join(map(str, task.slots)),
+            })
+            (folder / "launched").write_bytes(b"")
+            with open(folder / "stdout", "wb") as out, open(folder / "stderr", "wb") as err:
+                child = await asyncio.create_subprocess_exec(
+                    "/bin/sh", "-c", _WRAPPER, "aifed-job", *argv, cwd=folder, env=env,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+        except OSError as exc:
+            self._release(task)
+            self.on_change(Change(job.id, JobState.FAILED, reason=f"could not start the job: {exc}"))
+            return
+        task.pid, task.started = child.pid, time.time()
+        ref = orjson.dumps({"pid": task.pid, "slots": task.slots, "started": task.started}).decode()
+        self.on_change(Change(job.id, JobState.RUNNING, ref=ref))
+        await self._follow(task, child)
+
+    async def _follow(self, task: _Task, child: asyncio.subprocess.Process | None) -> None:
+        """Wait for the job to end (as our child, or by polling a taken-back pid), enforcing walltime."""
+        deadline = task.started + task.walltime_s
+        try:
+            while True:
+                remaining = deadline - time.time()
+                if remaining <= 0 and not task.timed_out:
+                    task.timed_out = True
+                    self._signal(task, signal.SIGTERM)
+                    deadline = time.time() + self.kill_grace_s
+                    continue
+                if remaining <= 0:
+                    self._signal(task, signal.SIGKILL)
+                    deadline = time.time() + 3600
+                    continue
+                if child is not None:
+                    try:
+                        await asyncio.wait_for(child.wait(), remaining)
+                        break
+                    except asyncio.TimeoutError:
+                        continue
+                if not _is_our_process(task.pid, task.job.id):
+                    break
+                await asyncio.sleep(min(self.poll_s, remaining))
+        except asyncio.CancelledError:
+            return  # the hub is stopping: the job runs on and is taken back at the next start
+        if task.timed_out:
+            # The group may still hold children that ignored SIGTERM.
+            self._signal(task, signal.SIGKILL)
+        code = _read_exit(self._folder(task.job.id))
+        if code is None and child is not None:
+            code = child.returncode if child.returncode >= 0 else 128 - child.returncode
+        if code is None and (task.timed_out or task.cancelled):
+            code = 128 + signal.SIGTERM
+        self._release(task)
+        if code is None:
+            self.on_change(Change(task.job.id, JobState.LOST, reason="the job ended without leaving an exit code"))
+            return
+        self.on_change(self._final_change(task.job.id, code, task.cancelled, task.timed_out))
+
+    def _final_change(self, job_id: str, code: int, cancelled: bool, timed_out: bool) -> Change:
+        if timed_out:
+            return Change(job_id, JobState.TIMEOUT, code, "killed at its walltime")
+        if cancelled:
+            return Change(job_id, JobState.CANCELLED, code, "cancelled while running")
+        if code == 0:
+            return Change(job_id, JobState.COMPLETED, 0)
+        if code > 128:
+            try:
+                name = signal.Signals(code - 128).name
+            except ValueError:
+                name = f"signal {code - 128}"
+            return Change(job_id, JobState.FAILED, code, f"killed by {name}")
+        return Change(job_id, JobState.FAILED, code, f"exited with code {code}")
+
+    def _signal(self, task: _Task, sig: signal.Signals) -> None:
+        if task.pid and task.job.id in self._running:
+            try:
+                os.killpg(task.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def _read_exit(folder: Path) -> int | None:
+    try:
+        return int((folder / "exit").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _is_our_process(pid: int, job_id: str) -> bool:
+    """True if pid is alive (not a zombie) and is the wrapper of this job (guards against pid reuse)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        return f"AIFED_JOB_ID={job_id}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+        return False

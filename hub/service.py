@@ -1,0 +1,107 @@
+"""The hub's gRPC service: thin translation between `aifed.v1.Hub` and `HubCore`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from federation import convert
+from federation.errors import InvalidArgument
+from federation.identity import Role
+from federation.model import JobState
+from federation.pb import hub_pb2, hub_pb2_grpc, jobs_pb2
+from federation.rpc import Rule, allow_roles, caller
+from hub.core import HubCore
+
+LOG_CHUNK = 64 * 1024
+MAX_SHAPES = 64
+STREAMS = {jobs_pb2.LOG_STREAM_STDOUT: ("stdout",), jobs_pb2.LOG_STREAM_STDERR: ("stderr",),
+           jobs_pb2.LOG_STREAM_UNSPECIFIED: ("stdout", "stderr")}
+STREAM_ENUM = {"stdout": jobs_pb2.LOG_STREAM_STDOUT, "stderr": jobs_pb2.LOG_STREAM_STDERR}
+
+
+def access_rules() -> dict[str, Rule]:
+    """Who may call what on a hub: antennas (and, later, peer hubs) only; never users."""
+    service = hub_pb2.DESCRIPTOR.services_by_name["Hub"]
+    return {f"/{service.full_name}/{m.name}": allow_roles(Role.ANTENNA) for m in service.methods}
+
+
+class HubService(hub_pb2_grpc.HubServicer):
+    def __init__(self, core: HubCore):
+        self.core = core
+
+    def advert(self, shapes=()) -> jobs_pb2.Advert:
+        cfg, core = self.core.config, self.core
+        if len(shapes) > MAX_SHAPES:
+            raise InvalidArgument(f"ask for at most {MAX_SHAPES} job shapes at once")
+        usage = {u.name: u for u in core.backend.usage()}
+        now = time.time()
+        estimates = []
+        for shape in shapes:
+            for partition, wait in core.estimates(shape.gpus, shape.walltime_s or 1, shape.partition):
+                estimates.append(jobs_pb2.StartEstimate(shape=shape, partition=partition,
+                                                        earliest_start=convert.ts(now + wait), wait_s=int(wait)))
+        return jobs_pb2.Advert(
+            site=cfg.site, federation=cfg.federation, services=cfg.services, sectors=cfg.sectors,
+            access_modes=[int(m) for m in cfg.access_modes], sequence=core.capacity.version,
+            issued_at=convert.ts(now), ttl_s=cfg.advert_ttl_s, estimates=estimates,
+            partitions=[jobs_pb2.PartitionAdvert(
+                name=p.name, gpu_model=p.gpu_model, gpus_total=p.gpus, gpus_free=usage[p.name].gpus_free,
+                running_jobs=usage[p.name].running_jobs, pending_jobs=usage[p.name].pending_jobs,
+                pending_gpu_seconds=usage[p.name].pending_gpu_seconds, max_walltime_s=p.max_walltime_s)
+                for p in cfg.partitions])
+
+    async def GetAdvert(self, request, context):
+        return self.advert(request.shapes)
+
+    async def WatchAdverts(self, request, context):
+        heartbeat = max(1.0, self.core.config.advert_ttl_s / 3)
+        version = -1
+        while True:
+            version = self.core.capacity.version
+            yield self.advert(request.shapes)
+            await self.core.capacity.wait_past(version, heartbeat)
+            await asyncio.sleep(0.05)  # coalesce bursts of changes into one advert
+
+    async def ForwardJob(self, request, context):
+        job, duplicate = await self.core.forward(caller(), request.idempotency_key, convert.job_from_pb(request.job))
+        return hub_pb2.ForwardJobResponse(job=convert.job_to_pb(job), duplicate=duplicate)
+
+    async def GetJob(self, request, context):
+        return convert.job_to_pb(self.core.get(caller(), request.job_id))
+
+    async def WatchJob(self, request, context):
+        who = caller()
+        async with self.core.jobs.subscribe(request.job_id) as updates:
+            job = self.core.get(who, request.job_id)
+            yield convert.job_to_pb(job)
+            while not job.final:
+                job = await updates.get()
+                yield convert.job_to_pb(job)
+
+    async def CancelJob(self, request, context):
+        return convert.job_to_pb(await self.core.cancel(caller(), request.job_id))
+
+    async def StreamLogs(self, request, context):
+        who = caller()
+        job = self.core.get(who, request.job_id)
+        streams = STREAMS.get(request.stream)
+        if streams is None:
+            raise InvalidArgument(f"unknown log stream {request.stream}")
+        offsets = dict.fromkeys(streams, 0)
+        while True:
+            # Read the state before the files: output written before the job ended is never missed.
+            ended = job.final
+            sent = False
+            for name in streams:
+                while data := self.core.backend.read_log(job.id, name, offsets[name], LOG_CHUNK):
+                    yield jobs_pb2.LogChunk(stream=STREAM_ENUM[name], offset=offsets[name], data=data)
+                    offsets[name] += len(data)
+                    sent = True
+            if not request.follow or ended:
+                return
+            if not sent:
+                await asyncio.sleep(0.2)
+            job = self.core.get(who, request.job_id)
+            if job.state == JobState.QUEUED:
+                await asyncio.sleep(0.3)
