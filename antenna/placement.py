@@ -30,6 +30,8 @@ def why_not(spec: JobSpec, advert: jobs_pb2.Advert) -> str:
             return f"has no partition {spec.partition!r}"
     if spec.access_mode and advert.access_modes and spec.access_mode not in advert.access_modes:
         return f"does not accept access mode {spec.access_mode.slug}"
+    if parts and spec.cpus > max(p.max_cpus for p in parts):
+        return f"runs jobs of at most {max(p.max_cpus for p in parts)} CPUs"
     if not any(p.gpus_total >= spec.gpus for p in parts):
         return f"has at most {max(p.gpus_total for p in parts)} GPUs in a partition"
     if not any(p.gpus_total >= spec.gpus and p.max_walltime_s >= spec.walltime_s for p in parts):

@@ -19,7 +19,7 @@ import grpc
 import orjson
 
 from federation import output
-from federation.errors import ConfigError
+from federation.errors import AifedError, ConfigError
 from federation.model import AccessMode, JobSpec, JobState
 from federation.pb import jobs_pb2
 from federation.timefmt import parse_duration
@@ -188,8 +188,10 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
     from federation.client import AntennaClient, resolve_client_config
 
     spec = _spec_from_args(args, command) if args.command == "submit" else None
+    if spec is not None:
+        spec.validate()  # the same checks the antenna makes, before anything is sent
     config = resolve_client_config(args.config, args.antenna, args.ca, args.cert, args.key)
-    config.tls.read()  # a missing or unreadable certificate is reported before dialing
+    config.tls.check()  # a missing, mismatched or expired certificate is reported before dialing
     async with AntennaClient(config) as client:
         if args.command == "submit":
             job = await client.submit(spec, args.request_id)
@@ -285,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"aifed: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except AifedError as exc:
+        print(f"aifed: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return STATUS_EXIT.get(exc.code, EXIT_FAIL)
     except ConfigError as exc:
         print(f"aifed: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -7,6 +7,7 @@ errors: a typo must not silently fall back to a default.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +86,9 @@ class _Table:
         self.seen.add(k)
         if k not in self.data:
             if required or default is ...:
-                raise ConfigError(self.path, self.key(k), "is required")
+                near = difflib.get_close_matches(k, [str(x) for x in self.data], n=1)
+                hint = f" (found {self.key(near[0])!r}: a typo?)" if near else ""
+                raise ConfigError(self.path, self.key(k), "is required" + hint)
             return default
         value = self.data[k]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
@@ -164,6 +167,10 @@ def _tls(root: _Table) -> TlsFiles:
         p = getattr(tls, k)
         if not p.is_file():
             raise ConfigError(t.path, t.key(k), f"{p} does not exist")
+    try:
+        tls.check()
+    except (ValueError, PermissionError) as exc:
+        raise ConfigError(t.path, "tls", str(exc)) from None
     return tls
 
 

@@ -31,6 +31,28 @@ class TlsFiles:
             out.append(data)
         return out[0], out[1], out[2]
 
+    def check(self) -> None:
+        """Raise ValueError if the key does not belong to the certificate or the certificate is not valid now."""
+        import datetime as dt
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        _, cert_pem, key_pem = self.read()
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"cannot load {self.cert} or {self.key}: {exc}") from None
+        pub = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(*pub) != cert.public_key().public_bytes(*pub):
+            raise ValueError(f"private key {self.key} does not belong to certificate {self.cert}")
+        now = dt.datetime.now(dt.timezone.utc)
+        if now > cert.not_valid_after_utc:
+            raise ValueError(f"certificate {self.cert} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+        if now < cert.not_valid_before_utc:
+            raise ValueError(f"certificate {self.cert} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M}")
+
     def server_credentials(self) -> grpc.ServerCredentials:
         """Credentials that require and verify a client certificate from the federation CA."""
         ca, cert, key = self.read()

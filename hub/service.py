@@ -48,7 +48,8 @@ class HubService(hub_pb2_grpc.HubServicer):
             partitions=[jobs_pb2.PartitionAdvert(
                 name=p.name, gpu_model=p.gpu_model, gpus_total=p.gpus, gpus_free=usage[p.name].gpus_free,
                 running_jobs=usage[p.name].running_jobs, pending_jobs=usage[p.name].pending_jobs,
-                pending_gpu_seconds=usage[p.name].pending_gpu_seconds, max_walltime_s=p.max_walltime_s)
+                pending_gpu_seconds=usage[p.name].pending_gpu_seconds, max_walltime_s=p.max_walltime_s,
+                max_cpus=cfg.cpu_slots)
                 for p in cfg.partitions])
 
     async def GetAdvert(self, request, context):

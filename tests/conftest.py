@@ -1,0 +1,151 @@
+"""Shared fixtures: a test PKI, and real hub and antenna daemons in-process on port 0 over mutual TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+
+import federation  # noqa: F401  (sets gRPC's fork mode before grpc is imported)
+from certs import pki
+from federation.client import AntennaClient
+from federation.config import AntennaConfig, ClientConfig, HubConfig, HubEndpoint, PartitionConfig
+from federation.identity import Role
+from federation.model import AccessMode
+from federation.tls import TlsFiles
+
+FEDERATION = "eurohpc.test"
+HUB_SITES = ("leonardo", "lumi")
+ANTENNA_SITES = ("antenna-a", "antenna-b")
+USERS = (("antenna-a", "alice"), ("antenna-a", "bob"), ("antenna-b", "carol"))
+
+
+@dataclass
+class Pki:
+    root: Path
+    ca: Path
+    other_ca_root: Path
+
+    def tls(self, role: Role, site: str, name: str = "") -> TlsFiles:
+        identity = pki.identity_for(FEDERATION, role, site, name)
+        cert, key = pki.cert_paths(self.root, identity)
+        return TlsFiles(self.ca, cert, key)
+
+    def user(self, antenna: str, name: str) -> TlsFiles:
+        return self.tls(Role.USER, antenna, name)
+
+
+@pytest.fixture(scope="session")
+def test_pki(tmp_path_factory) -> Pki:
+    """A federation CA with certificates for two hubs, two antennas and three users, plus a foreign CA."""
+    root = tmp_path_factory.mktemp("pki")
+    pki.init_ca(root, FEDERATION)
+    for site in HUB_SITES:
+        pki.issue(root, Role.HUB, site)
+    for site in ANTENNA_SITES:
+        pki.issue(root, Role.ANTENNA, site)
+    for antenna, name in USERS:
+        pki.issue(root, Role.USER, antenna, name)
+    other = tmp_path_factory.mktemp("other-pki")
+    pki.init_ca(other, FEDERATION)  # same federation name, different key: must still be refused
+    pki.issue(other, Role.USER, "antenna-a", "alice")
+    pki.issue(other, Role.HUB, "leonardo")
+    return Pki(root, root / pki.CA_CERT, other)
+
+
+def hub_config(test_pki: Pki, state: Path, site: str = "leonardo", partitions=None, **kw) -> HubConfig:
+    parts = partitions or (PartitionConfig("booster", "A100", 4, 3600), PartitionConfig("dcgp", "", 0, 600))
+    return HubConfig(path=state / f"{site}.toml", site=site, federation=FEDERATION, listen="127.0.0.1:0",
+                     state_dir=state / site, tls=test_pki.tls(Role.HUB, site), partitions=tuple(parts),
+                     access_modes=(AccessMode.PLAYGROUND, AccessMode.FAST_LANE), advert_ttl_s=6,
+                     kill_grace_s=1, **kw)
+
+
+def antenna_config(test_pki: Pki, state: Path, hubs: dict[str, int], site: str = "antenna-a") -> AntennaConfig:
+    return AntennaConfig(path=state / f"{site}.toml", site=site, federation=FEDERATION, listen="127.0.0.1:0",
+                         state_dir=state / site, tls=test_pki.tls(Role.ANTENNA, site),
+                         hubs=tuple(HubEndpoint(s, f"127.0.0.1:{p}") for s, p in hubs.items()))
+
+
+@dataclass
+class Federation:
+    """Running daemons and a way to get clients for them."""
+
+    test_pki: Pki
+    state: Path
+    hubs: dict = field(default_factory=dict)
+    antennas: dict = field(default_factory=dict)
+    clients: list = field(default_factory=list)
+
+    def client(self, user: str = "alice", antenna: str = "antenna-a", tls: TlsFiles | None = None) -> AntennaClient:
+        who = next((a, n) for a, n in USERS if n == user) if tls is None else None
+        c = AntennaClient(ClientConfig(f"127.0.0.1:{self.antennas[antenna].port}",
+                                       tls or self.test_pki.user(*who)))
+        self.clients.append(c)
+        return c
+
+    async def start_hub(self, site: str = "leonardo", **kw):
+        from hub.daemon import HubDaemon
+        config = kw.pop("config", None) or hub_config(self.test_pki, self.state, site, **kw)
+        if site in self.hubs:  # a restart keeps the port, so antennas find it again
+            config = replace(config, listen=f"127.0.0.1:{self.hubs[site].port}")
+        daemon = await HubDaemon(config).start()
+        self.hubs[site] = daemon
+        return daemon
+
+    async def start_antenna(self, site: str = "antenna-a", hubs: tuple[str, ...] | None = None):
+        from antenna.daemon import AntennaDaemon
+        ports = {s: self.hubs[s].port for s in (hubs or tuple(self.hubs))}
+        config = antenna_config(self.test_pki, self.state, ports, site)
+        if site in self.antennas and self.antennas[site].port:
+            config = replace(config, listen=f"127.0.0.1:{self.antennas[site].port}")
+        daemon = await AntennaDaemon(config).start()
+        self.antennas[site] = daemon
+        return daemon
+
+    async def wait_sites(self, antenna: str = "antenna-a", timeout: float = 15) -> None:
+        """Until the antenna holds a fresh advert from each of its hubs."""
+        core = self.antennas[antenna].core
+        deadline = time.monotonic() + timeout
+        while not all(s.fresh for s in core.sites.values()):
+            if time.monotonic() > deadline:
+                raise TimeoutError({s.site: s.error for s in core.sites.values()})
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.close()
+        for d in [*self.antennas.values(), *self.hubs.values()]:
+            await d.stop(grace=0.5)
+
+
+@pytest.fixture
+async def fed(test_pki, tmp_path):
+    """Two hubs (leonardo: booster 4 GPUs/1h + dcgp CPU-only/10min; lumi: the same) and antenna-a."""
+    f = Federation(test_pki, tmp_path)
+    try:
+        await f.start_hub("leonardo")
+        await f.start_hub("lumi")
+        await f.start_antenna("antenna-a")
+        await f.wait_sites()
+        yield f
+    finally:
+        await f.close()
+
+
+async def eventually(predicate, timeout: float = 15.0, interval: float = 0.05):
+    """Poll an (async or plain) predicate until it returns a truthy value; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(interval)
+

@@ -1,0 +1,389 @@
+"""federation.config: TOML configs for hubs, antennas and clients, and the errors they raise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from federation.config import (AntennaConfig, ClientConfig, HubConfig, HubEndpoint, PartitionConfig, load_antenna,
+                               load_client, load_hub)
+from federation.errors import ConfigError
+from federation.model import AccessMode
+
+REPO = Path(__file__).resolve().parents[1]
+
+TLS = """
+[tls]
+ca = "pki/ca.pem"
+cert = "pki/cert.pem"
+key = "pki/cert.key"
+"""
+
+HUB = """
+[hub]
+site = "leonardo"
+federation = "eurohpc.test"
+listen = "127.0.0.1:50051"
+state_dir = "state/leonardo"
+services = ["inference", "training"]
+sectors = ["health"]
+access_modes = ["playground", "fast-lane"]
+advert_ttl = "45s"
+
+[backend]
+type = "local"
+kill_grace = "5s"
+cpu_slots = 16
+
+[[partitions]]
+name = "booster"
+gpu_model = "A100"
+gpus = 4
+max_walltime = "1-00:00:00"
+
+[[partitions]]
+name = "dcgp"
+max_walltime = "30"
+""" + TLS
+
+ANTENNA = """
+[antenna]
+site = "antenna-a"
+federation = "eurohpc.test"
+listen = "0.0.0.0:50060"
+state_dir = "state/antenna-a"
+
+[[hubs]]
+site = "leonardo"
+endpoint = "leonardo.example:50051"
+
+[[hubs]]
+site = "lumi"
+endpoint = "127.0.0.1:50052"
+""" + TLS
+
+CLIENT = """
+[client]
+antenna = "antenna.example:50060"
+""" + TLS
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """A config folder holding dummy TLS files under pki/."""
+    (tmp_path / "pki").mkdir()
+    for name in ("ca.pem", "cert.pem", "cert.key"):
+        (tmp_path / "pki" / name).write_text("dummy\n")
+    return tmp_path
+
+
+def write(folder: Path, text: str, name: str = "hub.toml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def edit(text: str, old: str, new: str) -> str:
+    """Replace exactly one occurrence, so a test cannot silently edit nothing."""
+    assert text.count(old) == 1, old
+    return text.replace(old, new)
+
+
+def config_error(loader, path: Path, key: str, *problem: str) -> ConfigError:
+    """Load and expect a ConfigError naming the file, `key` and each fragment of `problem`."""
+    with pytest.raises(ConfigError) as info:
+        loader(path)
+    err = info.value
+    message = str(err)
+    assert str(path) in message
+    assert err.key == key
+    if key:
+        assert key in message
+    for fragment in problem:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return err
+
+
+# -- hub: valid --------------------------------------------------------------------------------------
+
+def test_valid_hub_config_loads(folder):
+    """Every setting of a complete hub file ends up in HubConfig, durations in seconds."""
+    path = write(folder, HUB)
+    config = load_hub(path)
+    assert isinstance(config, HubConfig)
+    assert config.path == path
+    assert config.site == "leonardo"
+    assert config.federation == "eurohpc.test"
+    assert config.listen == "127.0.0.1:50051"
+    assert config.partitions == (PartitionConfig("booster", "A100", 4, 86400), PartitionConfig("dcgp", "", 0, 1800))
+    assert config.services == ("inference", "training")
+    assert config.sectors == ("health",)
+    assert config.access_modes == (AccessMode.PLAYGROUND, AccessMode.FAST_LANE)
+    assert config.advert_ttl_s == 45
+    assert config.backend == "local"
+    assert config.kill_grace_s == 5
+    assert config.cpu_slots == 16
+
+
+def test_relative_paths_are_resolved_against_the_config_folder(folder, monkeypatch, tmp_path_factory):
+    """state_dir and the TLS files are taken relative to the file's folder, not the working directory."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    config = load_hub(write(folder, HUB))
+    assert config.state_dir == folder / "state" / "leonardo"
+    assert config.tls.ca == folder / "pki" / "ca.pem"
+    assert config.tls.cert == folder / "pki" / "cert.pem"
+    assert config.tls.key == folder / "pki" / "cert.key"
+
+
+def test_absolute_state_dir_is_kept(folder, tmp_path_factory):
+    """An absolute state_dir is used as it is."""
+    elsewhere = tmp_path_factory.mktemp("state")
+    config = load_hub(write(folder, edit(HUB, '"state/leonardo"', f'"{elsewhere}"')))
+    assert config.state_dir == elsewhere
+
+
+def test_hub_defaults(folder):
+    """Optional settings take their documented defaults."""
+    text = """
+[hub]
+site = "lumi"
+federation = "eurohpc.test"
+listen = "127.0.0.1:1"
+state_dir = "s"
+
+[[partitions]]
+name = "small"
+max_walltime = 3600
+""" + TLS
+    config = load_hub(write(folder, text))
+    assert config.partitions == (PartitionConfig("small", "", 0, 3600),)
+    assert config.services == () and config.sectors == () and config.access_modes == ()
+    assert config.advert_ttl_s == 30
+    assert config.backend == "local"
+    assert config.kill_grace_s == 10
+    assert config.cpu_slots == 64
+
+
+# -- hub: errors -------------------------------------------------------------------------------------
+
+def test_missing_file(tmp_path):
+    """A file that does not exist is named, with no key."""
+    config_error(load_hub, tmp_path / "nope.toml", "", "file not found")
+
+
+def test_invalid_toml(folder):
+    """A syntax error says the file is not valid TOML."""
+    config_error(load_hub, write(folder, HUB + "\n[hub\n"), "", "is not valid TOML")
+
+
+def test_missing_site(folder):
+    config_error(load_hub, write(folder, edit(HUB, 'site = "leonardo"\n', "")), "hub.site", "is required")
+
+
+def test_missing_hub_table(folder):
+    """Without a [hub] table the first required key is reported."""
+    text = HUB[HUB.index("[backend]"):]
+    config_error(load_hub, write(folder, text), "hub.site", "is required")
+
+
+def test_bad_site_name(folder):
+    config_error(load_hub, write(folder, edit(HUB, '"leonardo"', '"Leonardo!"')), "hub.site",
+                 "'Leonardo!'", "not valid")
+
+
+def test_bad_federation_name(folder):
+    config_error(load_hub, write(folder, edit(HUB, '"eurohpc.test"', '"EuroHPC Test"')), "hub.federation",
+                 "not valid")
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1", "127.0.0.1:", ":50051", "localhost:http", "127.0.0.1:70000"])
+def test_listen_needs_host_and_port(folder, listen):
+    """listen must be host:port with a numeric port in range."""
+    config_error(load_hub, write(folder, edit(HUB, '"127.0.0.1:50051"', f'"{listen}"')), "hub.listen",
+                 "must be host:port")
+
+
+def test_unknown_key_in_hub_table(folder):
+    """A typo is an error, not silently ignored."""
+    config_error(load_hub, write(folder, edit(HUB, 'site = "leonardo"\n', 'site = "leonardo"\nsitee = "x"\n')),
+                 "hub.sitee", "is not a known setting")
+
+
+def test_unknown_top_level_table(folder):
+    config_error(load_hub, write(folder, HUB + '\n[extra]\nx = 1\n'), "extra", "is not a known setting")
+
+
+def test_unknown_key_in_partition(folder):
+    config_error(load_hub, write(folder, edit(HUB, 'gpus = 4\n', 'gpus = 4\ngpu = 4\n')), "partitions[0].gpu",
+                 "is not a known setting")
+
+
+def test_negative_gpus(folder):
+    config_error(load_hub, write(folder, edit(HUB, "gpus = 4", "gpus = -1")), "partitions[0].gpus",
+                 "must be between 0 and")
+
+
+def test_gpus_without_gpu_model(folder):
+    config_error(load_hub, write(folder, edit(HUB, 'gpu_model = "A100"\n', "")), "partitions[0].gpu_model",
+                 "is required when the partition has GPUs")
+
+
+def test_duplicate_partition_names(folder):
+    config_error(load_hub, write(folder, edit(HUB, 'name = "dcgp"', 'name = "booster"')), "partitions[1].name",
+                 "'booster'", "declared twice")
+
+
+def test_no_partitions(folder):
+    text = HUB[:HUB.index("[[partitions]]")] + TLS
+    config_error(load_hub, write(folder, text), "partitions", "at least one [[partitions]]")
+
+
+def test_unknown_access_mode(folder):
+    config_error(load_hub, write(folder, edit(HUB, '"fast-lane"', '"express"')), "hub.access_modes",
+                 "'express'", "playground")
+
+
+def test_unknown_backend_type(folder):
+    config_error(load_hub, write(folder, edit(HUB, 'type = "local"', 'type = "slurm"')), "backend.type",
+                 "'slurm'", "unknown backend")
+
+
+@pytest.mark.parametrize("value", ['"one day"', '"1-"', '"-5"', '"1.5"', "-1"])
+def test_bad_max_walltime(folder, value):
+    """An unparsable or negative walltime names the key and repeats the duration error."""
+    config_error(load_hub, write(folder, edit(HUB, '"1-00:00:00"', value)), "partitions[0].max_walltime",
+                 "is not a duration" if value.startswith('"') else "negative")
+
+
+def test_zero_max_walltime(folder):
+    config_error(load_hub, write(folder, edit(HUB, '"1-00:00:00"', '"0"')), "partitions[0].max_walltime",
+                 "must be positive")
+
+
+def test_missing_max_walltime(folder):
+    config_error(load_hub, write(folder, edit(HUB, 'max_walltime = "30"\n', "")), "partitions[1].max_walltime",
+                 "is required")
+
+
+def test_advert_ttl_too_short(folder):
+    config_error(load_hub, write(folder, edit(HUB, '"45s"', '"2s"')), "hub.advert_ttl", "at least 3 seconds")
+
+
+def test_cpu_slots_must_be_positive(folder):
+    config_error(load_hub, write(folder, edit(HUB, "cpu_slots = 16", "cpu_slots = 0")), "backend.cpu_slots",
+                 "at least 1")
+
+
+def test_tls_cert_missing(folder):
+    """A TLS file that does not exist is named with its resolved path."""
+    (folder / "pki" / "cert.pem").unlink()
+    err = config_error(load_hub, write(folder, HUB), "tls.cert", "does not exist")
+    assert str(folder / "pki" / "cert.pem") in str(err)
+
+
+def test_tls_table_missing(folder):
+    text = HUB[:HUB.index("[tls]")]
+    config_error(load_hub, write(folder, text), "tls.ca", "is required")
+
+
+@pytest.mark.parametrize("old, new, key, want", [
+    ("gpus = 4", 'gpus = "4"', "partitions[0].gpus", "must be a int"),
+    ("gpus = 4", "gpus = true", "partitions[0].gpus", "must be a int"),
+    ("cpu_slots = 16", "cpu_slots = 1.5", "backend.cpu_slots", "must be a int"),
+    ('site = "leonardo"', "site = 7", "hub.site", "must be a str"),
+    ('services = ["inference", "training"]', 'services = "inference"', "hub.services", "must be a list"),
+    ('services = ["inference", "training"]', 'services = ["inference", 3]', "hub.services", "non-empty strings"),
+    ('advert_ttl = "45s"', "advert_ttl = true", "hub.advert_ttl", "must be a str or int"),
+])
+def test_wrong_types(folder, old, new, key, want):
+    """A value of the wrong type names the key, the expected type and the value."""
+    config_error(load_hub, write(folder, edit(HUB, old, new)), key, want)
+
+
+def test_hub_must_be_a_table(folder):
+    text = 'hub = "leonardo"\n' + HUB[HUB.index("[backend]"):]
+    config_error(load_hub, write(folder, text), "hub", "must be a table")
+
+
+# -- antenna -----------------------------------------------------------------------------------------
+
+def test_valid_antenna_config_loads(folder):
+    path = write(folder, ANTENNA, "antenna.toml")
+    config = load_antenna(path)
+    assert isinstance(config, AntennaConfig)
+    assert config.site == "antenna-a"
+    assert config.listen == "0.0.0.0:50060"
+    assert config.state_dir == folder / "state" / "antenna-a"
+    assert config.hubs == (HubEndpoint("leonardo", "leonardo.example:50051"), HubEndpoint("lumi", "127.0.0.1:50052"))
+    assert config.tls.key == folder / "pki" / "cert.key"
+
+
+def test_antenna_without_hubs(folder):
+    text = ANTENNA[:ANTENNA.index("[[hubs]]")] + TLS
+    config_error(load_antenna, write(folder, text, "antenna.toml"), "hubs", "at least one [[hubs]]")
+
+
+def test_antenna_duplicate_hub_sites(folder):
+    path = write(folder, edit(ANTENNA, 'site = "lumi"', 'site = "leonardo"'), "antenna.toml")
+    config_error(load_antenna, path, "hubs[1].site", "'leonardo'", "listed twice")
+
+
+def test_antenna_hub_endpoint_without_port(folder):
+    path = write(folder, edit(ANTENNA, '"leonardo.example:50051"', '"leonardo.example"'), "antenna.toml")
+    config_error(load_antenna, path, "hubs[0].endpoint", "must be host:port")
+
+
+def test_antenna_hub_bad_site(folder):
+    path = write(folder, edit(ANTENNA, 'site = "lumi"', 'site = "LUMI"'), "antenna.toml")
+    config_error(load_antenna, path, "hubs[1].site", "not valid")
+
+
+def test_antenna_unknown_key(folder):
+    path = write(folder, edit(ANTENNA, 'site = "lumi"', 'site = "lumi"\nport = 1'), "antenna.toml")
+    config_error(load_antenna, path, "hubs[1].port", "is not a known setting")
+
+
+# -- client ------------------------------------------------------------------------------------------
+
+def test_valid_client_config_loads(folder):
+    config = load_client(write(folder, CLIENT, "client.toml"))
+    assert isinstance(config, ClientConfig)
+    assert config.antenna == "antenna.example:50060"
+    assert config.tls.ca == folder / "pki" / "ca.pem"
+
+
+def test_client_errors(folder):
+    """The client file has the same checks: address format, unknown keys, TLS files."""
+    config_error(load_client, write(folder, edit(CLIENT, ":50060", ""), "c1.toml"), "client.antenna",
+                 "must be host:port")
+    config_error(load_client, write(folder, CLIENT + "\n[hub]\nsite = 'x'\n", "c2.toml"), "hub",
+                 "is not a known setting")
+    (folder / "pki" / "ca.pem").unlink()
+    config_error(load_client, write(folder, CLIENT, "c3.toml"), "tls.ca", "does not exist")
+
+
+# -- the daemon command ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, text, key", [
+    ("hub", edit(HUB, "gpus = 4", 'gpus = "4"'), "partitions[0].gpus"),
+    ("antenna", edit(ANTENNA, '"leonardo.example:50051"', '"leonardo.example"'), "hubs[0].endpoint"),
+])
+def test_daemon_exits_3_on_a_bad_config(folder, kind, text, key):
+    """`aifed hub|antenna --config BAD` exits with code 3 and names the file and the key on stderr."""
+    path = write(folder, text, f"{kind}.toml")
+    proc = subprocess.run([sys.executable, "-m", "federation.cli", kind, "--config", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert str(path) in proc.stderr
+    assert key in proc.stderr
+
+
+def test_daemon_exits_3_on_a_missing_config(tmp_path):
+    path = tmp_path / "missing.toml"
+    proc = subprocess.run([sys.executable, "-m", "federation.cli", "hub", "--config", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert str(path) in proc.stderr and "file not found" in proc.stderr

@@ -1,0 +1,194 @@
+"""federation.journal: the durable SQLite (WAL) job journal."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import replace
+
+import pytest
+
+from federation.journal import Journal
+from federation.model import AccessMode, Job, JobSpec, JobState, Transition
+
+SPEC = JobSpec(argv=("python", "train.py", "--lr", "3e-4"), env={"WANDB_MODE": "offline", "SEED": "7"},
+               name="train.v2", gpus=4, cpus=32, memory_mb=65536, walltime_s=7200, partition="booster",
+               access_mode=AccessMode.FAST_LANE, project="ehpc-123", site="leonardo")
+
+
+def make_job(job_id: str, owner: str = "spiffe://f.test/user/a/alice", state: JobState = JobState.QUEUED,
+             created: float = 1000.0, **kw) -> Job:
+    kw.setdefault("updated_at", created)
+    return Job(id=job_id, spec=kw.pop("spec", SPEC), state=state, owner=owner, antenna="a", site="leonardo",
+               partition="booster", created_at=created, **kw)
+
+
+@pytest.fixture
+def journal(tmp_path):
+    j = Journal(tmp_path / "state" / "journal.sqlite")
+    yield j
+    j.close()
+
+
+def test_insert_and_get_round_trip_a_full_job(journal):
+    """Every field of a job, spec included, comes back equal."""
+    job = make_job("j1", exit_code=3, reason="exited with code 3", history=(
+        Transition(JobState.PENDING, 1000.25, "accepted"),
+        Transition(JobState.RUNNING, 1001.5, ""),
+        Transition(JobState.FAILED, 1002.123456, "exited with code 3"),
+    ), state=JobState.FAILED, updated_at=1002.123456)
+    stored, created = journal.insert(job, "key-1", backend_ref='{"pid": 1}')
+    assert created is True and stored == job
+    got = journal.get("j1")
+    assert got == job
+    assert got.spec.access_mode is AccessMode.FAST_LANE
+    assert isinstance(got.spec.argv, tuple) and got.spec.env == {"WANDB_MODE": "offline", "SEED": "7"}
+    assert journal.backend_ref("j1") == '{"pid": 1}'
+    assert journal.by_key("key-1") == job
+    assert journal.count() == 1
+
+
+def test_script_job_and_exit_code_zero_round_trip(journal):
+    """A script spec, exit code 0 (not None) and empty strings survive."""
+    spec = JobSpec(script="#!/bin/sh\necho \"$1\" é\n", script_args=("x", ""), walltime_s=60)
+    job = make_job("j2", spec=spec, exit_code=0, state=JobState.COMPLETED)
+    journal.insert(job)
+    got = journal.get("j2")
+    assert got == job
+    assert got.exit_code == 0
+
+
+def test_get_unknown_is_none(journal):
+    assert journal.get("nope") is None
+    assert journal.by_key("nope") is None
+    assert journal.backend_ref("nope") == ""
+
+
+def test_same_idempotency_key_returns_the_first_job(journal):
+    """A retried insert with the same key stores nothing and returns (the first job, False)."""
+    first = make_job("j1")
+    journal.insert(first, "k")
+    again, created = journal.insert(make_job("j2", owner="someone-else"), "k")
+    assert created is False
+    assert again == first
+    assert journal.get("j2") is None
+    assert journal.count() == 1
+
+
+def test_no_key_and_distinct_keys_both_store(journal):
+    """Keys only deduplicate equal keys; jobs without a key never collide."""
+    journal.insert(make_job("j1"))
+    journal.insert(make_job("j2"))
+    journal.insert(make_job("j3"), "k1")
+    journal.insert(make_job("j4"), "k2")
+    assert journal.count() == 4
+
+
+def test_update_changes_state_and_ref(journal):
+    """update() stores the new record; the state index follows; a ref is replaced only when given."""
+    job = make_job("j1")
+    journal.insert(job, backend_ref="r0")
+    running = job.moved(JobState.RUNNING, "started", at=1001.0)
+    journal.update(running, backend_ref="r1")
+    assert journal.get("j1") == running
+    assert journal.backend_ref("j1") == "r1"
+    done = running.moved(JobState.COMPLETED, at=1002.0, exit_code=0)
+    journal.update(done)
+    assert journal.get("j1").state is JobState.COMPLETED
+    assert journal.get("j1").exit_code == 0
+    assert journal.backend_ref("j1") == "r1"
+    assert journal.list(states=[JobState.RUNNING]) == []
+    assert journal.list(states=[JobState.COMPLETED]) == [done]
+
+
+def test_update_unknown_job_raises_key_error(journal):
+    with pytest.raises(KeyError):
+        journal.update(make_job("ghost"))
+    assert journal.count() == 0
+
+
+def test_list_filters_and_orders_newest_first(journal):
+    """list() filters by owner and states, newest first, and honours the limit."""
+    alice, bob = "spiffe://f.test/user/a/alice", "spiffe://f.test/user/a/bob"
+    journal.insert(make_job("a1", alice, JobState.COMPLETED, created=10))
+    journal.insert(make_job("b1", bob, JobState.RUNNING, created=20))
+    journal.insert(make_job("a2", alice, JobState.RUNNING, created=30))
+    journal.insert(make_job("a3", alice, JobState.QUEUED, created=40))
+    journal.insert(make_job("a0", alice, JobState.FAILED, created=5))
+
+    assert [j.id for j in journal.list()] == ["a3", "a2", "b1", "a1", "a0"]
+    assert [j.id for j in journal.list(owner=alice)] == ["a3", "a2", "a1", "a0"]
+    assert [j.id for j in journal.list(owner=bob)] == ["b1"]
+    assert journal.list(owner="nobody") == []
+    assert [j.id for j in journal.list(states=[JobState.RUNNING])] == ["a2", "b1"]
+    assert [j.id for j in journal.list(owner=alice, states=(JobState.RUNNING, JobState.FAILED))] == ["a2", "a0"]
+    assert [j.id for j in journal.list(limit=2)] == ["a3", "a2"]
+    assert [j.id for j in journal.list(owner=alice, limit=1)] == ["a3"]
+
+
+def test_unfinished_lists_only_live_jobs_oldest_first_with_refs(journal):
+    """unfinished() skips final states, returns oldest first, each with its backend reference."""
+    for i, state in enumerate(JobState):
+        journal.insert(make_job(f"j{i}", state=state, created=100 - i), backend_ref=f"ref-{state.name}")
+    live = journal.unfinished()
+    # created = 100 - i, so the later states in the enum are the older jobs.
+    assert [(job.id, job.state, ref) for job, ref in live] == [
+        ("j3", JobState.RUNNING, "ref-RUNNING"),
+        ("j2", JobState.QUEUED, "ref-QUEUED"),
+        ("j1", JobState.FORWARDED, "ref-FORWARDED"),
+        ("j0", JobState.PENDING, "ref-PENDING"),
+    ]
+
+
+def test_unfinished_follows_updates(journal):
+    """A job that reaches a final state leaves unfinished()."""
+    job = make_job("j1")
+    journal.insert(job, backend_ref="r")
+    assert [j.id for j, _ in journal.unfinished()] == ["j1"]
+    journal.update(job.moved(JobState.CANCELLED, "by owner"))
+    assert journal.unfinished() == []
+
+
+def test_data_survives_reopening(tmp_path):
+    """Everything committed is there after closing and reopening the file."""
+    path = tmp_path / "j.sqlite"
+    first = Journal(path)
+    job = make_job("j1")
+    first.insert(job, "k", backend_ref="r")
+    moved = job.moved(JobState.RUNNING, at=1001.0)
+    first.update(moved)
+    first.close()
+
+    second = Journal(path)
+    try:
+        assert second.get("j1") == moved
+        assert second.by_key("k") == moved
+        assert second.backend_ref("j1") == "r"
+        assert second.insert(make_job("j9"), "k") == (moved, False)
+        assert [j.id for j, _ in second.unfinished()] == ["j1"]
+    finally:
+        second.close()
+
+
+def test_journal_mode_is_wal(journal):
+    """The database is in WAL mode, as seen by an independent connection too."""
+    assert journal._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    other = sqlite3.connect(journal.path)
+    try:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        other.close()
+
+
+def test_a_second_connection_sees_committed_changes(tmp_path):
+    """Changes are committed at once (no open transaction hides them from another reader)."""
+    path = tmp_path / "j.sqlite"
+    writer, reader = Journal(path), Journal(path)
+    try:
+        job = make_job("j1")
+        writer.insert(job, "k")
+        assert reader.get("j1") == job
+        writer.update(replace(job, reason="x"))
+        assert reader.get("j1").reason == "x"
+    finally:
+        writer.close()
+        reader.close()

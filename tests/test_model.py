@@ -1,0 +1,233 @@
+"""federation.model (JobSpec.validate, Job.moved) and federation.convert (protobuf round trips)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import grpc
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from federation.convert import job_from_pb, job_to_pb, spec_from_pb, spec_to_pb
+from federation.errors import InvalidArgument
+from federation.model import (MAX_ARGV, MAX_GPUS, MAX_WALLTIME_S, AccessMode, Job, JobSpec, JobState,
+                              Transition)
+from federation.pb import jobs_pb2
+
+VALID = JobSpec(argv=("python", "train.py"), env={"SEED": "1", "_X9": ""}, name="train-1.v2+a_b", gpus=4, cpus=8,
+                memory_mb=1024, walltime_s=3600, access_mode=AccessMode.PLAYGROUND)
+
+
+def invalid(spec: JobSpec, *fragments: str) -> InvalidArgument:
+    """validate() must raise InvalidArgument (INVALID_ARGUMENT) whose message contains every fragment."""
+    with pytest.raises(InvalidArgument) as info:
+        spec.validate()
+    err = info.value
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    for fragment in fragments:
+        assert fragment in err.message, f"{fragment!r} not in {err.message!r}"
+    assert str(err) == err.message
+    return err
+
+
+# -- JobSpec.validate ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", [
+    VALID,
+    JobSpec(argv=("true",)),
+    JobSpec(script="#!/bin/sh\necho hi\n", script_args=("a", "")),
+    JobSpec(argv=("x",), gpus=0, cpus=1, walltime_s=1, name=""),
+    JobSpec(argv=("x",), gpus=MAX_GPUS, walltime_s=MAX_WALLTIME_S, name="n" * 128),
+    JobSpec(argv=("x", "")),          # later empty arguments are fine
+])
+def test_valid_specs_pass(spec):
+    assert spec.validate() is None
+
+
+def test_no_command_and_no_script():
+    invalid(JobSpec(), "no command")
+    invalid(JobSpec(script="  \n\t"), "no command")
+
+
+def test_both_command_and_script():
+    invalid(JobSpec(argv=("echo",), script="echo hi"), "either a command or a script, not both")
+
+
+@pytest.mark.parametrize("first", ["", "   "])
+def test_empty_first_word(first):
+    invalid(JobSpec(argv=(first, "arg")), "the command is empty")
+
+
+@pytest.mark.parametrize("gpus", [-1, MAX_GPUS + 1, -(10 ** 12)])
+def test_gpus_out_of_range(gpus):
+    invalid(JobSpec(argv=("x",), gpus=gpus), "gpus", str(gpus))
+
+
+def test_cpus_zero():
+    invalid(JobSpec(argv=("x",), cpus=0), "cpus must be between 1")
+
+
+@pytest.mark.parametrize("walltime", [0, -60, MAX_WALLTIME_S + 1])
+def test_walltime_out_of_range(walltime):
+    invalid(JobSpec(argv=("x",), walltime_s=walltime), "walltime")
+
+
+def test_memory_negative():
+    invalid(JobSpec(argv=("x",), memory_mb=-1), "memory_mb")
+
+
+@pytest.mark.parametrize("name", ["1X", "A-B", "", "A B", "A=B", "É", "A\n"])
+def test_invalid_env_var_names(name):
+    """Variable names are [A-Za-z_][A-Za-z0-9_]*, nothing else (not even a trailing newline)."""
+    invalid(JobSpec(argv=("x",), env={name: "v"}), "environment variable name", repr(name))
+
+
+def test_env_value_with_nul():
+    invalid(JobSpec(argv=("x",), env={"A": "a\x00b"}), "environment variable A", "NUL")
+
+
+@pytest.mark.parametrize("spec", [
+    JobSpec(argv=("echo", "a\x00b")),
+    JobSpec(argv=("ec\x00ho",)),
+    JobSpec(script="echo", script_args=("\x00",)),
+])
+def test_nul_byte_in_an_argument(spec):
+    invalid(spec, "NUL byte")
+
+
+def test_nul_byte_in_script():
+    invalid(JobSpec(script="echo \x00"), "NUL byte")
+
+
+def test_too_many_arguments():
+    """Arguments (argv plus script_args) are capped at MAX_ARGV."""
+    JobSpec(argv=("x",) * MAX_ARGV).validate()
+    invalid(JobSpec(argv=("x",) * (MAX_ARGV + 1)), "too many arguments")
+    invalid(JobSpec(script="echo", script_args=("a",) * (MAX_ARGV + 1)), "too many arguments")
+
+
+def test_script_too_large():
+    invalid(JobSpec(script="#" * ((1 << 20) + 1)), "larger than")
+
+
+@pytest.mark.parametrize("name", ["my job", "a/b", "n" * 129, "job;rm", "job\n", "é\t"])
+def test_bad_job_name(name):
+    """Job names are at most 128 of letters, digits, . _ + - (a trailing newline is not allowed either)."""
+    invalid(JobSpec(argv=("x",), name=name), "job name", repr(name))
+
+
+def test_unknown_access_mode():
+    invalid(JobSpec(argv=("x",), access_mode=9), "access mode")
+
+
+# -- Job.moved ---------------------------------------------------------------------------------------
+
+def test_moved_records_a_transition():
+    """A new state adds a Transition with the state, time and reason; the original is unchanged."""
+    job = Job(id="j", spec=VALID, state=JobState.QUEUED, created_at=1.0, updated_at=1.0)
+    running = job.moved(JobState.RUNNING, "started", at=5.0)
+    assert running.state is JobState.RUNNING
+    assert running.reason == "started"
+    assert running.updated_at == 5.0
+    assert running.history == (Transition(JobState.RUNNING, 5.0, "started"),)
+    assert job.history == () and job.state is JobState.QUEUED
+    done = running.moved(JobState.FAILED, "exited with code 2", at=6.0, exit_code=2)
+    assert done.exit_code == 2 and done.final
+    assert [t.state for t in done.history] == [JobState.RUNNING, JobState.FAILED]
+    assert done.history[-1] == Transition(JobState.FAILED, 6.0, "exited with code 2")
+
+
+def test_moved_to_the_same_state_adds_no_history():
+    """Same state: no transition; only the other changes apply."""
+    job = Job(id="j", spec=VALID, state=JobState.RUNNING, history=(Transition(JobState.RUNNING, 1.0),),
+              updated_at=1.0)
+    assert job.moved(JobState.RUNNING, "again", at=9.0) is job
+    changed = job.moved(JobState.RUNNING, "again", at=9.0, partition="p2")
+    assert changed.history == job.history
+    assert changed.partition == "p2"
+    assert changed.updated_at == 9.0
+    assert changed.reason == ""
+
+
+def test_final_states():
+    assert {s for s in JobState if s.final} == {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED,
+                                                 JobState.TIMEOUT, JobState.LOST}
+
+
+# -- convert -----------------------------------------------------------------------------------------
+
+def full_job(exit_code: int | None) -> Job:
+    return Job(id="job-1", spec=VALID, state=JobState.FAILED if exit_code else JobState.COMPLETED,
+               owner="spiffe://f.test/user/a/alice", antenna="a", site="leonardo", partition="booster",
+               exit_code=exit_code, reason="r", created_at=1_700_000_000.123456, updated_at=1_700_000_100.654321,
+               history=(Transition(JobState.PENDING, 1_700_000_000.123456, "accepted"),
+                        Transition(JobState.RUNNING, 1_700_000_050.000001, ""),
+                        Transition(JobState.COMPLETED, 1_700_000_100.654321, "done")))
+
+
+def assert_same_job(got: Job, want: Job) -> None:
+    """Equal, with timestamps compared to the microsecond."""
+    assert got.created_at == pytest.approx(want.created_at, abs=1e-6)
+    assert got.updated_at == pytest.approx(want.updated_at, abs=1e-6)
+    assert len(got.history) == len(want.history)
+    for g, w in zip(got.history, want.history):
+        assert (g.state, g.reason) == (w.state, w.reason)
+        assert g.at == pytest.approx(w.at, abs=1e-6)
+    strip = dict(created_at=0.0, updated_at=0.0, history=())
+    assert replace(got, **strip) == replace(want, **strip)
+
+
+@pytest.mark.parametrize("exit_code", [None, 0, 1, 255, -9])
+def test_job_round_trips_through_protobuf(exit_code):
+    """job_from_pb(job_to_pb(job)) == job; exit code None and 0 stay distinct."""
+    job = full_job(exit_code)
+    msg = job_to_pb(job)
+    assert msg.has_exit_code is (exit_code is not None)
+    back = job_from_pb(msg)
+    assert back.exit_code == exit_code
+    assert_same_job(back, job)
+    assert job_from_pb(jobs_pb2.Job.FromString(msg.SerializeToString())) == back  # through the wire format too
+
+
+def test_zero_timestamps_round_trip():
+    job = Job(id="j", spec=JobSpec(argv=("x",)), state=JobState.PENDING)
+    assert job_from_pb(job_to_pb(job)) == job
+
+
+def test_spec_round_trips_and_unset_fields_take_defaults():
+    """A spec survives; unset cpus and walltime on the wire mean the defaults."""
+    assert spec_from_pb(spec_to_pb(VALID)) == VALID
+    script = JobSpec(script="#!/bin/sh\n", script_args=("a",), partition="p", project="x", site="s")
+    assert spec_from_pb(spec_to_pb(script)) == script
+    bare = spec_from_pb(jobs_pb2.JobSpec(argv=["x"]))
+    assert bare.cpus == 1 and bare.walltime_s == JobSpec.walltime_s
+
+
+def test_unknown_enum_values_from_the_wire_are_invalid_argument():
+    with pytest.raises(InvalidArgument, match="access mode"):
+        spec_from_pb(jobs_pb2.JobSpec(argv=["x"], access_mode=42))
+    msg = job_to_pb(full_job(0))
+    msg.state = 42
+    with pytest.raises(InvalidArgument, match="unknown state"):
+        job_from_pb(msg)
+
+
+# -- property: validate() never fails in another way -------------------------------------------------
+
+wide_ints = st.one_of(st.integers(min_value=-(2 ** 63), max_value=2 ** 63), st.integers(min_value=-5, max_value=5))
+texts = st.text(max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(argv=st.lists(texts, max_size=5).map(tuple), script=texts, script_args=st.lists(texts, max_size=3).map(tuple),
+       env=st.dictionaries(texts, texts, max_size=4), name=texts, gpus=wide_ints, cpus=wide_ints,
+       memory_mb=wide_ints, walltime_s=wide_ints, partition=texts, project=texts, site=texts,
+       access_mode=st.one_of(st.sampled_from(list(AccessMode)), st.integers(min_value=-3, max_value=10)))
+def test_validate_passes_or_raises_invalid_argument(**fields):
+    """Any field values: validate() returns None or raises InvalidArgument, never another exception."""
+    spec = JobSpec(**fields)
+    try:
+        assert spec.validate() is None
+    except InvalidArgument as exc:
+        assert exc.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert exc.message
