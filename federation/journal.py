@@ -6,6 +6,7 @@ acknowledges it, so a crash loses nothing that a caller was told had happened.
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
@@ -62,6 +63,13 @@ class Journal:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One daemon per journal: a second one would run every job twice.
+        self._lock = open(self.path.with_suffix(".lock"), "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise RuntimeError(f"another aifed process is using the journal {self.path}") from None
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -70,6 +78,7 @@ class Journal:
 
     def close(self) -> None:
         self._db.close()
+        self._lock.close()
 
     def insert(self, job: Job, idempotency_key: str | None = None, backend_ref: str = "") -> tuple[Job, bool]:
         """Store a new job. With a key seen before, store nothing and return (the first job, False)."""

@@ -84,6 +84,10 @@ class HubCore:
 
     def _place(self, job: Job) -> PartitionConfig:
         spec, parts = job.spec, self.config.partitions
+        modes = self.config.access_modes
+        if spec.access_mode and modes and spec.access_mode not in modes:
+            raise FailedPrecondition(f"site {self.config.site} does not accept access mode {spec.access_mode.slug}; "
+                                     "it accepts " + ", ".join(m.slug for m in modes))
         if spec.cpus > self.config.cpu_slots:
             raise FailedPrecondition(f"the job asks for {spec.cpus} CPUs; site {self.config.site} runs jobs of at "
                                      f"most {self.config.cpu_slots} CPUs")

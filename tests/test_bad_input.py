@@ -13,7 +13,7 @@ import pytest
 
 from federation import convert
 from federation.identity import Role
-from federation.model import Job, JobSpec, JobState
+from federation.model import AccessMode, Job, JobSpec, JobState
 from federation.pb import antenna_pb2, antenna_pb2_grpc, hub_pb2, hub_pb2_grpc
 from federation.rpc import secure_channel
 
@@ -39,6 +39,8 @@ def stored(fed) -> tuple[int, int]:
     (JobSpec(argv=("true",), site="jupiter"), C.NOT_FOUND, "no hub site 'jupiter'"),
     (JobSpec(argv=("true",), env={"1BAD": "x"}), C.INVALID_ARGUMENT, "environment variable name"),
     (JobSpec(argv=("true",), cpus=1000), C.FAILED_PRECONDITION, "runs jobs of at most 64 CPUs"),
+    (JobSpec(argv=("true",), access_mode=AccessMode.AI_FOR_SCIENCE), C.FAILED_PRECONDITION,
+     "does not accept access mode ai-for-science"),
 ])
 async def test_submit_rejections(fed, spec, code, words):
     before = stored(fed)
@@ -71,6 +73,8 @@ async def test_unknown_job_is_not_found(fed):
     ("k3", JobSpec(argv=("true",), partition="dcgp", gpus=1), C.FAILED_PRECONDITION, "partition dcgp has 0"),
     ("k4", JobSpec(argv=("true",), gpus=8), C.FAILED_PRECONDITION, "the most GPUs is 4"),
     ("k5", JobSpec(argv=()), C.INVALID_ARGUMENT, "no command"),
+    ("k6", JobSpec(argv=("true",), access_mode=AccessMode.LARGE_SCALE), C.FAILED_PRECONDITION,
+     "does not accept access mode large-scale; it accepts playground, fast-lane"),
 ])
 async def test_hub_forward_rejections(fed, test_pki, key, spec, code, words):
     port = fed.hubs["leonardo"].port

@@ -224,3 +224,10 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+async def test_second_daemon_on_the_same_state_is_refused(fed):
+    from hub.daemon import HubDaemon
+    with pytest.raises(RuntimeError, match="another aifed process is using the journal"):
+        await HubDaemon(fed.hubs["leonardo"].config).start()
+    assert (await fed.client("alice").wait((await fed.client("alice").submit(sh("true"))).id)).final
