@@ -8,6 +8,7 @@ from federation.identity import Identity, Role
 from federation.model import JobState
 from federation.pb import antenna_pb2, antenna_pb2_grpc
 from federation.rpc import Rule, caller
+from federation.watch import follow
 from antenna.core import AntennaCore
 
 
@@ -49,12 +50,8 @@ class AntennaService(antenna_pb2_grpc.AntennaServicer):
 
     async def WatchJob(self, request, context):
         who = caller()
-        async with self.core.jobs.subscribe(request.job_id) as updates:
-            job = self.core.get(who, request.job_id)
+        async for job in follow(self.core.jobs, request.job_id, lambda: self.core.get(who, request.job_id)):
             yield convert.job_to_pb(job)
-            while not job.final:
-                job = await updates.get()
-                yield convert.job_to_pb(job)
 
     async def CancelJob(self, request, context):
         return convert.job_to_pb(await self.core.cancel(caller(), request.job_id))

@@ -56,3 +56,13 @@ class Signal:
             except asyncio.TimeoutError:
                 pass
         return self.version
+
+
+async def follow(topics: Topics, key: str, current) -> AsyncIterator:
+    """A job now, then each change published under its id, until it is final (for Watch RPCs)."""
+    async with topics.subscribe(key) as updates:  # subscribe first: no change is missed
+        job = current()
+        yield job
+        while not job.final:
+            job = await updates.get()
+            yield job

@@ -11,6 +11,7 @@ from federation.identity import Role
 from federation.model import JobState
 from federation.pb import hub_pb2, hub_pb2_grpc, jobs_pb2
 from federation.rpc import Rule, allow_roles, caller
+from federation.watch import follow
 from hub.core import HubCore
 
 LOG_CHUNK = 64 * 1024
@@ -73,12 +74,8 @@ class HubService(hub_pb2_grpc.HubServicer):
 
     async def WatchJob(self, request, context):
         who = caller()
-        async with self.core.jobs.subscribe(request.job_id) as updates:
-            job = self.core.get(who, request.job_id)
+        async for job in follow(self.core.jobs, request.job_id, lambda: self.core.get(who, request.job_id)):
             yield convert.job_to_pb(job)
-            while not job.final:
-                job = await updates.get()
-                yield convert.job_to_pb(job)
 
     async def CancelJob(self, request, context):
         return convert.job_to_pb(await self.core.cancel(caller(), request.job_id))
