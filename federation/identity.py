@@ -42,19 +42,19 @@ class Identity:
 
 def check_site_name(name: str) -> str:
     """Site names are DNS-label-like: lower-case letters, digits and dashes."""
-    if not _LABEL.match(name):
+    if not _LABEL.fullmatch(name):
         raise ValueError(f"site name {name!r} is not valid: use 1-63 lower-case letters, digits and '-'")
     return name
 
 
 def check_user_name(name: str) -> str:
-    if not _USER.match(name):
+    if not _USER.fullmatch(name):
         raise ValueError(f"user name {name!r} is not valid: use lower-case letters, digits, '.', '_' and '-'")
     return name
 
 
 def check_federation_name(name: str) -> str:
-    if not _DOMAIN.match(name):
+    if not _DOMAIN.fullmatch(name):
         raise ValueError(f"federation name {name!r} is not valid: use a lower-case domain such as eurohpc.example")
     return name
 

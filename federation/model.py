@@ -102,11 +102,11 @@ class JobSpec:
         if len(self.env) > MAX_ENV:
             raise InvalidArgument(f"too many environment variables ({len(self.env)}); at most {MAX_ENV}")
         for key, value in self.env.items():
-            if not _ENV_NAME.match(key):
+            if not _ENV_NAME.fullmatch(key):
                 raise InvalidArgument(f"environment variable name {key!r} is not valid: use letters, digits and _")
             if "\x00" in value:
                 raise InvalidArgument(f"environment variable {key} contains a NUL byte")
-        if not _NAME.match(self.name):
+        if not _NAME.fullmatch(self.name):
             raise InvalidArgument(
                 f"job name {self.name!r} is not valid: at most 128 letters, digits, and . _ + -")
         _bounded("gpus", self.gpus, 0, MAX_GPUS)

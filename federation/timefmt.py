@@ -12,16 +12,18 @@ _SUFFIX = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+_FORMATS = ("use minutes (`30`), `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`, "
+            "or a number with s/m/h/d (`90s`, `2h`)")
+
+
 def parse_duration(text: str | int) -> int:
     """Return the duration in seconds, or raise ValueError saying which formats are accepted."""
-    if isinstance(text, bool):
-        raise ValueError(f"{text!r} is not a duration")
+    if isinstance(text, bool) or (isinstance(text, int) and text < 0):
+        raise ValueError(f"{text!r} is not a duration: {_FORMATS}")
     if isinstance(text, int):
-        if text < 0:
-            raise ValueError(f"{text} is negative")
         return text
     s = str(text).strip()
-    m = _SUFFIX.match(s)
+    m = _SUFFIX.fullmatch(s)
     if m:
         return int(m.group(1)) * _UNITS[m.group(2)]
     try:
@@ -44,14 +46,12 @@ def parse_duration(text: str | int) -> int:
             else:
                 raise ValueError
     except ValueError:
-        raise ValueError(
-            f"{text!r} is not a duration: use minutes (`30`), `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, "
-            f"`D-HH:MM:SS`, or a number with s/m/h/d (`90s`, `2h`)") from None
+        raise ValueError(f"{text!r} is not a duration: {_FORMATS}") from None
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 def _nonneg(part: str) -> int:
-    if not part.isdigit():
+    if not (part.isascii() and part.isdigit()):
         raise ValueError(part)
     return int(part)
 

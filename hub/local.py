@@ -29,8 +29,10 @@ from hub.backend import Backend, Change, OnChange, PartitionUsage
 
 log = logging.getLogger(__name__)
 
-# Runs the job's argv ("$@") without any shell interpretation of it, then records its exit code.
-_WRAPPER = '"$@"; rc=$?; echo $rc > exit.tmp && mv exit.tmp exit; exit $rc'
+# Runs the job's argv ("$@") without any shell interpretation of it, then records its exit code. The no-op
+# trap keeps the wrapper alive through the SIGTERM sent to the job's process group, so the job gets its grace
+# period and its real exit code is still recorded (a caught signal is reset to default in the job itself).
+_WRAPPER = 'trap : TERM; "$@"; rc=$?; echo $rc > exit.tmp && mv exit.tmp exit; exit $rc'
 _BASE_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 
 
@@ -46,6 +48,8 @@ class _Task:
     started: float = 0.0
     cancelled: bool = False
     timed_out: bool = False
+    kill_at: float = 0.0          # when SIGKILL follows the SIGTERM already sent; 0: none sent
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
     waiter: asyncio.Task | None = None
 
 
@@ -86,8 +90,7 @@ class LocalBackend(Backend):
         if task is None:
             return False
         task.cancelled = True
-        self._signal(task, signal.SIGTERM)
-        asyncio.get_running_loop().call_later(self.kill_grace_s, self._signal, task, signal.SIGKILL)
+        self._terminate(task)
         return True
 
     async def recover(self, job: Job, ref: str) -> Change | None:
@@ -227,44 +230,60 @@ class LocalBackend(Backend):
         await self._follow(task, child)
 
     async def _follow(self, task: _Task, child: asyncio.subprocess.Process | None) -> None:
-        """Wait for the job to end (as our child, or by polling a taken-back pid), enforcing walltime."""
-        deadline = task.started + task.walltime_s
+        """Wait for the job to end (as our child, or by polling a taken-back pid), enforcing walltime.
+
+        The job has ended when its wrapper has exited and no process of its group is left: stragglers get the
+        rest of their grace period after a SIGTERM, and SIGKILL after it (or at once after a normal end)."""
         try:
-            while True:
-                remaining = deadline - time.time()
-                if remaining <= 0 and not task.timed_out:
+            while not await self._wrapper_exited(task, child, self._next_deadline(task) - time.time()):
+                now = time.time()
+                if not task.kill_at and now >= task.started + task.walltime_s:
                     task.timed_out = True
-                    self._signal(task, signal.SIGTERM)
-                    deadline = time.time() + self.kill_grace_s
-                    continue
-                if remaining <= 0:
+                    self._terminate(task)
+                elif task.kill_at and now >= task.kill_at:
                     self._signal(task, signal.SIGKILL)
-                    deadline = time.time() + 3600
-                    continue
-                if child is not None:
-                    try:
-                        await asyncio.wait_for(child.wait(), remaining)
-                        break
-                    except asyncio.TimeoutError:
-                        continue
-                if not _is_our_process(task.pid, task.job.id):
-                    break
-                await asyncio.sleep(min(self.poll_s, remaining))
+            while task.kill_at and time.time() < task.kill_at and _group_alive(task.pid):
+                await asyncio.sleep(min(self.poll_s, task.kill_at - time.time()))
+            self._signal(task, signal.SIGKILL)
         except asyncio.CancelledError:
             return  # the hub is stopping: the job runs on and is taken back at the next start
-        if task.timed_out:
-            # The group may still hold children that ignored SIGTERM.
-            self._signal(task, signal.SIGKILL)
         code = _read_exit(self._folder(task.job.id))
         if code is None and child is not None:
             code = child.returncode if child.returncode >= 0 else 128 - child.returncode
         if code is None and (task.timed_out or task.cancelled):
-            code = 128 + signal.SIGTERM
+            code = 128 + signal.SIGKILL
         self._release(task)
         if code is None:
             self.on_change(Change(task.job.id, JobState.LOST, reason="the job ended without leaving an exit code"))
             return
         self.on_change(self._final_change(task.job.id, code, task.cancelled, task.timed_out))
+
+    def _next_deadline(self, task: _Task) -> float:
+        return task.kill_at if task.kill_at else task.started + task.walltime_s
+
+    async def _wrapper_exited(self, task: _Task, child: asyncio.subprocess.Process | None, timeout: float) -> bool:
+        """Wait up to `timeout` (or until woken by a cancel) for the job's wrapper to exit."""
+        task.wake.clear()
+        if child is None:
+            if not _is_our_process(task.pid, task.job.id):
+                return True
+            timeout = min(timeout, self.poll_s)
+        waits = [asyncio.ensure_future(task.wake.wait())]
+        if child is not None:
+            waits.append(asyncio.ensure_future(child.wait()))
+        try:
+            await asyncio.wait(waits, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return child is not None and child.returncode is not None
+
+    def _terminate(self, task: _Task) -> None:
+        """SIGTERM to the job's process group now; SIGKILL once the grace period is over."""
+        if not task.kill_at:
+            task.kill_at = time.time() + self.kill_grace_s
+            self._signal(task, signal.SIGTERM)
+            task.wake.set()
 
     def _final_change(self, job_id: str, code: int, cancelled: bool, timed_out: bool) -> Change:
         if timed_out:
@@ -282,11 +301,21 @@ class LocalBackend(Backend):
         return Change(job_id, JobState.FAILED, code, f"exited with code {code}")
 
     def _signal(self, task: _Task, sig: signal.Signals) -> None:
-        if task.pid and task.job.id in self._running:
+        if task.pid and self._running.get(task.job.id) is task:
             try:
                 os.killpg(task.pid, sig)
             except ProcessLookupError:
                 pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def _read_exit(folder: Path) -> int | None:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from certs import pki
 from federation.config import (AntennaConfig, ClientConfig, HubConfig, HubEndpoint, PartitionConfig, load_antenna,
                                load_client, load_hub)
 from federation.errors import ConfigError
+from federation.identity import Role
 from federation.model import AccessMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,12 +73,22 @@ antenna = "antenna.example:50060"
 """ + TLS
 
 
+@pytest.fixture(scope="module")
+def tls_material(tmp_path_factory) -> dict[str, bytes]:
+    """A real CA and a matching hub certificate and key (the loader checks that they are PEM and belong together)."""
+    root = tmp_path_factory.mktemp("pki-src")
+    pki.init_ca(root, "eurohpc.test")
+    issued = pki.issue(root, Role.HUB, "leonardo")
+    return {"ca.pem": (root / pki.CA_CERT).read_bytes(), "cert.pem": issued.cert.read_bytes(),
+            "cert.key": issued.key.read_bytes()}
+
+
 @pytest.fixture
-def folder(tmp_path: Path) -> Path:
-    """A config folder holding dummy TLS files under pki/."""
+def folder(tmp_path: Path, tls_material) -> Path:
+    """A config folder holding the TLS files under pki/."""
     (tmp_path / "pki").mkdir()
-    for name in ("ca.pem", "cert.pem", "cert.key"):
-        (tmp_path / "pki" / name).write_text("dummy\n")
+    for name, data in tls_material.items():
+        (tmp_path / "pki" / name).write_bytes(data)
     return tmp_path
 
 
@@ -206,6 +218,12 @@ def test_listen_needs_host_and_port(folder, listen):
                  "must be host:port")
 
 
+def test_misspelt_required_key_is_pointed_out(folder):
+    """A required key that is missing because of a typo names the near miss."""
+    config_error(load_hub, write(folder, edit(HUB, 'site = "leonardo"', 'sitee = "leonardo"')), "hub.site",
+                 "is required", "hub.sitee")
+
+
 def test_unknown_key_in_hub_table(folder):
     """A typo is an error, not silently ignored."""
     config_error(load_hub, write(folder, edit(HUB, 'site = "leonardo"\n', 'site = "leonardo"\nsitee = "x"\n')),
@@ -255,7 +273,7 @@ def test_unknown_backend_type(folder):
 def test_bad_max_walltime(folder, value):
     """An unparsable or negative walltime names the key and repeats the duration error."""
     config_error(load_hub, write(folder, edit(HUB, '"1-00:00:00"', value)), "partitions[0].max_walltime",
-                 "is not a duration" if value.startswith('"') else "negative")
+                 "is not a duration", "`HH:MM:SS`")
 
 
 def test_zero_max_walltime(folder):
@@ -282,6 +300,21 @@ def test_tls_cert_missing(folder):
     (folder / "pki" / "cert.pem").unlink()
     err = config_error(load_hub, write(folder, HUB), "tls.cert", "does not exist")
     assert str(folder / "pki" / "cert.pem") in str(err)
+
+
+def test_tls_file_that_is_not_pem(folder):
+    """A TLS file that exists but holds no PEM data is refused, naming the file."""
+    (folder / "pki" / "ca.pem").write_text("dummy\n")
+    err = config_error(load_hub, write(folder, HUB), "tls", "not a PEM file")
+    assert str(folder / "pki" / "ca.pem") in str(err)
+
+
+def test_tls_key_of_another_certificate(folder, tmp_path_factory):
+    """A key that does not belong to the certificate is refused before the daemon starts."""
+    other = tmp_path_factory.mktemp("other-pki")
+    pki.init_ca(other, "eurohpc.test")
+    (folder / "pki" / "cert.key").write_bytes(pki.issue(other, Role.HUB, "leonardo").key.read_bytes())
+    config_error(load_hub, write(folder, HUB), "tls", "does not belong to certificate")
 
 
 def test_tls_table_missing(folder):

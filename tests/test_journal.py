@@ -179,16 +179,29 @@ def test_journal_mode_is_wal(journal):
         other.close()
 
 
-def test_a_second_connection_sees_committed_changes(tmp_path):
-    """Changes are committed at once (no open transaction hides them from another reader)."""
-    path = tmp_path / "j.sqlite"
-    writer, reader = Journal(path), Journal(path)
+def test_a_second_reader_sees_committed_changes(journal):
+    """Changes are committed at once: an independent SQLite connection sees them."""
+    other = sqlite3.connect(journal.path)
     try:
         job = make_job("j1")
-        writer.insert(job, "k")
-        assert reader.get("j1") == job
-        writer.update(replace(job, reason="x"))
-        assert reader.get("j1").reason == "x"
+        journal.insert(job, "k")
+        assert other.execute("SELECT id, state FROM jobs").fetchall() == [("j1", int(JobState.QUEUED))]
+        journal.update(replace(job, state=JobState.RUNNING, reason="x"))
+        assert other.execute("SELECT state FROM jobs WHERE id = 'j1'").fetchone() == (int(JobState.RUNNING),)
     finally:
-        writer.close()
-        reader.close()
+        other.close()
+
+
+def test_one_journal_per_file(tmp_path):
+    """A second Journal on a file that is open is refused (two daemons would run every job twice)."""
+    path = tmp_path / "j.sqlite"
+    first = Journal(path)
+    try:
+        with pytest.raises(RuntimeError, match="another aifed process"):
+            Journal(path)
+        other = Journal(tmp_path / "other.sqlite")  # another file is fine
+        other.close()
+    finally:
+        first.close()
+    again = Journal(path)  # free once the first is closed
+    again.close()
