@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: all install demo test test-fast proto proto-check clean
+.PHONY: all install services demo test proto proto-check clean
 
 all: test
 
@@ -20,7 +20,10 @@ install: $(STAMP)  ## create .venv and install aifed with its development tools
 demo: $(STAMP)  ## start 3 hubs and 2 antennas on loopback, run jobs through them, stop
 	$(BIN)/aifed demo
 
-test: $(STAMP)  ## the whole suite (installs and starts what the tests need)
+services:  ## install Slurm and munge if missing (the tests start private instances)
+	bash scripts/install-services.sh
+
+test: $(STAMP) services  ## the whole suite (installs what the tests need; they start it)
 	$(BIN)/python -m pytest -q
 
 proto: $(STAMP)  ## regenerate federation/pb from proto/

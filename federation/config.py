@@ -44,6 +44,11 @@ class HubConfig:
     backend: str = "local"
     kill_grace_s: int = 10
     cpu_slots: int = 64
+    slurm_conf: Path | None = None
+    poll_interval_s: int = 2
+    capacity_interval_s: int = 10
+    command_timeout_s: int = 30
+    accounts: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -194,12 +199,27 @@ def load_hub(path: str | Path) -> HubConfig:
     h.done()
     b = root.table("backend")
     backend = b.text("type", "local")
-    if backend != "local":
-        raise ConfigError(p, "backend.type", f"unknown backend {backend!r}; this version has: local")
+    if backend not in ("local", "slurm"):
+        raise ConfigError(p, "backend.type", f"unknown backend {backend!r}; this version has: local, slurm")
     kill_grace = b.duration("kill_grace", "10s")
     cpu_slots = b.get("cpu_slots", int, 64)
     if cpu_slots < 1:
         raise ConfigError(p, "backend.cpu_slots", "must be at least 1")
+    slurm_conf = b.path_("slurm_conf") if "slurm_conf" in b.data else None
+    if slurm_conf is not None and not slurm_conf.is_file():
+        raise ConfigError(p, "backend.slurm_conf", f"{slurm_conf} does not exist")
+    poll = b.duration("poll_interval", "2s")
+    capacity = b.duration("capacity_interval", "10s")
+    command_timeout = b.duration("command_timeout", "30s")
+    for key, value in (("poll_interval", poll), ("capacity_interval", capacity), ("command_timeout", command_timeout)):
+        if value < 1:
+            raise ConfigError(p, f"backend.{key}", "must be at least 1 second")
+    accounts_table = b.table("accounts")
+    accounts = {k: accounts_table.text(k) for k in list(accounts_table.data)}
+    if backend == "local":
+        for key in ("slurm_conf", "poll_interval", "capacity_interval", "command_timeout", "accounts"):
+            if key in b.data:
+                raise ConfigError(p, f"backend.{key}", "applies only to type = \"slurm\"")
     b.done()
     root.seen.add("partitions")
     raw_parts = root.data.get("partitions", [])
@@ -226,7 +246,9 @@ def load_hub(path: str | Path) -> HubConfig:
     root.done()
     return HubConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
                      partitions=tuple(partitions), services=services, sectors=sectors, access_modes=tuple(modes),
-                     advert_ttl_s=ttl, backend=backend, kill_grace_s=kill_grace, cpu_slots=cpu_slots)
+                     advert_ttl_s=ttl, backend=backend, kill_grace_s=kill_grace, cpu_slots=cpu_slots,
+                     slurm_conf=slurm_conf, poll_interval_s=poll, capacity_interval_s=capacity,
+                     command_timeout_s=command_timeout, accounts=accounts)
 
 
 def load_antenna(path: str | Path) -> AntennaConfig:

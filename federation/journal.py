@@ -13,7 +13,7 @@ from pathlib import Path
 
 import orjson
 
-from federation.model import AccessMode, Job, JobSpec, JobState, Transition
+from federation.model import FINAL_STATES, AccessMode, Job, JobSpec, JobState, Transition
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -134,8 +134,9 @@ class Journal:
 
     def unfinished(self) -> list[tuple[Job, str]]:
         """Jobs not in a final state, oldest first, with their backend references."""
+        final = ",".join(str(int(s)) for s in FINAL_STATES)
         rows = self._db.execute(
-            "SELECT record, backend_ref FROM jobs WHERE state < ? ORDER BY created, id", (int(JobState.COMPLETED),))
+            f"SELECT record, backend_ref FROM jobs WHERE state NOT IN ({final}) ORDER BY created, id")
         return [(job_from_json(r), ref) for r, ref in rows]
 
     def count(self) -> int:

@@ -22,13 +22,14 @@ class JobState(enum.IntEnum):
     CANCELLED = 7   #: cancelled by its owner
     TIMEOUT = 8     #: killed when it reached its walltime
     LOST = 9        #: the hub lost track of it: its outcome is unknown
+    UNKNOWN = 10    #: the scheduler reports a state aifed does not know; still followed
 
     @property
     def final(self) -> bool:
-        return self >= JobState.COMPLETED
+        return self in FINAL_STATES
 
 
-FINAL_STATES = frozenset(s for s in JobState if s.final)
+FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.LOST})
 
 
 class AccessMode(enum.IntEnum):

@@ -2,7 +2,9 @@
 
 A backend runs jobs and tells the hub when they change (`on_change`). The hub
 journals every change; the backend keeps only what it needs to drive the
-scheduler. Implementations: `hub.local.LocalBackend` (the embedded default).
+scheduler. Implementations: `hub.local.LocalBackend` (the embedded default) and
+`hub.slurm.SlurmBackend`. Each job has a folder `<workdir>/<job id>/` that holds
+its `stdout` and `stderr`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from federation.config import PartitionConfig
 from federation.model import Job, JobState
@@ -36,19 +39,32 @@ class PartitionUsage:
     pending_gpu_seconds: float
 
 
+@dataclass(frozen=True)
+class Health:
+    """Whether the backend can reach its scheduler now; `message` says why not."""
+
+    ok: bool = True
+    message: str = ""
+
+
 OnChange = Callable[[Change], None]
 
 
 class Backend(abc.ABC):
     """Submit, follow, cancel and read the logs of jobs on one site's scheduler."""
 
-    def __init__(self, partitions: tuple[PartitionConfig, ...], on_change: OnChange):
+    def __init__(self, partitions: tuple[PartitionConfig, ...], on_change: OnChange, workdir: Path):
         self.partitions = {p.name: p for p in partitions}
         self.on_change = on_change
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    async def start(self) -> None:
+        """Begin following the scheduler, after every unfinished job was handed to `recover`."""
 
     @abc.abstractmethod
-    async def submit(self, job: Job) -> str:
-        """Queue the job in `job.partition`; return the backend's reference for it. Must not block on the job."""
+    async def submit(self, job: Job) -> None:
+        """Queue the job in `job.partition`. Report what follows through `on_change`; never wait for the job."""
 
     @abc.abstractmethod
     async def cancel(self, job_id: str) -> bool:
@@ -61,16 +77,27 @@ class Backend(abc.ABC):
         Return a change to journal (for example LOST), or None if the backend follows it again."""
 
     @abc.abstractmethod
-    def read_log(self, job_id: str, stream: str, offset: int, limit: int) -> bytes:
-        """Up to `limit` bytes of the job's `stdout` or `stderr` from `offset`."""
-
-    @abc.abstractmethod
     def usage(self) -> list[PartitionUsage]:
         """What each partition is doing now."""
 
     @abc.abstractmethod
-    def estimate_wait(self, partition: str, gpus: int, walltime_s: int) -> float:
-        """Seconds from now until a job of this shape, submitted now, would start."""
+    async def estimate_wait(self, partition: str, gpus: int, walltime_s: int) -> float:
+        """Seconds from now until a job of this shape, submitted now, would start (inf: never)."""
+
+    def health(self) -> Health:
+        return Health()
+
+    def folder(self, job_id: str) -> Path:
+        return self.workdir / job_id
+
+    def read_log(self, job_id: str, stream: str, offset: int, limit: int) -> bytes:
+        """Up to `limit` bytes of the job's `stdout` or `stderr` from `offset`."""
+        try:
+            with open(self.folder(job_id) / stream, "rb") as f:
+                f.seek(offset)
+                return f.read(limit)
+        except FileNotFoundError:
+            return b""
 
     async def close(self) -> None:
         """Stop following jobs. Running jobs are left to the scheduler."""

@@ -27,9 +27,7 @@ class HubCore:
     def __init__(self, config: HubConfig):
         self.config = config
         self.journal = Journal(config.state_dir / "hub.sqlite")
-        self.backend: Backend = LocalBackend(
-            config.partitions, self._on_change, config.state_dir / "jobs",
-            cpu_slots=config.cpu_slots, kill_grace_s=config.kill_grace_s)
+        self.backend: Backend = make_backend(config, self._on_change)
         self.jobs: Topics[Job] = Topics()
         self.capacity = Signal()
         self.sequence = 0
@@ -40,6 +38,7 @@ class HubCore:
             change = await self.backend.recover(job, ref)
             if change is not None:
                 self._on_change(change)
+        await self.backend.start()
         self.capacity.notify()
 
     async def close(self) -> None:
@@ -65,7 +64,7 @@ class HubCore:
         if owner.role is not Role.USER or owner.site != who.site or owner.federation != who.federation:
             raise PermissionDenied(f"antenna {who.site!r} may only forward jobs of its own users, not {job.owner}")
         job.spec.validate()
-        partition = self._place(job)
+        partition = await self._place(job)
         now = time.time()
         # The hub's history starts when it accepts the job; the antenna keeps what came before.
         accepted = Job(id=job.id, spec=job.spec, state=JobState.PENDING, owner=job.owner, antenna=who.site,
@@ -82,7 +81,7 @@ class HubCore:
         self.capacity.notify()
         return self.journal.get(job.id) or stored, False
 
-    def _place(self, job: Job) -> PartitionConfig:
+    async def _place(self, job: Job) -> PartitionConfig:
         spec, parts = job.spec, self.config.partitions
         modes = self.config.access_modes
         if spec.access_mode and modes and spec.access_mode not in modes:
@@ -106,8 +105,8 @@ class HubCore:
                 f"no partition of site {self.config.site} fits {spec.gpus} GPUs for "
                 f"{format_duration(spec.walltime_s)}: the most GPUs is {most}, the longest walltime "
                 f"{format_duration(longest)}")
-        return min(fitting, key=lambda p: (self.backend.estimate_wait(p.name, spec.gpus, spec.walltime_s),
-                                           p.gpus, p.name))
+        waits = [await self.backend.estimate_wait(p.name, spec.gpus, spec.walltime_s) for p in fitting]
+        return min(zip(waits, fitting), key=lambda wp: (wp[0], wp[1].gpus, wp[1].name))[1]
 
     def get(self, who: Identity, job_id: str) -> Job:
         """The job, if `who` may see it. Others' jobs are NOT_FOUND: their existence is not disclosed."""
@@ -139,16 +138,30 @@ class HubCore:
 
     # -- adverts ---------------------------------------------------------------------------------
 
-    def estimates(self, gpus: int, walltime_s: int, partition: str = "") -> list[tuple[str, float]]:
+    async def estimates(self, gpus: int, walltime_s: int, partition: str = "") -> list[tuple[str, float]]:
         """(partition, seconds to wait) for each partition that fits the shape."""
         out = []
         for p in self.config.partitions:
             if (partition and p.name != partition) or p.gpus < gpus or p.max_walltime_s < walltime_s:
                 continue
-            wait = self.backend.estimate_wait(p.name, gpus, walltime_s)
+            wait = await self.backend.estimate_wait(p.name, gpus, walltime_s)
             if math.isfinite(wait):
                 out.append((p.name, wait))
         return out
+
+
+def make_backend(config: HubConfig, on_change) -> Backend:
+    """The backend the hub's config names."""
+    workdir = config.state_dir / "jobs"
+    if config.backend == "slurm":
+        from hub.commands import CommandRunner
+        from hub.slurm import SlurmBackend
+        env = {"SLURM_CONF": str(config.slurm_conf)} if config.slurm_conf else {}
+        return SlurmBackend(config.partitions, on_change, workdir, CommandRunner(env, config.command_timeout_s),
+                            accounts=config.accounts, poll_s=config.poll_interval_s,
+                            capacity_s=config.capacity_interval_s)
+    return LocalBackend(config.partitions, on_change, workdir, cpu_slots=config.cpu_slots,
+                        kill_grace_s=config.kill_grace_s)
 
 
 def _check_fits(gpus: int, walltime_s: int, part: PartitionConfig) -> None:

@@ -58,9 +58,7 @@ class LocalBackend(Backend):
 
     def __init__(self, partitions: tuple[PartitionConfig, ...], on_change: OnChange, workdir: Path,
                  cpu_slots: int = 64, kill_grace_s: float = 10.0, poll_s: float = 0.2):
-        super().__init__(partitions, on_change)
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(partitions, on_change, workdir)
         self.cpu_slots = cpu_slots
         self.kill_grace_s = kill_grace_s
         self.poll_s = poll_s
@@ -72,11 +70,10 @@ class LocalBackend(Backend):
 
     # -- the interface ---------------------------------------------------------------------------
 
-    async def submit(self, job: Job) -> str:
+    async def submit(self, job: Job) -> None:
         task = _Task(job, job.spec.gpus, job.spec.cpus, job.spec.walltime_s, time.time())
         self._queues[job.partition].append(task)
         self._schedule()
-        return ""
 
     async def cancel(self, job_id: str) -> bool:
         for queue in self._queues.values():
@@ -94,7 +91,7 @@ class LocalBackend(Backend):
         return True
 
     async def recover(self, job: Job, ref: str) -> Change | None:
-        folder = self._folder(job.id)
+        folder = self.folder(job.id)
         launched = (folder / "launched").exists()
         if not launched:
             # It never started: queue it again, in its original order (the journal lists oldest first).
@@ -117,15 +114,6 @@ class LocalBackend(Backend):
         return Change(job.id, JobState.LOST,
                       reason="the job's process ended while the hub was down and left no exit code")
 
-    def read_log(self, job_id: str, stream: str, offset: int, limit: int) -> bytes:
-        path = self._folder(job_id) / stream
-        try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                return f.read(limit)
-        except FileNotFoundError:
-            return b""
-
     def usage(self) -> list[PartitionUsage]:
         out = []
         for name, part in self.partitions.items():
@@ -136,7 +124,7 @@ class LocalBackend(Backend):
                 pending_jobs=len(queue), pending_gpu_seconds=float(sum(t.gpus * t.walltime_s for t in queue))))
         return out
 
-    def estimate_wait(self, partition: str, gpus: int, walltime_s: int) -> float:
+    async def estimate_wait(self, partition: str, gpus: int, walltime_s: int) -> float:
         """Replay the FCFS queue with every job using its full walltime: an upper bound."""
         if gpus > self.partitions[partition].gpus:
             return float("inf")
@@ -189,12 +177,9 @@ class LocalBackend(Backend):
 
     # -- running ---------------------------------------------------------------------------------
 
-    def _folder(self, job_id: str) -> Path:
-        return self.workdir / job_id
-
     async def _run(self, task: _Task) -> None:
         job, spec = task.job, task.job.spec
-        folder = self._folder(job.id)
+        folder = self.folder(job.id)
         try:
             if folder.exists():
                 shutil.rmtree(folder)
@@ -247,7 +232,7 @@ class LocalBackend(Backend):
             self._signal(task, signal.SIGKILL)
         except asyncio.CancelledError:
             return  # the hub is stopping: the job runs on and is taken back at the next start
-        code = _read_exit(self._folder(task.job.id))
+        code = _read_exit(self.folder(task.job.id))
         if code is None and child is not None:
             code = child.returncode if child.returncode >= 0 else 128 - child.returncode
         if code is None and (task.timed_out or task.cancelled):

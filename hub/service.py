@@ -31,7 +31,7 @@ class HubService(hub_pb2_grpc.HubServicer):
     def __init__(self, core: HubCore):
         self.core = core
 
-    def advert(self, shapes=()) -> jobs_pb2.Advert:
+    async def advert(self, shapes=()) -> jobs_pb2.Advert:
         cfg, core = self.core.config, self.core
         if len(shapes) > MAX_SHAPES:
             raise InvalidArgument(f"ask for at most {MAX_SHAPES} job shapes at once")
@@ -39,29 +39,30 @@ class HubService(hub_pb2_grpc.HubServicer):
         now = time.time()
         estimates = []
         for shape in shapes:
-            for partition, wait in core.estimates(shape.gpus, shape.walltime_s or 1, shape.partition):
+            for partition, wait in await core.estimates(shape.gpus, shape.walltime_s or 1, shape.partition):
                 estimates.append(jobs_pb2.StartEstimate(shape=shape, partition=partition,
                                                         earliest_start=convert.ts(now + wait), wait_s=int(wait)))
+        health = core.backend.health()
         return jobs_pb2.Advert(
-            site=cfg.site, federation=cfg.federation, services=cfg.services, sectors=cfg.sectors,
+            degraded=not health.ok, status_message=health.message, site=cfg.site, federation=cfg.federation, services=cfg.services, sectors=cfg.sectors,
             access_modes=[int(m) for m in cfg.access_modes], sequence=core.capacity.version,
             issued_at=convert.ts(now), ttl_s=cfg.advert_ttl_s, estimates=estimates,
             partitions=[jobs_pb2.PartitionAdvert(
-                name=p.name, gpu_model=p.gpu_model, gpus_total=p.gpus, gpus_free=usage[p.name].gpus_free,
+                name=p.name, gpu_model=p.gpu_model, gpus_total=usage[p.name].gpus_total, gpus_free=usage[p.name].gpus_free,
                 running_jobs=usage[p.name].running_jobs, pending_jobs=usage[p.name].pending_jobs,
                 pending_gpu_seconds=usage[p.name].pending_gpu_seconds, max_walltime_s=p.max_walltime_s,
                 max_cpus=cfg.cpu_slots)
                 for p in cfg.partitions])
 
     async def GetAdvert(self, request, context):
-        return self.advert(request.shapes)
+        return await self.advert(request.shapes)
 
     async def WatchAdverts(self, request, context):
         heartbeat = max(1.0, self.core.config.advert_ttl_s / 3)
         version = -1
         while True:
             version = self.core.capacity.version
-            yield self.advert(request.shapes)
+            yield await self.advert(request.shapes)
             await self.core.capacity.wait_past(version, heartbeat)
             await asyncio.sleep(0.05)  # coalesce bursts of changes into one advert
 

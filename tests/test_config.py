@@ -265,8 +265,8 @@ def test_unknown_access_mode(folder):
 
 
 def test_unknown_backend_type(folder):
-    config_error(load_hub, write(folder, edit(HUB, 'type = "local"', 'type = "slurm"')), "backend.type",
-                 "'slurm'", "unknown backend")
+    config_error(load_hub, write(folder, edit(HUB, 'type = "local"', 'type = "pbs"')), "backend.type",
+                 "'pbs'", "unknown backend")
 
 
 @pytest.mark.parametrize("value", ['"one day"', '"1-"', '"-5"', '"1.5"', "-1"])

@@ -152,7 +152,7 @@ async def test_forward_is_idempotent_at_the_hub(fed, test_pki):
         assert sorted([first.duplicate, second.duplicate]) == [False, True]
         assert first.job.id == second.job.id == "antenna-a-idem"
         async for update in stub.WatchJob(jobs_pb2.JobRef(job_id="antenna-a-idem")):
-            if update.state >= JobState.COMPLETED:
+            if JobState(update.state).final:
                 break
         third = await stub.ForwardJob(request)
         assert third.duplicate and third.job.state == JobState.COMPLETED

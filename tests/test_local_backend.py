@@ -100,7 +100,7 @@ class Backends:
 
     async def submit(self, backend: LocalBackend, job: Job) -> Job:
         self.job_ids.add(job.id)
-        assert await backend.submit(job) == ""
+        assert await backend.submit(job) is None
         return job
 
     async def cleanup(self) -> None:
@@ -343,17 +343,17 @@ async def test_usage_reports_free_running_and_pending(backends):
 async def test_estimate_wait(backends):
     """0 when idle; about the running job's remaining walltime when full; inf when it can never fit."""
     backend, rec = backends.new()
-    assert backend.estimate_wait("gpu", 2, 600) == 0
-    assert backend.estimate_wait("cpu", 0, 600) == 0
-    assert math.isinf(backend.estimate_wait("gpu", 3, 60))
-    assert math.isinf(backend.estimate_wait("cpu", 1, 60))
+    assert await backend.estimate_wait("gpu", 2, 600) == 0
+    assert await backend.estimate_wait("cpu", 0, 600) == 0
+    assert math.isinf(await backend.estimate_wait("gpu", 3, 60))
+    assert math.isinf(await backend.estimate_wait("cpu", 1, 60))
     await backends.submit(backend, make_job("full", argv=("sleep", "30"), gpus=2, walltime_s=100))
     await rec.wait("full", JobState.RUNNING)
-    assert 95 <= backend.estimate_wait("gpu", 1, 60) <= 100
-    assert backend.estimate_wait("cpu", 0, 60) == 0
+    assert 95 <= (await backend.estimate_wait("gpu", 1, 60)) <= 100
+    assert await backend.estimate_wait("cpu", 0, 60) == 0
     # A queued 2-GPU job of 50 s goes first: a newcomer waits for both.
     await backends.submit(backend, make_job("next", argv=("true",), gpus=2, walltime_s=50))
-    assert 145 <= backend.estimate_wait("gpu", 1, 60) <= 150
+    assert 145 <= (await backend.estimate_wait("gpu", 1, 60)) <= 150
 
 
 # -- recovery ----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_CANCELLED: _ClassVar[JobState]
     JOB_STATE_TIMEOUT: _ClassVar[JobState]
     JOB_STATE_LOST: _ClassVar[JobState]
+    JOB_STATE_UNKNOWN: _ClassVar[JobState]
 
 class AccessMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -47,6 +48,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 JOB_STATE_TIMEOUT: JobState
 JOB_STATE_LOST: JobState
+JOB_STATE_UNKNOWN: JobState
 ACCESS_MODE_UNSPECIFIED: AccessMode
 ACCESS_MODE_PLAYGROUND: AccessMode
 ACCESS_MODE_FAST_LANE: AccessMode
@@ -178,7 +180,7 @@ class PartitionAdvert(_message.Message):
     def __init__(self, name: _Optional[str] = ..., gpu_model: _Optional[str] = ..., gpus_total: _Optional[int] = ..., gpus_free: _Optional[int] = ..., running_jobs: _Optional[int] = ..., pending_jobs: _Optional[int] = ..., pending_gpu_seconds: _Optional[float] = ..., max_walltime_s: _Optional[int] = ..., max_cpus: _Optional[int] = ...) -> None: ...
 
 class Advert(_message.Message):
-    __slots__ = ("site", "federation", "partitions", "services", "sectors", "access_modes", "sequence", "issued_at", "ttl_s", "estimates")
+    __slots__ = ("site", "federation", "partitions", "services", "sectors", "access_modes", "sequence", "issued_at", "ttl_s", "estimates", "degraded", "status_message")
     SITE_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_FIELD_NUMBER: _ClassVar[int]
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +191,8 @@ class Advert(_message.Message):
     ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
     ESTIMATES_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     site: str
     federation: str
     partitions: _containers.RepeatedCompositeFieldContainer[PartitionAdvert]
@@ -199,7 +203,9 @@ class Advert(_message.Message):
     issued_at: _timestamp_pb2.Timestamp
     ttl_s: int
     estimates: _containers.RepeatedCompositeFieldContainer[StartEstimate]
-    def __init__(self, site: _Optional[str] = ..., federation: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionAdvert, _Mapping]]] = ..., services: _Optional[_Iterable[str]] = ..., sectors: _Optional[_Iterable[str]] = ..., access_modes: _Optional[_Iterable[_Union[AccessMode, str]]] = ..., sequence: _Optional[int] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl_s: _Optional[int] = ..., estimates: _Optional[_Iterable[_Union[StartEstimate, _Mapping]]] = ...) -> None: ...
+    degraded: bool
+    status_message: str
+    def __init__(self, site: _Optional[str] = ..., federation: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionAdvert, _Mapping]]] = ..., services: _Optional[_Iterable[str]] = ..., sectors: _Optional[_Iterable[str]] = ..., access_modes: _Optional[_Iterable[_Union[AccessMode, str]]] = ..., sequence: _Optional[int] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl_s: _Optional[int] = ..., estimates: _Optional[_Iterable[_Union[StartEstimate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., status_message: _Optional[str] = ...) -> None: ...
 
 class JobRef(_message.Message):
     __slots__ = ("job_id",)

@@ -1,0 +1,65 @@
+"""The one seam through which a hub runs scheduler commands: argv lists (never a shell), a timeout, and a
+clear error naming the command when it fails. Unit tests replace `CommandRunner` with a fake."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shlex
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# stderr fragments that mean the controller cannot be reached now (retry later), not that the request is wrong.
+UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out", "Connection refused",
+               "Zero Bytes were transmitted", "Slurm backup controller in standby mode",
+               "Transport endpoint is not connected", "Unable to establish controller")
+
+
+class CommandError(Exception):
+    """A command exited non-zero. `stderr` is its own explanation."""
+
+    def __init__(self, argv: list[str], returncode: int, stderr: str):
+        self.argv, self.returncode, self.stderr = argv, returncode, stderr.strip()
+        super().__init__(f"`{shlex.join(argv[:3])}...` exited {returncode}: {self.stderr or '(no message)'}")
+
+
+class SchedulerUnavailable(CommandError):
+    """The scheduler's controller cannot be reached (or the command timed out): try again later."""
+
+
+@dataclass(frozen=True)
+class Result:
+    stdout: str
+    stderr: str
+
+
+class CommandRunner:
+    """Runs scheduler commands with a fixed environment (e.g. SLURM_CONF) and a timeout."""
+
+    def __init__(self, env: dict[str, str] | None = None, timeout: float = 30.0):
+        self.env = {**os.environ, **(env or {})}
+        self.timeout = timeout
+
+    async def run(self, argv: list[str], *, env: dict[str, str] | None = None, timeout: float | None = None,
+                  check: bool = True) -> Result:
+        """Run argv; raise SchedulerUnavailable or CommandError on failure (unless check=False)."""
+        limit = self.timeout if timeout is None else timeout
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=env if env is not None else self.env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        except OSError as exc:
+            raise CommandError(argv, 127, f"cannot run {argv[0]}: {exc.strerror}") from None
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), limit)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise SchedulerUnavailable(argv, -9, f"timed out after {limit:.0f}s") from None
+        result = Result(out.decode(errors="replace"), err.decode(errors="replace"))
+        if proc.returncode != 0 and check:
+            kind = SchedulerUnavailable if any(s in result.stderr for s in UNREACHABLE) else CommandError
+            raise kind(argv, proc.returncode, result.stderr)
+        return result

@@ -1,0 +1,336 @@
+"""The Slurm backend: a hub's jobs run on the site's real Slurm cluster.
+
+Submission is `sbatch --parsable` of a script file the hub writes (user strings never pass through a shell),
+tagged with the federated job id (`--job-name` and `--comment=aifed:<id>`). States come from `squeue --json`
+(filtered here: Slurm 22.05 ignores `-j`), final states of jobs that left the queue from `sacct -c` (jobcomp
+works without slurmdbd), cancel is `scancel`. Capacity comes from `sinfo --json` and `squeue --json` and start
+estimates from `sbatch --test-only`, all cached and refreshed on a schedule that does not hammer slurmctld.
+While slurmctld cannot be reached, new jobs wait at the hub and go out when it returns, and the hub says it is
+degraded. Every command runs through one `CommandRunner`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import orjson
+
+from federation.config import PartitionConfig
+from federation.model import Job, JobState
+from federation.timefmt import format_duration
+from hub.backend import Backend, Change, Health, OnChange, PartitionUsage
+from hub.commands import CommandError, CommandRunner, SchedulerUnavailable
+
+log = logging.getLogger(__name__)
+
+#: Slurm job state (squeue's job_state, sacct's State) -> aifed state. Anything else: UNKNOWN, with a warning.
+SLURM_STATES: dict[str, JobState] = {
+    "PENDING": JobState.QUEUED, "REQUEUED": JobState.QUEUED, "REQUEUE_HOLD": JobState.QUEUED,
+    "REQUEUE_FED": JobState.QUEUED, "RESV_DEL_HOLD": JobState.QUEUED,
+    "CONFIGURING": JobState.RUNNING, "RUNNING": JobState.RUNNING, "COMPLETING": JobState.RUNNING,
+    "SUSPENDED": JobState.RUNNING, "STOPPED": JobState.RUNNING, "SIGNALING": JobState.RUNNING,
+    "STAGE_OUT": JobState.RUNNING, "RESIZING": JobState.RUNNING,
+    "COMPLETED": JobState.COMPLETED,
+    "FAILED": JobState.FAILED, "OUT_OF_MEMORY": JobState.FAILED, "BOOT_FAIL": JobState.FAILED,
+    "NODE_FAIL": JobState.FAILED, "PREEMPTED": JobState.FAILED, "SPECIAL_EXIT": JobState.FAILED,
+    "CANCELLED": JobState.CANCELLED, "REVOKED": JobState.CANCELLED,
+    "TIMEOUT": JobState.TIMEOUT, "DEADLINE": JobState.TIMEOUT,
+}
+TAG = "aifed:"
+_START_AT = re.compile(r"to start at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)")
+_GRES_GPU = re.compile(r"gpu(?::[^:(,]+)?:(\d+)")
+ARGV_SCRIPT = '#!/bin/sh\n# written by aifed: runs the job\'s command without a shell\nexec "$@"\n'
+
+
+def map_state(slurm_state: str) -> JobState:
+    """An aifed state for a Slurm state; UNKNOWN (with a warning) for a code this table does not know."""
+    word = slurm_state.split()[0].upper() if slurm_state.strip() else ""
+    state = SLURM_STATES.get(word)
+    if state is None:
+        log.warning("unknown Slurm job state %r: reported as UNKNOWN", slurm_state)
+        return JobState.UNKNOWN
+    return state
+
+
+def gpu_count(gres: str) -> int:
+    """GPUs in a gres string such as `gpu:8`, `gpu:a100:4(S:0-1)`, `gres:gpu:2` (sum of all gpu entries)."""
+    return sum(int(n) for n in _GRES_GPU.findall(gres or ""))
+
+
+def exit_from_sacct(text: str) -> int | None:
+    """`3:0` -> 3; `0:9` (killed by signal 9) -> 137."""
+    code, _, sig = text.partition(":")
+    if not code.isdigit():
+        return None
+    return 128 + int(sig) if sig.isdigit() and int(sig) else int(code)
+
+
+def exit_from_status(raw: int) -> int:
+    """squeue's exit_code is a wait status: 768 -> 3; a signal n -> 128 + n."""
+    return 128 + (raw & 0x7F) if raw & 0x7F else raw >> 8
+
+
+def neutralize_directives(script: str) -> str:
+    """The request, not the script, decides resources: `#SBATCH` lines become comments Slurm ignores."""
+    lines = script.splitlines(keepends=True)
+    if not lines or not lines[0].startswith("#!"):
+        lines.insert(0, "#!/bin/sh\n")
+    return "".join("#AIFED-IGNORED-SBATCH" + ln[len("#SBATCH"):] if ln.startswith("#SBATCH") else ln
+                   for ln in lines)
+
+
+@dataclass
+class _Tracked:
+    job: Job
+    slurm_id: str
+    state: JobState
+
+
+class SlurmBackend(Backend):
+    """Drives Slurm through `sbatch`, `squeue`, `sacct`, `scancel`, `sinfo`."""
+
+    def __init__(self, partitions: tuple[PartitionConfig, ...], on_change: OnChange, workdir,
+                 runner: CommandRunner, *, accounts: dict[str, str] | None = None, poll_s: float = 2.0,
+                 capacity_s: float = 10.0, job_env: dict[str, str] | None = None):
+        super().__init__(partitions, on_change, workdir)
+        self.runner = runner
+        self.accounts = dict(accounts or {})
+        self.poll_s, self.capacity_s = poll_s, capacity_s
+        self.job_env = dict(job_env or {})
+        self._tracked: dict[str, _Tracked] = {}            # job id -> its Slurm job
+        self._waiting: list[Job] = []                       # not yet accepted by Slurm (controller down)
+        self._usage: dict[str, PartitionUsage] = {}
+        self._estimates: dict[tuple[str, int, int], tuple[float, float]] = {}  # shape -> (at, start time)
+        self._health = Health()
+        self._tasks: list[asyncio.Task] = []
+        self._wake = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.refresh_capacity()
+        self._tasks = [asyncio.create_task(self._poll_loop(), name="slurm poll"),
+                       asyncio.create_task(self._capacity_loop(), name="slurm capacity")]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)  # woken early by a submit or cancel
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await self._guarded(self.poll)
+
+    async def _capacity_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.capacity_s)
+            await self._guarded(self.refresh_capacity)
+
+    async def _guarded(self, step) -> None:
+        try:
+            await step()
+        except SchedulerUnavailable as exc:
+            self._degraded(exc)
+        except Exception:  # noqa: BLE001 - the loop must outlive any one bad answer
+            log.exception("slurm %s failed; retrying", step.__name__)
+
+    def _degraded(self, exc: CommandError) -> None:
+        if self._health.ok:
+            log.warning("Slurm is unreachable: %s", exc.stderr)
+        self._health = Health(False, f"Slurm controller unreachable: {exc.stderr}")
+
+    def health(self) -> Health:
+        return self._health
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    async def submit(self, job: Job) -> None:
+        folder = self.folder(job.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "submitting").write_bytes(b"")  # from here on a restart must look in Slurm before resubmitting
+        await self._sbatch(job)
+
+    async def _sbatch(self, job: Job) -> None:
+        folder, spec = self.folder(job.id), job.spec
+        script = folder / "job.sh"
+        script.write_text(neutralize_directives(spec.script) if spec.script else ARGV_SCRIPT)
+        script.chmod(0o700)
+        argv = ["sbatch", "--parsable", f"--job-name={job.id}", f"--comment={TAG}{job.id}",
+                f"--partition={job.partition}", f"--time={format_duration(spec.walltime_s)}",
+                "--nodes=1", "--ntasks=1", f"--cpus-per-task={spec.cpus}", f"--chdir={folder}",
+                f"--output={folder / 'stdout'}", f"--error={folder / 'stderr'}", "--export=ALL"]
+        if spec.gpus:
+            argv.append(f"--gres=gpu:{spec.gpus}")
+        if spec.memory_mb:
+            argv.append(f"--mem={spec.memory_mb}M")
+        if spec.project and spec.project in self.accounts:
+            argv.append(f"--account={self.accounts[spec.project]}")
+        argv += [str(script), *(spec.script_args if spec.script else spec.argv)]
+        env = {**self.runner.env, **self.job_env, **spec.env, "AIFED_JOB_ID": job.id, "AIFED_SITE": job.site,
+               "AIFED_PARTITION": job.partition, "AIFED_GPUS": str(spec.gpus), "HOME": str(folder)}
+        try:
+            out = await self.runner.run(argv, env=env)
+        except SchedulerUnavailable as exc:
+            self._degraded(exc)
+            self._waiting.append(job)
+            log.info("job %s waits at the hub: %s", job.id, exc.stderr)
+            return
+        except CommandError as exc:
+            self.on_change(Change(job.id, JobState.FAILED, reason=f"Slurm refused the job: {exc.stderr}"))
+            return
+        slurm_id = out.stdout.strip().split(";")[0]
+        self._tracked[job.id] = _Tracked(job, slurm_id, JobState.QUEUED)
+        self.on_change(Change(job.id, JobState.QUEUED, reason=f"Slurm job {slurm_id}", ref=slurm_id))
+        self._estimates.clear()
+        self._wake.set()
+
+    async def cancel(self, job_id: str) -> bool:
+        for job in self._waiting:
+            if job.id == job_id:
+                self._waiting.remove(job)
+                self.on_change(Change(job_id, JobState.CANCELLED, reason="cancelled before Slurm took it"))
+                return True
+        tracked = self._tracked.get(job_id)
+        if tracked is None:
+            return False
+        await self.runner.run(["scancel", tracked.slurm_id])
+        self._wake.set()
+        return True
+
+    async def recover(self, job: Job, ref: str) -> Change | None:
+        """Find the job in Slurm by its tag: follow it, resubmit one that never reached Slurm, else LOST."""
+        if not ref and (self.folder(job.id) / "submitting").exists():
+            ref = await self._find_by_tag(job.id) or ""
+        if ref:
+            self._tracked[job.id] = _Tracked(job, ref, job.state)
+            return None
+        self._waiting.append(job)  # it never reached Slurm: it goes out at the next poll
+        return None
+
+    async def _find_by_tag(self, job_id: str) -> str | None:
+        for entry in await self._squeue():
+            if entry.get("comment") == TAG + job_id or entry.get("name") == job_id:
+                return str(entry["job_id"])
+        out = await self.runner.run(["sacct", "-c", "-n", "-P", f"--name={job_id}", "--format=JobID"], check=False)
+        ids = [x for x in out.stdout.split() if x.isdigit()]
+        return ids[-1] if ids else None
+
+    async def poll(self) -> None:
+        """One round: send waiting jobs, then read states of the jobs in Slurm and report their changes."""
+        waiting, self._waiting = self._waiting, []
+        for job in waiting:
+            await self._sbatch(job)
+        if not self._tracked:
+            return
+        queue = {str(e["job_id"]): e for e in await self._squeue()}
+        self._health = Health()
+        gone = []
+        for job_id, t in list(self._tracked.items()):
+            entry = queue.get(t.slurm_id)
+            if entry is None:
+                gone.append(t)
+                continue
+            state = map_state(str(entry.get("job_state", "")))
+            if state.final:
+                gone.append(t)  # sacct has the exit code as code:signal
+            elif state != t.state:
+                t.state = state
+                self.on_change(Change(job_id, state, reason=str(entry.get("state_reason", "")).replace(
+                    "None", "") if state is JobState.QUEUED else ""))
+        if gone:
+            await self._finish(gone, queue)
+
+    async def _finish(self, gone: list[_Tracked], queue: dict) -> None:
+        out = await self.runner.run(["sacct", "-c", "-n", "-P", "-j", ",".join(t.slurm_id for t in gone),
+                                     "--format=JobID,State,ExitCode"], check=False)
+        final = {}
+        for line in out.stdout.splitlines():
+            parts = line.split("|")
+            if len(parts) == 3:
+                final[parts[0]] = (parts[1], exit_from_sacct(parts[2]))
+        for t in gone:
+            if t.slurm_id in final:
+                slurm_state, code = final[t.slurm_id]
+            elif t.slurm_id in queue:  # final in squeue, not yet in the jobcomp file
+                entry = queue[t.slurm_id]
+                slurm_state, code = str(entry.get("job_state", "")), exit_from_status(int(entry.get("exit_code", 0)))
+            else:
+                del self._tracked[t.job.id]
+                self.on_change(Change(t.job.id, JobState.LOST, reason=f"Slurm job {t.slurm_id} vanished: "
+                                      "neither squeue nor sacct knows it"))
+                continue
+            state = map_state(slurm_state)
+            if not state.final:
+                continue
+            del self._tracked[t.job.id]
+            reason = {JobState.FAILED: f"Slurm: {slurm_state} (exit code {code})",
+                      JobState.TIMEOUT: "killed by Slurm at its time limit",
+                      JobState.CANCELLED: "cancelled in Slurm"}.get(state, "")
+            self.on_change(Change(t.job.id, state, code, reason))
+
+    async def _squeue(self) -> list[dict]:
+        out = await self.runner.run(["squeue", "--json"])
+        return orjson.loads(out.stdout).get("jobs", [])
+
+    # -- capacity --------------------------------------------------------------------------------
+
+    async def refresh_capacity(self) -> None:
+        try:
+            nodes = orjson.loads((await self.runner.run(["sinfo", "--json"])).stdout).get("nodes", [])
+            jobs = await self._squeue()
+        except SchedulerUnavailable as exc:
+            self._degraded(exc)
+            return
+        self._health = Health()
+        usage = {}
+        for name in self.partitions:
+            members = [n for n in nodes if name in (n.get("partitions") or [])]
+            total = sum(gpu_count(n.get("gres", "")) for n in members)
+            used = sum(gpu_count(n.get("gres_used", "")) for n in members)
+            mine = [j for j in jobs if j.get("partition") == name]
+            pending = [j for j in mine if j.get("job_state") == "PENDING"]
+            usage[name] = PartitionUsage(
+                name=name, gpus_total=total, gpus_free=max(0, total - used),
+                running_jobs=sum(1 for j in mine if map_state(str(j.get("job_state", ""))) is JobState.RUNNING),
+                pending_jobs=len(pending),
+                pending_gpu_seconds=float(sum(gpu_count(str(j.get("tres_per_node", ""))) * int(j.get(
+                    "node_count", 1) or 1) * 60 * int(j.get("time_limit", 0) or 0) for j in pending)))
+        self._usage = usage
+
+    def usage(self) -> list[PartitionUsage]:
+        return [self._usage.get(name) or PartitionUsage(name, p.gpus, p.gpus, 0, 0, 0.0)
+                for name, p in self.partitions.items()]
+
+    async def estimate_wait(self, partition: str, gpus: int, walltime_s: int) -> float:
+        """`sbatch --test-only` for the shape, cached for the capacity interval."""
+        key = (partition, gpus, walltime_s)
+        cached = self._estimates.get(key)
+        now = time.time()
+        if cached and now - cached[0] < self.capacity_s:
+            return max(0.0, cached[1] - now)
+        argv = ["sbatch", "--test-only", f"--partition={partition}", f"--time={format_duration(walltime_s)}",
+                "--nodes=1", "--ntasks=1", "--wrap=true", "--output=/dev/null"]
+        if gpus:
+            argv.append(f"--gres=gpu:{gpus}")
+        try:
+            out = await self.runner.run(argv)
+        except SchedulerUnavailable as exc:
+            self._degraded(exc)
+            return float("inf")
+        except CommandError:
+            return float("inf")  # Slurm says this shape can never run here
+        m = _START_AT.search(out.stderr + out.stdout)
+        start = dt.datetime.fromisoformat(m.group(1)).timestamp() if m else now
+        self._estimates[key] = (now, start)
+        return max(0.0, start - now) if math.isfinite(start) else start
