@@ -114,6 +114,17 @@ class SlurmBackend(Backend):
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Check that Slurm has every partition the hub declares (when slurmctld answers), then follow it."""
+        try:
+            nodes = orjson.loads((await self.runner.run(["sinfo", "--json"])).stdout).get("nodes", [])
+        except SchedulerUnavailable as exc:
+            self._degraded(exc)
+        else:
+            known = {p for n in nodes for p in (n.get("partitions") or [])}
+            missing = sorted(set(self.partitions) - known)
+            if missing:
+                raise RuntimeError(f"Slurm has no partition {', '.join(missing)} (it has: {', '.join(sorted(known))}); "
+                                   "fix [[partitions]] in the hub's config")
         await self.refresh_capacity()
         self._tasks = [asyncio.create_task(self._poll_loop(), name="slurm poll"),
                        asyncio.create_task(self._capacity_loop(), name="slurm capacity")]
@@ -274,6 +285,8 @@ class SlurmBackend(Backend):
             if not state.final:
                 continue
             del self._tracked[t.job.id]
+            if t.state is JobState.QUEUED and state in (JobState.COMPLETED, JobState.FAILED, JobState.TIMEOUT):
+                self.on_change(Change(t.job.id, JobState.RUNNING, reason="started and ended between two polls"))
             reason = {JobState.FAILED: f"Slurm: {slurm_state} (exit code {code})",
                       JobState.TIMEOUT: "killed by Slurm at its time limit",
                       JobState.CANCELLED: "cancelled in Slurm"}.get(state, "")

@@ -149,3 +149,34 @@ async def eventually(predicate, timeout: float = 15.0, interval: float = 0.05):
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(interval)
 
+
+
+@pytest.fixture(scope="session")
+def slurm_lab(tmp_path_factory):
+    """A private single-node Slurm (8 fake GPUs, partitions gpu and debug), for the whole session."""
+    from hub.slurmlab import SlurmLab
+    lab = SlurmLab(tmp_path_factory.mktemp("slurm"), partitions={"gpu": 0, "debug": 0}, gpus=8, cpus=16)
+    lab.start()
+    try:
+        yield lab
+    finally:
+        lab.stop()
+
+
+def slurm_hub_config(test_pki: Pki, state: Path, lab, site: str = "leonardo", partitions=None) -> HubConfig:
+    parts = partitions or (PartitionConfig("gpu", "A100", 8, 3600), PartitionConfig("debug", "", 0, 3600))
+    return replace(hub_config(test_pki, state, site, parts), backend="slurm", slurm_conf=lab.conf,
+                   poll_interval_s=1, capacity_interval_s=2, cpu_slots=16)
+
+
+@pytest.fixture
+async def slurm_fed(test_pki, tmp_path, slurm_lab):
+    """Hub leonardo on the private Slurm, and antenna-a."""
+    f = Federation(test_pki, tmp_path)
+    try:
+        await f.start_hub("leonardo", config=slurm_hub_config(test_pki, tmp_path, slurm_lab))
+        await f.start_antenna("antenna-a")
+        await f.wait_sites()
+        yield f
+    finally:
+        await f.close()
