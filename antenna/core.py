@@ -30,6 +30,7 @@ REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITIO
 ANTENNA_STATES = (JobState.PENDING,)
 MAX_REQUEST_ID = 200
 ESTIMATE_TIMEOUT_S = 3.0
+CANCEL_OWED = "cancel-owed"  # backend_ref of a job cancelled here whose hub may have it: the hub must be told
 
 
 class AntennaCore:
@@ -48,7 +49,12 @@ class AntennaCore:
         for site in self.sites.values():
             site.start()
         for job, _ in self.journal.unfinished():
+            if job.site and job.site not in self.sites:
+                self._record(job.moved(JobState.LOST, f"hub {job.site} is no longer in this antenna's configuration"))
+                continue
             log.info("resuming job %s (%s) after restart", job.id, job.state.name)
+            self._drive(job.id)
+        for job in self.journal.with_ref(CANCEL_OWED):
             self._drive(job.id)
 
     async def close(self) -> None:
@@ -113,39 +119,55 @@ class AntennaCore:
         if job.final:
             raise FailedPrecondition(f"job {job_id} has already ended ({job.state.name}); nothing to cancel")
         if job.state is JobState.PENDING:
-            # Record the cancel first: the driver checks it before and after every forward attempt.
-            job = self._record(job.moved(JobState.CANCELLED, "cancelled before it reached a hub"))
+            # Recorded first: the driver never forwards a cancelled job. If a forward may already have reached the
+            # hub, the cancel is owed to the hub too, and the driver delivers it until the hub confirms.
+            job = self._record(job.moved(JobState.CANCELLED, "cancelled before it reached a hub"),
+                               ref=CANCEL_OWED if job.site else "")
             if job.site:
-                asyncio.create_task(self._cancel_at_hub(job))
+                self._drive(job.id)
             return job
-        site = self.sites[job.site]
+        site = self._site_of(job)
         try:
-            remote = await site.stub.CancelJob(jobs_pb2.JobRef(job_id=job_id), timeout=10)
+            remote = await site.stub.CancelJob(jobs_pb2.JobRef(job_id=job_id), timeout=10, wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in REFUSALS:
                 raise FailedPrecondition(f"hub {job.site} refused to cancel: {exc.details()}") from None
             raise Unavailable(f"hub {job.site} cannot be reached to cancel the job ({exc.code().name}); "
                               "try again") from None
-        return self._record(_merge(self.journal.get(job_id) or job, convert.job_from_pb(remote)))
+        return self._record(_merge(self.journal.get(job_id) or job, convert.job_from_pb(remote)), from_hub=True)
 
     async def logs(self, who: Identity, request: jobs_pb2.LogsRequest) -> AsyncIterator[jobs_pb2.LogChunk]:
         job = self.get(who, request.job_id)
         while not job.site or job.state is JobState.PENDING:
             if not request.follow or job.final:
-                return
+                return  # it never reached a hub: there is no output
             await asyncio.sleep(0.3)
             job = self.get(who, request.job_id)
         try:
-            async for chunk in self.sites[job.site].stub.StreamLogs(request):
+            async for chunk in self._site_of(job).stub.StreamLogs(request, wait_for_ready=True,
+                                                                  timeout=None if request.follow else 60):
                 yield chunk
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND and job.final:
+                return  # cancelled before the hub had it: no output
             raise Unavailable(f"logs of {job.id} are at hub {job.site}, which answered "
                               f"{exc.code().name}: {exc.details()}") from None
 
+    def _site_of(self, job: Job) -> HubSite:
+        site = self.sites.get(job.site)
+        if site is None:
+            raise FailedPrecondition(f"job {job.id} ran at hub {job.site}, which this antenna no longer knows")
+        return site
+
     # -- forwarding and following ----------------------------------------------------------------
 
-    def _record(self, job: Job) -> Job:
-        self.journal.update(job)
+    def _record(self, job: Job, ref: str | None = None, from_hub: bool = False) -> Job:
+        """Journal and publish a change. A final state is kept, unless the hub that ran the job says otherwise:
+        a stale write (a placement or refusal decided before a cancel) never replaces it."""
+        current = self.journal.get(job.id)
+        if current is not None and current.final and not (from_hub and job.final):
+            return current
+        self.journal.update(job, backend_ref=ref)
         self.jobs.publish(job.id, job)
         return job
 
@@ -160,9 +182,13 @@ class AntennaCore:
         backoff = 0.2
         while True:
             job = self.journal.get(job_id)
-            if job is None or job.final:
+            if job is None:
                 return
             try:
+                if job.final:
+                    if self.journal.backend_ref(job_id) == CANCEL_OWED:
+                        await self._deliver_cancel(job)
+                    return
                 if job.state is JobState.PENDING and not job.site:
                     await self._place(job)
                 elif job.state is JobState.PENDING:
@@ -180,6 +206,18 @@ class AntennaCore:
                 log.exception("job %s: unexpected failure; retrying in %.1fs", job_id, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.retry_max_s)
+
+    async def _deliver_cancel(self, job: Job) -> None:
+        """Tell the hub a job it may have received is cancelled; it keeps the cancel even if the job arrives later."""
+        try:
+            remote = await self._site_of(job).stub.CancelJob(jobs_pb2.JobRef(job_id=job.id), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in REFUSALS:
+                raise
+            remote = None  # already ended there: nothing to cancel
+        if remote is not None and remote.state != JobState.CANCELLED:
+            log.info("job %s: hub %s says %s after the cancel", job.id, job.site, JobState(remote.state).name)
+        self.journal.update(self.journal.get(job.id) or job, backend_ref="")
 
     async def _place(self, job: Job) -> None:
         """Choose the hub with the earliest estimated start, and record the choice before forwarding."""
@@ -200,6 +238,8 @@ class AntennaCore:
 
     async def verdicts(self, spec: JobSpec) -> list[Verdict]:
         """Each candidate hub with the reason it cannot take the job, or its estimated wait."""
+        if spec.site and spec.site not in self.sites:
+            return [Verdict(spec.site, "is no longer in this antenna's configuration")]
         candidates = [self.sites[spec.site]] if spec.site else list(self.sites.values())
         shape = jobs_pb2.JobShape(gpus=spec.gpus, walltime_s=spec.walltime_s, partition=spec.partition)
 
@@ -223,7 +263,7 @@ class AntennaCore:
         return list(await asyncio.gather(*(judge(s) for s in candidates)))
 
     async def _forward(self, job: Job) -> None:
-        site = self.sites[job.site]
+        site = self._site_of(job)
         request = hub_pb2.ForwardJobRequest(idempotency_key=job.id, job=convert.job_to_pb(job))
         try:
             response = await site.stub.ForwardJob(request, timeout=30)
@@ -233,19 +273,17 @@ class AntennaCore:
             self._record(job.moved(JobState.FAILED, f"hub {site.site} refused the job: {exc.details()}"))
             return
         current = self.journal.get(job.id) or job
-        merged = self._record(_merge(current, convert.job_from_pb(response.job)))
-        if current.state is JobState.CANCELLED:  # cancelled while the forward was in flight
-            await self._cancel_at_hub(merged)
+        self._record(_merge(current, convert.job_from_pb(response.job)), from_hub=True)
         log.info("job %s forwarded to %s%s", job.id, site.site, " (already there)" if response.duplicate else "")
 
     async def _follow(self, job: Job) -> None:
-        site = self.sites[job.site]
+        site = self._site_of(job)
         try:
             async for update in site.stub.WatchJob(jobs_pb2.JobRef(job_id=job.id)):
                 current = self.journal.get(job.id) or job
                 merged = _merge(current, convert.job_from_pb(update))
                 if merged != current:
-                    self._record(merged)
+                    merged = self._record(merged, from_hub=True)
                 if merged.final:
                     return
         except grpc.aio.AioRpcError as exc:
@@ -255,18 +293,12 @@ class AntennaCore:
                 return
             raise
 
-    async def _cancel_at_hub(self, job: Job) -> None:
-        try:
-            await self.sites[job.site].stub.CancelJob(jobs_pb2.JobRef(job_id=job.id), timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            log.info("job %s: cancel at hub %s: %s", job.id, job.site, exc.details())
-
 
 def _merge(local: Job, remote: Job) -> Job:
     """The antenna's record updated with the hub's: the hub owns every state after PENDING."""
     if local.final and local.state is JobState.CANCELLED and not remote.final:
         return local  # cancelled here; the hub's cancel will follow
     own = tuple(t for t in local.history if t.state in ANTENNA_STATES)
-    return replace(local, state=remote.state, site=remote.site or local.site, partition=remote.partition,
+    return replace(local, state=remote.state, partition=remote.partition,
                    exit_code=remote.exit_code, reason=remote.reason, history=own + remote.history,
                    updated_at=max(local.updated_at, remote.updated_at))

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--env", type=_env_pair, action="append", default=[], help="NAME=VALUE for the job (repeatable)")
     s.add_argument("--request-id", default="", help="a token that makes a retried submit return the first job")
     s.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its exit code")
-    s.add_argument("script", nargs="*", help=argparse.SUPPRESS)
+    s.add_argument("script", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     for name, text in (("status", "show a job in detail"), ("cancel", "cancel a job"),
                        ("wait", "wait until a job ends and show how it ended")):
@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _explain_rpc_error(exc: grpc.aio.AioRpcError) -> str:
     details = exc.details() or ""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and details.startswith(("hub ", "logs of ")):
+        return f"UNAVAILABLE: {details}"  # the antenna answered: one of its hubs is unreachable
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
         if "CERTIFICATE_VERIFY_FAILED" in (exc.debug_error_string() or "") + details:
             return ("the antenna's certificate is not signed by your CA (--ca): are you in the right federation? "

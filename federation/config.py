@@ -164,7 +164,7 @@ def _listen(t: _Table, k: str) -> str:
     return value
 
 
-def _tls(root: _Table) -> TlsFiles:
+def _tls(root: _Table, expected_identity: str | None = None) -> TlsFiles:
     t = root.table("tls")
     tls = TlsFiles(ca=t.path_("ca"), cert=t.path_("cert"), key=t.path_("key"))
     t.done()
@@ -174,8 +174,12 @@ def _tls(root: _Table) -> TlsFiles:
             raise ConfigError(t.path, t.key(k), f"{p} does not exist")
     try:
         tls.check()
+        uri = tls.identity_uri() if expected_identity else ""
     except (ValueError, PermissionError) as exc:
         raise ConfigError(t.path, "tls", str(exc)) from None
+    if expected_identity and uri != expected_identity:
+        raise ConfigError(t.path, "tls.cert", f"{tls.cert} is the certificate of {uri or 'no federation identity'}, "
+                          f"but this config is {expected_identity}")
     return tls
 
 
@@ -242,7 +246,7 @@ def load_hub(path: str | Path) -> HubConfig:
         if any(q.name == name for q in partitions):
             raise ConfigError(p, t.key("name"), f"partition {name!r} is declared twice")
         partitions.append(PartitionConfig(name, model, gpus, max_wall))
-    tls = _tls(root)
+    tls = _tls(root, f"spiffe://{federation}/hub/{site}")
     root.done()
     return HubConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
                      partitions=tuple(partitions), services=services, sectors=sectors, access_modes=tuple(modes),
@@ -271,7 +275,7 @@ def load_antenna(path: str | Path) -> AntennaConfig:
         if any(h.site == hub.site for h in hubs):
             raise ConfigError(p, t.key("site"), f"hub {hub.site!r} is listed twice")
         hubs.append(hub)
-    tls = _tls(root)
+    tls = _tls(root, f"spiffe://{federation}/antenna/{site}")
     root.done()
     return AntennaConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
                          hubs=tuple(hubs))

@@ -139,5 +139,10 @@ class Journal:
             f"SELECT record, backend_ref FROM jobs WHERE state NOT IN ({final}) ORDER BY created, id")
         return [(job_from_json(r), ref) for r, ref in rows]
 
+    def with_ref(self, backend_ref: str) -> list[Job]:
+        """Jobs whose backend reference is `backend_ref`, oldest first."""
+        rows = self._db.execute("SELECT record FROM jobs WHERE backend_ref = ? ORDER BY created, id", (backend_ref,))
+        return [job_from_json(r[0]) for r in rows]
+
     def count(self) -> int:
         return self._db.execute("SELECT count(*) FROM jobs").fetchone()[0]

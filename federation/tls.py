@@ -53,6 +53,18 @@ class TlsFiles:
         if now < cert.not_valid_before_utc:
             raise ValueError(f"certificate {self.cert} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M}")
 
+    def identity_uri(self) -> str:
+        """The certificate's spiffe:// URI SAN ("" if it has none)."""
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(self.read()[1])
+        try:
+            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            return ""
+        uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
+        return uris[0] if len(uris) == 1 else ""
+
     def server_credentials(self) -> grpc.ServerCredentials:
         """Credentials that require and verify a client certificate from the federation CA."""
         ca, cert, key = self.read()

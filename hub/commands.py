@@ -58,6 +58,9 @@ class CommandRunner:
             proc.kill()
             await proc.wait()
             raise SchedulerUnavailable(argv, -9, f"timed out after {limit:.0f}s") from None
+        except asyncio.CancelledError:
+            proc.kill()  # the caller gave up (an RPC deadline): leave no command running behind it
+            raise
         result = Result(out.decode(errors="replace"), err.decode(errors="replace"))
         if proc.returncode != 0 and check:
             kind = SchedulerUnavailable if any(s in result.stderr for s in UNREACHABLE) else CommandError

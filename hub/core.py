@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 
 from federation.config import HubConfig, PartitionConfig
 from federation.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from federation.identity import Identity, Role, parse_identity
 from federation.journal import Journal
-from federation.model import Job, JobState
+from federation.model import Job, JobSpec, JobState
 from federation.timefmt import format_duration
 from federation.watch import Signal, Topics
 from hub.backend import Backend, Change
@@ -19,6 +20,8 @@ from hub.local import LocalBackend
 log = logging.getLogger(__name__)
 
 MAX_KEY_LEN = 200
+# Job ids name folders: only `<antenna>-<token>`, lower-case letters, digits and dashes, never a path.
+JOB_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}[a-z0-9]-[a-z0-9]{1,64}")
 
 
 class HubCore:
@@ -51,8 +54,9 @@ class HubCore:
         """Accept a job from antenna `who`. The same key returns the first job and starts nothing."""
         if not key or len(key) > MAX_KEY_LEN:
             raise InvalidArgument(f"the idempotency key must be 1 to {MAX_KEY_LEN} characters")
-        if not job.id or len(job.id) > MAX_KEY_LEN:
-            raise InvalidArgument(f"the job id must be 1 to {MAX_KEY_LEN} characters")
+        if not JOB_ID.fullmatch(job.id) or not job.id.startswith(f"{who.site}-"):
+            raise InvalidArgument(f"job id {job.id[:80]!r} is not valid: antenna {who.site} names its jobs "
+                                  f"'{who.site}-' followed by up to 64 lower-case letters and digits")
         scoped_key = f"{who.site}/{key}"
         existing = self.journal.by_key(scoped_key)
         if existing is not None:
@@ -116,6 +120,16 @@ class HubCore:
         return job
 
     async def cancel(self, who: Identity, job_id: str) -> Job:
+        if self.journal.get(job_id) is None and who.role is Role.ANTENNA and JOB_ID.fullmatch(job_id) \
+                and job_id.startswith(f"{who.site}-"):
+            # Cancelled before it arrived (its forward may still be on the way): keep the cancel, so that the
+            # forward, which carries the same idempotency key, finds the job already CANCELLED and never runs it.
+            now = time.time()
+            tombstone = Job(id=job_id, spec=JobSpec(argv=("true",)), state=JobState.PENDING, antenna=who.site,
+                            site=self.config.site, created_at=now, updated_at=now).moved(
+                JobState.CANCELLED, "cancelled before the job reached this hub", at=now)
+            stored, _ = self.journal.insert(tombstone, f"{who.site}/{job_id}")
+            return stored
         job = self.get(who, job_id)
         if job.final:
             raise FailedPrecondition(f"job {job_id} has already ended ({job.state.name}); nothing to cancel")

@@ -70,6 +70,9 @@ class LocalBackend(Backend):
 
     # -- the interface ---------------------------------------------------------------------------
 
+    async def start(self) -> None:
+        self._schedule()
+
     async def submit(self, job: Job) -> None:
         task = _Task(job, job.spec.gpus, job.spec.cpus, job.spec.walltime_s, time.time())
         self._queues[job.partition].append(task)
@@ -87,27 +90,38 @@ class LocalBackend(Backend):
         if task is None:
             return False
         task.cancelled = True
+        # Written before the signal: a hub restarted within the grace period still finishes the cancel.
+        (self.folder(job_id) / "cancelled").write_bytes(b"")
         self._terminate(task)
         return True
 
     async def recover(self, job: Job, ref: str) -> Change | None:
         folder = self.folder(job.id)
         launched = (folder / "launched").exists()
+        part = self.partitions.get(job.partition)
+        if not launched and (part is None or part.gpus < job.spec.gpus or job.spec.cpus > self.cpu_slots):
+            return Change(job.id, JobState.FAILED, reason=f"partition {job.partition} no longer exists or no "
+                          "longer fits the job (the hub's configuration changed while it was queued)")
         if not launched:
             # It never started: queue it again, in its original order (the journal lists oldest first).
             self._queues[job.partition].append(
                 _Task(job, job.spec.gpus, job.spec.cpus, job.spec.walltime_s, job.created_at))
-            self._schedule()
-            return None
+            return None  # it starts in start(), once the running jobs have claimed their GPUs back
         exit_code = _read_exit(folder)
+        cancelled = (folder / "cancelled").exists()
         if exit_code is not None:
-            return self._final_change(job.id, exit_code, cancelled=False, timed_out=False)
+            return self._final_change(job.id, exit_code, cancelled=cancelled, timed_out=False)
         info = orjson.loads(ref) if ref else {}
         pid = info.get("pid", 0)
         if pid and _is_our_process(pid, job.id):
             task = _Task(job, job.spec.gpus, job.spec.cpus, job.spec.walltime_s, job.created_at,
                          slots=list(info.get("slots", [])), pid=pid, started=info.get("started", time.time()))
+            if part is None or any(slot >= part.gpus for slot in task.slots):
+                task.slots = []  # its partition shrank: its GPUs are no longer counted here
             self._claim(job.partition, task)
+            if cancelled:
+                task.cancelled = True
+                self._terminate(task)
             task.waiter = asyncio.create_task(self._follow(task, child=None), name=f"follow {job.id}")
             log.info("took back job %s (pid %d) after restart", job.id, pid)
             return None
@@ -134,8 +148,11 @@ class LocalBackend(Backend):
                 if t.job.partition == partition and t.gpus]
         heapq.heapify(ends)
         clock = now
+        total = self.partitions[partition].gpus
         for need, wall in [(t.gpus, t.walltime_s) for t in self._queues[partition]] + [(gpus, walltime_s)]:
-            while free < need:
+            if need > total:
+                continue
+            while free < need and ends:
                 end, released = heapq.heappop(ends)
                 clock, free = max(clock, end), free + released
             free -= need
@@ -165,13 +182,15 @@ class LocalBackend(Backend):
                 task.waiter = asyncio.create_task(self._run(task), name=f"run {task.job.id}")
 
     def _claim(self, partition: str, task: _Task) -> None:
-        self._free[partition] -= set(task.slots)
+        if partition in self._free:
+            self._free[partition] -= set(task.slots)
         self._cpus_used += task.cpus
         self._running[task.job.id] = task
 
     def _release(self, task: _Task) -> None:
         if self._running.pop(task.job.id, None) is task:
-            self._free[task.job.partition] |= set(task.slots)
+            if task.job.partition in self._free:
+                self._free[task.job.partition] |= set(task.slots)
             self._cpus_used -= task.cpus
         self._schedule()
 
@@ -210,6 +229,8 @@ class LocalBackend(Backend):
             self.on_change(Change(job.id, JobState.FAILED, reason=f"could not start the job: {exc}"))
             return
         task.pid, task.started = child.pid, time.time()
+        if task.cancelled:  # cancelled while it was being started: it gets its SIGTERM now
+            self._signal(task, signal.SIGTERM)
         ref = orjson.dumps({"pid": task.pid, "slots": task.slots, "started": task.started}).decode()
         self.on_change(Change(job.id, JobState.RUNNING, ref=ref))
         await self._follow(task, child)
@@ -264,7 +285,7 @@ class LocalBackend(Backend):
         return child is not None and child.returncode is not None
 
     def _terminate(self, task: _Task) -> None:
-        """SIGTERM to the job's process group now; SIGKILL once the grace period is over."""
+        """SIGTERM to the job's process group now (or as soon as it has one); SIGKILL after the grace period."""
         if not task.kill_at:
             task.kill_at = time.time() + self.kill_grace_s
             self._signal(task, signal.SIGTERM)

@@ -43,6 +43,10 @@ SLURM_STATES: dict[str, JobState] = {
     "TIMEOUT": JobState.TIMEOUT, "DEADLINE": JobState.TIMEOUT,
 }
 TAG = "aifed:"
+NEVER_FITS = ("Requested node configuration is not available", "Invalid partition", "invalid partition",
+              "Requested time limit is invalid", "More processors requested than permitted",
+              "Invalid generic resource", "Invalid Trackable RESource")
+DEGRADED_WAIT_S = 3600.0  # the start estimate of a site whose controller is down: it queues, but prefer others
 _START_AT = re.compile(r"to start at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)")
 _GRES_GPU = re.compile(r"gpu(?::[^:(,]+)?:(\d+)")
 ARGV_SCRIPT = '#!/bin/sh\n# written by aifed: runs the job\'s command without a shell\nexec "$@"\n'
@@ -115,17 +119,14 @@ class SlurmBackend(Backend):
 
     async def start(self) -> None:
         """Check that Slurm has every partition the hub declares (when slurmctld answers), then follow it."""
-        try:
-            nodes = orjson.loads((await self.runner.run(["sinfo", "--json"])).stdout).get("nodes", [])
-        except SchedulerUnavailable as exc:
-            self._degraded(exc)
-        else:
+        if await self.ping():
+            nodes = (await self._json(["sinfo", "--json"])).get("nodes", [])
             known = {p for n in nodes for p in (n.get("partitions") or [])}
             missing = sorted(set(self.partitions) - known)
             if missing:
                 raise RuntimeError(f"Slurm has no partition {', '.join(missing)} (it has: {', '.join(sorted(known))}); "
                                    "fix [[partitions]] in the hub's config")
-        await self.refresh_capacity()
+        await self._guarded(self.refresh_capacity)
         self._tasks = [asyncio.create_task(self._poll_loop(), name="slurm poll"),
                        asyncio.create_task(self._capacity_loop(), name="slurm capacity")]
 
@@ -190,6 +191,9 @@ class SlurmBackend(Backend):
         argv += [str(script), *(spec.script_args if spec.script else spec.argv)]
         env = {**self.runner.env, **self.job_env, **spec.env, "AIFED_JOB_ID": job.id, "AIFED_SITE": job.site,
                "AIFED_PARTITION": job.partition, "AIFED_GPUS": str(spec.gpus), "HOME": str(folder)}
+        if not self._health.ok:
+            self._waiting.append(job)  # the controller is down: it goes out at the first poll after it returns
+            return
         try:
             out = await self.runner.run(argv, env=env)
         except SchedulerUnavailable as exc:
@@ -237,15 +241,28 @@ class SlurmBackend(Backend):
         ids = [x for x in out.stdout.split() if x.isdigit()]
         return ids[-1] if ids else None
 
+    async def ping(self) -> bool:
+        """`scontrol ping` answers at once even when slurmctld is down (other commands block for seconds)."""
+        out = await self.runner.run(["scontrol", "ping"], check=False, timeout=10)
+        if "is UP" in out.stdout:
+            if not self._health.ok:
+                log.info("Slurm is reachable again")
+            self._health = Health()
+            return True
+        self._degraded(SchedulerUnavailable(["scontrol", "ping"], 1, out.stdout.strip().splitlines()[0]
+                                            if out.stdout.strip() else out.stderr.strip()))
+        return False
+
     async def poll(self) -> None:
         """One round: send waiting jobs, then read states of the jobs in Slurm and report their changes."""
+        if not await self.ping():
+            return
         waiting, self._waiting = self._waiting, []
         for job in waiting:
             await self._sbatch(job)
         if not self._tracked:
             return
         queue = {str(e["job_id"]): e for e in await self._squeue()}
-        self._health = Health()
         gone = []
         for job_id, t in list(self._tracked.items()):
             entry = queue.get(t.slurm_id)
@@ -293,19 +310,24 @@ class SlurmBackend(Backend):
             self.on_change(Change(t.job.id, state, code, reason))
 
     async def _squeue(self) -> list[dict]:
-        out = await self.runner.run(["squeue", "--json"])
-        return orjson.loads(out.stdout).get("jobs", [])
+        return (await self._json(["squeue", "--json"])).get("jobs", [])
+
+    async def _json(self, argv: list[str]) -> dict:
+        """A Slurm command's JSON answer; its `errors` (22.05 exits 0 with them) raise like a failure."""
+        out = await self.runner.run(argv)
+        data = orjson.loads(out.stdout)
+        errors = [e.get("error", str(e)) if isinstance(e, dict) else str(e) for e in data.get("errors") or []]
+        if errors:
+            raise SchedulerUnavailable(argv, 0, "; ".join(errors))
+        return data
 
     # -- capacity --------------------------------------------------------------------------------
 
     async def refresh_capacity(self) -> None:
-        try:
-            nodes = orjson.loads((await self.runner.run(["sinfo", "--json"])).stdout).get("nodes", [])
-            jobs = await self._squeue()
-        except SchedulerUnavailable as exc:
-            self._degraded(exc)
+        if not await self.ping():
             return
-        self._health = Health()
+        nodes = (await self._json(["sinfo", "--json"])).get("nodes", [])
+        jobs = await self._squeue()
         usage = {}
         for name in self.partitions:
             members = [n for n in nodes if name in (n.get("partitions") or [])]
@@ -332,6 +354,8 @@ class SlurmBackend(Backend):
         now = time.time()
         if cached and now - cached[0] < self.capacity_s:
             return max(0.0, cached[1] - now)
+        if not self._health.ok:
+            return DEGRADED_WAIT_S
         argv = ["sbatch", "--test-only", f"--partition={partition}", f"--time={format_duration(walltime_s)}",
                 "--nodes=1", "--ntasks=1", "--wrap=true", "--output=/dev/null"]
         if gpus:
@@ -340,9 +364,12 @@ class SlurmBackend(Backend):
             out = await self.runner.run(argv)
         except SchedulerUnavailable as exc:
             self._degraded(exc)
-            return float("inf")
-        except CommandError:
-            return float("inf")  # Slurm says this shape can never run here
+            return DEGRADED_WAIT_S
+        except CommandError as exc:
+            if any(s in exc.stderr for s in NEVER_FITS):
+                return float("inf")  # Slurm says this shape can never run here
+            log.warning("sbatch --test-only failed: %s", exc.stderr)
+            return DEGRADED_WAIT_S
         m = _START_AT.search(out.stderr + out.stdout)
         start = dt.datetime.fromisoformat(m.group(1)).timestamp() if m else now
         self._estimates[key] = (now, start)

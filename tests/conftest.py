@@ -166,7 +166,7 @@ def slurm_lab(tmp_path_factory):
 def slurm_hub_config(test_pki: Pki, state: Path, lab, site: str = "leonardo", partitions=None) -> HubConfig:
     parts = partitions or (PartitionConfig("gpu", "A100", 8, 3600), PartitionConfig("debug", "", 0, 3600))
     return replace(hub_config(test_pki, state, site, parts), backend="slurm", slurm_conf=lab.conf,
-                   poll_interval_s=1, capacity_interval_s=2, cpu_slots=16)
+                   poll_interval_s=1, capacity_interval_s=2, cpu_slots=16, command_timeout_s=20)
 
 
 @pytest.fixture

@@ -51,6 +51,8 @@ name = "dcgp"
 max_walltime = "30"
 """ + TLS
 
+TLS_ANTENNA = TLS.replace("pki/cert.", "pki/antenna.")
+
 ANTENNA = """
 [antenna]
 site = "antenna-a"
@@ -65,7 +67,7 @@ endpoint = "leonardo.example:50051"
 [[hubs]]
 site = "lumi"
 endpoint = "127.0.0.1:50052"
-""" + TLS
+""" + TLS_ANTENNA
 
 CLIENT = """
 [client]
@@ -79,8 +81,10 @@ def tls_material(tmp_path_factory) -> dict[str, bytes]:
     root = tmp_path_factory.mktemp("pki-src")
     pki.init_ca(root, "eurohpc.test")
     issued = pki.issue(root, Role.HUB, "leonardo")
+    antenna = pki.issue(root, Role.ANTENNA, "antenna-a")
     return {"ca.pem": (root / pki.CA_CERT).read_bytes(), "cert.pem": issued.cert.read_bytes(),
-            "cert.key": issued.key.read_bytes()}
+            "cert.key": issued.key.read_bytes(), "antenna.pem": antenna.cert.read_bytes(),
+            "antenna.key": antenna.key.read_bytes()}
 
 
 @pytest.fixture
@@ -161,7 +165,7 @@ def test_hub_defaults(folder):
     """Optional settings take their documented defaults."""
     text = """
 [hub]
-site = "lumi"
+site = "leonardo"
 federation = "eurohpc.test"
 listen = "127.0.0.1:1"
 state_dir = "s"
@@ -351,11 +355,11 @@ def test_valid_antenna_config_loads(folder):
     assert config.listen == "0.0.0.0:50060"
     assert config.state_dir == folder / "state" / "antenna-a"
     assert config.hubs == (HubEndpoint("leonardo", "leonardo.example:50051"), HubEndpoint("lumi", "127.0.0.1:50052"))
-    assert config.tls.key == folder / "pki" / "cert.key"
+    assert config.tls.key == folder / "pki" / "antenna.key"
 
 
 def test_antenna_without_hubs(folder):
-    text = ANTENNA[:ANTENNA.index("[[hubs]]")] + TLS
+    text = ANTENNA[:ANTENNA.index("[[hubs]]")] + TLS_ANTENNA
     config_error(load_antenna, write(folder, text, "antenna.toml"), "hubs", "at least one [[hubs]]")
 
 
@@ -420,3 +424,13 @@ def test_daemon_exits_3_on_a_missing_config(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3, proc.stderr
     assert str(path) in proc.stderr and "file not found" in proc.stderr
+
+
+def test_certificate_of_another_identity_is_refused(folder):
+    """A hub config that points at the antenna's certificate (or another site's) is a config error."""
+    path = write(folder, HUB.replace("pki/cert.", "pki/antenna."))
+    err = config_error(load_hub, path, "tls.cert", "spiffe://eurohpc.test/antenna/antenna-a",
+                       "but this config is spiffe://eurohpc.test/hub/leonardo")
+    assert "antenna.pem" in str(err)
+    path = write(folder, edit(HUB, 'site = "leonardo"', 'site = "lumi"'))
+    config_error(load_hub, path, "tls.cert", "spiffe://eurohpc.test/hub/leonardo", "hub/lumi")

@@ -363,6 +363,9 @@ async def test_recover_requeues_a_job_that_never_launched(backends):
     job = make_job("fresh", argv=("sh", "-c", "echo again"))
     backends.job_ids.add(job.id)
     assert await backend.recover(job, "") is None
+    await asyncio.sleep(0.3)
+    assert rec.states("fresh") == []  # nothing starts before start(): running jobs reclaim their GPUs first
+    await backend.start()
     await rec.wait("fresh", JobState.COMPLETED)
     assert rec.states("fresh") == [JobState.RUNNING, JobState.COMPLETED]
     assert backend.read_log("fresh", "stdout", 0, 100) == b"again\n"

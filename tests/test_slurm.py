@@ -108,7 +108,7 @@ async def test_more_gpus_than_a_node_has_is_refused_before_forwarding(slurm_fed)
 
 async def test_hub_restart_mid_job_follows_it_to_the_end(slurm_fed, slurm_lab):
     client = slurm_fed.client("alice")
-    job = await client.submit(sh("sleep 3; echo survived"))
+    job = await client.submit(sh("sleep 6; echo survived"))
     await eventually(lambda: _running(client, job.id), timeout=30)
     await slurm_fed.hubs["leonardo"].stop()
     await asyncio.sleep(1)
@@ -167,16 +167,22 @@ async def test_slurmctld_down_jobs_wait_at_the_hub_and_go_out_when_it_returns(sl
     core = slurm_fed.antennas["antenna-a"].core
     slurm_lab.stop_controller()
     try:
-        job = await client.submit(sh("echo after the outage", partition="debug"))
         await eventually(lambda: core.sites["leonardo"].advert.degraded, timeout=30)
-        status = core.sites["leonardo"].advert.status_message
-        assert "unreachable" in status
-        assert (await client.get(job.id)).state in (JobState.PENDING, JobState.FORWARDED, JobState.QUEUED)
+        assert "unreachable" in core.sites["leonardo"].advert.status_message
+        job = await client.submit(sh("echo after the outage", partition="debug"))
+        queued = await eventually(lambda: _at_hub(slurm_fed, job.id), timeout=30)
+        assert queued.state is JobState.QUEUED  # accepted and journaled by the hub, waiting for Slurm
+        await asyncio.sleep(2)
+        assert slurm_fed.hubs["leonardo"].core.journal.get(job.id).state is JobState.QUEUED
     finally:
         await asyncio.to_thread(slurm_lab.start_controller)
     done = await client.wait(job.id)
     assert done.state is JobState.COMPLETED, done
     await eventually(lambda: not core.sites["leonardo"].advert.degraded, timeout=30)
+
+
+def _at_hub(fed, job_id):
+    return fed.hubs["leonardo"].core.journal.get(job_id)
 
 
 @pytest.mark.slow
