@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
 import sys
 from pathlib import Path
 
 import grpc
 import orjson
 
-from federation import output
+from federation import output, sbatch
 from federation.errors import AifedError, ConfigError
 from federation.model import AccessMode, JobSpec, JobState
 from federation.pb import jobs_pb2
@@ -40,15 +39,6 @@ class UsageError(Exception):
 
 
 # -- parsing helpers -----------------------------------------------------------------------------
-
-def parse_memory_mb(text: str) -> int:
-    """Slurm's --mem: a number of megabytes, or with a K/M/G/T suffix."""
-    m = re.fullmatch(r"(\d+)([KMGT]?)B?", text.strip().upper())
-    if not m:
-        raise UsageError(f"--mem {text!r} is not a size: use megabytes (4096) or a suffix (4G, 512M)")
-    value, unit = int(m.group(1)), m.group(2) or "M"
-    return {"K": max(1, value // 1024) if value else 0, "M": value, "G": value * 1024, "T": value * 1024 ** 2}[unit]
-
 
 def _duration(text: str) -> int:
     try:
@@ -112,17 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="submit a job: aifed submit [options] -- COMMAND [ARGS] | SCRIPT [ARGS]",
                        description="Submit a command (after --) or a script file.")
     client_opts(s)
-    s.add_argument("-J", "--job-name", default="", help="job name")
-    s.add_argument("-G", "--gpus", type=int, default=0, help="GPUs (default 0)")
-    s.add_argument("-c", "--cpus", type=int, default=1, help="CPUs (default 1)")
-    s.add_argument("--mem", default="0", help="memory: megabytes, or with K/M/G/T suffix")
-    s.add_argument("-t", "--time", type=_duration, default=3600,
+    s.add_argument("-J", "--job-name", help="job name")
+    s.add_argument("-G", "--gpus", type=int, help="GPUs (default 0)")
+    s.add_argument("-c", "--cpus", type=int, help="CPUs (default 1)")
+    s.add_argument("--mem", help="memory: megabytes, or with K/M/G/T suffix")
+    s.add_argument("-t", "--time", type=_duration,
                    help="walltime: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (default 1:00:00)")
-    s.add_argument("-p", "--partition", default="", help="partition (default: the hub chooses)")
+    s.add_argument("-p", "--partition", help="partition (default: the hub chooses)")
     s.add_argument("--site", default="", help="run only at this hub site")
     s.add_argument("--mode", type=_mode, default=AccessMode.UNSPECIFIED,
                    help="access mode: playground, fast-lane, large-scale, ai-for-science")
-    s.add_argument("-A", "--project", default="", help="project / account")
+    s.add_argument("-A", "--project", help="project / account")
     s.add_argument("--env", type=_env_pair, action="append", default=[], help="NAME=VALUE for the job (repeatable)")
     s.add_argument("--request-id", default="", help="a token that makes a retried submit return the first job")
     s.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its exit code")
@@ -155,13 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
 # -- commands ------------------------------------------------------------------------------------
 
 def _spec_from_args(args: argparse.Namespace, command: list[str] | None) -> JobSpec:
-    common = dict(name=args.job_name, gpus=args.gpus, cpus=args.cpus, memory_mb=parse_memory_mb(args.mem),
-                  walltime_s=args.time, partition=args.partition, site=args.site, access_mode=args.mode,
-                  project=args.project, env=dict(args.env))
+    """The job from the flags, and for a script also from its #SBATCH lines (a flag that contradicts one is an
+    error; directives aifed does not support are reported on stderr)."""
+    flags = {"name": args.job_name, "gpus": args.gpus, "cpus": args.cpus, "walltime_s": args.time,
+             "partition": args.partition, "project": args.project,
+             "memory_mb": None if args.mem is None else _memory(args.mem)}
     if command is not None:
         if not command:
             raise UsageError("no command after `--`: give the program to run, e.g. aifed submit -- python train.py")
-        return JobSpec(argv=tuple(command), **common)
+        return _spec(flags, {}, argv=tuple(command), args=args)
     if not args.script:
         raise UsageError("nothing to run: give a script file, or a command after `--`")
     path = Path(args.script[0])
@@ -177,7 +169,31 @@ def _spec_from_args(args: argparse.Namespace, command: list[str] | None) -> JobS
         raise UsageError(f"script {path} is not a text file") from None
     if not text.strip():
         raise UsageError(f"script {path} is empty")
-    return JobSpec(script=text, script_args=tuple(args.script[1:]), **common)
+    try:
+        directives = sbatch.parse(text)
+    except sbatch.DirectiveError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    for note in directives.notes:
+        print(f"aifed: {path}: {note}", file=sys.stderr)
+    for key, value in directives.values.items():
+        if flags[key] is not None and flags[key] != value:
+            raise UsageError(f"{path}: #SBATCH on line {directives.lines[key]} sets {key} to {value!r}, but the "
+                             f"command line says {flags[key]!r}: remove one of them")
+    return _spec(flags, directives.values, script=text, script_args=tuple(args.script[1:]), args=args)
+
+
+def _memory(text: str) -> int:
+    try:
+        return sbatch.parse_memory_mb(text)
+    except ValueError as exc:
+        raise UsageError(f"--mem {exc}") from None
+
+
+def _spec(flags: dict, directives: dict, args: argparse.Namespace, **what) -> JobSpec:
+    defaults = {"name": "", "gpus": 0, "cpus": 1, "walltime_s": 3600, "partition": "", "project": "",
+                "memory_mb": 0}
+    merged = {k: flags[k] if flags[k] is not None else directives.get(k, defaults[k]) for k in defaults}
+    return JobSpec(**merged, site=args.site, access_mode=args.mode, env=dict(args.env), **what)
 
 
 def _print_json(value) -> None:
