@@ -243,6 +243,9 @@ class AntennaCore:
         candidates = [self.sites[spec.site]] if spec.site else list(self.sites.values())
         shape = jobs_pb2.JobShape(gpus=spec.gpus, walltime_s=spec.walltime_s, partition=spec.partition)
 
+        fit_now = [s for s in candidates if s.advert is not None and s.fresh and not why_not(spec, s.advert)]
+        ask = len(fit_now) > 1  # with a single hub that fits, there is nothing to compare: no estimate needed
+
         async def judge(site: HubSite) -> Verdict:
             if site.advert is None:
                 return Verdict(site.site, f"has not been heard from ({site.error})", transient=True)
@@ -250,6 +253,8 @@ class AntennaCore:
                 return Verdict(site.site, reason)
             if not site.fresh:
                 return Verdict(site.site, f"is unreachable ({site.error or 'advert expired'})", transient=True)
+            if not ask:
+                return Verdict(site.site, wait_s=0.0)
             try:
                 advert = await site.stub.GetAdvert(hub_pb2.AdvertRequest(shapes=[shape]),
                                                    timeout=ESTIMATE_TIMEOUT_S)

@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("sites", help="the federation's sites and their capacity")
     client_opts(st)
 
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
+    bs = bench.add_parser("slurm", help="submission throughput into a private Slurm: direct sbatch vs through aifed")
+    bs.add_argument("--jobs", type=int, default=500, help="jobs per phase (default 500)")
+    bs.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    bs.add_argument("--keep", help="keep the cluster, configs and logs in this folder")
+
     dm = sub.add_parser("demo", help="run a local federation on loopback and show it working")
     dm.add_argument("--dir", default="var/demo", help="where the demo keeps its PKI, configs and state")
     return p
@@ -294,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_daemon(args.command, args.config, args.log_level, args.log_format)
         if args.command == "certs":
             return _certs_command(args)
+        if args.command == "bench":
+            from federation.bench import run_slurm_bench
+            return run_slurm_bench(args.jobs, args.json, Path(args.keep) if args.keep else None)
         if args.command == "demo":
             from federation.demo import run_demo
             return run_demo(Path(args.dir))

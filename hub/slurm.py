@@ -207,8 +207,6 @@ class SlurmBackend(Backend):
         slurm_id = out.stdout.strip().split(";")[0]
         self._tracked[job.id] = _Tracked(job, slurm_id, JobState.QUEUED)
         self.on_change(Change(job.id, JobState.QUEUED, reason=f"Slurm job {slurm_id}", ref=slurm_id))
-        self._estimates.clear()
-        self._wake.set()
 
     async def cancel(self, job_id: str) -> bool:
         for job in self._waiting:
