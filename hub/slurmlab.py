@@ -180,9 +180,33 @@ NodeName={host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=16000 Gres=gpu:{s
             proc.wait()
 
     def stop(self) -> None:
-        """Stop slurmd first (it ignores SIGTERM while it retries a missing controller), then the rest."""
+        """Cancel what still runs, stop slurmd first (it ignores SIGTERM while it retries a missing controller),
+        then the rest, and leave no job step behind (a slurmstepd outlives a stopped slurmd)."""
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            try:
+                subprocess.run(["scancel", "--user=root"], env=self.env, capture_output=True, timeout=10)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and subprocess.run(
+                        ["squeue", "-h", "-t", "RUNNING,COMPLETING,PENDING", "-o", "%i"], env=self.env,
+                        capture_output=True, text=True, timeout=10).stdout.strip():
+                    time.sleep(0.2)
+            except subprocess.TimeoutExpired:
+                pass
         for name in ("slurmd", "slurmctld", "munged"):
             self._stop(name)
+        self._kill_steps()
+
+    def _kill_steps(self) -> None:
+        mine = f"SLURM_CONF={self.conf}".encode()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if (proc / "comm").read_text().strip() == "slurmstepd" and \
+                        mine in (proc / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue
 
     def __enter__(self) -> "SlurmLab":
         return self.start()
