@@ -62,6 +62,8 @@ MAX_WALLTIME_S = 366 * 86400
 MAX_ARGV = 4096
 MAX_SCRIPT_BYTES = 1 << 20
 MAX_ENV = 1024
+# Set by the scheduler or aifed; a user's SBATCH_* would even change how sbatch submits the job.
+RESERVED_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "AIFED_")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME = re.compile(r"^[\w.+-]{0,128}$")
 
@@ -105,6 +107,9 @@ class JobSpec:
         for key, value in self.env.items():
             if not _ENV_NAME.fullmatch(key):
                 raise InvalidArgument(f"environment variable name {key!r} is not valid: use letters, digits and _")
+            if key.upper().startswith(RESERVED_ENV_PREFIXES):
+                raise InvalidArgument(f"environment variable {key} is reserved (names starting with "
+                                      f"{', '.join(RESERVED_ENV_PREFIXES)} are set by the scheduler or aifed)")
             if "\x00" in value:
                 raise InvalidArgument(f"environment variable {key} contains a NUL byte")
         if not _NAME.fullmatch(self.name):

@@ -189,7 +189,10 @@ class SlurmBackend(Backend):
         if spec.project and spec.project in self.accounts:
             argv.append(f"--account={self.accounts[spec.project]}")
         argv += [str(script), *(spec.script_args if spec.script else spec.argv)]
-        env = {**self.runner.env, **self.job_env, **spec.env, "AIFED_JOB_ID": job.id, "AIFED_SITE": job.site,
+        # The daemon's own SBATCH_*/SLURM_* settings (other than SLURM_CONF) must not shape a user's job.
+        base = {k: v for k, v in self.runner.env.items()
+                if k == "SLURM_CONF" or not k.startswith(("SBATCH_", "SLURM_", "SALLOC_", "SRUN_"))}
+        env = {**base, **self.job_env, **spec.env, "AIFED_JOB_ID": job.id, "AIFED_SITE": job.site,
                "AIFED_PARTITION": job.partition, "AIFED_GPUS": str(spec.gpus), "HOME": str(folder)}
         if not self._health.ok:
             self._waiting.append(job)  # the controller is down: it goes out at the first poll after it returns

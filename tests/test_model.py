@@ -231,3 +231,9 @@ def test_validate_passes_or_raises_invalid_argument(**fields):
     except InvalidArgument as exc:
         assert exc.code == grpc.StatusCode.INVALID_ARGUMENT
         assert exc.message
+
+
+@pytest.mark.parametrize("name", ["SBATCH_PARTITION", "SLURM_JOB_ID", "AIFED_SITE", "sbatch_time", "SRUN_X"])
+def test_reserved_env_names_are_refused(name):
+    with pytest.raises(InvalidArgument, match="is reserved"):
+        JobSpec(argv=("true",), env={name: "x"}).validate()

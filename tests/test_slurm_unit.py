@@ -1,0 +1,179 @@
+"""The Slurm backend with its one seam replaced: the commands it runs, and how it reads Slurm's answers."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+import pytest
+
+from federation.config import PartitionConfig
+from federation.model import Job, JobSpec, JobState
+from hub.commands import CommandError, Result, SchedulerUnavailable
+from hub.slurm import (SLURM_STATES, SlurmBackend, exit_from_sacct, exit_from_status, gpu_count, map_state,
+                       neutralize_directives)
+
+
+class FakeRunner:
+    """Records each argv and answers from a script of (predicate, answer) rules; answers may be exceptions."""
+
+    def __init__(self):
+        self.env = {"PATH": "/usr/bin:/bin"}
+        self.calls: list[tuple[list[str], dict | None]] = []
+        self.rules: list = []
+
+    def on(self, first: str, answer) -> None:
+        self.rules.append((first, answer))
+
+    async def run(self, argv, *, env=None, timeout=None, check=True):
+        self.calls.append((list(argv), env))
+        for first, answer in self.rules:
+            if " ".join(argv).startswith(first):
+                if isinstance(answer, Exception):
+                    raise answer
+                return answer(argv) if callable(answer) else answer
+        return Result("", "")
+
+
+def squeue(*jobs) -> Result:
+    return Result(orjson.dumps({"jobs": list(jobs), "errors": []}).decode(), "")
+
+
+def make(tmp_path, runner) -> tuple[SlurmBackend, list]:
+    changes = []
+    backend = SlurmBackend((PartitionConfig("gpu", "A100", 8, 3600),), changes.append, tmp_path, runner,
+                           accounts={"proj-x": "acct_x"})
+    return backend, changes
+
+
+def job(**spec) -> Job:
+    return Job(id="antenna-a-abc123", spec=JobSpec(**{"walltime_s": 5400, **spec}), state=JobState.QUEUED,
+               partition="gpu", site="leonardo", created_at=time.time())
+
+
+def test_every_documented_state_maps_and_unknown_codes_warn(caplog):
+    assert map_state("CANCELLED by 0") is JobState.CANCELLED
+    assert map_state("OUT_OF_MEMORY") is JobState.FAILED
+    assert map_state("COMPLETING") is JobState.RUNNING
+    assert all(isinstance(v, JobState) for v in SLURM_STATES.values())
+    with caplog.at_level(logging.WARNING):
+        assert map_state("WIBBLE") is JobState.UNKNOWN
+    assert "unknown Slurm job state 'WIBBLE'" in caplog.text
+    assert not JobState.UNKNOWN.final
+
+
+@pytest.mark.parametrize("text,code", [("0:0", 0), ("3:0", 3), ("0:9", 137), ("0:15", 143), ("x", None)])
+def test_sacct_exit_codes(text, code):
+    assert exit_from_sacct(text) == code
+
+
+def test_status_exit_codes_and_gres():
+    assert (exit_from_status(768), exit_from_status(9), exit_from_status(0)) == (3, 137, 0)
+    assert gpu_count("gpu:8") == 8 and gpu_count("gpu:a100:4(S:0-1)") == 4 and gpu_count("gres:gpu:2") == 2
+    assert gpu_count("gpu:a100:2,gpu:h100:1") == 3 and gpu_count("") == 0 and gpu_count("mps:100") == 0
+
+
+def test_directives_are_neutralized_and_a_shebang_added():
+    out = neutralize_directives("#SBATCH -p x\necho hi\n#SBATCH not-a-directive-anymore\n")
+    assert out.startswith("#!/bin/sh\n") and "\n#SBATCH" not in out and "echo hi" in out
+
+
+async def test_sbatch_argv_carries_the_request_and_the_tag_and_no_shell(tmp_path):
+    runner = FakeRunner()
+    runner.on("sbatch --parsable", Result("4242\n", ""))
+    backend, changes = make(tmp_path, runner)
+    j = job(argv=("python", "train.py", "; rm -rf /"), gpus=2, cpus=4, memory_mb=2048, project="proj-x",
+            env={"HF_HOME": "/data"})
+    await backend.submit(j)
+    argv, env = runner.calls[-1]
+    folder = tmp_path / j.id
+    assert argv[:3] == ["sbatch", "--parsable", f"--job-name={j.id}"]
+    assert {f"--comment=aifed:{j.id}", "--partition=gpu", "--time=01:30:00", "--cpus-per-task=4", "--gres=gpu:2",
+            "--mem=2048M", "--account=acct_x", f"--output={folder / 'stdout'}"} <= set(argv)
+    assert argv[-4:] == [str(folder / "job.sh"), "python", "train.py", "; rm -rf /"]  # arguments, not shell text
+    assert (folder / "job.sh").read_text().endswith('exec "$@"\n')
+    assert env["HF_HOME"] == "/data" and env["AIFED_JOB_ID"] == j.id
+    assert changes[-1].state is JobState.QUEUED and changes[-1].ref == "4242"
+
+
+async def test_sbatch_refusal_fails_the_job_with_its_words(tmp_path):
+    runner = FakeRunner()
+    runner.on("sbatch --parsable", CommandError(["sbatch"], 1, "sbatch: error: Invalid account"))
+    backend, changes = make(tmp_path, runner)
+    await backend.submit(job(argv=("true",)))
+    assert changes[-1].state is JobState.FAILED and changes[-1].reason == \
+        "Slurm refused the job: sbatch: error: Invalid account"
+
+
+async def test_controller_down_keeps_the_job_and_submits_it_later(tmp_path):
+    runner = FakeRunner()
+    down = SchedulerUnavailable(["sbatch"], 1, "Unable to contact slurm controller (connect failure)")
+    runner.on("sbatch --parsable", down)
+    backend, changes = make(tmp_path, runner)
+    await backend.submit(job(argv=("true",)))
+    assert changes == [] and not backend.health().ok
+    runner.rules.clear()
+    runner.on("scontrol ping", Result("Slurmctld(primary) at vm is UP\n", ""))
+    runner.on("sbatch --parsable", Result("7\n", ""))
+    runner.on("squeue --json", squeue({"job_id": 7, "job_state": "PENDING", "state_reason": "Priority"}))
+    await backend.poll()
+    assert backend.health().ok and changes[0].ref == "7"
+
+
+async def test_poll_reports_running_then_final_from_sacct(tmp_path):
+    runner = FakeRunner()
+    runner.on("scontrol ping", Result("Slurmctld(primary) at vm is UP\n", ""))
+    backend, changes = make(tmp_path, runner)
+    assert await backend.recover(job(argv=("true",)), "99") is None
+    runner.on("squeue --json", squeue({"job_id": 99, "job_state": "RUNNING"}, {"job_id": 5, "job_state": "RUNNING"}))
+    await backend.poll()
+    assert [c.state for c in changes] == [JobState.RUNNING]
+    runner.rules.insert(0, ("squeue --json", squeue()))
+    runner.on("sacct", Result("99|FAILED|2:0\n", ""))
+    await backend.poll()
+    assert (changes[-1].state, changes[-1].exit_code) == (JobState.FAILED, 2)
+    sacct = [a for a, _ in runner.calls if a[0] == "sacct"][-1]
+    assert "-j" in sacct and "99" in sacct
+
+
+async def test_vanished_job_is_lost_and_squeue_errors_mean_unavailable(tmp_path):
+    runner = FakeRunner()
+    runner.on("scontrol ping", Result("Slurmctld(primary) at vm is UP\n", ""))
+    runner.on("squeue --json", Result(orjson.dumps({"jobs": [], "errors": [{"error": "boom"}]}).decode(), ""))
+    backend, changes = make(tmp_path, runner)
+    await backend.recover(job(argv=("true",)), "123")
+    with pytest.raises(SchedulerUnavailable, match="boom"):
+        await backend.poll()
+    assert changes == []
+    runner.rules[1] = ("squeue --json", squeue())
+    await backend.poll()  # sacct answers nothing either
+    assert changes[-1].state is JobState.LOST and "123 vanished" in changes[-1].reason
+
+
+async def test_recover_finds_a_submitted_job_by_its_tag_and_resubmits_one_that_never_went(tmp_path):
+    runner = FakeRunner()
+    runner.on("squeue --json", squeue({"job_id": 55, "job_state": "PENDING", "comment": "aifed:antenna-a-abc123",
+                                       "name": "antenna-a-abc123"}))
+    backend, changes = make(tmp_path, runner)
+    j = job(argv=("true",))
+    (tmp_path / j.id).mkdir()
+    (tmp_path / j.id / "submitting").write_bytes(b"")
+    assert await backend.recover(j, "") is None
+    assert backend._tracked[j.id].slurm_id == "55"
+    other = Job(id="antenna-a-never1", spec=j.spec, state=JobState.QUEUED, partition="gpu")
+    assert await backend.recover(other, "") is None
+    assert [w.id for w in backend._waiting] == ["antenna-a-never1"]  # no mark: it never reached sbatch
+    assert not any(a[:2] == ["sbatch", "--parsable"] for a, _ in runner.calls)
+
+
+async def test_estimates_are_parsed_and_cached(tmp_path):
+    runner = FakeRunner()
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() + 600))
+    runner.on("sbatch --test-only", Result("", f"sbatch: Job 3 to start at {start} using 1 processors on nodes vm"))
+    backend, _ = make(tmp_path, runner)
+    assert 590 <= await backend.estimate_wait("gpu", 2, 60) <= 601
+    assert 590 <= await backend.estimate_wait("gpu", 2, 60) <= 601
+    assert sum(1 for a, _ in runner.calls if "--test-only" in a) == 1
+    runner.rules = [("sbatch --test-only", CommandError(["sbatch"], 1, "Requested node configuration is not available"))]
+    assert await backend.estimate_wait("gpu", 9, 60) == float("inf")
