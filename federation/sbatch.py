@@ -49,6 +49,8 @@ def parse_memory_mb(text: str) -> int:
 
 
 def _gpus(text: str) -> int:
+    if text.strip() == "gpu":
+        return 1  # --gres=gpu means one GPU
     parts = [p for p in text.split(",") if p.startswith("gpu") or p[:1].isdigit()]
     total = 0
     for p in parts or [text]:
@@ -67,7 +69,7 @@ def parse(script: str) -> Directives:
             continue
         if stripped and not stripped.startswith("#"):
             break
-        if not stripped.startswith("#SBATCH"):
+        if not line.startswith("#SBATCH"):  # like sbatch: only at the start of the line
             continue
         try:
             words = shlex.split(stripped[len("#SBATCH"):], comments=True)
@@ -77,6 +79,8 @@ def parse(script: str) -> Directives:
         while i < len(words):
             word = words[i]
             option, eq, value = word.partition("=")
+            if not word.startswith("--") and len(word) > 2 and word[:2] in _FIELDS:
+                option, eq, value = word[:2], "=", word[2:]  # -c4, -pgpu: the value written against the option
             if option not in _FIELDS:
                 out.notes.append(f"line {number}: #SBATCH {word} is not supported by aifed and is ignored")
                 i += 1

@@ -40,7 +40,12 @@ class CommandRunner:
     """Runs scheduler commands with a fixed environment (e.g. SLURM_CONF) and a timeout."""
 
     def __init__(self, env: dict[str, str] | None = None, timeout: float = 30.0):
-        self.env = {**os.environ, **(env or {})}
+        # The daemon's own Slurm settings (SLURM_TIME_FORMAT, SBATCH_*...) would change what commands print
+        # or submit: only SLURM_CONF is kept, and dates are printed in the standard format.
+        base = {k: v for k, v in os.environ.items()
+                if k == "SLURM_CONF" or not k.startswith(("SBATCH_", "SLURM_", "SALLOC_", "SRUN_", "SQUEUE_",
+                                                          "SINFO_", "SACCT_", "SCANCEL_"))}
+        self.env = {**base, **(env or {}), "SLURM_TIME_FORMAT": "standard"}
         self.timeout = timeout
 
     async def run(self, argv: list[str], *, env: dict[str, str] | None = None, timeout: float | None = None,

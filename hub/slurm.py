@@ -81,12 +81,15 @@ def exit_from_status(raw: int) -> int:
 
 
 def neutralize_directives(script: str) -> str:
-    """The request, not the script, decides resources: `#SBATCH` lines become comments Slurm ignores."""
+    """The request, not the script, decides resources: `#SBATCH` (and `#PBS`, `#BSUB`, which sbatch also reads)
+    lines become comments Slurm ignores."""
     lines = script.splitlines(keepends=True)
     if not lines or not lines[0].startswith("#!"):
         lines.insert(0, "#!/bin/sh\n")
-    return "".join("#AIFED-IGNORED-SBATCH" + ln[len("#SBATCH"):] if ln.startswith("#SBATCH") else ln
-                   for ln in lines)
+    return "".join("#AIFED-IGNORED-" + ln[1:] if ln.startswith(_DIRECTIVES) else ln for ln in lines)
+
+
+_DIRECTIVES = ("#SBATCH", "#PBS", "#BSUB")
 
 
 @dataclass
@@ -113,6 +116,9 @@ class SlurmBackend(Backend):
         self._estimates: dict[tuple[str, int, int], tuple[float, float]] = {}  # shape -> (at, start time)
         self._health = Health()
         self._tasks: list[asyncio.Task] = []
+        self._uncertain: set[str] = set()             # an sbatch for it may have reached Slurm unanswered
+        self._submitting: set[str] = set()            # its sbatch is running now
+        self._cancel_when_submitted: set[str] = set()
         self._wake = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -168,20 +174,39 @@ class SlurmBackend(Backend):
     # -- jobs ------------------------------------------------------------------------------------
 
     async def submit(self, job: Job) -> None:
-        folder = self.folder(job.id)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "submitting").write_bytes(b"")  # from here on a restart must look in Slurm before resubmitting
         await self._sbatch(job)
 
     async def _sbatch(self, job: Job) -> None:
+        """Submit one job. Every outcome is reported, or the job waits (controller down) to be sent again."""
         folder, spec = self.folder(job.id), job.spec
+        folder.mkdir(parents=True, exist_ok=True)
+        mark = folder / "submitting"
+        if mark.exists() and job.id in self._uncertain:
+            # An earlier sbatch for it timed out or lost its answer: Slurm may have it. Look before resubmitting.
+            found = await self._find_by_tag(job.id)
+            if found:
+                self._uncertain.discard(job.id)
+                self._adopt(job, found)
+                return
+        if not self._health.ok:
+            self._waiting.append(job)  # the controller is down: it goes out at the first poll after it returns
+            return
+        mark.write_bytes(b"")  # from here on, a restart must look in Slurm before resubmitting
         script = folder / "job.sh"
         script.write_text(neutralize_directives(spec.script) if spec.script else ARGV_SCRIPT)
         script.chmod(0o700)
-        argv = ["sbatch", "--parsable", f"--job-name={job.id}", f"--comment={TAG}{job.id}",
+        # The job's environment travels in a file, never through sbatch's own environment: a user's PATH or
+        # LD_PRELOAD must not choose which sbatch the hub runs, and the daemon's variables must not reach jobs.
+        job_env = {"PATH": self.runner.env.get("PATH", "/usr/bin:/bin"), **self.job_env, **spec.env,
+                   "AIFED_JOB_ID": job.id, "AIFED_SITE": job.site, "AIFED_PARTITION": job.partition,
+                   "AIFED_GPUS": str(spec.gpus), "HOME": str(folder)}
+        env_file = folder / "job.env"
+        env_file.write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in job_env.items()))
+        argv = ["sbatch", "--parsable", "--ignore-pbs", f"--job-name={job.id}", f"--comment={TAG}{job.id}",
                 f"--partition={job.partition}", f"--time={format_duration(spec.walltime_s)}",
                 "--nodes=1", "--ntasks=1", f"--cpus-per-task={spec.cpus}", f"--chdir={folder}",
-                f"--output={folder / 'stdout'}", f"--error={folder / 'stderr'}", "--export=ALL"]
+                f"--output={folder / 'stdout'}", f"--error={folder / 'stderr'}",
+                f"--export-file={env_file}", "--export=AIFED_JOB_ID"]
         if spec.gpus:
             argv.append(f"--gres=gpu:{spec.gpus}")
         if spec.memory_mb:
@@ -189,27 +214,35 @@ class SlurmBackend(Backend):
         if spec.project and spec.project in self.accounts:
             argv.append(f"--account={self.accounts[spec.project]}")
         argv += [str(script), *(spec.script_args if spec.script else spec.argv)]
-        # The daemon's own SBATCH_*/SLURM_* settings (other than SLURM_CONF) must not shape a user's job.
-        base = {k: v for k, v in self.runner.env.items()
-                if k == "SLURM_CONF" or not k.startswith(("SBATCH_", "SLURM_", "SALLOC_", "SRUN_"))}
-        env = {**base, **self.job_env, **spec.env, "AIFED_JOB_ID": job.id, "AIFED_SITE": job.site,
-               "AIFED_PARTITION": job.partition, "AIFED_GPUS": str(spec.gpus), "HOME": str(folder)}
-        if not self._health.ok:
-            self._waiting.append(job)  # the controller is down: it goes out at the first poll after it returns
-            return
+        self._submitting.add(job.id)
         try:
-            out = await self.runner.run(argv, env=env)
+            out = await self.runner.run(argv)
         except SchedulerUnavailable as exc:
             self._degraded(exc)
+            self._uncertain.add(job.id)
             self._waiting.append(job)
             log.info("job %s waits at the hub: %s", job.id, exc.stderr)
             return
         except CommandError as exc:
             self.on_change(Change(job.id, JobState.FAILED, reason=f"Slurm refused the job: {exc.stderr}"))
             return
-        slurm_id = out.stdout.strip().split(";")[0]
+        finally:
+            self._submitting.discard(job.id)
+        self._adopt(job, out.stdout.strip().split(";")[0])
+
+    def _adopt(self, job: Job, slurm_id: str) -> None:
         self._tracked[job.id] = _Tracked(job, slurm_id, JobState.QUEUED)
         self.on_change(Change(job.id, JobState.QUEUED, reason=f"Slurm job {slurm_id}", ref=slurm_id))
+        if job.id in self._cancel_when_submitted:
+            self._cancel_when_submitted.discard(job.id)
+            asyncio.get_running_loop().create_task(self._scancel(slurm_id))
+
+    async def _scancel(self, slurm_id: str) -> None:
+        try:
+            await self.runner.run(["scancel", slurm_id])
+        except CommandError as exc:
+            log.warning("scancel %s: %s", slurm_id, exc.stderr)
+        self._wake.set()
 
     async def cancel(self, job_id: str) -> bool:
         for job in self._waiting:
@@ -217,6 +250,9 @@ class SlurmBackend(Backend):
                 self._waiting.remove(job)
                 self.on_change(Change(job_id, JobState.CANCELLED, reason="cancelled before Slurm took it"))
                 return True
+        if job_id in self._submitting:  # its sbatch is running now: cancel it as soon as Slurm names it
+            self._cancel_when_submitted.add(job_id)
+            return True
         tracked = self._tracked.get(job_id)
         if tracked is None:
             return False
@@ -225,21 +261,25 @@ class SlurmBackend(Backend):
         return True
 
     async def recover(self, job: Job, ref: str) -> Change | None:
-        """Find the job in Slurm by its tag: follow it, resubmit one that never reached Slurm, else LOST."""
-        if not ref and (self.folder(job.id) / "submitting").exists():
-            ref = await self._find_by_tag(job.id) or ""
+        """Follow a job with a Slurm id; one whose sbatch may have run is looked up by its tag before it is
+        sent again (at the first poll, when slurmctld answers); one that never reached sbatch is sent again."""
         if ref:
             self._tracked[job.id] = _Tracked(job, ref, job.state)
             return None
-        self._waiting.append(job)  # it never reached Slurm: it goes out at the next poll
+        if (self.folder(job.id) / "submitting").exists():
+            self._uncertain.add(job.id)
+        self._waiting.append(job)
         return None
 
     async def _find_by_tag(self, job_id: str) -> str | None:
         for entry in await self._squeue():
             if entry.get("comment") == TAG + job_id or entry.get("name") == job_id:
                 return str(entry["job_id"])
-        out = await self.runner.run(["sacct", "-c", "-n", "-P", f"--name={job_id}", "--format=JobID"], check=False)
-        ids = [x for x in out.stdout.split() if x.isdigit()]
+        # jobcomp/filetxt ignores sacct's --name filter: match the name here.
+        out = await self.runner.run(["sacct", "-c", "-n", "-P", f"--name={job_id}", "--format=JobID,JobName"],
+                                    check=False)
+        ids = [line.split("|")[0] for line in out.stdout.splitlines()
+               if line.count("|") == 1 and line.split("|")[1] == job_id and line.split("|")[0].isdigit()]
         return ids[-1] if ids else None
 
     async def ping(self) -> bool:
@@ -250,22 +290,31 @@ class SlurmBackend(Backend):
                 log.info("Slurm is reachable again")
             self._health = Health()
             return True
-        self._degraded(SchedulerUnavailable(["scontrol", "ping"], 1, out.stdout.strip().splitlines()[0]
-                                            if out.stdout.strip() else out.stderr.strip()))
+        first = out.stdout.strip().splitlines()[0] if out.stdout.strip() else out.stderr.strip()
+        self._degraded(SchedulerUnavailable(["scontrol", "ping"], 1, first or "no answer"))
         return False
 
     async def poll(self) -> None:
         """One round: send waiting jobs, then read states of the jobs in Slurm and report their changes."""
         if not await self.ping():
             return
-        waiting, self._waiting = self._waiting, []
-        for job in waiting:
-            await self._sbatch(job)
+        for _ in range(len(self._waiting)):
+            if not self._waiting or not self._health.ok:
+                break
+            job = self._waiting.pop(0)  # one at a time: a cancel meanwhile still finds the others
+            try:
+                await self._sbatch(job)
+            except BaseException:
+                self._waiting.insert(0, job)
+                raise
         if not self._tracked:
             return
+        tracked = list(self._tracked.items())  # judged against a squeue taken after this: none is missed
         queue = {str(e["job_id"]): e for e in await self._squeue()}
         gone = []
-        for job_id, t in list(self._tracked.items()):
+        for job_id, t in tracked:
+            if self._tracked.get(job_id) is not t:
+                continue
             entry = queue.get(t.slurm_id)
             if entry is None:
                 gone.append(t)

@@ -47,8 +47,8 @@ def test_bad_directives_name_the_line(line, words):
 
 
 def test_contradicting_directives():
-    with pytest.raises(sbatch.DirectiveError, match="line 3: #SBATCH -p=b contradicts line 2"):
-        sbatch.parse("#!/bin/sh\n#SBATCH -p a\n#SBATCH -p=b\n")
+    with pytest.raises(sbatch.DirectiveError, match="line 3: #SBATCH --partition=b contradicts line 2"):
+        sbatch.parse("#!/bin/sh\n#SBATCH -p a\n#SBATCH --partition=b\n")
 
 
 def test_gpu_spellings():
@@ -78,3 +78,8 @@ async def test_cli_refuses_a_flag_that_contradicts_the_script(fed, test_pki, tmp
     rc, _, err = await aifed("submit", *conn(fed, test_pki.user("antenna-a", "alice")), "-G", "2", str(script))
     assert rc == 2 and "line 2 sets gpus to 4, but the command line says 2" in err
     assert fed.antennas["antenna-a"].core.journal.count() == 0
+
+
+def test_attached_values_indentation_and_bare_gpu_like_sbatch():
+    d = sbatch.parse("#!/bin/sh\n#SBATCH -c4 -pgpu\n  #SBATCH -G 8\n#SBATCH --gres=gpu\n")
+    assert d.values == {"cpus": 4, "partition": "gpu", "gpus": 1}  # the indented line is not a directive

@@ -75,8 +75,60 @@ def test_status_exit_codes_and_gres():
 
 
 def test_directives_are_neutralized_and_a_shebang_added():
-    out = neutralize_directives("#SBATCH -p x\necho hi\n#SBATCH not-a-directive-anymore\n")
-    assert out.startswith("#!/bin/sh\n") and "\n#SBATCH" not in out and "echo hi" in out
+    out = neutralize_directives("#SBATCH -p x\n#PBS -J 0-3\n#BSUB -q x\necho hi\n#SBATCH not-a-directive-anymore\n")
+    assert out.startswith("#!/bin/sh\n") and "echo hi" in out
+    assert not any(line.startswith(("#SBATCH", "#PBS", "#BSUB")) for line in out.splitlines())
+
+
+async def test_a_cancel_during_sbatch_is_delivered_once_slurm_names_the_job(tmp_path):
+    import asyncio
+    runner = FakeRunner()
+
+    async def slow_sbatch(argv):
+        await asyncio.sleep(0.3)
+        return Result("31\n", "")
+
+    class SlowRunner(FakeRunner):
+        async def run(self, argv, **kw):
+            if argv[:2] == ["sbatch", "--parsable"]:
+                self.calls.append((list(argv), None))
+                return await slow_sbatch(argv)
+            return await super().run(argv, **kw)
+
+    runner = SlowRunner()
+    backend, changes = make(tmp_path, runner)
+    j = job(argv=("true",))
+    submitting = asyncio.create_task(backend.submit(j))
+    await asyncio.sleep(0.1)
+    assert await backend.cancel(j.id)
+    await submitting
+    await asyncio.sleep(0.1)
+    assert ["scancel", "31"] in [a for a, _ in runner.calls]
+
+
+async def test_an_unanswered_sbatch_is_looked_up_before_it_is_sent_again(tmp_path):
+    runner = FakeRunner()
+    runner.on("sbatch --parsable", SchedulerUnavailable(["sbatch"], -9, "timed out after 30s"))
+    backend, changes = make(tmp_path, runner)
+    j = job(argv=("true",))
+    await backend.submit(j)
+    runner.rules = [("scontrol ping", Result("Slurmctld(primary) at vm is UP\n", "")),
+                    ("squeue --json", squeue({"job_id": 77, "job_state": "RUNNING", "comment": f"aifed:{j.id}",
+                                              "name": j.id})),
+                    ("sbatch --parsable", Result("78\n", ""))]
+    await backend.poll()
+    assert changes[0].ref == "77"  # adopted, not submitted twice
+    assert sum(1 for a, _ in runner.calls if a[:2] == ["sbatch", "--parsable"]) == 1
+
+
+async def test_sacct_name_filter_is_checked_here(tmp_path):
+    """jobcomp/filetxt ignores --name: an unrelated job must never be adopted."""
+    runner = FakeRunner()
+    runner.on("squeue --json", squeue())
+    runner.on("sacct", Result("48|someone-else\n49|antenna-a-abc123\n", ""))
+    backend, _ = make(tmp_path, runner)
+    assert await backend._find_by_tag("antenna-a-abc123") == "49"
+    assert await backend._find_by_tag("antenna-a-zzz") is None
 
 
 async def test_sbatch_argv_carries_the_request_and_the_tag_and_no_shell(tmp_path):
@@ -88,12 +140,15 @@ async def test_sbatch_argv_carries_the_request_and_the_tag_and_no_shell(tmp_path
     await backend.submit(j)
     argv, env = runner.calls[-1]
     folder = tmp_path / j.id
-    assert argv[:3] == ["sbatch", "--parsable", f"--job-name={j.id}"]
+    assert argv[:4] == ["sbatch", "--parsable", "--ignore-pbs", f"--job-name={j.id}"]
+    assert f"--export-file={folder / 'job.env'}" in argv and "--export=AIFED_JOB_ID" in argv
     assert {f"--comment=aifed:{j.id}", "--partition=gpu", "--time=01:30:00", "--cpus-per-task=4", "--gres=gpu:2",
             "--mem=2048M", "--account=acct_x", f"--output={folder / 'stdout'}"} <= set(argv)
     assert argv[-4:] == [str(folder / "job.sh"), "python", "train.py", "; rm -rf /"]  # arguments, not shell text
     assert (folder / "job.sh").read_text().endswith('exec "$@"\n')
-    assert env["HF_HOME"] == "/data" and env["AIFED_JOB_ID"] == j.id
+    assert env is None  # sbatch runs in the runner's clean environment; the user's variables go in a file
+    job_env = dict(kv.split("=", 1) for kv in (folder / "job.env").read_text().split("\0") if kv)
+    assert job_env["HF_HOME"] == "/data" and job_env["AIFED_JOB_ID"] == j.id and job_env["HOME"] == str(folder)
     assert changes[-1].state is JobState.QUEUED and changes[-1].ref == "4242"
 
 
@@ -153,18 +208,23 @@ async def test_vanished_job_is_lost_and_squeue_errors_mean_unavailable(tmp_path)
 
 async def test_recover_finds_a_submitted_job_by_its_tag_and_resubmits_one_that_never_went(tmp_path):
     runner = FakeRunner()
+    runner.on("sacct", Result("", ""))
     runner.on("squeue --json", squeue({"job_id": 55, "job_state": "PENDING", "comment": "aifed:antenna-a-abc123",
                                        "name": "antenna-a-abc123"}))
     backend, changes = make(tmp_path, runner)
+    runner.on("scontrol ping", Result("Slurmctld(primary) at vm is UP\n", ""))
+    runner.on("sbatch --parsable", Result("56\n", ""))
     j = job(argv=("true",))
     (tmp_path / j.id).mkdir()
     (tmp_path / j.id / "submitting").write_bytes(b"")
     assert await backend.recover(j, "") is None
-    assert backend._tracked[j.id].slurm_id == "55"
     other = Job(id="antenna-a-never1", spec=j.spec, state=JobState.QUEUED, partition="gpu")
     assert await backend.recover(other, "") is None
-    assert [w.id for w in backend._waiting] == ["antenna-a-never1"]  # no mark: it never reached sbatch
-    assert not any(a[:2] == ["sbatch", "--parsable"] for a, _ in runner.calls)
+    assert not runner.calls  # nothing asked of Slurm before the first poll: slurmctld may be down at start
+    await backend.poll()
+    assert backend._tracked[j.id].slurm_id == "55"  # found by its tag
+    assert any(c.job_id == "antenna-a-never1" and c.ref == "56" for c in changes)  # no mark: sent now
+    assert sum(1 for a, _ in runner.calls if a[:2] == ["sbatch", "--parsable"]) == 1
 
 
 async def test_estimates_are_parsed_and_cached(tmp_path):
