@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -220,10 +221,13 @@ class LocalBackend(Backend):
                 "CUDA_VISIBLE_DEVICES": ",".join(map(str, task.slots)),
             })
             (folder / "launched").write_bytes(b"")
+            # subprocess.Popen (vfork/exec: about 1 ms), not the event loop's subprocess API: forking the daemon
+            # from uvloop costs tens of ms, and an asyncio subprocess transport kills its child when it is
+            # closed, so a job would die with a stopping hub instead of being taken back by the next one.
             with open(folder / "stdout", "wb") as out, open(folder / "stderr", "wb") as err:
-                child = await asyncio.create_subprocess_exec(
-                    "/bin/sh", "-c", _WRAPPER, "aifed-job", *argv, cwd=folder, env=env,
-                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+                child = subprocess.Popen(
+                    ["/bin/sh", "-c", _WRAPPER, "aifed-job", *argv], cwd=folder, env=env,
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
         except OSError as exc:
             self._release(task)
             self.on_change(Change(job.id, JobState.FAILED, reason=f"could not start the job: {exc}"))
@@ -235,7 +239,7 @@ class LocalBackend(Backend):
         self.on_change(Change(job.id, JobState.RUNNING, ref=ref))
         await self._follow(task, child)
 
-    async def _follow(self, task: _Task, child: asyncio.subprocess.Process | None) -> None:
+    async def _follow(self, task: _Task, child: subprocess.Popen | None) -> None:
         """Wait for the job to end (as our child, or by polling a taken-back pid), enforcing walltime.
 
         The job has ended when its wrapper has exited and no process of its group is left: stragglers get the
@@ -267,22 +271,22 @@ class LocalBackend(Backend):
     def _next_deadline(self, task: _Task) -> float:
         return task.kill_at if task.kill_at else task.started + task.walltime_s
 
-    async def _wrapper_exited(self, task: _Task, child: asyncio.subprocess.Process | None, timeout: float) -> bool:
-        """Wait up to `timeout` (or until woken by a cancel) for the job's wrapper to exit."""
+    async def _wrapper_exited(self, task: _Task, child: subprocess.Popen | None, timeout: float) -> bool:
+        """Wait up to `timeout` (polling; woken early by a cancel) for the job's wrapper to exit."""
         task.wake.clear()
-        if child is None:
-            if not _is_our_process(task.pid, task.job.id):
-                return True
-            timeout = min(timeout, self.poll_s)
-        waits = [asyncio.ensure_future(task.wake.wait())]
-        if child is not None:
-            waits.append(asyncio.ensure_future(child.wait()))
+        if self._exited(task, child):
+            return True
         try:
-            await asyncio.wait(waits, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-        return child is not None and child.returncode is not None
+            await asyncio.wait_for(task.wake.wait(), max(0.0, min(timeout, self.poll_s)))
+        except asyncio.TimeoutError:
+            pass
+        return self._exited(task, child)
+
+    @staticmethod
+    def _exited(task: _Task, child: subprocess.Popen | None) -> bool:
+        if child is not None:
+            return child.poll() is not None  # also reaps it
+        return not _is_our_process(task.pid, task.job.id)
 
     def _terminate(self, task: _Task) -> None:
         """SIGTERM to the job's process group now (or as soon as it has one); SIGKILL after the grace period."""
