@@ -22,6 +22,7 @@ import orjson
 
 from certs import pki
 from federation.identity import Role
+from federation.net import free_port
 
 FEDERATION = "bench.test"
 
@@ -29,13 +30,6 @@ FEDERATION = "bench.test"
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _squeue_tagged(env: dict) -> int:
@@ -71,7 +65,7 @@ async def run_federation(env: dict, jobs: int, root: Path, in_flight: int = 16) 
     pki.init_ca(p, FEDERATION)
     hub, antenna = pki.issue(p, Role.HUB, "hub1"), pki.issue(p, Role.ANTENNA, "antenna1")
     user = pki.issue(p, Role.USER, "antenna1", "bench")
-    hub_port, antenna_port = _free_port(), _free_port()
+    hub_port, antenna_port = free_port(), free_port()
     tls = lambda i: f'[tls]\nca = "{p / "ca.pem"}"\ncert = "{i.cert}"\nkey = "{i.key}"\n'  # noqa: E731
     hub_cfg = _write(root / "hub.toml", f'''[hub]
 site = "hub1"

@@ -13,7 +13,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import orjson
 
 from certs import pki
 from federation.identity import Role
+from federation.net import free_port
 
 FEDERATION = "eurohpc.demo"
 HUBS = {
@@ -32,12 +32,6 @@ HUBS = {
 }
 ANTENNAS = {"antenna-si": ["leonardo", "lumi", "marenostrum5"], "antenna-ch": ["lumi", "marenostrum5"]}
 USERS = [("antenna-si", "alice"), ("antenna-ch", "bob")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_configs(root: Path) -> dict[str, Path]:

@@ -10,9 +10,9 @@ import time
 
 import orjson
 
+from federation.cli import EXIT_CONFIG, EXIT_UNREACHABLE as EXIT_START
 from federation.errors import ConfigError
 
-EXIT_CONFIG, EXIT_START = 3, 4
 log = logging.getLogger("aifed")
 
 

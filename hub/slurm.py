@@ -113,6 +113,7 @@ class SlurmBackend(Backend):
         self._tracked: dict[str, _Tracked] = {}            # job id -> its Slurm job
         self._waiting: list[Job] = []                       # not yet accepted by Slurm (controller down)
         self._usage: dict[str, PartitionUsage] = {}
+        self._slurm_partitions: set[str] | None = None  # as sinfo last reported them
         self._estimates: dict[tuple[str, int, int], tuple[float, float]] = {}  # shape -> (at, start time)
         self._health = Health()
         self._tasks: list[asyncio.Task] = []
@@ -125,14 +126,12 @@ class SlurmBackend(Backend):
 
     async def start(self) -> None:
         """Check that Slurm has every partition the hub declares (when slurmctld answers), then follow it."""
-        if await self.ping():
-            nodes = (await self._json(["sinfo", "--json"])).get("nodes", [])
-            known = {p for n in nodes for p in (n.get("partitions") or [])}
-            missing = sorted(set(self.partitions) - known)
-            if missing:
-                raise RuntimeError(f"Slurm has no partition {', '.join(missing)} (it has: {', '.join(sorted(known))}); "
-                                   "fix [[partitions]] in the hub's config")
         await self._guarded(self.refresh_capacity)
+        known = self._slurm_partitions
+        missing = sorted(set(self.partitions) - known) if known is not None else []
+        if missing:
+            raise RuntimeError(f"Slurm has no partition {', '.join(missing)} (it has: {', '.join(sorted(known))}); "
+                               "fix [[partitions]] in the hub's config")
         self._tasks = [asyncio.create_task(self._poll_loop(), name="slurm poll"),
                        asyncio.create_task(self._capacity_loop(), name="slurm capacity")]
 
@@ -377,6 +376,7 @@ class SlurmBackend(Backend):
         if not await self.ping():
             return
         nodes = (await self._json(["sinfo", "--json"])).get("nodes", [])
+        self._slurm_partitions = {p for n in nodes for p in (n.get("partitions") or [])}
         jobs = await self._squeue()
         usage = {}
         for name in self.partitions:

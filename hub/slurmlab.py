@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from federation.net import free_port
+
 REQUIRED = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "sacct", "scancel", "scontrol")
 
 
@@ -25,12 +27,6 @@ class SlurmLabError(RuntimeError):
 
 def missing_programs() -> list[str]:
     return [p for p in REQUIRED if shutil.which(p) is None and not Path("/usr/sbin", p).exists()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _program(name: str) -> str:
@@ -70,8 +66,8 @@ class SlurmLab:
         self.conf.write_text(f"""# Private single-node cluster written by aifed's hub/slurmlab.py
 ClusterName=aifedlab
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={r / 'munge.sock'}
