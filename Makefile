@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: all install services demo test proto proto-check clean
+.PHONY: all install services demo test fuzz proto proto-check clean
 
 all: test
 
@@ -25,6 +25,9 @@ services:  ## install Slurm and munge if missing (the tests start private instan
 
 test: $(STAMP) services  ## the whole suite (installs what the tests need; they start it)
 	$(BIN)/python -m pytest -q
+
+fuzz: $(STAMP)  ## property-based fuzzing with thousands of examples (tests/test_fuzz.py, hypothesis profile "long")
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 proto: $(STAMP)  ## regenerate federation/pb from proto/
 	$(BIN)/python proto/generate.py

@@ -1,4 +1,13 @@
-"""The antenna's core: accept users' jobs durably, place them, forward them, follow them to the end."""
+"""The antenna's core: accept users' jobs durably, place them, forward them, follow them to the end.
+
+The work is done in batches, by a few long-lived tasks rather than one task per job:
+- submissions are journaled by group commit (many callers, one transaction, each answered once it is on disk);
+- the placer chooses a hub for each accepted job, a whole batch at a time, and journals the choice before any
+  forward (a restarted antenna never sends one job to two hubs);
+- one forwarder per hub sends placed jobs in batches (`ForwardJobs`, the job id as idempotency key), and
+  resends a batch whose outcome is unknown until the hub answers;
+- one follower per hub reads the hub's change feed (`WatchChanges`) from the last position journaled here.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +15,20 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 
 import grpc
 
 from federation import convert
 from federation.config import AntennaConfig
-from federation.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from federation.errors import AifedError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from federation.identity import Identity
-from federation.journal import Journal
-from federation.model import Job, JobSpec, JobState, Transition
+from federation.journal import Journal, Tx, purge_forever
+from federation.model import FINAL_STATES, Job, JobSpec, JobState, Transition
 from federation.pb import hub_pb2, jobs_pb2
+from federation.sbatch import parse_array
 from federation.watch import Signal, Topics
 from antenna.placement import Verdict, rank, why_not
 from antenna.sites import HubSite
@@ -28,9 +39,23 @@ log = logging.getLogger(__name__)
 REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
             grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.UNAUTHENTICATED}
 ANTENNA_STATES = (JobState.PENDING,)
+HUB_STATES = tuple(s for s in JobState if s is not JobState.PENDING and s not in FINAL_STATES)
 MAX_REQUEST_ID = 200
+MAX_SUBMIT = 10_000       # jobs per SubmitJobs call, arrays expanded
 ESTIMATE_TIMEOUT_S = 3.0
+FORWARD_BATCH = 1000      # jobs per ForwardJobs call
+FORWARD_IN_FLIGHT = 2     # ForwardJobs calls in flight per hub
+PLACE_BATCH = 2000
 CANCEL_OWED = "cancel-owed"  # backend_ref of a job cancelled here whose hub may have it: the hub must be told
+
+
+@dataclass
+class Submission:
+    """One entry of a submit call: a spec, the caller's optional request id, an optional array."""
+
+    spec: JobSpec
+    request_id: str = ""
+    array: str = ""
 
 
 class AntennaCore:
@@ -42,26 +67,41 @@ class AntennaCore:
         self.sites_changed = Signal()
         self.sites = {h.site: HubSite(h, config.tls, self.sites_changed) for h in config.hubs}
         self.jobs: Topics[Job] = Topics()
-        self._drivers: dict[str, asyncio.Task] = {}
         self.retry_max_s = 5.0
+        self._unplaced: dict[str, None] = {}             # job ids waiting for a hub to be chosen, oldest first
+        self._outbox: dict[str, dict[str, None]] = {s: {} for s in self.sites}  # placed, not yet acknowledged
+        self._wake_placer = asyncio.Event()
+        self._wake_forwarder = {s: asyncio.Event() for s in self.sites}
+        self._tasks: list[asyncio.Task] = []
+        self._cancels: dict[str, asyncio.Task] = {}
+        self.forwarded = 0  # jobs a hub has acknowledged since start (for benchmarks and metrics)
 
     async def start(self) -> None:
         for site in self.sites.values():
             site.start()
-        for job, _ in self.journal.unfinished():
+        for job, ref in self.journal.unfinished():
             if job.site and job.site not in self.sites:
                 self._record(job.moved(JobState.LOST, f"hub {job.site} is no longer in this antenna's configuration"))
-                continue
-            log.info("resuming job %s (%s) after restart", job.id, job.state.name)
-            self._drive(job.id)
+            elif job.state is JobState.PENDING:
+                log.info("resuming job %s after restart", job.id)
+                self._queue(job)
         for job in self.journal.with_ref(CANCEL_OWED):
-            self._drive(job.id)
+            self._deliver_cancel_later(job.id)
+        self._spawn(self._placer(), "placer")
+        for site in self.sites:
+            for i in range(FORWARD_IN_FLIGHT):
+                self._spawn(self._forwarder(site), f"forward {site} {i}")
+            self._spawn(self._follower(site), f"follow {site}")
+        self._spawn(purge_forever(self.journal, self.config.retention_s), "purge")
+
+    def _spawn(self, coro, name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def close(self) -> None:
-        drivers = list(self._drivers.values())
-        for task in drivers:
+        tasks = [*self._tasks, *self._cancels.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*drivers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for site in self.sites.values():
             await site.close()
         self.journal.close()
@@ -70,33 +110,89 @@ class AntennaCore:
 
     async def submit(self, who: Identity, spec: JobSpec, request_id: str = "") -> Job:
         """Validate, check that some hub could run it, journal it PENDING (durably), then acknowledge."""
+        outcome = (await self.submit_many(who, [Submission(spec, request_id)]))[0]
+        if isinstance(outcome, AifedError):
+            raise outcome
+        return outcome[0]
+
+    async def submit_many(self, who: Identity, entries: list[Submission]) -> list[list[Job] | AifedError]:
+        """Submit many jobs in one group commit. Per entry, its jobs (an array's in index order) or why it was
+        refused: a refused entry never stops the others."""
+        prepared: list[list[tuple[Job, str | None]] | AifedError] = []
+        total = 0
+        for entry in entries:
+            try:
+                jobs = self._prepare(who, entry)
+                total += len(jobs)
+                if total > MAX_SUBMIT:
+                    raise InvalidArgument(f"at most {MAX_SUBMIT} jobs per call, arrays counted in full")
+                prepared.append(jobs)
+            except AifedError as exc:
+                prepared.append(exc)
+
+        def store(tx: Tx) -> list[list[tuple[Job, bool]] | AifedError]:
+            out: list[list[tuple[Job, bool]] | AifedError] = []
+            for item in prepared:
+                out.append(item if isinstance(item, AifedError) else [tx.insert(job, key) for job, key in item])
+            return out
+
+        results: list[list[Job] | AifedError] = []
+        created = 0
+        for item in await self.journal.commit(store):
+            if isinstance(item, AifedError):
+                results.append(item)
+                continue
+            results.append([job for job, _ in item])
+            for job, new in item:
+                if new:
+                    created += 1
+                    self._queue(job)
+        if created:
+            log.info("accepted %d job(s) from %s", created, who.uri)
+        return results
+
+    def _prepare(self, who: Identity, entry: Submission) -> list[tuple[Job, str | None]]:
+        """The jobs (with their idempotency keys) that one entry asks for, checked; nothing stored yet."""
+        spec, request_id = entry.spec, entry.request_id
         if len(request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
-        key = f"{who.uri}#{request_id}" if request_id else None
-        if key and (first := self.journal.by_key(key)) is not None:
-            return first
+        if spec.array_job or spec.array_task:
+            raise InvalidArgument("array_job and array_task are set by the antenna; ask for an array instead")
+        indices = [None]
+        if entry.array:
+            try:
+                indices = parse_array(entry.array, MAX_SUBMIT)
+            except ValueError as exc:
+                raise InvalidArgument(f"array {entry.array[:80]!r}: {exc}") from None
         spec.validate()
-        self.precheck(spec)
+        site = self.precheck(spec)
         now = time.time()
-        job = Job(id=f"{self.config.site}-{secrets.token_hex(6)}", spec=spec, state=JobState.PENDING,
-                  owner=who.uri, antenna=self.config.site, created_at=now, updated_at=now,
-                  reason="waiting to be forwarded",
-                  history=(Transition(JobState.PENDING, now, "accepted by the antenna"),))
-        stored, created = self.journal.insert(job, key)
-        if created:
-            log.info("accepted job %s from %s", job.id, who.uri)
-            self._drive(stored.id)
-        return stored
+        array_id = f"{self.config.site}-{secrets.token_hex(6)}" if entry.array else ""
+        jobs = []
+        for index in indices:
+            key = f"{who.uri}#{request_id}" if request_id else None
+            task_spec = spec
+            if index is not None:
+                task_spec = replace(spec, array_job=array_id, array_task=index)
+                key = f"{key}#{index}" if key else None
+            jobs.append((Job(id=f"{self.config.site}-{secrets.token_hex(6)}", spec=task_spec, state=JobState.PENDING,
+                             owner=who.uri, antenna=self.config.site, site=site, created_at=now, updated_at=now,
+                             reason=f"forwarding to {site}" if site else "waiting to be forwarded",
+                             history=(Transition(JobState.PENDING, now, "accepted by the antenna"),)), key))
+        return jobs
 
-    def precheck(self, spec: JobSpec) -> None:
-        """Refuse now a job that no known hub could ever run, so users are never rejected late."""
+    def precheck(self, spec: JobSpec) -> str:
+        """Refuse now a job that no known hub could ever run, so users are never rejected late.
+
+        Return the hub to forward it to when that needs no choice: the job names its hub, or this antenna has
+        a single hub and it fits; otherwise "" and the placer chooses."""
         if spec.site and spec.site not in self.sites:
             raise NotFound(f"no hub site {spec.site!r} in this federation; known sites: "
                            + ", ".join(sorted(self.sites)))
         candidates = [self.sites[spec.site]] if spec.site else list(self.sites.values())
         known = [s for s in candidates if s.advert is not None]
         if not known:
-            return  # nothing known yet: the job waits until a hub is heard from
+            return ""  # nothing known yet: the job waits until a hub is heard from
         reasons = {s.site: why_not(spec, s.advert) for s in known}
         if all(reasons.values()):
             if spec.partition and all("has no partition" in r for r in reasons.values()):
@@ -104,6 +200,9 @@ class AntennaCore:
                     sorted({f"{p.name}@{s.site}" for s in known for p in s.advert.partitions})))
             raise FailedPrecondition("no hub can run this job: " + "; ".join(
                 f"{site} {why}" for site, why in sorted(reasons.items())))
+        if len(candidates) == 1 and candidates[0].fresh:
+            return candidates[0].site
+        return ""
 
     def get(self, who: Identity, job_id: str) -> Job:
         job = self.journal.get(job_id)
@@ -119,12 +218,12 @@ class AntennaCore:
         if job.final:
             raise FailedPrecondition(f"job {job_id} has already ended ({job.state.name}); nothing to cancel")
         if job.state is JobState.PENDING:
-            # Recorded first: the driver never forwards a cancelled job. If a forward may already have reached the
-            # hub, the cancel is owed to the hub too, and the driver delivers it until the hub confirms.
+            # Recorded first: a cancelled job is never forwarded. If a forward may already have reached the
+            # hub, the cancel is owed to the hub too, and it is delivered until the hub confirms.
             job = self._record(job.moved(JobState.CANCELLED, "cancelled before it reached a hub"),
                                ref=CANCEL_OWED if job.site else "")
             if job.site:
-                self._drive(job.id)
+                self._deliver_cancel_later(job.id)
             return job
         site = self._site_of(job)
         try:
@@ -159,82 +258,99 @@ class AntennaCore:
             raise FailedPrecondition(f"job {job.id} ran at hub {job.site}, which this antenna no longer knows")
         return site
 
-    # -- forwarding and following ----------------------------------------------------------------
+    # -- journaling ------------------------------------------------------------------------------
 
     def _record(self, job: Job, ref: str | None = None, from_hub: bool = False) -> Job:
-        """Journal and publish a change. A final state is kept, unless the hub that ran the job says otherwise:
-        a stale write (a placement or refusal decided before a cancel) never replaces it."""
-        current = self.journal.get(job.id)
-        if current is not None and current.final and not (from_hub and job.final):
-            return current
-        self.journal.update(job, backend_ref=ref)
-        self.jobs.publish(job.id, job)
-        return job
+        """Journal and publish one change (see `_apply`)."""
+        stored = self.journal.write(lambda tx: _apply(tx, job, ref, from_hub))
+        if stored is not None:
+            self.jobs.publish(stored.id, stored)
+            return stored
+        return self.journal.get(job.id) or job
 
-    def _drive(self, job_id: str) -> None:
-        if job_id in self._drivers:
-            return
-        task = asyncio.create_task(self._drive_job(job_id), name=f"drive {job_id}")
-        self._drivers[job_id] = task
-        task.add_done_callback(lambda t: self._drivers.pop(job_id, None))
+    async def _commit_changes(self, changes: Callable[[Tx], list[Job]]) -> list[Job]:
+        """Run `changes` in a group commit and publish the jobs it changed."""
+        changed = await self.journal.commit(changes)
+        for job in changed:
+            self.jobs.publish(job.id, job)
+        return changed
 
-    async def _drive_job(self, job_id: str) -> None:
-        backoff = 0.2
+    def _queue(self, job: Job) -> None:
+        """Hand a PENDING job to the placer, or to its hub's forwarder once it has a hub."""
+        if job.site:
+            if job.site in self._outbox:
+                self._outbox[job.site][job.id] = None
+                self._wake_forwarder[job.site].set()
+        else:
+            self._unplaced[job.id] = None
+            self._wake_placer.set()
+
+    # -- placing ---------------------------------------------------------------------------------
+
+    async def _placer(self) -> None:
         while True:
-            job = self.journal.get(job_id)
-            if job is None:
-                return
+            if not self._unplaced:
+                self._wake_placer.clear()
+                await self._wake_placer.wait()
+            version = self.sites_changed.version
+            ids = _take(self._unplaced, PLACE_BATCH)
             try:
-                if job.final:
-                    if self.journal.backend_ref(job_id) == CANCEL_OWED:
-                        await self._deliver_cancel(job)
-                    return
-                if job.state is JobState.PENDING and not job.site:
-                    await self._place(job)
-                elif job.state is JobState.PENDING:
-                    await self._forward(job)
-                else:
-                    await self._follow(job)
-                backoff = 0.2
-                continue
-            except asyncio.CancelledError:
-                raise
-            except grpc.aio.AioRpcError as exc:
-                log.warning("job %s: hub %s: %s: %s; retrying in %.1fs", job_id, job.site, exc.code().name,
-                            exc.details(), backoff)
+                waiting = await self._place(ids)
             except Exception:
-                log.exception("job %s: unexpected failure; retrying in %.1fs", job_id, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.retry_max_s)
+                log.exception("placing %d job(s) failed; retrying", len(ids))
+                waiting = ids
+            if waiting:
+                self._unplaced.update(dict.fromkeys(waiting))
+                if len(waiting) == len(ids):  # nothing could be placed: wait for news from the hubs
+                    await self.sites_changed.wait_past(version, 2.0)
 
-    async def _deliver_cancel(self, job: Job) -> None:
-        """Tell the hub a job it may have received is cancelled; it keeps the cancel even if the job arrives later."""
-        try:
-            remote = await self._site_of(job).stub.CancelJob(jobs_pb2.JobRef(job_id=job.id), timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in REFUSALS:
-                raise
-            remote = None  # already ended there: nothing to cancel
-        if remote is not None and remote.state != JobState.CANCELLED:
-            log.info("job %s: hub %s says %s after the cancel", job.id, job.site, JobState(remote.state).name)
-        self.journal.update(self.journal.get(job.id) or job, backend_ref="")
-
-    async def _place(self, job: Job) -> None:
-        """Choose the hub with the earliest estimated start, and record the choice before forwarding."""
-        verdicts = await self.verdicts(job.spec)
-        if verdicts and not any(v.fits or v.transient for v in verdicts):
-            self._record(job.moved(JobState.FAILED, "no hub can run this job: " + "; ".join(
-                f"{v.site} {v.reason}" for v in verdicts)))
-            return
+    async def _place(self, ids: list[str]) -> list[str]:
+        """Choose a hub for each job, a decision per distinct job shape; return the ids that must wait."""
+        jobs = self.journal.get_many(ids)
+        groups: dict[tuple, list[Job]] = defaultdict(list)
+        for job_id in ids:
+            job = jobs.get(job_id)
+            if job is None or job.state is not JobState.PENDING:
+                continue
+            if job.site:
+                self._queue(job)
+                continue
+            s = job.spec
+            groups[(s.gpus, s.cpus, s.walltime_s, s.partition, s.access_mode, s.site)].append(job)
+        decisions: list[tuple[str, JobState, str, str]] = []  # (job id, state, site, reason)
+        waiting: list[str] = []
         free = {s.site: max((p.gpus_free for p in s.advert.partitions), default=0)
                 for s in self.sites.values() if s.advert is not None}
-        ranked = rank(verdicts, free)
-        if not ranked:
-            await self.sites_changed.wait_past(self.sites_changed.version, 2.0)
-            return
-        chosen = ranked[0]
-        self._record(replace(job.moved(JobState.PENDING), site=chosen.site,
-                             reason=f"forwarding to {chosen.site} (estimated wait {chosen.wait_s:.0f}s)"))
+        for group in groups.values():
+            verdicts = await self.verdicts(group[0].spec)
+            if verdicts and not any(v.fits or v.transient for v in verdicts):
+                reason = "no hub can run this job: " + "; ".join(f"{v.site} {v.reason}" for v in verdicts)
+                decisions += [(job.id, JobState.FAILED, "", reason) for job in group]
+                continue
+            ranked = rank(verdicts, free)
+            if not ranked:
+                waiting += [job.id for job in group]
+                continue
+            chosen = ranked[0]
+            reason = f"forwarding to {chosen.site} (estimated wait {chosen.wait_s:.0f}s)"
+            decisions += [(job.id, JobState.PENDING, chosen.site, reason) for job in group]
+
+        def apply(tx: Tx) -> list[Job]:
+            out = []
+            for job_id, state, site, reason in decisions:
+                current = tx.get(job_id)
+                if current is None or current.final or current.site:
+                    continue  # cancelled (or placed) meanwhile
+                job = current.moved(state, reason) if state is JobState.FAILED else \
+                    replace(current, site=site, reason=reason, updated_at=time.time())
+                tx.update(job)
+                out.append(job)
+            return out
+
+        for job in await self._commit_changes(apply):
+            if not job.final:
+                self._queue(job)
+        return waiting
 
     async def verdicts(self, spec: JobSpec) -> list[Verdict]:
         """Each candidate hub with the reason it cannot take the job, or its estimated wait."""
@@ -267,36 +383,180 @@ class AntennaCore:
 
         return list(await asyncio.gather(*(judge(s) for s in candidates)))
 
-    async def _forward(self, job: Job) -> None:
-        site = self._site_of(job)
-        request = hub_pb2.ForwardJobRequest(idempotency_key=job.id, job=convert.job_to_pb(job))
+    # -- forwarding ------------------------------------------------------------------------------
+
+    async def _forwarder(self, site_name: str) -> None:
+        """Send this hub's placed jobs in batches until each is acknowledged or refused."""
+        site, outbox, wake = self.sites[site_name], self._outbox[site_name], self._wake_forwarder[site_name]
+        backoff = 0.2
+        while True:
+            if not outbox:
+                wake.clear()
+                await wake.wait()
+            ids = _take(outbox, FORWARD_BATCH)
+            try:
+                await self._forward(site, ids)
+                backoff = 0.2
+                continue
+            except grpc.aio.AioRpcError as exc:
+                log.warning("hub %s: forwarding %d job(s): %s: %s; retrying in %.1fs", site_name, len(ids),
+                            exc.code().name, exc.details(), backoff)
+            except Exception:
+                log.exception("hub %s: forwarding %d job(s) failed; retrying in %.1fs", site_name, len(ids), backoff)
+            # The outcome is unknown: the same jobs go again, first, with the same keys.
+            later = dict(outbox)
+            outbox.clear()
+            outbox.update(dict.fromkeys(ids))
+            outbox.update(later)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.retry_max_s)
+
+    async def _forward(self, site: HubSite, ids: list[str]) -> None:
+        jobs = [j for j in self.journal.get_many(ids).values()
+                if j.state is JobState.PENDING and j.site == site.site]
+        if not jobs:
+            return
+        request = hub_pb2.ForwardJobsRequest(jobs=[
+            hub_pb2.ForwardJobRequest(idempotency_key=job.id, job=convert.job_to_pb(job)) for job in jobs])
         try:
-            response = await site.stub.ForwardJob(request, timeout=30)
+            response = await site.stub.ForwardJobs(request, timeout=60)
+            outcomes = [(r.job_id, r.error.message if r.HasField("error") else None,
+                         convert.job_from_pb(r.job) if r.HasField("job") else None) for r in response.results]
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in REFUSALS:
-                raise  # the outcome is unknown: retry the same hub with the same key
-            self._record(job.moved(JobState.FAILED, f"hub {site.site} refused the job: {exc.details()}"))
-            return
-        current = self.journal.get(job.id) or job
-        self._record(_merge(current, convert.job_from_pb(response.job)), from_hub=True)
-        log.info("job %s forwarded to %s%s", job.id, site.site, " (already there)" if response.duplicate else "")
+                raise  # the outcome is unknown: retried with the same keys
+            outcomes = [(job.id, exc.details(), None) for job in jobs]
 
-    async def _follow(self, job: Job) -> None:
-        site = self._site_of(job)
-        try:
-            async for update in site.stub.WatchJob(jobs_pb2.JobRef(job_id=job.id)):
-                current = self.journal.get(job.id) or job
-                merged = _merge(current, convert.job_from_pb(update))
-                if merged != current:
-                    merged = self._record(merged, from_hub=True)
-                if merged.final:
-                    return
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                self._record((self.journal.get(job.id) or job).moved(
-                    JobState.LOST, f"hub {site.site} no longer knows this job"))
-                return
-            raise
+        def apply(tx: Tx) -> list[Job]:
+            out = []
+            for job_id, refusal, remote in outcomes:
+                current = tx.get(job_id)
+                if current is None:
+                    continue
+                if refusal is not None:
+                    job = current.moved(JobState.FAILED, f"hub {site.site} refused the job: {refusal}")
+                    if (stored := _apply(tx, job, None, False)) is not None:
+                        out.append(stored)
+                elif remote is not None and (stored := _apply(tx, _merge(current, remote), None, True)) is not None:
+                    out.append(stored)
+            return out
+
+        await self._commit_changes(apply)
+        accepted = sum(1 for _, refusal, _ in outcomes if refusal is None)
+        self.forwarded += accepted
+        log.info("hub %s acknowledged %d job(s)%s", site.site, accepted,
+                 f", refused {len(outcomes) - accepted}" if accepted < len(outcomes) else "")
+
+    # -- following -------------------------------------------------------------------------------
+
+    async def _follower(self, site_name: str) -> None:
+        """Apply this hub's change feed, from the position journaled here, for as long as the antenna runs."""
+        site = self.sites[site_name]
+        backoff = 0.2
+        while True:
+            try:
+                await self._follow(site)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    log.warning("hub %s: change feed: %s: %s; reconnecting in %.1fs", site_name, exc.code().name,
+                                exc.details(), backoff)
+            except Exception:
+                log.exception("hub %s: change feed failed; reconnecting in %.1fs", site_name, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.retry_max_s)
+
+    async def _follow(self, site: HubSite) -> None:
+        cursor_key = f"feed/{site.site}"
+        epoch, _, after = self.journal.meta(cursor_key, ":0").partition(":")
+        # Jobs this hub has acknowledged and not finished: a feed that starts over (a new hub journal) must
+        # mention each; those it does not mention are lost there.
+        expected = {j.id for j in self.journal.list(states=HUB_STATES, limit=10**9) if j.site == site.site}
+        restart: set[str] | None = None
+        async for batch in site.stub.WatchChanges(hub_pb2.WatchChangesRequest(epoch=epoch, after=int(after)),
+                                                  wait_for_ready=True):
+            if batch.epoch != epoch:
+                log.info("hub %s: following its change feed from the start (journal %s)", site.site, batch.epoch)
+                epoch, restart = batch.epoch, set()
+            remote = [convert.job_from_pb(j) for j in batch.jobs]
+            lost: list[str] = []
+            if restart is not None:
+                restart.update(j.id for j in remote)
+                if batch.caught_up:
+                    lost, restart = sorted(expected - restart), None
+
+            def apply(tx: Tx, remote=remote, lost=lost, position=f"{batch.epoch}:{batch.sequence}") -> list[Job]:
+                out = []
+                for job in remote:
+                    current = tx.get(job.id)
+                    if current is not None and current.site == site.site:
+                        merged = _merge(current, job)
+                        if merged != current and (stored := _apply(tx, merged, None, True)) is not None:
+                            out.append(stored)
+                for job_id in lost:
+                    current = tx.get(job_id)
+                    if current is not None and not current.final and current.state is not JobState.PENDING:
+                        job = current.moved(JobState.LOST, f"hub {site.site} no longer knows this job")
+                        if (stored := _apply(tx, job, None, True)) is not None:
+                            out.append(stored)
+                tx.set_meta(cursor_key, position)
+                return out
+
+            await self._commit_changes(apply)
+
+    # -- cancels owed to hubs --------------------------------------------------------------------
+
+    def _deliver_cancel_later(self, job_id: str) -> None:
+        if job_id in self._cancels:
+            return
+        task = asyncio.create_task(self._deliver_cancel(job_id), name=f"cancel {job_id}")
+        self._cancels[job_id] = task
+        task.add_done_callback(lambda t: self._cancels.pop(job_id, None))
+
+    async def _deliver_cancel(self, job_id: str) -> None:
+        """Tell the hub a job it may have received is cancelled; it keeps the cancel even if the job arrives later."""
+        backoff = 0.2
+        while (job := self.journal.get(job_id)) is not None and self.journal.backend_ref(job_id) == CANCEL_OWED:
+            try:
+                remote = await self._site_of(job).stub.CancelJob(jobs_pb2.JobRef(job_id=job.id), timeout=10)
+                if remote.state != JobState.CANCELLED:
+                    log.info("job %s: hub %s says %s after the cancel", job.id, job.site, JobState(remote.state).name)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in REFUSALS:
+                    log.warning("job %s: cancel at hub %s: %s; retrying in %.1fs", job_id, job.site,
+                                exc.code().name, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.retry_max_s)
+                    continue
+                # already ended there: nothing to cancel
+            except FailedPrecondition:
+                pass  # its hub was removed from the configuration
+            self.journal.write(lambda tx: tx.set_ref(job_id, ""))
+            return
+
+
+def _take(ordered: dict[str, None], n: int) -> list[str]:
+    """Remove and return the first `n` keys of an insertion-ordered dict."""
+    out = []
+    for key in ordered:
+        out.append(key)
+        if len(out) == n:
+            break
+    for key in out:
+        del ordered[key]
+    return out
+
+
+def _apply(tx: Tx, job: Job, ref: str | None, from_hub: bool) -> Job | None:
+    """Store a change unless it would replace a final state; only the hub that ran the job may replace one with
+    another final state (a stale placement or refusal decided before a cancel never does). The stored job, or
+    None if nothing changed."""
+    current = tx.get(job.id)
+    if current is None or (current.final and not (from_hub and job.final)):
+        return None
+    tx.update(job, backend_ref=ref)
+    return job
 
 
 def _merge(local: Job, remote: Job) -> Job:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from federation import convert
-from federation.errors import InvalidArgument, PermissionDenied
+from federation.errors import AifedError, InvalidArgument, PermissionDenied
 from federation.identity import Identity, Role
 from federation.model import JobState
-from federation.pb import antenna_pb2, antenna_pb2_grpc
+from federation.pb import antenna_pb2, antenna_pb2_grpc, jobs_pb2
 from federation.rpc import Rule, caller
 from federation.watch import follow
-from antenna.core import AntennaCore
+from antenna.core import MAX_SUBMIT, AntennaCore, Submission
 
 
 def access_rules(site: str) -> dict[str, Rule]:
@@ -34,8 +34,32 @@ class AntennaService(antenna_pb2_grpc.AntennaServicer):
     async def SubmitJob(self, request, context):
         if not request.HasField("spec"):
             raise InvalidArgument("the request has no job spec")
+        if request.array:
+            raise InvalidArgument("a job array is submitted with SubmitJobs (aifed submit --array)")
         job = await self.core.submit(caller(), convert.spec_from_pb(request.spec), request.request_id)
         return convert.job_to_pb(job)
+
+    async def SubmitJobs(self, request, context):
+        if len(request.jobs) > MAX_SUBMIT:
+            raise InvalidArgument(f"at most {MAX_SUBMIT} jobs per call, not {len(request.jobs)}")
+        entries: list[Submission | AifedError] = []
+        for r in request.jobs:
+            try:
+                if not r.HasField("spec"):
+                    raise InvalidArgument("the request has no job spec")
+                entries.append(Submission(convert.spec_from_pb(r.spec), r.request_id, r.array))
+            except AifedError as exc:
+                entries.append(exc)
+        valid = [e for e in entries if isinstance(e, Submission)]
+        outcomes = iter(await self.core.submit_many(caller(), valid))
+        results = []
+        for entry in entries:
+            outcome = entry if isinstance(entry, AifedError) else next(outcomes)
+            if isinstance(outcome, AifedError):
+                results.append(_refusal(outcome))
+            else:
+                results.extend(antenna_pb2.SubmitResult(job=convert.job_to_pb(job)) for job in outcome)
+        return antenna_pb2.SubmitJobsResponse(results=results)
 
     async def GetJob(self, request, context):
         return convert.job_to_pb(self.core.get(caller(), request.job_id))
@@ -69,3 +93,7 @@ class AntennaService(antenna_pb2_grpc.AntennaServicer):
                 msg.advert_received_at.CopyFrom(convert.ts(site.received_at))
             out.append(msg)
         return antenna_pb2.ListSitesResponse(sites=out)
+
+
+def _refusal(error: AifedError) -> antenna_pb2.SubmitResult:
+    return antenna_pb2.SubmitResult(error=jobs_pb2.JobError(code=error.code.value[0], message=error.message))

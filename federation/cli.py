@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="access mode: playground, fast-lane, large-scale, ai-for-science")
     s.add_argument("-A", "--project", help="project / account")
     s.add_argument("--env", type=_env_pair, action="append", default=[], help="NAME=VALUE for the job (repeatable)")
+    s.add_argument("-a", "--array", help="a job array, as in sbatch: 0-999, 1,3,5-7, 0-98:2 (each task gets "
+                                         "AIFED_ARRAY_TASK_ID and SLURM_ARRAY_TASK_ID)")
     s.add_argument("--request-id", default="", help="a token that makes a retried submit return the first job")
     s.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its exit code")
     s.add_argument("script", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -150,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- commands ------------------------------------------------------------------------------------
 
-def _spec_from_args(args: argparse.Namespace, command: list[str] | None) -> JobSpec:
+def _spec_from_args(args: argparse.Namespace, command: list[str] | None) -> tuple[JobSpec, str]:
     """The job from the flags, and for a script also from its #SBATCH lines (a flag that contradicts one is an
     error; directives aifed does not support are reported on stderr)."""
     flags = {"name": args.job_name, "gpus": args.gpus, "cpus": args.cpus, "walltime_s": args.time,
@@ -159,7 +161,7 @@ def _spec_from_args(args: argparse.Namespace, command: list[str] | None) -> JobS
     if command is not None:
         if not command:
             raise UsageError("no command after `--`: give the program to run, e.g. aifed submit -- python train.py")
-        return _spec(flags, {}, argv=tuple(command), args=args)
+        return _spec(flags, {}, argv=tuple(command), args=args), _array(args.array)
     if not args.script:
         raise UsageError("nothing to run: give a script file, or a command after `--`")
     path = Path(args.script[0])
@@ -181,11 +183,23 @@ def _spec_from_args(args: argparse.Namespace, command: list[str] | None) -> JobS
         raise UsageError(f"{path}: {exc}") from None
     for note in directives.notes:
         print(f"aifed: {path}: {note}", file=sys.stderr)
+    flags["array"] = args.array
     for key, value in directives.values.items():
         if flags[key] is not None and flags[key] != value:
             raise UsageError(f"{path}: #SBATCH on line {directives.lines[key]} sets {key} to {value!r}, but the "
                              f"command line says {flags[key]!r}: remove one of them")
-    return _spec(flags, directives.values, script=text, script_args=tuple(args.script[1:]), args=args)
+    array = _array(flags.pop("array") or directives.values.pop("array", None))
+    return _spec(flags, directives.values, script=text, script_args=tuple(args.script[1:]), args=args), array
+
+
+def _array(text: str | None) -> str:
+    if text is None:
+        return ""
+    try:
+        sbatch.parse_array(text)
+    except ValueError as exc:
+        raise UsageError(f"--array {text}: {exc}") from None
+    return text
 
 
 def _memory(text: str) -> int:
@@ -209,12 +223,14 @@ def _print_json(value) -> None:
 async def _client_command(args: argparse.Namespace, command: list[str] | None) -> int:
     from federation.client import AntennaClient, resolve_client_config
 
-    spec = _spec_from_args(args, command) if args.command == "submit" else None
+    spec, array = _spec_from_args(args, command) if args.command == "submit" else (None, "")
     if spec is not None:
         spec.validate()  # the same checks the antenna makes, before anything is sent
     config = resolve_client_config(args.config, args.antenna, args.ca, args.cert, args.key)
     config.tls.check()  # a missing, mismatched or expired certificate is reported before dialing
     async with AntennaClient(config) as client:
+        if args.command == "submit" and array:
+            return await _submit_array(client, spec, array, args)
         if args.command == "submit":
             job = await client.submit(spec, args.request_id)
             if not args.wait:
@@ -256,6 +272,29 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
                     out.flush()
             return EXIT_OK
     raise AssertionError(args.command)
+
+
+async def _submit_array(client, spec: JobSpec, array: str, args: argparse.Namespace) -> int:
+    """Submit a job array in one call; with --wait, wait for every task (exit 0 only if all completed)."""
+    results = await client.submit_many([(spec, args.request_id, array)])
+    refused = [r for r in results if isinstance(r, AifedError)]
+    if refused:
+        raise refused[0]
+    jobs = list(results)
+    array_id = jobs[0].spec.array_job
+    if args.wait:
+        print(f"Submitted array {array_id}: {len(jobs)} jobs", file=sys.stderr)
+        jobs = [await client.wait(job.id) for job in jobs]
+    if args.json:
+        _print_json({"array": array_id, "jobs": [output.job_dict(j) for j in jobs]})
+    elif args.wait:
+        print(output.job_rows(jobs))
+    else:
+        print(f"Submitted array {array_id}: {len(jobs)} jobs, {jobs[0].id} (task {jobs[0].spec.array_task}) "
+              f"to {jobs[-1].id} (task {jobs[-1].spec.array_task})")
+    if args.wait and any(j.state is not JobState.COMPLETED for j in jobs):
+        return EXIT_FAIL
+    return EXIT_OK
 
 
 def _certs_command(args: argparse.Namespace) -> int:

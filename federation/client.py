@@ -8,7 +8,7 @@ from pathlib import Path
 
 from federation import convert
 from federation.config import ClientConfig, load_client
-from federation.errors import ConfigError
+from federation.errors import AifedError, ConfigError, error_from_status
 from federation.model import Job, JobSpec, JobState
 from federation.pb import antenna_pb2, antenna_pb2_grpc, jobs_pb2
 from federation.rpc import secure_channel
@@ -52,6 +52,15 @@ class AntennaClient:
         msg = await self.stub.SubmitJob(
             antenna_pb2.SubmitJobRequest(spec=convert.spec_to_pb(spec), request_id=request_id), timeout=timeout)
         return convert.job_from_pb(msg)
+
+    async def submit_many(self, entries: list[tuple[JobSpec, str, str]], timeout: float = 60
+                          ) -> list[Job | AifedError]:
+        """Submit (spec, request id, array) entries in one call: a job, or the refusal, per job (arrays expanded)."""
+        msg = await self.stub.SubmitJobs(antenna_pb2.SubmitJobsRequest(jobs=[
+            antenna_pb2.SubmitJobRequest(spec=convert.spec_to_pb(spec), request_id=rid, array=array)
+            for spec, rid, array in entries]), timeout=timeout)
+        return [convert.job_from_pb(r.job) if r.HasField("job") else error_from_status(r.error.code, r.error.message)
+                for r in msg.results]
 
     async def get(self, job_id: str) -> Job:
         return convert.job_from_pb(await self.stub.GetJob(jobs_pb2.JobRef(job_id=job_id), timeout=30))

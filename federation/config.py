@@ -28,6 +28,9 @@ class PartitionConfig:
     max_walltime_s: int
 
 
+DEFAULT_RETENTION_S = 90 * 86400  # how long a finished job's record is kept; 0 keeps it for ever
+
+
 @dataclass(frozen=True)
 class HubConfig:
     path: Path
@@ -49,6 +52,7 @@ class HubConfig:
     capacity_interval_s: int = 10
     command_timeout_s: int = 30
     accounts: dict[str, str] = field(default_factory=dict)
+    retention_s: int = DEFAULT_RETENTION_S
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class AntennaConfig:
     state_dir: Path
     tls: TlsFiles
     hubs: tuple[HubEndpoint, ...] = field(default_factory=tuple)
+    retention_s: int = DEFAULT_RETENTION_S
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,7 @@ def load_hub(path: str | Path) -> HubConfig:
     federation = h.checked("federation", check_federation_name)
     listen = _listen(h, "listen")
     state_dir = h.path_("state_dir")
+    retention = h.duration("retention", DEFAULT_RETENTION_S)
     services, sectors = h.strings("services"), h.strings("sectors")
     modes = []
     for m in h.strings("access_modes"):
@@ -203,8 +209,8 @@ def load_hub(path: str | Path) -> HubConfig:
     h.done()
     b = root.table("backend")
     backend = b.text("type", "local")
-    if backend not in ("local", "slurm"):
-        raise ConfigError(p, "backend.type", f"unknown backend {backend!r}; this version has: local, slurm")
+    if backend not in ("local", "slurm", "hold"):
+        raise ConfigError(p, "backend.type", f"unknown backend {backend!r}; this version has: local, slurm, hold")
     kill_grace = b.duration("kill_grace", "10s")
     cpu_slots = b.get("cpu_slots", int, 64)
     if cpu_slots < 1:
@@ -220,7 +226,7 @@ def load_hub(path: str | Path) -> HubConfig:
             raise ConfigError(p, f"backend.{key}", "must be at least 1 second")
     accounts_table = b.table("accounts")
     accounts = {k: accounts_table.text(k) for k in list(accounts_table.data)}
-    if backend == "local":
+    if backend != "slurm":
         for key in ("slurm_conf", "poll_interval", "capacity_interval", "command_timeout", "accounts"):
             if key in b.data:
                 raise ConfigError(p, f"backend.{key}", "applies only to type = \"slurm\"")
@@ -252,7 +258,7 @@ def load_hub(path: str | Path) -> HubConfig:
                      partitions=tuple(partitions), services=services, sectors=sectors, access_modes=tuple(modes),
                      advert_ttl_s=ttl, backend=backend, kill_grace_s=kill_grace, cpu_slots=cpu_slots,
                      slurm_conf=slurm_conf, poll_interval_s=poll, capacity_interval_s=capacity,
-                     command_timeout_s=command_timeout, accounts=accounts)
+                     command_timeout_s=command_timeout, accounts=accounts, retention_s=retention)
 
 
 def load_antenna(path: str | Path) -> AntennaConfig:
@@ -262,6 +268,7 @@ def load_antenna(path: str | Path) -> AntennaConfig:
     federation = a.checked("federation", check_federation_name)
     listen = _listen(a, "listen")
     state_dir = a.path_("state_dir")
+    retention = a.duration("retention", DEFAULT_RETENTION_S)
     a.done()
     root.seen.add("hubs")
     raw_hubs = root.data.get("hubs", [])
@@ -278,7 +285,7 @@ def load_antenna(path: str | Path) -> AntennaConfig:
     tls = _tls(root, f"spiffe://{federation}/antenna/{site}")
     root.done()
     return AntennaConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
-                         hubs=tuple(hubs))
+                         hubs=tuple(hubs), retention_s=retention)
 
 
 def load_client(path: str | Path) -> ClientConfig:

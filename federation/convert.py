@@ -24,7 +24,8 @@ def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
     return jobs_pb2.JobSpec(
         name=spec.name, argv=spec.argv, script=spec.script, script_args=spec.script_args, env=spec.env,
         gpus=spec.gpus, cpus=spec.cpus, memory_mb=spec.memory_mb, walltime_s=spec.walltime_s,
-        partition=spec.partition, access_mode=int(spec.access_mode), project=spec.project, site=spec.site)
+        partition=spec.partition, access_mode=int(spec.access_mode), project=spec.project, site=spec.site,
+        array_job=spec.array_job, array_task=spec.array_task)
 
 
 def spec_from_pb(msg: jobs_pb2.JobSpec) -> JobSpec:
@@ -37,7 +38,7 @@ def spec_from_pb(msg: jobs_pb2.JobSpec) -> JobSpec:
         name=msg.name, argv=tuple(msg.argv), script=msg.script, script_args=tuple(msg.script_args),
         env=dict(msg.env), gpus=msg.gpus, cpus=msg.cpus or 1, memory_mb=msg.memory_mb,
         walltime_s=msg.walltime_s or JobSpec.walltime_s, partition=msg.partition, access_mode=mode,
-        project=msg.project, site=msg.site)
+        project=msg.project, site=msg.site, array_job=msg.array_job, array_task=msg.array_task)
 
 
 def job_to_pb(job: Job) -> jobs_pb2.Job:

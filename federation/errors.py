@@ -60,6 +60,21 @@ class Unavailable(AifedError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ResourceExhausted(AifedError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def error_from_status(code: int, message: str) -> AifedError:
+    """The typed error for a gRPC status code carried in a message (a per-job result of a batch)."""
+    for cls in (InvalidArgument, FailedPrecondition, NotFound, AlreadyExists, PermissionDenied, Unauthenticated,
+                Unavailable, ResourceExhausted):
+        if cls.code.value[0] == code:
+            return cls(message)
+    error = AifedError(message)
+    error.code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return error
+
+
 class ConfigError(Exception):
     """A configuration file is wrong. Names the file, the key and the problem."""
 

@@ -6,14 +6,21 @@ acknowledges it, so a crash loses nothing that a caller was told had happened.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import secrets
 import sqlite3
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import orjson
 
 from federation.model import FINAL_STATES, AccessMode, Job, JobSpec, JobState, Transition
+
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -25,9 +32,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     created REAL NOT NULL,
     record BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, created);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Columns added after the first release: added in place to an older journal.
+_COLUMNS = {"antenna": "TEXT NOT NULL DEFAULT ''", "seq": "INTEGER NOT NULL DEFAULT 0",
+            "updated": "REAL NOT NULL DEFAULT 0"}
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, created);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, updated);
+CREATE INDEX IF NOT EXISTS jobs_feed ON jobs (antenna, seq);
+"""
+PURGE_CHUNK = 10_000
+FINAL_SQL = ",".join(str(int(s)) for s in FINAL_STATES)
 
 
 def job_to_json(job: Job) -> bytes:
@@ -40,7 +56,7 @@ def job_to_json(job: Job) -> bytes:
         "spec": {"argv": list(s.argv), "script": s.script, "script_args": list(s.script_args), "env": s.env,
                  "name": s.name, "gpus": s.gpus, "cpus": s.cpus, "memory_mb": s.memory_mb,
                  "walltime_s": s.walltime_s, "partition": s.partition, "access_mode": int(s.access_mode),
-                 "project": s.project, "site": s.site},
+                 "project": s.project, "site": s.site, "array_job": s.array_job, "array_task": s.array_task},
     })
 
 
@@ -50,17 +66,75 @@ def job_from_json(data: bytes) -> Job:
     spec = JobSpec(argv=tuple(s["argv"]), script=s["script"], script_args=tuple(s["script_args"]), env=s["env"],
                    name=s["name"], gpus=s["gpus"], cpus=s["cpus"], memory_mb=s["memory_mb"],
                    walltime_s=s["walltime_s"], partition=s["partition"], access_mode=AccessMode(s["access_mode"]),
-                   project=s["project"], site=s["site"])
+                   project=s["project"], site=s["site"], array_job=s.get("array_job", ""),
+                   array_task=s.get("array_task", 0))
     return Job(id=d["id"], spec=spec, state=JobState(d["state"]), owner=d["owner"], antenna=d["antenna"],
                site=d["site"], partition=d["partition"], exit_code=d["exit_code"], reason=d["reason"],
                history=tuple(Transition(JobState(st), at, r) for st, at, r in d["history"]),
                created_at=d["created_at"], updated_at=d["updated_at"])
 
 
-class Journal:
-    """Jobs by id, with an optional unique idempotency key and an opaque backend reference."""
+class Tx:
+    """The operations of one write transaction; handed to the functions given to `Journal.write`/`commit`."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, journal: Journal, db: sqlite3.Connection):
+        self.journal = journal
+        self.db = db
+
+    def get(self, job_id: str) -> Job | None:
+        row = self.db.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return job_from_json(row[0]) if row else None
+
+    def by_key(self, idempotency_key: str) -> Job | None:
+        row = self.db.execute("SELECT record FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+        return job_from_json(row[0]) if row else None
+
+    def backend_ref(self, job_id: str) -> str:
+        row = self.db.execute("SELECT backend_ref FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else ""
+
+    def insert(self, job: Job, idempotency_key: str | None = None, backend_ref: str = "") -> tuple[Job, bool]:
+        """Store a new job. With a key seen before, store nothing and return (the first job, False)."""
+        if idempotency_key is not None and (first := self.by_key(idempotency_key)) is not None:
+            return first, False
+        self.db.execute(
+            "INSERT INTO jobs (id, idempotency_key, owner, antenna, state, backend_ref, created, updated, seq, record)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job.id, idempotency_key, job.owner, job.antenna, int(job.state), backend_ref, job.created_at,
+             job.updated_at, self.journal._next_seq(), job_to_json(job)))
+        return job, True
+
+    def update(self, job: Job, backend_ref: str | None = None) -> None:
+        seq = self.journal._next_seq()
+        if backend_ref is None:
+            cur = self.db.execute("UPDATE jobs SET state = ?, updated = ?, seq = ?, record = ? WHERE id = ?",
+                                  (int(job.state), job.updated_at, seq, job_to_json(job), job.id))
+        else:
+            cur = self.db.execute(
+                "UPDATE jobs SET state = ?, updated = ?, seq = ?, record = ?, backend_ref = ? WHERE id = ?",
+                (int(job.state), job.updated_at, seq, job_to_json(job), backend_ref, job.id))
+        if cur.rowcount != 1:
+            raise KeyError(job.id)
+
+    def set_ref(self, job_id: str, backend_ref: str) -> None:
+        self.db.execute("UPDATE jobs SET backend_ref = ? WHERE id = ?", (backend_ref, job_id))
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = ?",
+                        (key, value, value))
+
+
+class Journal:
+    """Jobs by id, with an optional unique idempotency key and an opaque backend reference.
+
+    Writes go through one connection, one transaction at a time. `write` commits one function's changes at
+    once; `commit` (async) gathers the functions of concurrent callers into one transaction run in a worker
+    thread (group commit): each caller is answered only after the transaction holding its change is on disk.
+    Every write gives the rows it touches the next number of a change sequence, which `changes` follows.
+    Reads use a second connection and see only committed changes.
+    """
+
+    def __init__(self, path: str | Path, on_commit: Callable[[], None] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One daemon per journal: a second one would run every job twice.
@@ -75,48 +149,136 @@ class Journal:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in _COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+        self._db.executescript(_INDEXES)
+        self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.token_hex(8),))
+        self.epoch: str = self._db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
+        self._seq: int = self._db.execute("SELECT coalesce(max(seq), 0) FROM jobs").fetchone()[0]
+        self._read = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._read.execute("PRAGMA busy_timeout=5000")
+        self._write_lock = threading.Lock()
+        self._queue: list[tuple[Callable[[Tx], Any], asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+        self.on_commit = on_commit
+        self.batches = 0  # group commits so far, and the changes they held (for metrics and benchmarks)
+        self.batched = 0
 
     def close(self) -> None:
-        self._db.close()
+        with self._write_lock:
+            self._db.close()
+            self._read.close()
         self._lock.close()
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def write(self, fn: Callable[[Tx], T]) -> T:
+        """Run `fn` in a transaction of its own and commit it before returning its result."""
+        with self._write_lock:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                result = fn(Tx(self, self._db))
+        if self.on_commit:
+            self.on_commit()
+        return result
+
+    async def commit(self, fn: Callable[[Tx], T]) -> T:
+        """Run `fn` in the next group commit; return its result once that transaction is durable.
+
+        An exception raised by `fn` undoes `fn`'s own changes only and is raised here; if the transaction
+        itself fails, every caller in it gets the error and nothing of it was stored.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((fn, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name=f"journal {self.path.name}")
+        return await asyncio.shield(future)
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                outcomes = await asyncio.to_thread(self._run, [fn for fn, _ in batch])
+            except BaseException as exc:  # the transaction failed: nobody's change was stored
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            self.batches += 1
+            self.batched += len(batch)
+            if self.on_commit:
+                self.on_commit()
+            for (_, future), (ok, value) in zip(batch, outcomes):
+                if not future.done():
+                    future.set_result(value) if ok else future.set_exception(value)
+
+    def _run(self, fns: list[Callable[[Tx], Any]]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        with self._write_lock:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                tx = Tx(self, self._db)
+                for fn in fns:
+                    if len(fns) == 1:
+                        outcomes.append((True, fn(tx)))  # alone: its failure fails the transaction
+                        continue
+                    self._db.execute("SAVEPOINT one")
+                    try:
+                        outcomes.append((True, fn(tx)))
+                    except Exception as exc:  # undo this caller's changes only
+                        self._db.execute("ROLLBACK TO one")
+                        outcomes.append((False, exc))
+                    self._db.execute("RELEASE one")
+        return outcomes
 
     def insert(self, job: Job, idempotency_key: str | None = None, backend_ref: str = "") -> tuple[Job, bool]:
         """Store a new job. With a key seen before, store nothing and return (the first job, False)."""
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            if idempotency_key is not None:
-                row = self._db.execute("SELECT record FROM jobs WHERE idempotency_key = ?",
-                                       (idempotency_key,)).fetchone()
-                if row:
-                    return job_from_json(row[0]), False
-            self._db.execute(
-                "INSERT INTO jobs (id, idempotency_key, owner, state, backend_ref, created, record)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job.id, idempotency_key, job.owner, int(job.state), backend_ref, job.created_at, job_to_json(job)))
-        return job, True
+        return self.write(lambda tx: tx.insert(job, idempotency_key, backend_ref))
 
     def update(self, job: Job, backend_ref: str | None = None) -> None:
-        with self._db:
-            if backend_ref is None:
-                cur = self._db.execute("UPDATE jobs SET state = ?, record = ? WHERE id = ?",
-                                       (int(job.state), job_to_json(job), job.id))
-            else:
-                cur = self._db.execute("UPDATE jobs SET state = ?, record = ?, backend_ref = ? WHERE id = ?",
-                                       (int(job.state), job_to_json(job), backend_ref, job.id))
-            if cur.rowcount != 1:
-                raise KeyError(job.id)
+        self.write(lambda tx: tx.update(job, backend_ref))
+
+    def purge(self, before: float, limit: int = 0) -> int:
+        """Delete up to `limit` jobs that ended before `before` (a Unix time); return how many."""
+        return self.write(lambda tx: tx.db.execute(
+            f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state IN ({FINAL_SQL}) AND updated < ?"
+            " LIMIT ?)", (before, limit or PURGE_CHUNK)).rowcount)
+
+    # -- reading (committed changes only) --------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
-        row = self._db.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self._read.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return job_from_json(row[0]) if row else None
 
+    def get_many(self, job_ids: Iterable[str]) -> dict[str, Job]:
+        out, ids = {}, list(job_ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows = self._read.execute(f"SELECT record FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            for (record,) in rows:
+                job = job_from_json(record)
+                out[job.id] = job
+        return out
+
     def by_key(self, idempotency_key: str) -> Job | None:
-        row = self._db.execute("SELECT record FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+        row = self._read.execute("SELECT record FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
         return job_from_json(row[0]) if row else None
 
     def backend_ref(self, job_id: str) -> str:
-        row = self._db.execute("SELECT backend_ref FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self._read.execute("SELECT backend_ref FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row[0] if row else ""
+
+    def meta(self, key: str, default: str = "") -> str:
+        row = self._read.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
 
     def list(self, owner: str | None = None, states: Iterable[JobState] = (), limit: int = 100) -> list[Job]:
         """Newest first."""
@@ -130,19 +292,38 @@ class Journal:
             args.extend(states)
         sql += " ORDER BY created DESC, id DESC LIMIT ?"
         args.append(limit)
-        return [job_from_json(r[0]) for r in self._db.execute(sql, args)]
+        return [job_from_json(r[0]) for r in self._read.execute(sql, args)]
 
     def unfinished(self) -> list[tuple[Job, str]]:
         """Jobs not in a final state, oldest first, with their backend references."""
-        final = ",".join(str(int(s)) for s in FINAL_STATES)
-        rows = self._db.execute(
-            f"SELECT record, backend_ref FROM jobs WHERE state NOT IN ({final}) ORDER BY created, id")
+        rows = self._read.execute(
+            f"SELECT record, backend_ref FROM jobs WHERE state NOT IN ({FINAL_SQL}) ORDER BY created, id")
         return [(job_from_json(r), ref) for r, ref in rows]
 
     def with_ref(self, backend_ref: str) -> list[Job]:
         """Jobs whose backend reference is `backend_ref`, oldest first."""
-        rows = self._db.execute("SELECT record FROM jobs WHERE backend_ref = ? ORDER BY created, id", (backend_ref,))
+        rows = self._read.execute("SELECT record FROM jobs WHERE backend_ref = ? ORDER BY created, id",
+                                  (backend_ref,))
         return [job_from_json(r[0]) for r in rows]
 
-    def count(self) -> int:
-        return self._db.execute("SELECT count(*) FROM jobs").fetchone()[0]
+    def changes(self, antenna: str, after: int, limit: int = 1000) -> list[tuple[int, bytes]]:
+        """(sequence, record) of the jobs of `antenna` changed after sequence `after`, in change order."""
+        return self._read.execute("SELECT seq, record FROM jobs WHERE antenna = ? AND seq > ? ORDER BY seq LIMIT ?",
+                                  (antenna, after, limit)).fetchall()
+
+    def count(self, states: Iterable[JobState] = ()) -> int:
+        states = [int(s) for s in states]
+        if not states:
+            return self._read.execute("SELECT count(*) FROM jobs").fetchone()[0]
+        return self._read.execute(f"SELECT count(*) FROM jobs WHERE state IN ({','.join('?' * len(states))})",
+                                  states).fetchone()[0]
+
+
+async def purge_forever(journal: Journal, retention_s: int, every_s: float = 600.0) -> None:
+    """Delete finished jobs older than `retention_s` now and every `every_s` seconds (0: keep them all)."""
+    if retention_s <= 0:
+        return
+    while True:
+        while journal.purge(time.time() - retention_s) == PURGE_CHUNK:
+            await asyncio.sleep(0)  # a large backlog goes in chunks, between other work
+        await asyncio.sleep(every_s)

@@ -62,10 +62,12 @@ MAX_WALLTIME_S = 366 * 86400
 MAX_ARGV = 4096
 MAX_SCRIPT_BYTES = 1 << 20
 MAX_ENV = 1024
+MAX_ARRAY_INDEX = 4_000_000  # Slurm's own limit on an array index
 # Set by the scheduler or aifed; a user's SBATCH_* would even change how sbatch submits the job.
 RESERVED_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "AIFED_")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME = re.compile(r"^[\w.+-]{0,128}$")
+_ARRAY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}[a-z0-9]-[a-z0-9]{1,64}")  # a job id
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,17 @@ class JobSpec:
     access_mode: AccessMode = AccessMode.UNSPECIFIED
     project: str = ""
     site: str = ""
+    array_job: str = ""   # set by the antenna for the tasks of a job array: the array's id
+    array_task: int = 0   # and this task's index
+
+    def array_env(self) -> dict[str, str]:
+        """What a task of a job array finds in its environment (also under Slurm's names, so that existing
+        array scripts work unchanged); empty for a job that is not in an array."""
+        if not self.array_job:
+            return {}
+        task = str(self.array_task)
+        return {"AIFED_ARRAY_JOB_ID": self.array_job, "AIFED_ARRAY_TASK_ID": task,
+                "SLURM_ARRAY_JOB_ID": self.array_job, "SLURM_ARRAY_TASK_ID": task}
 
     def validate(self) -> None:
         """Raise InvalidArgument naming the field and what to fix. Checks only what needs no site."""
@@ -119,6 +132,11 @@ class JobSpec:
         _bounded("cpus", self.cpus, 1, MAX_CPUS)
         _bounded("memory_mb", self.memory_mb, 0, MAX_MEMORY_MB)
         _bounded("walltime", self.walltime_s, 1, MAX_WALLTIME_S)
+        _bounded("array task", self.array_task, 0, MAX_ARRAY_INDEX)
+        if self.array_task and not self.array_job:
+            raise InvalidArgument("an array task index without an array id")
+        if self.array_job and not _ARRAY_ID.fullmatch(self.array_job):
+            raise InvalidArgument(f"array id {self.array_job[:80]!r} is not valid")
         if self.access_mode not in AccessMode.__members__.values():
             raise InvalidArgument(f"unknown access mode {self.access_mode}")
 

@@ -31,7 +31,8 @@ def job_dict(job: Job) -> dict:
         "spec": {"name": s.name, "argv": list(s.argv), "script": bool(s.script), "script_args": list(s.script_args),
                  "gpus": s.gpus, "cpus": s.cpus, "memory_mb": s.memory_mb, "walltime_s": s.walltime_s,
                  "partition": s.partition, "access_mode": s.access_mode.slug if s.access_mode else "",
-                 "project": s.project, "site": s.site, "env": sorted(s.env)},
+                 "project": s.project, "site": s.site, "env": sorted(s.env),
+                 **({"array_job": s.array_job, "array_task": s.array_task} if s.array_job else {})},
         "history": [{"state": t.state.name, "at": t.at, "reason": t.reason} for t in job.history],
     }
 
@@ -48,7 +49,8 @@ def job_detail(job: Job) -> str:
     command = " ".join(s.argv) if s.argv else f"(script, {len(s.script.splitlines())} lines) " + " ".join(
         s.script_args)
     lines = [
-        f"JobId={job.id} Name={s.name or '-'}",
+        f"JobId={job.id} Name={s.name or '-'}"
+        + (f" ArrayJobId={s.array_job} ArrayTaskId={s.array_task}" if s.array_job else ""),
         f"   State={job.state.name}" + (f" Reason={job.reason}" if job.reason else ""),
         f"   ExitCode={'-' if job.exit_code is None else job.exit_code}",
         f"   Site={job.site or '-'} Partition={job.partition or '-'} Antenna={job.antenna}",

@@ -137,6 +137,8 @@ async def _abort(context, method: str, exc: Exception) -> None:
     if isinstance(exc, AifedError):
         log.info("%s refused: %s: %s", method, exc.code.name, exc.message)
         await context.abort(exc.code, exc.message)
+    if isinstance(exc, NotImplementedError):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this daemon")
     ref = uuid.uuid4().hex[:8]
     log.exception("%s failed unexpectedly (ref %s)", method, ref)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (ref {ref}); see the daemon's log")

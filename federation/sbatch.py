@@ -23,6 +23,7 @@ _FIELDS = {
     "-A": "project", "--account": "project",
     "-G": "gpus", "--gpus": "gpus", "--gpus-per-node": "gpus", "--gres": "gpus",
     "-N": "nodes", "--nodes": "nodes", "-n": "ntasks", "--ntasks": "ntasks",
+    "-a": "array", "--array": "array",
     "-o": "output", "--output": "output", "-e": "output", "--error": "output",
 }
 _GPUS = re.compile(r"^(?:gpu:)?(?:[A-Za-z0-9_.-]+:)?(\d+)$")
@@ -59,6 +60,34 @@ def _gpus(text: str) -> int:
             raise ValueError(f"{text!r} is not a GPU count (use N, gpu:N or gpu:TYPE:N)")
         total += int(m.group(1))
     return total
+
+
+MAX_ARRAY_TASKS = 10_000
+_RANGE = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+))?)?$")
+
+
+def parse_array(text: str, limit: int = MAX_ARRAY_TASKS) -> list[int]:
+    """sbatch's --array indices: `0-999`, `1,3,5-7`, `0-98:2`. A `%N` throttle is not supported."""
+    if "%" in text:
+        raise ValueError("a %N throttle is not supported: the hub's scheduler decides how many run at once")
+    indices: list[int] = []
+    for part in text.split(","):
+        m = _RANGE.fullmatch(part.strip())
+        if not m:
+            raise ValueError(f"{part!r} is not an index, a range (0-9) or a stepped range (0-98:2)")
+        first = int(m.group(1))
+        last = int(m.group(2)) if m.group(2) is not None else first
+        step = int(m.group(3) or 1)
+        if last < first or step < 1:
+            raise ValueError(f"{part!r} is an empty range")
+        if last > 4_000_000:
+            raise ValueError(f"index {last} is larger than 4000000")
+        if len(indices) + (last - first) // step + 1 > limit:
+            raise ValueError(f"more than {limit} tasks")
+        indices.extend(range(first, last + 1, step))
+    if len(set(indices)) != len(indices):
+        raise ValueError("an index is listed twice")
+    return indices
 
 
 def parse(script: str) -> Directives:
@@ -108,6 +137,8 @@ def _take(out: Directives, name: str, option: str, value: str, number: int) -> N
         if name == "gpus" and option == "--gres" and not value.startswith("gpu"):
             out.notes.append(f"{where}={value} is not a GPU request and is ignored")
             return
+        if name == "array":
+            parse_array(value)  # checked now; the antenna expands it
         parsed: object = {
             "walltime_s": parse_duration, "cpus": int, "memory_mb": parse_memory_mb, "gpus": _gpus,
         }.get(name, str)(value)

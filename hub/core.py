@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
 import time
 
 from federation.config import HubConfig, PartitionConfig
-from federation.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from federation.errors import AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from federation.identity import Identity, Role, parse_identity
-from federation.journal import Journal
+from federation.journal import Journal, Tx, purge_forever
 from federation.model import Job, JobSpec, JobState
 from federation.timefmt import format_duration
 from federation.watch import Signal, Topics
@@ -20,6 +21,7 @@ from hub.local import LocalBackend
 log = logging.getLogger(__name__)
 
 MAX_KEY_LEN = 200
+MAX_BATCH = 5000
 # Job ids name folders: only `<antenna>-<token>`, lower-case letters, digits and dashes, never a path.
 JOB_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}[a-z0-9]-[a-z0-9]{1,64}")
 
@@ -29,11 +31,12 @@ class HubCore:
 
     def __init__(self, config: HubConfig):
         self.config = config
-        self.journal = Journal(config.state_dir / "hub.sqlite")
+        self.changes = Signal()  # the journal committed something: WatchChanges streams wake up
+        self.journal = Journal(config.state_dir / "hub.sqlite", on_commit=self.changes.notify)
         self.backend: Backend = make_backend(config, self._on_change)
         self.jobs: Topics[Job] = Topics()
         self.capacity = Signal()
-        self.sequence = 0
+        self._purger: asyncio.Task | None = None
 
     async def recover(self) -> None:
         """Take back every unfinished job in the journal; report honestly those the backend lost."""
@@ -43,8 +46,12 @@ class HubCore:
                 self._on_change(change)
         await self.backend.start()
         self.capacity.notify()
+        self._purger = asyncio.create_task(purge_forever(self.journal, self.config.retention_s), name="purge")
 
     async def close(self) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
+            await asyncio.gather(self._purger, return_exceptions=True)
         await self.backend.close()
         self.journal.close()
 
@@ -52,15 +59,63 @@ class HubCore:
 
     async def forward(self, who: Identity, key: str, job: Job) -> tuple[Job, bool]:
         """Accept a job from antenna `who`. The same key returns the first job and starts nothing."""
+        job_or_error, duplicate = (await self.forward_many(who, [(key, job)]))[0]
+        if isinstance(job_or_error, AifedError):
+            raise job_or_error
+        return job_or_error, duplicate
+
+    async def forward_many(self, who: Identity, requests: list[tuple[str, Job]]
+                           ) -> list[tuple[Job | AifedError, bool]]:
+        """Accept jobs from antenna `who`, journaled in one group commit before any is acknowledged.
+
+        One (job, duplicate) or (refusal, False) per request, in order. A key seen before returns the job it
+        created, and nothing is started again: not after a retry, not after a crash of either side.
+        """
+        if len(requests) > MAX_BATCH:
+            raise InvalidArgument(f"at most {MAX_BATCH} jobs per batch, not {len(requests)}")
+        prepared: list[tuple[str, Job] | AifedError] = []
+        for key, job in requests:
+            try:
+                prepared.append(await self._accept(who, key, job))
+            except AifedError as exc:
+                prepared.append(exc)
+
+        def store(tx: Tx) -> list[tuple[Job | AifedError, bool]]:
+            out: list[tuple[Job | AifedError, bool]] = []
+            for item in prepared:
+                if isinstance(item, AifedError):
+                    out.append((item, False))
+                    continue
+                scoped_key, accepted = item
+                if (first := tx.by_key(scoped_key)) is not None:
+                    out.append((first, True))
+                elif tx.get(accepted.id) is not None:
+                    out.append((AlreadyExists(f"job {accepted.id} exists here under another idempotency key"),
+                                False))
+                else:
+                    tx.insert(accepted, scoped_key)
+                    out.append((accepted, False))
+            return out
+
+        results = await self.journal.commit(store)
+        created = [job for job, duplicate in results if isinstance(job, Job) and not duplicate]
+        for job in created:
+            log.info("accepted job %s from %s for partition %s", job.id, who.site, job.partition)
+            await self.backend.submit(job)
+        if created:
+            self.capacity.notify()
+        return results
+
+    async def _accept(self, who: Identity, key: str, job: Job) -> tuple[str, Job]:
+        """Check one forwarded job and choose its partition: (scoped key, the job as this hub accepts it)."""
         if not key or len(key) > MAX_KEY_LEN:
             raise InvalidArgument(f"the idempotency key must be 1 to {MAX_KEY_LEN} characters")
         if not JOB_ID.fullmatch(job.id) or not job.id.startswith(f"{who.site}-"):
             raise InvalidArgument(f"job id {job.id[:80]!r} is not valid: antenna {who.site} names its jobs "
                                   f"'{who.site}-' followed by up to 64 lower-case letters and digits")
         scoped_key = f"{who.site}/{key}"
-        existing = self.journal.by_key(scoped_key)
-        if existing is not None:
-            return existing, True
+        if (existing := self.journal.by_key(scoped_key)) is not None:
+            return scoped_key, existing  # a retry: the store step returns the first job
         try:
             owner = parse_identity(job.owner)
         except ValueError as exc:
@@ -74,16 +129,7 @@ class HubCore:
         accepted = Job(id=job.id, spec=job.spec, state=JobState.PENDING, owner=job.owner, antenna=who.site,
                        site=self.config.site, partition=partition.name, created_at=now, updated_at=now,
                        ).moved(JobState.FORWARDED, f"accepted by hub {self.config.site}", at=now)
-        accepted = accepted.moved(JobState.QUEUED, f"queued in partition {partition.name}", at=now)
-        if self.journal.get(job.id) is not None:
-            raise AlreadyExists(f"job {job.id} exists here under another idempotency key")
-        stored, created = self.journal.insert(accepted, scoped_key)
-        if not created:
-            return stored, True
-        log.info("accepted job %s from %s for partition %s", job.id, who.site, partition.name)
-        await self.backend.submit(stored)
-        self.capacity.notify()
-        return self.journal.get(job.id) or stored, False
+        return scoped_key, accepted.moved(JobState.QUEUED, f"queued in partition {partition.name}", at=now)
 
     async def _place(self, job: Job) -> PartitionConfig:
         spec, parts = job.spec, self.config.partitions
@@ -129,7 +175,10 @@ class HubCore:
                             site=self.config.site, created_at=now, updated_at=now).moved(
                 JobState.CANCELLED, "cancelled before the job reached this hub", at=now)
             stored, _ = self.journal.insert(tombstone, f"{who.site}/{job_id}")
-            return stored
+            if stored.final:
+                return stored
+            # The forward won the race after all: cancel the job it created.
+            return await self.cancel(who, job_id)
         job = self.get(who, job_id)
         if job.final:
             raise FailedPrecondition(f"job {job_id} has already ended ({job.state.name}); nothing to cancel")
@@ -138,14 +187,18 @@ class HubCore:
         return self.journal.get(job_id) or job
 
     def _on_change(self, change: Change) -> None:
-        job = self.journal.get(change.job_id)
-        if job is None or job.final:
+        def apply(tx: Tx) -> Job | None:
+            job = tx.get(change.job_id)
+            if job is None or job.final:
+                return None
+            extra = {} if change.exit_code is None else {"exit_code": change.exit_code}
+            job = job.moved(change.state, change.reason, **extra)
+            tx.update(job, backend_ref=change.ref)
+            return job
+
+        job = self.journal.write(apply)
+        if job is None:
             return
-        changes = {}
-        if change.exit_code is not None:
-            changes["exit_code"] = change.exit_code
-        job = job.moved(change.state, change.reason, **changes)
-        self.journal.update(job, backend_ref=change.ref)
         log.info("job %s is %s%s", job.id, job.state.name, f" ({job.reason})" if job.reason else "")
         self.jobs.publish(job.id, job)
         self.capacity.notify()
@@ -167,6 +220,9 @@ class HubCore:
 def make_backend(config: HubConfig, on_change) -> Backend:
     """The backend the hub's config names."""
     workdir = config.state_dir / "jobs"
+    if config.backend == "hold":
+        from hub.hold import HoldBackend
+        return HoldBackend(config.partitions, on_change, workdir)
     if config.backend == "slurm":
         from hub.commands import CommandRunner
         from hub.slurm import SlurmBackend

@@ -215,6 +215,7 @@ class LocalBackend(Backend):
             env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
             env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
             env.update(spec.env)
+            env.update(spec.array_env())
             env.update({
                 "HOME": str(folder), "TMPDIR": str(folder), "AIFED_JOB_ID": job.id, "AIFED_SITE": job.site,
                 "AIFED_PARTITION": job.partition, "AIFED_GPUS": str(task.gpus),

@@ -6,16 +6,18 @@ import asyncio
 import time
 
 from federation import convert
-from federation.errors import InvalidArgument
+from federation.errors import AifedError, InvalidArgument
+from federation.journal import job_from_json
 from federation.identity import Role
 from federation.model import JobState
 from federation.pb import hub_pb2, hub_pb2_grpc, jobs_pb2
 from federation.rpc import Rule, allow_roles, caller
 from federation.watch import follow
-from hub.core import HubCore
+from hub.core import MAX_BATCH, HubCore
 
 LOG_CHUNK = 64 * 1024
 MAX_SHAPES = 64
+CHANGES_BATCH = 1000
 STREAMS = {jobs_pb2.LOG_STREAM_STDOUT: ("stdout",), jobs_pb2.LOG_STREAM_STDERR: ("stderr",),
            jobs_pb2.LOG_STREAM_UNSPECIFIED: ("stdout", "stderr")}
 STREAM_ENUM = {"stdout": jobs_pb2.LOG_STREAM_STDOUT, "stderr": jobs_pb2.LOG_STREAM_STDERR}
@@ -69,6 +71,39 @@ class HubService(hub_pb2_grpc.HubServicer):
     async def ForwardJob(self, request, context):
         job, duplicate = await self.core.forward(caller(), request.idempotency_key, convert.job_from_pb(request.job))
         return hub_pb2.ForwardJobResponse(job=convert.job_to_pb(job), duplicate=duplicate)
+
+    async def ForwardJobs(self, request, context):
+        requests = [(r.idempotency_key, convert.job_from_pb(r.job)) for r in request.jobs] \
+            if len(request.jobs) <= MAX_BATCH else None
+        if requests is None:
+            raise InvalidArgument(f"at most {MAX_BATCH} jobs per batch, not {len(request.jobs)}")
+        results = []
+        for (job_or_error, duplicate), (_, asked) in zip(await self.core.forward_many(caller(), requests), requests):
+            if isinstance(job_or_error, AifedError):
+                results.append(hub_pb2.ForwardResult(job_id=asked.id, error=jobs_pb2.JobError(
+                    code=job_or_error.code.value[0], message=job_or_error.message)))
+            else:
+                results.append(hub_pb2.ForwardResult(job_id=asked.id, job=convert.job_to_pb(job_or_error),
+                                                     duplicate=duplicate))
+        return hub_pb2.ForwardJobsResponse(results=results)
+
+    async def WatchChanges(self, request, context):
+        who, journal, changes = caller(), self.core.journal, self.core.changes
+        after = request.after if request.epoch == journal.epoch else 0
+        caught_up = False
+        while True:
+            version = changes.version
+            rows = journal.changes(who.site, after, CHANGES_BATCH)
+            if rows:
+                after = rows[-1][0]
+                caught_up = len(rows) < CHANGES_BATCH
+                yield hub_pb2.JobChanges(epoch=journal.epoch, sequence=after, caught_up=caught_up,
+                                         jobs=[convert.job_to_pb(job_from_json(record)) for _, record in rows])
+                continue
+            if not caught_up:
+                caught_up = True
+                yield hub_pb2.JobChanges(epoch=journal.epoch, sequence=after, caught_up=True)
+            await changes.wait_past(version, 30.0)
 
     async def GetJob(self, request, context):
         return convert.job_to_pb(self.core.get(caller(), request.job_id))

@@ -197,6 +197,7 @@ class SlurmBackend(Backend):
         # The job's environment travels in a file, never through sbatch's own environment: a user's PATH or
         # LD_PRELOAD must not choose which sbatch the hub runs, and the daemon's variables must not reach jobs.
         job_env = {"PATH": self.runner.env.get("PATH", "/usr/bin:/bin"), **self.job_env, **spec.env,
+                   **spec.array_env(),
                    "AIFED_JOB_ID": job.id, "AIFED_SITE": job.site, "AIFED_PARTITION": job.partition,
                    "AIFED_GPUS": str(spec.gpus), "HOME": str(folder)}
         env_file = folder / "job.env"

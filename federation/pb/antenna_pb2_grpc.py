@@ -41,6 +41,11 @@ class AntennaStub:
                 request_serializer=aifed_dot_v1_dot_antenna__pb2.SubmitJobRequest.SerializeToString,
                 response_deserializer=aifed_dot_v1_dot_jobs__pb2.Job.FromString,
                 _registered_method=True)
+        self.SubmitJobs = channel.unary_unary(
+                '/aifed.v1.Antenna/SubmitJobs',
+                request_serializer=aifed_dot_v1_dot_antenna__pb2.SubmitJobsRequest.SerializeToString,
+                response_deserializer=aifed_dot_v1_dot_antenna__pb2.SubmitJobsResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/aifed.v1.Antenna/GetJob',
                 request_serializer=aifed_dot_v1_dot_jobs__pb2.JobRef.SerializeToString,
@@ -78,6 +83,13 @@ class AntennaServicer:
 
     def SubmitJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitJobs(self, request, context):
+        """Many jobs (or job arrays) in one call, journaled in one transaction; one result per job, in order.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -125,6 +137,11 @@ def add_AntennaServicer_to_server(servicer, server):
                     servicer.SubmitJob,
                     request_deserializer=aifed_dot_v1_dot_antenna__pb2.SubmitJobRequest.FromString,
                     response_serializer=aifed_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'SubmitJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJobs,
+                    request_deserializer=aifed_dot_v1_dot_antenna__pb2.SubmitJobsRequest.FromString,
+                    response_serializer=aifed_dot_v1_dot_antenna__pb2.SubmitJobsResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -184,6 +201,33 @@ class Antenna:
             '/aifed.v1.Antenna/SubmitJob',
             aifed_dot_v1_dot_antenna__pb2.SubmitJobRequest.SerializeToString,
             aifed_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aifed.v1.Antenna/SubmitJobs',
+            aifed_dot_v1_dot_antenna__pb2.SubmitJobsRequest.SerializeToString,
+            aifed_dot_v1_dot_antenna__pb2.SubmitJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,3 +29,47 @@ class ForwardJobResponse(_message.Message):
     job: _jobs_pb2.Job
     duplicate: bool
     def __init__(self, job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class ForwardJobsRequest(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[ForwardJobRequest]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[ForwardJobRequest, _Mapping]]] = ...) -> None: ...
+
+class ForwardResult(_message.Message):
+    __slots__ = ("job_id", "job", "error", "duplicate")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    job: _jobs_pb2.Job
+    error: _jobs_pb2.JobError
+    duplicate: bool
+    def __init__(self, job_id: _Optional[str] = ..., job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ..., error: _Optional[_Union[_jobs_pb2.JobError, _Mapping]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class ForwardJobsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ForwardResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ForwardResult, _Mapping]]] = ...) -> None: ...
+
+class WatchChangesRequest(_message.Message):
+    __slots__ = ("epoch", "after")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    epoch: str
+    after: int
+    def __init__(self, epoch: _Optional[str] = ..., after: _Optional[int] = ...) -> None: ...
+
+class JobChanges(_message.Message):
+    __slots__ = ("epoch", "sequence", "jobs", "caught_up")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
+    epoch: str
+    sequence: int
+    jobs: _containers.RepeatedCompositeFieldContainer[_jobs_pb2.Job]
+    caught_up: bool
+    def __init__(self, epoch: _Optional[str] = ..., sequence: _Optional[int] = ..., jobs: _Optional[_Iterable[_Union[_jobs_pb2.Job, _Mapping]]] = ..., caught_up: _Optional[bool] = ...) -> None: ...

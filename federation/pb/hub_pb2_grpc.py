@@ -51,6 +51,16 @@ class HubStub:
                 request_serializer=aifed_dot_v1_dot_hub__pb2.ForwardJobRequest.SerializeToString,
                 response_deserializer=aifed_dot_v1_dot_hub__pb2.ForwardJobResponse.FromString,
                 _registered_method=True)
+        self.ForwardJobs = channel.unary_unary(
+                '/aifed.v1.Hub/ForwardJobs',
+                request_serializer=aifed_dot_v1_dot_hub__pb2.ForwardJobsRequest.SerializeToString,
+                response_deserializer=aifed_dot_v1_dot_hub__pb2.ForwardJobsResponse.FromString,
+                _registered_method=True)
+        self.WatchChanges = channel.unary_stream(
+                '/aifed.v1.Hub/WatchChanges',
+                request_serializer=aifed_dot_v1_dot_hub__pb2.WatchChangesRequest.SerializeToString,
+                response_deserializer=aifed_dot_v1_dot_hub__pb2.JobChanges.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/aifed.v1.Hub/GetJob',
                 request_serializer=aifed_dot_v1_dot_jobs__pb2.JobRef.SerializeToString,
@@ -92,6 +102,21 @@ class HubServicer:
 
     def ForwardJob(self, request, context):
         """Accept a job. The same idempotency key always yields the same one job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardJobs(self, request, context):
+        """Accept many jobs in one call, journaled in one transaction; one result per job, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchChanges(self, request, context):
+        """Every change to the calling antenna's jobs after a point in the hub's change sequence, in order, then
+        each new change as it is journaled. Resuming with the last sequence received loses nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,6 +164,16 @@ def add_HubServicer_to_server(servicer, server):
                     servicer.ForwardJob,
                     request_deserializer=aifed_dot_v1_dot_hub__pb2.ForwardJobRequest.FromString,
                     response_serializer=aifed_dot_v1_dot_hub__pb2.ForwardJobResponse.SerializeToString,
+            ),
+            'ForwardJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardJobs,
+                    request_deserializer=aifed_dot_v1_dot_hub__pb2.ForwardJobsRequest.FromString,
+                    response_serializer=aifed_dot_v1_dot_hub__pb2.ForwardJobsResponse.SerializeToString,
+            ),
+            'WatchChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchChanges,
+                    request_deserializer=aifed_dot_v1_dot_hub__pb2.WatchChangesRequest.FromString,
+                    response_serializer=aifed_dot_v1_dot_hub__pb2.JobChanges.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -242,6 +277,60 @@ class Hub:
             '/aifed.v1.Hub/ForwardJob',
             aifed_dot_v1_dot_hub__pb2.ForwardJobRequest.SerializeToString,
             aifed_dot_v1_dot_hub__pb2.ForwardJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aifed.v1.Hub/ForwardJobs',
+            aifed_dot_v1_dot_hub__pb2.ForwardJobsRequest.SerializeToString,
+            aifed_dot_v1_dot_hub__pb2.ForwardJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aifed.v1.Hub/WatchChanges',
+            aifed_dot_v1_dot_hub__pb2.WatchChangesRequest.SerializeToString,
+            aifed_dot_v1_dot_hub__pb2.JobChanges.FromString,
             options,
             channel_credentials,
             insecure,

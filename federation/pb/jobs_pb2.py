@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61ifed/v1/jobs.proto\x12\x08\x61ifed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbf\x02\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x0e\n\x06script\x18\x03 \x01(\t\x12\x13\n\x0bscript_args\x18\x04 \x03(\t\x12\'\n\x03\x65nv\x18\x05 \x03(\x0b\x32\x1a.aifed.v1.JobSpec.EnvEntry\x12\x0c\n\x04gpus\x18\x06 \x01(\r\x12\x0c\n\x04\x63pus\x18\x07 \x01(\r\x12\x11\n\tmemory_mb\x18\x08 \x01(\x04\x12\x12\n\nwalltime_s\x18\t \x01(\x04\x12\x11\n\tpartition\x18\n \x01(\t\x12)\n\x0b\x61\x63\x63\x65ss_mode\x18\x0b \x01(\x0e\x32\x14.aifed.v1.AccessMode\x12\x0f\n\x07project\x18\x0c \x01(\t\x12\x0c\n\x04site\x18\r \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"g\n\nTransition\x12!\n\x05state\x18\x01 \x01(\x0e\x32\x12.aifed.v1.JobState\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xd7\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x04spec\x18\x02 \x01(\x0b\x32\x11.aifed.v1.JobSpec\x12!\n\x05state\x18\x03 \x01(\x0e\x32\x12.aifed.v1.JobState\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x0f\n\x07\x61ntenna\x18\x05 \x01(\t\x12\x0c\n\x04site\x18\x06 \x01(\t\x12\x11\n\tpartition\x18\x07 \x01(\t\x12\x15\n\rhas_exit_code\x18\x08 \x01(\x08\x12\x11\n\texit_code\x18\t \x01(\x05\x12\x0e\n\x06reason\x18\n \x01(\t\x12%\n\x07history\x18\x0b \x03(\x0b\x32\x14.aifed.v1.Transition\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x08JobShape\x12\x0c\n\x04gpus\x18\x01 \x01(\r\x12\x12\n\nwalltime_s\x18\x02 \x01(\x04\x12\x11\n\tpartition\x18\x03 \x01(\t\"\x89\x01\n\rStartEstimate\x12!\n\x05shape\x18\x01 \x01(\x0b\x32\x12.aifed.v1.JobShape\x12\x11\n\tpartition\x18\x02 \x01(\t\x12\x32\n\x0e\x65\x61rliest_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06wait_s\x18\x04 \x01(\x04\"\xcc\x01\n\x0fPartitionAdvert\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tgpu_model\x18\x02 \x01(\t\x12\x12\n\ngpus_total\x18\x03 \x01(\r\x12\x11\n\tgpus_free\x18\x04 \x01(\r\x12\x14\n\x0crunning_jobs\x18\x05 \x01(\r\x12\x14\n\x0cpending_jobs\x18\x06 \x01(\r\x12\x1b\n\x13pending_gpu_seconds\x18\x07 \x01(\x01\x12\x16\n\x0emax_walltime_s\x18\x08 \x01(\x04\x12\x10\n\x08max_cpus\x18\t \x01(\r\"\xce\x02\n\x06\x41\x64vert\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x12\n\nfederation\x18\x02 \x01(\t\x12-\n\npartitions\x18\x03 \x03(\x0b\x32\x19.aifed.v1.PartitionAdvert\x12\x10\n\x08services\x18\x04 \x03(\t\x12\x0f\n\x07sectors\x18\x05 \x03(\t\x12*\n\x0c\x61\x63\x63\x65ss_modes\x18\x06 \x03(\x0e\x32\x14.aifed.v1.AccessMode\x12\x10\n\x08sequence\x18\x07 \x01(\x04\x12-\n\tissued_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05ttl_s\x18\t \x01(\r\x12*\n\testimates\x18\n \x03(\x0b\x32\x17.aifed.v1.StartEstimate\x12\x10\n\x08\x64\x65graded\x18\x0b \x01(\x08\x12\x16\n\x0estatus_message\x18\x0c \x01(\t\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"R\n\x0bLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x06stream\x18\x02 \x01(\x0e\x32\x13.aifed.v1.LogStream\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"M\n\x08LogChunk\x12#\n\x06stream\x18\x01 \x01(\x0e\x32\x13.aifed.v1.LogStream\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*\x8c\x02\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x17\n\x13JOB_STATE_FORWARDED\x10\x02\x12\x14\n\x10JOB_STATE_QUEUED\x10\x03\x12\x15\n\x11JOB_STATE_RUNNING\x10\x04\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x05\x12\x14\n\x10JOB_STATE_FAILED\x10\x06\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x07\x12\x15\n\x11JOB_STATE_TIMEOUT\x10\x08\x12\x12\n\x0eJOB_STATE_LOST\x10\t\x12\x15\n\x11JOB_STATE_UNKNOWN\x10\n*\x9d\x01\n\nAccessMode\x12\x1b\n\x17\x41\x43\x43\x45SS_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41\x43\x43\x45SS_MODE_PLAYGROUND\x10\x01\x12\x19\n\x15\x41\x43\x43\x45SS_MODE_FAST_LANE\x10\x02\x12\x1b\n\x17\x41\x43\x43\x45SS_MODE_LARGE_SCALE\x10\x03\x12\x1e\n\x1a\x41\x43\x43\x45SS_MODE_AI_FOR_SCIENCE\x10\x04*U\n\tLogStream\x12\x1a\n\x16LOG_STREAM_UNSPECIFIED\x10\x00\x12\x15\n\x11LOG_STREAM_STDOUT\x10\x01\x12\x15\n\x11LOG_STREAM_STDERR\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61ifed/v1/jobs.proto\x12\x08\x61ifed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe6\x02\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x0e\n\x06script\x18\x03 \x01(\t\x12\x13\n\x0bscript_args\x18\x04 \x03(\t\x12\'\n\x03\x65nv\x18\x05 \x03(\x0b\x32\x1a.aifed.v1.JobSpec.EnvEntry\x12\x0c\n\x04gpus\x18\x06 \x01(\r\x12\x0c\n\x04\x63pus\x18\x07 \x01(\r\x12\x11\n\tmemory_mb\x18\x08 \x01(\x04\x12\x12\n\nwalltime_s\x18\t \x01(\x04\x12\x11\n\tpartition\x18\n \x01(\t\x12)\n\x0b\x61\x63\x63\x65ss_mode\x18\x0b \x01(\x0e\x32\x14.aifed.v1.AccessMode\x12\x0f\n\x07project\x18\x0c \x01(\t\x12\x0c\n\x04site\x18\r \x01(\t\x12\x11\n\tarray_job\x18\x0e \x01(\t\x12\x12\n\narray_task\x18\x0f \x01(\r\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"g\n\nTransition\x12!\n\x05state\x18\x01 \x01(\x0e\x32\x12.aifed.v1.JobState\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xd7\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x04spec\x18\x02 \x01(\x0b\x32\x11.aifed.v1.JobSpec\x12!\n\x05state\x18\x03 \x01(\x0e\x32\x12.aifed.v1.JobState\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x0f\n\x07\x61ntenna\x18\x05 \x01(\t\x12\x0c\n\x04site\x18\x06 \x01(\t\x12\x11\n\tpartition\x18\x07 \x01(\t\x12\x15\n\rhas_exit_code\x18\x08 \x01(\x08\x12\x11\n\texit_code\x18\t \x01(\x05\x12\x0e\n\x06reason\x18\n \x01(\t\x12%\n\x07history\x18\x0b \x03(\x0b\x32\x14.aifed.v1.Transition\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x08JobShape\x12\x0c\n\x04gpus\x18\x01 \x01(\r\x12\x12\n\nwalltime_s\x18\x02 \x01(\x04\x12\x11\n\tpartition\x18\x03 \x01(\t\"\x89\x01\n\rStartEstimate\x12!\n\x05shape\x18\x01 \x01(\x0b\x32\x12.aifed.v1.JobShape\x12\x11\n\tpartition\x18\x02 \x01(\t\x12\x32\n\x0e\x65\x61rliest_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06wait_s\x18\x04 \x01(\x04\"\xcc\x01\n\x0fPartitionAdvert\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tgpu_model\x18\x02 \x01(\t\x12\x12\n\ngpus_total\x18\x03 \x01(\r\x12\x11\n\tgpus_free\x18\x04 \x01(\r\x12\x14\n\x0crunning_jobs\x18\x05 \x01(\r\x12\x14\n\x0cpending_jobs\x18\x06 \x01(\r\x12\x1b\n\x13pending_gpu_seconds\x18\x07 \x01(\x01\x12\x16\n\x0emax_walltime_s\x18\x08 \x01(\x04\x12\x10\n\x08max_cpus\x18\t \x01(\r\"\xce\x02\n\x06\x41\x64vert\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x12\n\nfederation\x18\x02 \x01(\t\x12-\n\npartitions\x18\x03 \x03(\x0b\x32\x19.aifed.v1.PartitionAdvert\x12\x10\n\x08services\x18\x04 \x03(\t\x12\x0f\n\x07sectors\x18\x05 \x03(\t\x12*\n\x0c\x61\x63\x63\x65ss_modes\x18\x06 \x03(\x0e\x32\x14.aifed.v1.AccessMode\x12\x10\n\x08sequence\x18\x07 \x01(\x04\x12-\n\tissued_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05ttl_s\x18\t \x01(\r\x12*\n\testimates\x18\n \x03(\x0b\x32\x17.aifed.v1.StartEstimate\x12\x10\n\x08\x64\x65graded\x18\x0b \x01(\x08\x12\x16\n\x0estatus_message\x18\x0c \x01(\t\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"R\n\x0bLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x06stream\x18\x02 \x01(\x0e\x32\x13.aifed.v1.LogStream\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"M\n\x08LogChunk\x12#\n\x06stream\x18\x01 \x01(\x0e\x32\x13.aifed.v1.LogStream\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\")\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t*\x8c\x02\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x17\n\x13JOB_STATE_FORWARDED\x10\x02\x12\x14\n\x10JOB_STATE_QUEUED\x10\x03\x12\x15\n\x11JOB_STATE_RUNNING\x10\x04\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x05\x12\x14\n\x10JOB_STATE_FAILED\x10\x06\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x07\x12\x15\n\x11JOB_STATE_TIMEOUT\x10\x08\x12\x12\n\x0eJOB_STATE_LOST\x10\t\x12\x15\n\x11JOB_STATE_UNKNOWN\x10\n*\x9d\x01\n\nAccessMode\x12\x1b\n\x17\x41\x43\x43\x45SS_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41\x43\x43\x45SS_MODE_PLAYGROUND\x10\x01\x12\x19\n\x15\x41\x43\x43\x45SS_MODE_FAST_LANE\x10\x02\x12\x1b\n\x17\x41\x43\x43\x45SS_MODE_LARGE_SCALE\x10\x03\x12\x1e\n\x1a\x41\x43\x43\x45SS_MODE_AI_FOR_SCIENCE\x10\x04*U\n\tLogStream\x12\x1a\n\x16LOG_STREAM_UNSPECIFIED\x10\x00\x12\x15\n\x11LOG_STREAM_STDOUT\x10\x01\x12\x15\n\x11LOG_STREAM_STDERR\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +35,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBSPEC_ENVENTRY']._loaded_options = None
   _globals['_JOBSPEC_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1778
-  _globals['_JOBSTATE']._serialized_end=2046
-  _globals['_ACCESSMODE']._serialized_start=2049
-  _globals['_ACCESSMODE']._serialized_end=2206
-  _globals['_LOGSTREAM']._serialized_start=2208
-  _globals['_LOGSTREAM']._serialized_end=2293
+  _globals['_JOBSTATE']._serialized_start=1860
+  _globals['_JOBSTATE']._serialized_end=2128
+  _globals['_ACCESSMODE']._serialized_start=2131
+  _globals['_ACCESSMODE']._serialized_end=2288
+  _globals['_LOGSTREAM']._serialized_start=2290
+  _globals['_LOGSTREAM']._serialized_end=2375
   _globals['_JOBSPEC']._serialized_start=67
-  _globals['_JOBSPEC']._serialized_end=386
-  _globals['_JOBSPEC_ENVENTRY']._serialized_start=344
-  _globals['_JOBSPEC_ENVENTRY']._serialized_end=386
-  _globals['_TRANSITION']._serialized_start=388
-  _globals['_TRANSITION']._serialized_end=491
-  _globals['_JOB']._serialized_start=494
-  _globals['_JOB']._serialized_end=837
-  _globals['_JOBSHAPE']._serialized_start=839
-  _globals['_JOBSHAPE']._serialized_end=902
-  _globals['_STARTESTIMATE']._serialized_start=905
-  _globals['_STARTESTIMATE']._serialized_end=1042
-  _globals['_PARTITIONADVERT']._serialized_start=1045
-  _globals['_PARTITIONADVERT']._serialized_end=1249
-  _globals['_ADVERT']._serialized_start=1252
-  _globals['_ADVERT']._serialized_end=1586
-  _globals['_JOBREF']._serialized_start=1588
-  _globals['_JOBREF']._serialized_end=1612
-  _globals['_LOGSREQUEST']._serialized_start=1614
-  _globals['_LOGSREQUEST']._serialized_end=1696
-  _globals['_LOGCHUNK']._serialized_start=1698
-  _globals['_LOGCHUNK']._serialized_end=1775
+  _globals['_JOBSPEC']._serialized_end=425
+  _globals['_JOBSPEC_ENVENTRY']._serialized_start=383
+  _globals['_JOBSPEC_ENVENTRY']._serialized_end=425
+  _globals['_TRANSITION']._serialized_start=427
+  _globals['_TRANSITION']._serialized_end=530
+  _globals['_JOB']._serialized_start=533
+  _globals['_JOB']._serialized_end=876
+  _globals['_JOBSHAPE']._serialized_start=878
+  _globals['_JOBSHAPE']._serialized_end=941
+  _globals['_STARTESTIMATE']._serialized_start=944
+  _globals['_STARTESTIMATE']._serialized_end=1081
+  _globals['_PARTITIONADVERT']._serialized_start=1084
+  _globals['_PARTITIONADVERT']._serialized_end=1288
+  _globals['_ADVERT']._serialized_start=1291
+  _globals['_ADVERT']._serialized_end=1625
+  _globals['_JOBREF']._serialized_start=1627
+  _globals['_JOBREF']._serialized_end=1651
+  _globals['_LOGSREQUEST']._serialized_start=1653
+  _globals['_LOGSREQUEST']._serialized_end=1735
+  _globals['_LOGCHUNK']._serialized_start=1737
+  _globals['_LOGCHUNK']._serialized_end=1814
+  _globals['_JOBERROR']._serialized_start=1816
+  _globals['_JOBERROR']._serialized_end=1857
 # @@protoc_insertion_point(module_scope)

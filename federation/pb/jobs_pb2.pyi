@@ -59,7 +59,7 @@ LOG_STREAM_STDOUT: LogStream
 LOG_STREAM_STDERR: LogStream
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "argv", "script", "script_args", "env", "gpus", "cpus", "memory_mb", "walltime_s", "partition", "access_mode", "project", "site")
+    __slots__ = ("name", "argv", "script", "script_args", "env", "gpus", "cpus", "memory_mb", "walltime_s", "partition", "access_mode", "project", "site", "array_job", "array_task")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,8 @@ class JobSpec(_message.Message):
     ACCESS_MODE_FIELD_NUMBER: _ClassVar[int]
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
+    ARRAY_JOB_FIELD_NUMBER: _ClassVar[int]
+    ARRAY_TASK_FIELD_NUMBER: _ClassVar[int]
     name: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     script: str
@@ -93,7 +95,9 @@ class JobSpec(_message.Message):
     access_mode: AccessMode
     project: str
     site: str
-    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., script: _Optional[str] = ..., script_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpus: _Optional[int] = ..., cpus: _Optional[int] = ..., memory_mb: _Optional[int] = ..., walltime_s: _Optional[int] = ..., partition: _Optional[str] = ..., access_mode: _Optional[_Union[AccessMode, str]] = ..., project: _Optional[str] = ..., site: _Optional[str] = ...) -> None: ...
+    array_job: str
+    array_task: int
+    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., script: _Optional[str] = ..., script_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpus: _Optional[int] = ..., cpus: _Optional[int] = ..., memory_mb: _Optional[int] = ..., walltime_s: _Optional[int] = ..., partition: _Optional[str] = ..., access_mode: _Optional[_Union[AccessMode, str]] = ..., project: _Optional[str] = ..., site: _Optional[str] = ..., array_job: _Optional[str] = ..., array_task: _Optional[int] = ...) -> None: ...
 
 class Transition(_message.Message):
     __slots__ = ("state", "at", "reason")
@@ -232,3 +236,11 @@ class LogChunk(_message.Message):
     offset: int
     data: bytes
     def __init__(self, stream: _Optional[_Union[LogStream, str]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class JobError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
