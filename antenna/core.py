@@ -45,6 +45,7 @@ MAX_SUBMIT = 10_000       # jobs per SubmitJobs call, arrays expanded
 ESTIMATE_TIMEOUT_S = 3.0
 FORWARD_BATCH = 1000      # jobs per ForwardJobs call
 FORWARD_IN_FLIGHT = 2     # ForwardJobs calls in flight per hub
+FORWARD_LINGER_S = 0.01   # how long a small batch waits for company before it goes
 PLACE_BATCH = 2000
 CANCEL_OWED = "cancel-owed"  # backend_ref of a job cancelled here whose hub may have it: the hub must be told
 
@@ -69,7 +70,7 @@ class AntennaCore:
         self.jobs: Topics[Job] = Topics()
         self.retry_max_s = 5.0
         self._unplaced: dict[str, None] = {}             # job ids waiting for a hub to be chosen, oldest first
-        self._outbox: dict[str, dict[str, None]] = {s: {} for s in self.sites}  # placed, not yet acknowledged
+        self._outbox: dict[str, dict[str, Job]] = {s: {} for s in self.sites}  # placed, not yet acknowledged
         self._wake_placer = asyncio.Event()
         self._wake_forwarder = {s: asyncio.Event() for s in self.sites}
         self._tasks: list[asyncio.Task] = []
@@ -218,6 +219,8 @@ class AntennaCore:
         if job.final:
             raise FailedPrecondition(f"job {job_id} has already ended ({job.state.name}); nothing to cancel")
         if job.state is JobState.PENDING:
+            self._unplaced.pop(job_id, None)
+            self._outbox.get(job.site, {}).pop(job_id, None)
             # Recorded first: a cancelled job is never forwarded. If a forward may already have reached the
             # hub, the cancel is owed to the hub too, and it is delivered until the hub confirms.
             job = self._record(job.moved(JobState.CANCELLED, "cancelled before it reached a hub"),
@@ -279,7 +282,7 @@ class AntennaCore:
         """Hand a PENDING job to the placer, or to its hub's forwarder once it has a hub."""
         if job.site:
             if job.site in self._outbox:
-                self._outbox[job.site][job.id] = None
+                self._outbox[job.site][job.id] = job
                 self._wake_forwarder[job.site].set()
         else:
             self._unplaced[job.id] = None
@@ -293,7 +296,9 @@ class AntennaCore:
                 self._wake_placer.clear()
                 await self._wake_placer.wait()
             version = self.sites_changed.version
-            ids = _take(self._unplaced, PLACE_BATCH)
+            ids = _first(self._unplaced, PLACE_BATCH)
+            for job_id in ids:
+                del self._unplaced[job_id]
             try:
                 waiting = await self._place(ids)
             except Exception:
@@ -393,59 +398,58 @@ class AntennaCore:
             if not outbox:
                 wake.clear()
                 await wake.wait()
-            ids = _take(outbox, FORWARD_BATCH)
+            if len(outbox) < FORWARD_BATCH:
+                await asyncio.sleep(FORWARD_LINGER_S)  # let a trickle of jobs gather into one call
+            jobs = [outbox.pop(job_id) for job_id in _first(outbox, FORWARD_BATCH)]
+            if not jobs:
+                continue
             try:
-                await self._forward(site, ids)
+                await self._forward(site, jobs)
                 backoff = 0.2
                 continue
             except grpc.aio.AioRpcError as exc:
-                log.warning("hub %s: forwarding %d job(s): %s: %s; retrying in %.1fs", site_name, len(ids),
+                log.warning("hub %s: forwarding %d job(s): %s: %s; retrying in %.1fs", site_name, len(jobs),
                             exc.code().name, exc.details(), backoff)
             except Exception:
-                log.exception("hub %s: forwarding %d job(s) failed; retrying in %.1fs", site_name, len(ids), backoff)
+                log.exception("hub %s: forwarding %d job(s) failed; retrying in %.1fs", site_name, len(jobs),
+                              backoff)
             # The outcome is unknown: the same jobs go again, first, with the same keys.
             later = dict(outbox)
             outbox.clear()
-            outbox.update(dict.fromkeys(ids))
+            outbox.update((job.id, job) for job in jobs)
             outbox.update(later)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.retry_max_s)
 
-    async def _forward(self, site: HubSite, ids: list[str]) -> None:
-        jobs = [j for j in self.journal.get_many(ids).values()
-                if j.state is JobState.PENDING and j.site == site.site]
-        if not jobs:
-            return
+    async def _forward(self, site: HubSite, jobs: list[Job]) -> None:
+        """One ForwardJobs call. An acknowledgement needs no write here: the hub journaled the job, a resend
+        after a crash is answered as a duplicate, and the job's new state arrives on the change feed. Only a
+        refusal is journaled (FAILED)."""
         request = hub_pb2.ForwardJobsRequest(jobs=[
             hub_pb2.ForwardJobRequest(idempotency_key=job.id, job=convert.job_to_pb(job)) for job in jobs])
         try:
             response = await site.stub.ForwardJobs(request, timeout=60)
-            outcomes = [(r.job_id, r.error.message if r.HasField("error") else None,
-                         convert.job_from_pb(r.job) if r.HasField("job") else None) for r in response.results]
+            refusals = {r.job_id: r.error.message for r in response.results if r.HasField("error")}
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in REFUSALS:
                 raise  # the outcome is unknown: retried with the same keys
-            outcomes = [(job.id, exc.details(), None) for job in jobs]
+            refusals = {job.id: exc.details() for job in jobs}
+        self.forwarded += len(jobs) - len(refusals)
+        if refusals:
+            def apply(tx: Tx) -> list[Job]:
+                out = []
+                for job_id, why in refusals.items():
+                    current = tx.get(job_id)
+                    if current is not None:
+                        job = current.moved(JobState.FAILED, f"hub {site.site} refused the job: {why}")
+                        if (stored := _apply(tx, job, None, False)) is not None:
+                            out.append(stored)
+                return out
 
-        def apply(tx: Tx) -> list[Job]:
-            out = []
-            for job_id, refusal, remote in outcomes:
-                current = tx.get(job_id)
-                if current is None:
-                    continue
-                if refusal is not None:
-                    job = current.moved(JobState.FAILED, f"hub {site.site} refused the job: {refusal}")
-                    if (stored := _apply(tx, job, None, False)) is not None:
-                        out.append(stored)
-                elif remote is not None and (stored := _apply(tx, _merge(current, remote), None, True)) is not None:
-                    out.append(stored)
-            return out
-
-        await self._commit_changes(apply)
-        accepted = sum(1 for _, refusal, _ in outcomes if refusal is None)
-        self.forwarded += accepted
-        log.info("hub %s acknowledged %d job(s)%s", site.site, accepted,
-                 f", refused {len(outcomes) - accepted}" if accepted < len(outcomes) else "")
+            await self._commit_changes(apply)
+            log.info("hub %s refused %d job(s), for example %s: %s", site.site, len(refusals),
+                     *next(iter(refusals.items())))
+        log.debug("hub %s acknowledged %d job(s)", site.site, len(jobs) - len(refusals))
 
     # -- following -------------------------------------------------------------------------------
 
@@ -536,15 +540,13 @@ class AntennaCore:
             return
 
 
-def _take(ordered: dict[str, None], n: int) -> list[str]:
-    """Remove and return the first `n` keys of an insertion-ordered dict."""
+def _first(ordered: dict, n: int) -> list:
+    """The first `n` keys of an insertion-ordered dict."""
     out = []
     for key in ordered:
         out.append(key)
         if len(out) == n:
             break
-    for key in out:
-        del ordered[key]
     return out
 
 

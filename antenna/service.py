@@ -58,7 +58,7 @@ class AntennaService(antenna_pb2_grpc.AntennaServicer):
             if isinstance(outcome, AifedError):
                 results.append(_refusal(outcome))
             else:
-                results.extend(antenna_pb2.SubmitResult(job=convert.job_to_pb(job)) for job in outcome)
+                results.extend(antenna_pb2.SubmitResult(accepted=convert.receipt_pb(job)) for job in outcome)
         return antenna_pb2.SubmitJobsResponse(results=results)
 
     async def GetJob(self, request, context):

@@ -1,9 +1,16 @@
-"""`aifed bench slurm`: is aifed ever the bottleneck in front of Slurm?
+"""Benchmarks: `aifed bench slurm` (is aifed ever the bottleneck in front of Slurm?) and `aifed bench forward`
+(how many jobs per second an antenna and a hub acknowledge and forward durably).
 
+`aifed bench slurm`:
 Starts a private Slurm (hub/slurmlab.py), then submits N trivial jobs (a) directly, `sbatch` in a loop, and
 (b) through an antenna and a hub (separate processes, mutual TLS, durable journals, the Slurm backend) into the
 same Slurm, with 16 submissions in flight. Phase (b) ends when all N jobs are in Slurm (`squeue`, by their
 `aifed:` tag). Prints both throughputs and their ratio; with --json, one JSON object on the last line.
+
+`aifed bench forward`: an antenna and a hub whose backend holds jobs without running them (`hold`), driven by
+concurrent clients for a given time, (a) one job per SubmitJob call and (b) in SubmitJobs batches. Prints
+jobs per second acknowledged (by the antenna) and forwarded (journaled by the hub), per-call latency, the
+backlog between the two, and each daemon's CPU and peak memory.
 """
 
 from __future__ import annotations
@@ -55,58 +62,137 @@ def run_direct(env: dict, jobs: int, folder: Path) -> float:
     return jobs / (time.perf_counter() - started)
 
 
-async def run_federation(env: dict, jobs: int, root: Path, in_flight: int = 16) -> dict:
-    from federation.client import AntennaClient
-    from federation.config import ClientConfig
-    from federation.model import JobSpec
-    from federation.tls import TlsFiles
+class BenchFederation:
+    """Hubs (`hub1`, `hub2`...) and an antenna as separate processes (mutual TLS, durable journals), for
+    benchmarks and drills. Processes are named by kind: "hub1", "antenna"..."""
 
-    p = root / "pki"
-    pki.init_ca(p, FEDERATION)
-    hub, antenna = pki.issue(p, Role.HUB, "hub1"), pki.issue(p, Role.ANTENNA, "antenna1")
-    user = pki.issue(p, Role.USER, "antenna1", "bench")
-    hub_port, antenna_port = free_port(), free_port()
-    tls = lambda i: f'[tls]\nca = "{p / "ca.pem"}"\ncert = "{i.cert}"\nkey = "{i.key}"\n'  # noqa: E731
-    hub_cfg = _write(root / "hub.toml", f'''[hub]
-site = "hub1"
+    def __init__(self, root: Path, backend: str, slurm_conf: str = "", partition: str = "debug", hubs: int = 1,
+                 cpu_slots: int = 16):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        p = self.pki = self.root / "pki"
+        pki.init_ca(p, FEDERATION)
+        antenna = pki.issue(p, Role.ANTENNA, "antenna1")
+        self.user = pki.issue(p, Role.USER, "antenna1", "bench")
+        self.hubs = [f"hub{i + 1}" for i in range(hubs)]
+        ports = {site: free_port() for site in self.hubs}
+        self.antenna_port = free_port()
+        self.hub_port = ports["hub1"]
+        tls = lambda i: f'[tls]\nca = "{p / "ca.pem"}"\ncert = "{i.cert}"\nkey = "{i.key}"\n'  # noqa: E731
+        slurm = f'slurm_conf = "{slurm_conf}"\npoll_interval = "2s"\ncapacity_interval = "10s"\n' if slurm_conf \
+            else ""
+        self.configs: dict[str, Path] = {}
+        for site in self.hubs:
+            self.configs[site] = _write(self.root / f"{site}.toml", f'''[hub]
+site = "{site}"
 federation = "{FEDERATION}"
-listen = "127.0.0.1:{hub_port}"
-state_dir = "{root / 'hub'}"
+listen = "127.0.0.1:{ports[site]}"
+state_dir = "{self.root / site}"
 
 [backend]
-type = "slurm"
-slurm_conf = "{env['SLURM_CONF']}"
-poll_interval = "2s"
-capacity_interval = "10s"
-cpu_slots = 16
-
+type = "{backend}"
+cpu_slots = {cpu_slots}
+{slurm}
 [[partitions]]
-name = "debug"
+name = "{partition}"
 max_walltime = "1:00:00"
 
-{tls(hub)}''')
-    antenna_cfg = _write(root / "antenna.toml", f'''[antenna]
+{tls(pki.issue(p, Role.HUB, site))}''')
+        hub_tables = "".join(f'[[hubs]]\nsite = "{site}"\nendpoint = "127.0.0.1:{ports[site]}"\n\n'
+                             for site in self.hubs)
+        self.configs["antenna"] = _write(self.root / "antenna.toml", f'''[antenna]
 site = "antenna1"
 federation = "{FEDERATION}"
-listen = "127.0.0.1:{antenna_port}"
-state_dir = "{root / 'antenna'}"
+listen = "127.0.0.1:{self.antenna_port}"
+state_dir = "{self.root / 'antenna'}"
 
-[[hubs]]
-site = "hub1"
-endpoint = "127.0.0.1:{hub_port}"
+{hub_tables}{tls(antenna)}''')
+        self.procs: dict[str, subprocess.Popen] = {}
 
-{tls(antenna)}''')
-    daemon_env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    procs = [subprocess.Popen([sys.executable, "-m", "federation.cli", kind, "--config", str(cfg)],
-                              stdout=open(root / f"{kind}.log", "wb"), stderr=subprocess.STDOUT, env=daemon_env)
-             for kind, cfg in (("hub", hub_cfg), ("antenna", antenna_cfg))]
+    def journal(self, name: str) -> Path:
+        return self.root / name / ("antenna.sqlite" if name == "antenna" else "hub.sqlite")
+
+    def start(self, name: str) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        kind = "antenna" if name == "antenna" else "hub"
+        proc = subprocess.Popen([sys.executable, "-m", "federation.cli", kind, "--config", str(self.configs[name]),
+                                 "--log-level", "warning"],
+                                stdout=open(self.root / f"{name}.log", "ab"), stderr=subprocess.STDOUT, env=env)
+        self.procs[name] = proc
+        return proc
+
+    def start_all(self) -> None:
+        for name in [*self.hubs, "antenna"]:
+            self.start(name)
+
+    def client(self):
+        from federation.client import AntennaClient
+        from federation.config import ClientConfig
+        from federation.tls import TlsFiles
+        return AntennaClient(ClientConfig(f"127.0.0.1:{self.antenna_port}",
+                                          TlsFiles(self.pki / "ca.pem", self.user.cert, self.user.key)))
+
+    async def wait_ready(self, client, timeout: float = 60) -> None:
+        """Until the antenna answers and has heard from every hub."""
+        deadline = time.monotonic() + timeout
+        while not ((sites := await _sites(client)) and all(s.reachable for s in sites)):
+            if time.monotonic() > deadline or any(pr.poll() is not None for pr in self.procs.values()):
+                raise RuntimeError(f"the federation did not come up; see {self.root}/*.log")
+            await asyncio.sleep(0.1)
+
+    def stop(self, name: str | None = None, sig: int = signal.SIGTERM) -> None:
+        for n in [name] if name else list(self.procs):
+            proc = self.procs.pop(n, None)
+            if proc is None:
+                continue
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def query(self, name: str, sql: str, args=()) -> list:
+        """Rows from a daemon's journal, read as another process sees its committed state."""
+        import sqlite3
+        try:
+            with sqlite3.connect(f"file:{self.journal(name)}?mode=ro", uri=True, timeout=10) as db:
+                return db.execute(sql, args).fetchall()
+        except sqlite3.OperationalError:
+            return []
+
+    def hub_count(self) -> int:
+        return sum(row[0] for site in self.hubs for row in self.query(site, "SELECT count(*) FROM jobs"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+async def run_federation(env: dict, jobs: int, root: Path, in_flight: int = 16) -> dict:
+    from federation.model import JobSpec
+
+    fed = BenchFederation(root, "slurm", slurm_conf=env["SLURM_CONF"])
+    fed.start_all()
     try:
-        client = AntennaClient(ClientConfig(f"127.0.0.1:{antenna_port}", TlsFiles(p / "ca.pem", user.cert, user.key)))
-        deadline = time.monotonic() + 60
-        while not any(s.reachable for s in await _sites(client)):
-            if time.monotonic() > deadline or any(pr.poll() is not None for pr in procs):
-                raise RuntimeError(f"the federation did not come up; see {root}/*.log")
-            await asyncio.sleep(0.2)
+        client = fed.client()
+        await fed.wait_ready(client)
         spec = JobSpec(argv=("true",), walltime_s=60, partition="debug")
         latencies: list[float] = []
         queue = iter(range(jobs))
@@ -126,18 +212,10 @@ endpoint = "127.0.0.1:{hub_port}"
             await asyncio.sleep(0.2)
         in_slurm = time.perf_counter() - started
         await client.close()
-        latencies.sort()
         return {"federation_jobs_per_s": jobs / in_slurm, "acknowledged_per_s": jobs / acknowledged,
-                "submit_p50_ms": 1000 * latencies[len(latencies) // 2],
-                "submit_p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]}
+                "submit_p50_ms": 1000 * percentile(latencies, 0.5), "submit_p99_ms": 1000 * percentile(latencies, 0.99)}
     finally:
-        for pr in procs:
-            pr.send_signal(signal.SIGTERM)
-        for pr in procs:
-            try:
-                pr.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pr.kill()
+        fed.stop()
 
 
 async def _sites(client):
@@ -145,6 +223,96 @@ async def _sites(client):
         return await client.sites()
     except Exception:  # noqa: BLE001 - not up yet
         return []
+
+
+# -- aifed bench forward -------------------------------------------------------------------------
+
+async def forward_run(root: Path, seconds: float, clients: int, batch: int) -> dict:
+    """One run: `clients` concurrent submitters for `seconds`, `batch` jobs per call (1: SubmitJob)."""
+    from federation.model import JobSpec
+
+    fed = BenchFederation(root, "hold")
+    hub, antenna = fed.start("hub1"), fed.start("antenna")
+    try:
+        client = fed.client()
+        await fed.wait_ready(client)
+        spec = JobSpec(argv=("true",), walltime_s=60)
+        latencies: list[float] = []
+        acked = 0
+        pids = {"hub": hub.pid, "antenna": antenna.pid, "client": os.getpid()}
+        cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+        started = time.perf_counter()
+        stop_at = started + seconds
+
+        async def submitter():
+            nonlocal acked
+            while time.perf_counter() < stop_at:
+                t = time.perf_counter()
+                if batch == 1:
+                    await client.submit(spec)
+                else:
+                    results = await client.submit_many([(spec, "", "")] * batch)
+                    if any(not hasattr(r, "id") for r in results):
+                        raise RuntimeError(f"a job was refused: {results}")
+                latencies.append(time.perf_counter() - t)
+                acked += batch
+
+        backlog: list[tuple[float, int]] = []
+
+        async def sampler():
+            while time.perf_counter() < stop_at:
+                await asyncio.sleep(1.0)
+                backlog.append((time.perf_counter() - started, acked - await asyncio.to_thread(fed.hub_count)))
+
+        await asyncio.gather(*(submitter() for _ in range(clients)), sampler())
+        window = time.perf_counter() - started
+        forwarded_in_window = await asyncio.to_thread(fed.hub_count)
+        cpu = {k: cpu_seconds(pid) - cpu0[k] for k, pid in pids.items()}
+        while (count := await asyncio.to_thread(fed.hub_count)) < acked:  # drain what was acknowledged
+            if time.perf_counter() - started > seconds + 300:
+                raise RuntimeError(f"only {count} of {acked} acknowledged jobs reached the hub")
+            await asyncio.sleep(0.2)
+        drained = time.perf_counter() - started
+        await client.close()
+        half = [b for t, b in backlog if t > seconds / 2]
+        return {
+            "jobs_per_s": round(acked / window, 1),
+            "forwarded_per_s": round(forwarded_in_window / window, 1),
+            "p50_ms": round(1000 * percentile(latencies, 0.5), 2),
+            "p99_ms": round(1000 * percentile(latencies, 0.99), 2),
+            "acknowledged": acked, "drain_s": round(drained - window, 2),
+            "backlog_max": max((b for _, b in backlog), default=0),
+            "backlog_end": backlog[-1][1] if backlog else 0,
+            "backlog_second_half_max": max(half, default=0),
+            "jobs_per_call": batch, "clients": clients,
+            "hub_cpu_pct": round(100 * cpu["hub"] / window, 1),
+            "antenna_cpu_pct": round(100 * cpu["antenna"] / window, 1),
+            "client_cpu_pct": round(100 * cpu["client"] / window, 1),
+            "hub_peak_rss_mb": round(peak_rss_mb(hub.pid), 1),
+            "antenna_peak_rss_mb": round(peak_rss_mb(antenna.pid), 1),
+        }
+    finally:
+        fed.stop()
+
+
+def run_forward_bench(seconds: float, clients: int, batch: int, as_json: bool, keep: Path | None = None) -> int:
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="aifed-bench-forward-"))
+    try:
+        result = {}
+        for name, per_call, n in (("unbatched", 1, clients), ("batched", batch, max(2, clients // 4))):
+            print(f"{name}: {n} clients, {per_call} job(s) per call, {seconds:g} s...", file=sys.stderr)
+            r = result[name] = asyncio.run(forward_run(root / name, seconds, n, per_call))
+            print(f"{name:>9}: acknowledged {r['jobs_per_s']:8.1f} jobs/s, forwarded {r['forwarded_per_s']:8.1f} "
+                  f"jobs/s, submit p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms per call; backlog max "
+                  f"{r['backlog_max']} end {r['backlog_end']}, drained in {r['drain_s']:.1f} s; CPU hub "
+                  f"{r['hub_cpu_pct']:.0f}% antenna {r['antenna_cpu_pct']:.0f}% clients {r['client_cpu_pct']:.0f}%; peak RSS hub "
+                  f"{r['hub_peak_rss_mb']:.0f} MB antenna {r['antenna_peak_rss_mb']:.0f} MB")
+        if as_json:
+            print(orjson.dumps(result).decode())
+        return 0
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def run_slurm_bench(jobs: int, as_json: bool, keep: Path | None = None) -> int:

@@ -145,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--json", action="store_true", help="one JSON object on the last line")
     bs.add_argument("--keep", help="keep the cluster, configs and logs in this folder")
 
+    bf = bench.add_parser("forward", help="jobs per second an antenna and a hub acknowledge and forward durably")
+    bf.add_argument("--seconds", type=float, default=20, help="length of each run (default 20)")
+    bf.add_argument("--clients", type=int, default=16, help="concurrent clients, unbatched run (default 16; the "
+                                                            "batched run uses a quarter as many)")
+    bf.add_argument("--batch", type=int, default=500, help="jobs per SubmitJobs call, batched run (default 500)")
+    bf.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    bf.add_argument("--keep", help="keep configs, journals and logs in this folder")
+
+    bc = bench.add_parser("crash", help="SIGKILL the daemons during a burst of submissions: nothing lost or run twice")
+    bc.add_argument("--jobs", type=int, default=10_000, help="jobs in the burst (default 10000)")
+    bc.add_argument("--kills", type=int, default=20, help="how many times daemons are killed (default 20)")
+    bc.add_argument("--seed", type=int, help="random seed, to repeat a run")
+    bc.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    bc.add_argument("--keep", help="keep configs, journals, logs and the executions record in this folder")
+
     dm = sub.add_parser("demo", help="run a local federation on loopback and show it working")
     dm.add_argument("--dir", default="var/demo", help="where the demo keeps its PKI, configs and state")
     return p
@@ -280,21 +295,22 @@ async def _submit_array(client, spec: JobSpec, array: str, args: argparse.Namesp
     refused = [r for r in results if isinstance(r, AifedError)]
     if refused:
         raise refused[0]
-    jobs = list(results)
-    array_id = jobs[0].spec.array_job
-    if args.wait:
-        print(f"Submitted array {array_id}: {len(jobs)} jobs", file=sys.stderr)
-        jobs = [await client.wait(job.id) for job in jobs]
+    array_id = results[0].array_job
+    if not args.wait:
+        if args.json:
+            _print_json({"array": array_id, "jobs": [{"id": r.id, "array_task": r.array_task, "state": r.state.name}
+                                                     for r in results]})
+        else:
+            print(f"Submitted array {array_id}: {len(results)} jobs, {results[0].id} (task {results[0].array_task})"
+                  f" to {results[-1].id} (task {results[-1].array_task})")
+        return EXIT_OK
+    print(f"Submitted array {array_id}: {len(results)} jobs", file=sys.stderr)
+    jobs = [await client.wait(r.id) for r in results]
     if args.json:
         _print_json({"array": array_id, "jobs": [output.job_dict(j) for j in jobs]})
-    elif args.wait:
-        print(output.job_rows(jobs))
     else:
-        print(f"Submitted array {array_id}: {len(jobs)} jobs, {jobs[0].id} (task {jobs[0].spec.array_task}) "
-              f"to {jobs[-1].id} (task {jobs[-1].spec.array_task})")
-    if args.wait and any(j.state is not JobState.COMPLETED for j in jobs):
-        return EXIT_FAIL
-    return EXIT_OK
+        print(output.job_rows(jobs))
+    return EXIT_FAIL if any(j.state is not JobState.COMPLETED for j in jobs) else EXIT_OK
 
 
 def _certs_command(args: argparse.Namespace) -> int:
@@ -340,8 +356,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "certs":
             return _certs_command(args)
         if args.command == "bench":
-            from federation.bench import run_slurm_bench
-            return run_slurm_bench(args.jobs, args.json, Path(args.keep) if args.keep else None)
+            from federation import bench
+            keep = Path(args.keep) if args.keep else None
+            if args.bench_cmd == "crash":
+                from federation.crash import run_crash_bench
+                return run_crash_bench(args.jobs, args.kills, args.seed, args.json, keep)
+            if args.bench_cmd == "forward":
+                return bench.run_forward_bench(args.seconds, args.clients, args.batch, args.json, keep)
+            return bench.run_slurm_bench(args.jobs, args.json, keep)
         if args.command == "demo":
             from federation.demo import run_demo
             return run_demo(Path(args.dir))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +14,16 @@ from federation.model import Job, JobSpec, JobState
 from federation.pb import antenna_pb2, antenna_pb2_grpc, jobs_pb2
 from federation.rpc import secure_channel
 from federation.tls import TlsFiles
+
+@dataclass(frozen=True)
+class Receipt:
+    """A job accepted by a bulk submit: its id, state and place in its array (`get` has the rest)."""
+
+    id: str
+    state: JobState
+    array_job: str = ""
+    array_task: int = 0
+
 
 DEFAULT_CONFIG = Path("~/.config/aifed/client.toml").expanduser()
 
@@ -54,13 +65,14 @@ class AntennaClient:
         return convert.job_from_pb(msg)
 
     async def submit_many(self, entries: list[tuple[JobSpec, str, str]], timeout: float = 60
-                          ) -> list[Job | AifedError]:
-        """Submit (spec, request id, array) entries in one call: a job, or the refusal, per job (arrays expanded)."""
+                          ) -> list[Receipt | AifedError]:
+        """Submit (spec, request id, array) entries in one call: a receipt, or the refusal, per job (arrays
+        expanded; a refused entry has one error)."""
         msg = await self.stub.SubmitJobs(antenna_pb2.SubmitJobsRequest(jobs=[
             antenna_pb2.SubmitJobRequest(spec=convert.spec_to_pb(spec), request_id=rid, array=array)
             for spec, rid, array in entries]), timeout=timeout)
-        return [convert.job_from_pb(r.job) if r.HasField("job") else error_from_status(r.error.code, r.error.message)
-                for r in msg.results]
+        return [Receipt(r.accepted.id, JobState(r.accepted.state), r.accepted.array_job, r.accepted.array_task)
+                if r.HasField("accepted") else error_from_status(r.error.code, r.error.message) for r in msg.results]
 
     async def get(self, job_id: str) -> Job:
         return convert.job_from_pb(await self.stub.GetJob(jobs_pb2.JobRef(job_id=job_id), timeout=30))

@@ -61,3 +61,8 @@ def job_from_pb(msg: jobs_pb2.Job) -> Job:
         site=msg.site, partition=msg.partition, exit_code=msg.exit_code if msg.has_exit_code else None,
         reason=msg.reason, history=history, created_at=from_ts(msg.created_at),
         updated_at=from_ts(msg.updated_at))
+
+
+def receipt_pb(job: Job) -> jobs_pb2.JobReceipt:
+    return jobs_pb2.JobReceipt(id=job.id, state=int(job.state), array_job=job.spec.array_job,
+                               array_task=job.spec.array_task, created_at=ts(job.created_at))

@@ -204,7 +204,8 @@ class Journal:
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                outcomes = await asyncio.to_thread(self._run, [fn for fn, _ in batch])
+                fns = [fn for fn, _ in batch]
+                outcomes = await asyncio.to_thread(self._run, fns)
             except BaseException as exc:  # the transaction failed: nobody's change was stored
                 for _, future in batch:
                     if not future.done():

@@ -18,6 +18,7 @@ from hub.core import MAX_BATCH, HubCore
 LOG_CHUNK = 64 * 1024
 MAX_SHAPES = 64
 CHANGES_BATCH = 1000
+CHANGES_LINGER_S = 0.01
 STREAMS = {jobs_pb2.LOG_STREAM_STDOUT: ("stdout",), jobs_pb2.LOG_STREAM_STDERR: ("stderr",),
            jobs_pb2.LOG_STREAM_UNSPECIFIED: ("stdout", "stderr")}
 STREAM_ENUM = {"stdout": jobs_pb2.LOG_STREAM_STDOUT, "stderr": jobs_pb2.LOG_STREAM_STDERR}
@@ -83,7 +84,7 @@ class HubService(hub_pb2_grpc.HubServicer):
                 results.append(hub_pb2.ForwardResult(job_id=asked.id, error=jobs_pb2.JobError(
                     code=job_or_error.code.value[0], message=job_or_error.message)))
             else:
-                results.append(hub_pb2.ForwardResult(job_id=asked.id, job=convert.job_to_pb(job_or_error),
+                results.append(hub_pb2.ForwardResult(job_id=asked.id, accepted=convert.receipt_pb(job_or_error),
                                                      duplicate=duplicate))
         return hub_pb2.ForwardJobsResponse(results=results)
 
@@ -104,6 +105,7 @@ class HubService(hub_pb2_grpc.HubServicer):
                 caught_up = True
                 yield hub_pb2.JobChanges(epoch=journal.epoch, sequence=after, caught_up=True)
             await changes.wait_past(version, 30.0)
+            await asyncio.sleep(CHANGES_LINGER_S)  # changes come in bursts: send them together
 
     async def GetJob(self, request, context):
         return convert.job_to_pb(self.core.get(caller(), request.job_id))

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import eventually
 from federation import convert
+from federation.client import Receipt
 from federation.errors import AifedError, InvalidArgument
 from federation.identity import Role
 from federation.journal import Journal
@@ -134,15 +135,15 @@ async def test_bulk_submit_with_an_array_and_a_refused_entry(fed):
     assert len(results) == 5
     assert isinstance(results[1], AifedError) and "reserved" in results[1].message
     array = results[2:]
-    assert [j.spec.array_task for j in array] == [0, 4, 8]
-    assert len({j.spec.array_job for j in array}) == 1 and len({j.id for j in array}) == 3
+    assert [r.array_task for r in array] == [0, 4, 8] and all(r.state is JobState.PENDING for r in array)
+    assert len({r.array_job for r in array}) == 1 and len({r.id for r in array}) == 3
     for job in [results[0], *array]:
         done = await client.wait(job.id)
         assert done.state is JobState.COMPLETED, done.reason
     out = b"".join([c.data async for c in client.logs(array[1].id)])
     assert out.strip() == b"task=4 slurm=4"
     status = await client.get(array[2].id)
-    assert status.spec.array_job == array[0].spec.array_job and status.spec.array_task == 8
+    assert status.spec.array_job == array[0].array_job and status.spec.array_task == 8
 
 
 async def test_array_retry_with_the_same_request_id_returns_the_same_jobs(fed):
@@ -158,7 +159,7 @@ async def test_bulk_submit_limits(fed, monkeypatch):
     monkeypatch.setattr("antenna.core.MAX_SUBMIT", 5)
     client = fed.client("alice")
     results = await client.submit_many([(JobSpec(argv=("true",)), "", "0-3"), (JobSpec(argv=("true",)), "", "0-1")])
-    assert [isinstance(r, Job) for r in results] == [True] * 4 + [False]
+    assert [isinstance(r, Receipt) for r in results] == [True] * 4 + [False]
     assert "at most 5 jobs per call" in results[-1].message
     with pytest.raises(AifedError, match="more than 5 tasks"):
         raise (await client.submit_many([(JobSpec(argv=("true",)), "", "0-5")]))[0]
@@ -195,7 +196,7 @@ async def test_forward_jobs_gives_one_result_per_job_and_feed_reports_them(fed, 
         assert [r.job_id for r in first.results] == ["antenna-a-ok1", "antenna-b-theirs", "antenna-a-ok2",
                                                      "antenna-a-ok3"]
         assert codes == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.PERMISSION_DENIED.value[0], 0]
-        assert first.results[0].job.state == JobState.QUEUED and not first.results[0].duplicate
+        assert first.results[0].accepted.state == JobState.QUEUED and not first.results[0].duplicate
         again = await stub.ForwardJobs(batch, timeout=10)  # a retry starts nothing new
         assert [r.duplicate for r in again.results] == [True, False, False, True]
         assert fed.hubs["lumi"].core.journal.count() == 2

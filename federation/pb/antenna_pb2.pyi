@@ -28,12 +28,12 @@ class SubmitJobsRequest(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[SubmitJobRequest, _Mapping]]] = ...) -> None: ...
 
 class SubmitResult(_message.Message):
-    __slots__ = ("job", "error")
-    JOB_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("accepted", "error")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
-    job: _jobs_pb2.Job
+    accepted: _jobs_pb2.JobReceipt
     error: _jobs_pb2.JobError
-    def __init__(self, job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ..., error: _Optional[_Union[_jobs_pb2.JobError, _Mapping]] = ...) -> None: ...
+    def __init__(self, accepted: _Optional[_Union[_jobs_pb2.JobReceipt, _Mapping]] = ..., error: _Optional[_Union[_jobs_pb2.JobError, _Mapping]] = ...) -> None: ...
 
 class SubmitJobsResponse(_message.Message):
     __slots__ = ("results",)

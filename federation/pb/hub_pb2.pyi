@@ -37,16 +37,16 @@ class ForwardJobsRequest(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[ForwardJobRequest, _Mapping]]] = ...) -> None: ...
 
 class ForwardResult(_message.Message):
-    __slots__ = ("job_id", "job", "error", "duplicate")
+    __slots__ = ("job_id", "accepted", "error", "duplicate")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
-    JOB_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    job: _jobs_pb2.Job
+    accepted: _jobs_pb2.JobReceipt
     error: _jobs_pb2.JobError
     duplicate: bool
-    def __init__(self, job_id: _Optional[str] = ..., job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ..., error: _Optional[_Union[_jobs_pb2.JobError, _Mapping]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., accepted: _Optional[_Union[_jobs_pb2.JobReceipt, _Mapping]] = ..., error: _Optional[_Union[_jobs_pb2.JobError, _Mapping]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class ForwardJobsResponse(_message.Message):
     __slots__ = ("results",)
