@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -347,5 +348,92 @@ def run_slurm_bench(jobs: int, as_json: bool, keep: Path | None = None) -> int:
         return 0
     finally:
         lab.stop()
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+# -- aifed bench scale ---------------------------------------------------------------------------
+
+def fill_hub_journal(path: Path, finished: int, active: int, antenna: str = "antenna1") -> list[str]:
+    """A hub journal with `finished` ended and `active` queued jobs of `antenna`'s users; returns their ids."""
+    from federation.journal import Journal
+    from federation.model import Job, JobSpec, JobState
+
+    journal = Journal(path)
+    owner = f"spiffe://{FEDERATION}/user/{antenna}/bench"
+    spec = JobSpec(argv=("python", "train.py", "--epochs", "3"), walltime_s=3600, partition="debug")
+    now = time.time()
+    ids = []
+    chunk = 20_000
+    for start in range(0, finished + active, chunk):
+        jobs = []
+        for i in range(start, min(start + chunk, finished + active)):
+            job_id = f"{antenna}-{i:012x}"
+            job = Job(id=job_id, spec=spec, state=JobState.PENDING, owner=owner, antenna=antenna, site="hub1",
+                      partition="debug", created_at=now - 86400, updated_at=now - 86400)
+            job = job.moved(JobState.FORWARDED, "accepted", at=now - 86400).moved(JobState.QUEUED, "queued",
+                                                                                 at=now - 86400)
+            if i < finished:
+                job = job.moved(JobState.RUNNING, "", at=now - 80000).moved(JobState.COMPLETED, "", at=now - 79000,
+                                                                            exit_code=0)
+            jobs.append(job)
+            ids.append(job_id)
+        journal.write(lambda tx, jobs=jobs: [tx.insert(j, f"{antenna}/{j.id}") for j in jobs])
+    journal.close()
+    return ids
+
+
+async def scale_run(root: Path, finished: int, active: int, queries: int) -> dict:
+    from federation.identity import Role as R
+    from federation.pb import hub_pb2, hub_pb2_grpc, jobs_pb2
+    from federation.rpc import secure_channel
+    from federation.tls import TlsFiles
+
+    fed = BenchFederation(root, "hold")
+    started = time.perf_counter()
+    ids = await asyncio.to_thread(fill_hub_journal, fed.journal("hub1"), finished, active)
+    filled = time.perf_counter() - started
+    size_mb = fed.journal("hub1").stat().st_size / 2**20
+    started = time.perf_counter()
+    hub = fed.start("hub1")
+    cert, key = pki.cert_paths(fed.pki, pki.identity_for(FEDERATION, R.ANTENNA, "antenna1"))
+    latencies = []
+    try:
+        async with secure_channel(f"127.0.0.1:{fed.hub_port}", TlsFiles(fed.pki / "ca.pem", cert, key)) as channel:
+            stub = hub_pb2_grpc.HubStub(channel)
+            await stub.GetAdvert(hub_pb2.AdvertRequest(), wait_for_ready=True, timeout=120)
+            ready = time.perf_counter() - started
+            rng = random.Random(1)
+            for _ in range(queries):
+                job_id = ids[rng.randrange(len(ids))]
+                t = time.perf_counter()
+                job = await stub.GetJob(jobs_pb2.JobRef(job_id=job_id), timeout=10)
+                latencies.append(time.perf_counter() - t)
+                assert job.id == job_id
+        rss = 0.0
+        for line in Path(f"/proc/{hub.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+        return {"finished": finished, "active": active, "journal_mb": round(size_mb, 1),
+                "fill_s": round(filled, 1), "hub_start_s": round(ready, 2), "queries": queries,
+                "status_p50_ms": round(1000 * percentile(latencies, 0.5), 3),
+                "status_p99_ms": round(1000 * percentile(latencies, 0.99), 3),
+                "hub_rss_mb": round(rss, 1), "hub_peak_rss_mb": round(peak_rss_mb(hub.pid), 1)}
+    finally:
+        fed.stop()
+
+
+def run_scale_bench(finished: int, active: int, queries: int, as_json: bool, keep: Path | None = None) -> int:
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="aifed-bench-scale-"))
+    try:
+        print(f"filling a hub journal with {finished} finished and {active} active jobs...", file=sys.stderr)
+        r = asyncio.run(scale_run(root, finished, active, queries))
+        print(f"journal {r['journal_mb']:.0f} MB (filled in {r['fill_s']:.0f} s); hub up in {r['hub_start_s']:.1f} s; "
+              f"status query p50 {r['status_p50_ms']:.2f} ms p99 {r['status_p99_ms']:.2f} ms over {queries}; "
+              f"hub resident memory {r['hub_rss_mb']:.0f} MB (peak {r['hub_peak_rss_mb']:.0f} MB)")
+        if as_json:
+            print(orjson.dumps(r).decode())
+        return 0
+    finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--json", action="store_true", help="one JSON object on the last line")
     bf.add_argument("--keep", help="keep configs, journals and logs in this folder")
 
+    bm = bench.add_parser("scale", help="a hub holding a million finished jobs: memory and status query latency")
+    bm.add_argument("--finished", type=int, default=1_000_000, help="finished jobs in the journal (default 1000000)")
+    bm.add_argument("--active", type=int, default=10_000, help="active jobs (default 10000)")
+    bm.add_argument("--queries", type=int, default=5000, help="status queries to time (default 5000)")
+    bm.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    bm.add_argument("--keep", help="keep the journal, configs and logs in this folder")
+
     bc = bench.add_parser("crash", help="SIGKILL the daemons during a burst of submissions: nothing lost or run twice")
     bc.add_argument("--jobs", type=int, default=10_000, help="jobs in the burst (default 10000)")
     bc.add_argument("--kills", type=int, default=20, help="how many times daemons are killed (default 20)")
@@ -358,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from federation import bench
             keep = Path(args.keep) if args.keep else None
+            if args.bench_cmd == "scale":
+                return bench.run_scale_bench(args.finished, args.active, args.queries, args.json, keep)
             if args.bench_cmd == "crash":
                 from federation.crash import run_crash_bench
                 return run_crash_bench(args.jobs, args.kills, args.seed, args.json, keep)

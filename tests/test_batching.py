@@ -245,3 +245,21 @@ async def test_jobs_a_replaced_hub_journal_no_longer_knows_are_lost(fed):
         assert done.state is JobState.LOST and "no longer knows" in done.reason
     finally:
         os.killpg(pid, signal.SIGKILL)
+
+
+async def test_hub_purges_finished_jobs_older_than_its_retention(test_pki, tmp_path):
+    from tests.conftest import Federation
+    state = tmp_path / "leonardo"
+    journal = Journal(state / "hub.sqlite")
+    journal.insert(make_job("antenna-a-old", JobState.COMPLETED, at=time.time() - 3 * 86400))
+    journal.insert(make_job("antenna-a-oldrunning", JobState.QUEUED, at=time.time() - 3 * 86400))
+    journal.insert(make_job("antenna-a-recent", JobState.COMPLETED, at=time.time() - 3600))
+    journal.close()
+    fed = Federation(test_pki, tmp_path)
+    try:
+        hub = await fed.start_hub("leonardo", retention_s=86400, backend="hold")
+        await eventually(lambda: hub.core.journal.get("antenna-a-old") is None)
+        assert hub.core.journal.get("antenna-a-oldrunning") is not None  # not finished: kept however old
+        assert hub.core.journal.get("antenna-a-recent") is not None
+    finally:
+        await fed.close()
