@@ -425,8 +425,9 @@ class AntennaCore:
         """One ForwardJobs call. An acknowledgement needs no write here: the hub journaled the job, a resend
         after a crash is answered as a duplicate, and the job's new state arrives on the change feed. Only a
         refusal is journaled (FAILED)."""
-        request = hub_pb2.ForwardJobsRequest(jobs=[
-            hub_pb2.ForwardJobRequest(idempotency_key=job.id, job=convert.job_to_pb(job)) for job in jobs])
+        request = hub_pb2.ForwardJobsRequest(jobs=[hub_pb2.ForwardJobRequest(
+            idempotency_key=job.id, job=jobs_pb2.Job(id=job.id, spec=convert.spec_to_pb(job.spec), owner=job.owner,
+                                                     antenna=job.antenna, state=int(job.state))) for job in jobs])
         try:
             response = await site.stub.ForwardJobs(request, timeout=60)
             refusals = {r.job_id: r.error.message for r in response.results if r.HasField("error")}
@@ -442,7 +443,7 @@ class AntennaCore:
                     current = tx.get(job_id)
                     if current is not None:
                         job = current.moved(JobState.FAILED, f"hub {site.site} refused the job: {why}")
-                        if (stored := _apply(tx, job, None, False)) is not None:
+                        if (stored := _apply(tx, job, None, False, current)) is not None:
                             out.append(stored)
                 return out
 
@@ -496,13 +497,13 @@ class AntennaCore:
                     current = tx.get(job.id)
                     if current is not None and current.site == site.site:
                         merged = _merge(current, job)
-                        if merged != current and (stored := _apply(tx, merged, None, True)) is not None:
+                        if merged != current and (stored := _apply(tx, merged, None, True, current)) is not None:
                             out.append(stored)
                 for job_id in lost:
                     current = tx.get(job_id)
                     if current is not None and not current.final and current.state is not JobState.PENDING:
                         job = current.moved(JobState.LOST, f"hub {site.site} no longer knows this job")
-                        if (stored := _apply(tx, job, None, True)) is not None:
+                        if (stored := _apply(tx, job, None, True, current)) is not None:
                             out.append(stored)
                 tx.set_meta(cursor_key, position)
                 return out
@@ -550,11 +551,11 @@ def _first(ordered: dict, n: int) -> list:
     return out
 
 
-def _apply(tx: Tx, job: Job, ref: str | None, from_hub: bool) -> Job | None:
+def _apply(tx: Tx, job: Job, ref: str | None, from_hub: bool, current: Job | None = None) -> Job | None:
     """Store a change unless it would replace a final state; only the hub that ran the job may replace one with
     another final state (a stale placement or refusal decided before a cancel never does). The stored job, or
-    None if nothing changed."""
-    current = tx.get(job.id)
+    None if nothing changed. `current`: the stored job, if the caller has just read it in this transaction."""
+    current = current or tx.get(job.id)
     if current is None or (current.final and not (from_hub and job.final)):
         return None
     tx.update(job, backend_ref=ref)

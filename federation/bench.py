@@ -230,7 +230,9 @@ async def _sites(client):
 
 async def forward_run(root: Path, seconds: float, clients: int, batch: int) -> dict:
     """One run: `clients` concurrent submitters for `seconds`, `batch` jobs per call (1: SubmitJob)."""
-    from federation.model import JobSpec
+    from federation import convert
+    from federation.model import JobSpec, JobState
+    from federation.pb import antenna_pb2
 
     fed = BenchFederation(root, "hold")
     hub, antenna = fed.start("hub1"), fed.start("antenna")
@@ -245,16 +247,20 @@ async def forward_run(root: Path, seconds: float, clients: int, batch: int) -> d
         started = time.perf_counter()
         stop_at = started + seconds
 
+        # Requests are built once: the clients share the machine with the daemons, and should cost it little.
+        one = antenna_pb2.SubmitJobRequest(spec=convert.spec_to_pb(spec))
+        many = antenna_pb2.SubmitJobsRequest(jobs=[one] * batch)
+
         async def submitter():
             nonlocal acked
             while time.perf_counter() < stop_at:
                 t = time.perf_counter()
                 if batch == 1:
-                    await client.submit(spec)
+                    await client.stub.SubmitJob(one, timeout=30)
                 else:
-                    results = await client.submit_many([(spec, "", "")] * batch)
-                    if any(not hasattr(r, "id") for r in results):
-                        raise RuntimeError(f"a job was refused: {results}")
+                    response = await client.stub.SubmitJobs(many, timeout=60)
+                    if any(r.HasField("error") for r in response.results):
+                        raise RuntimeError(f"a job was refused: {response}")
                 latencies.append(time.perf_counter() - t)
                 acked += batch
 
@@ -270,6 +276,9 @@ async def forward_run(root: Path, seconds: float, clients: int, batch: int) -> d
         forwarded_in_window = await asyncio.to_thread(fed.hub_count)
         cpu = {k: cpu_seconds(pid) - cpu0[k] for k, pid in pids.items()}
         while (count := await asyncio.to_thread(fed.hub_count)) < acked:  # drain what was acknowledged
+            if failed := fed.query("antenna", "SELECT record FROM jobs WHERE state = ? LIMIT 1",
+                                   (int(JobState.FAILED),)):
+                raise RuntimeError(f"a job failed: {orjson.loads(failed[0][0])['reason']}")
             if time.perf_counter() - started > seconds + 300:
                 raise RuntimeError(f"only {count} of {acked} acknowledged jobs reached the hub")
             await asyncio.sleep(0.2)

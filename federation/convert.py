@@ -10,14 +10,14 @@ from federation.pb import jobs_pb2
 
 
 def ts(seconds: float) -> Timestamp:
-    out = Timestamp()
-    if seconds:
-        out.FromNanoseconds(int(seconds * 1e9))
-    return out
+    if not seconds:
+        return Timestamp()
+    nanos = int(seconds * 1e9)
+    return Timestamp(seconds=nanos // 1_000_000_000, nanos=nanos % 1_000_000_000)
 
 
 def from_ts(stamp: Timestamp) -> float:
-    return stamp.ToNanoseconds() / 1e9
+    return stamp.seconds + stamp.nanos / 1e9
 
 
 def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
@@ -41,9 +41,10 @@ def spec_from_pb(msg: jobs_pb2.JobSpec) -> JobSpec:
         project=msg.project, site=msg.site, array_job=msg.array_job, array_task=msg.array_task)
 
 
-def job_to_pb(job: Job) -> jobs_pb2.Job:
+def job_to_pb(job: Job, spec: bool = True) -> jobs_pb2.Job:
+    """The job as a message; without its spec (`spec=False`) for messages that report only its progress."""
     return jobs_pb2.Job(
-        id=job.id, spec=spec_to_pb(job.spec), state=int(job.state), owner=job.owner, antenna=job.antenna,
+        id=job.id, spec=spec_to_pb(job.spec) if spec else None, state=int(job.state), owner=job.owner, antenna=job.antenna,
         site=job.site, partition=job.partition, has_exit_code=job.exit_code is not None,
         exit_code=job.exit_code or 0, reason=job.reason,
         history=[jobs_pb2.Transition(state=int(t.state), at=ts(t.at), reason=t.reason) for t in job.history],

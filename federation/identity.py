@@ -7,6 +7,8 @@ Identities are SPIFFE-style URIs on the federation's trust domain:
 
 from __future__ import annotations
 
+import functools
+
 import enum
 import re
 from dataclasses import dataclass
@@ -59,6 +61,7 @@ def check_federation_name(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_identity(uri: str) -> Identity:
     """Parse a SPIFFE URI into an Identity; raise ValueError saying what is wrong."""
     prefix = "spiffe://"

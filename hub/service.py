@@ -99,7 +99,8 @@ class HubService(hub_pb2_grpc.HubServicer):
                 after = rows[-1][0]
                 caught_up = len(rows) < CHANGES_BATCH
                 yield hub_pb2.JobChanges(epoch=journal.epoch, sequence=after, caught_up=caught_up,
-                                         jobs=[convert.job_to_pb(job_from_json(record)) for _, record in rows])
+                                         jobs=[convert.job_to_pb(job_from_json(record), spec=False)
+                                               for _, record in rows])
                 continue
             if not caught_up:
                 caught_up = True

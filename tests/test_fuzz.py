@@ -13,12 +13,14 @@ HYPOTHESIS_PROFILE; `make fuzz` runs the long one. The profiles apply to this fi
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import datetime as dt
 import logging
 import os
 import re
 import shlex
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -128,8 +130,8 @@ def _known_strings(known: dict[str, list[str]]) -> dict[str, list[str]]:
         "env.key": ["FOO", "PATH", "HOME", "LD_PRELOAD", "AIFED_JOB_ID", "SLURM_JOB_ID", "sbatch_x", "1BAD", "A-B",
                     "_", "A" * 300],
         "env.value": ["1", "", "/nonexistent", "a=b"],
-        "array": ["0", "0-3", "1,3,5-7", "0-98:2", "0-999", "3-1", "0-4000000", "0-99999999999", "0-3%2", "1-",
-                  ",", "0:1", "-5", "0-10:0", "0-10:-1", "a-b"],
+        "array": ["0", "0-3", "1,3,5-7", "0-98:2", "3-1", "0-10001", "0-4000000", "0-99999999999", "0-3%2", "1-",
+                  ",", "0:1", "-5", "0-10:0", "0-10:-1", "a-b"],  # at most 50 tasks, or refused: jobs really run
         "epoch": ["", "e1"] + ids,
         "reason": ["cancelled", "killed at its walltime"],
         "gpu_model": ["A100", "H100"],
@@ -364,6 +366,55 @@ def check_outcome(method: MethodDescriptor, code: grpc.StatusCode, details: str 
     allowed = PROPER_CODES | (STREAM_ENDINGS if method.server_streaming else set())
     assert code in allowed, f"{method.full_name} answered {code.name}: {details}{tracebacks.about(details)}"
     assert details and details.strip(), f"{method.full_name} answered {code.name} without a message"
+
+
+async def in_thread(stop: threading.Event, fn: Callable, *args) -> None:
+    """Run fn in a daemon thread while the event loop keeps serving. If the awaiting test ends first (Ctrl-C,
+    a timeout), `stop` tells the thread to end too, and a daemon thread never holds up the interpreter's exit."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(exc: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(exc) if exc else done.set_result(None)
+
+    def run() -> None:
+        outcome = None
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - handed to the awaiting test
+            outcome = exc
+        except BaseException as exc:  # noqa: BLE001 - a KeyboardInterrupt cannot travel through a future
+            outcome = RuntimeError(f"interrupted: {exc!r}")
+        try:
+            loop.call_soon_threadsafe(settle, outcome)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
+
+    thread = threading.Thread(target=run, name="hypothesis", daemon=True)
+    thread.start()
+    try:
+        await done
+    finally:
+        stop.set()
+        deadline = time.monotonic() + 30
+        while thread.is_alive() and time.monotonic() < deadline:  # its last call still needs the loop
+            await asyncio.sleep(0.05)
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, coro, stop: threading.Event, timeout: float = 60):
+    """From hypothesis's thread: run coro on the daemons' loop and return its result; give up when the test
+    is stopping (the loop may never finish it then)."""
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return future.result(timeout=0.2)
+        except concurrent.futures.TimeoutError:
+            if stop.is_set() or time.monotonic() > deadline:
+                future.cancel()
+                raise KeyboardInterrupt("the test is stopping") if stop.is_set() else \
+                    AssertionError(f"no answer in {timeout} s: the call hangs") from None
 
 
 def run_hypothesis(name: str, strategy: st.SearchStrategy, example: Callable, config: settings) -> None:
@@ -883,15 +934,18 @@ async def test_rpc_requests_get_proper_statuses(fed, test_pki, service, method):
     loop = asyncio.get_running_loop()
     channel = secure_channel(f"127.0.0.1:{port}", tls)
     tracebacks = DaemonTracebacks()
+    stop = threading.Event()
     logging.getLogger("federation.rpc").addHandler(tracebacks)
     try:
         def example(reqs: Requests) -> None:  # in hypothesis's thread; the call runs on the daemons' loop
+            if stop.is_set():
+                raise KeyboardInterrupt("the test was interrupted")  # ends hypothesis's run at once
             fields_set.update(f.name for r in reqs for f, _ in r.ListFields())
-            code, details, _ = asyncio.run_coroutine_threadsafe(call(channel, desc, reqs), loop).result(timeout=60)
+            code, details, _ = on_loop(loop, call(channel, desc, reqs), stop)
             note(f"{desc.full_name} answered {code.name}: {details!r:.300}")
             check_outcome(desc, code, details, tracebacks)
 
-        await asyncio.to_thread(run_hypothesis, f"fuzz_{service}_{method}", requests, example, fuzz_settings(0.2))
+        await in_thread(stop, run_hypothesis, f"fuzz_{service}_{method}", requests, example, fuzz_settings(0.2))
         # The generic strategy really reached every field of the request (none silently left out).
         assert fields_set == {f.name for f in desc.input_type.fields}
         await daemons_still_work(fed, test_pki)
