@@ -208,7 +208,7 @@ class AntennaCore:
     def get(self, who: Identity, job_id: str) -> Job:
         job = self.journal.get(job_id)
         if job is None or job.owner != who.uri:
-            raise NotFound(f"no job {job_id!r} of yours at antenna {self.config.site}")
+            raise NotFound(f"no job {job_id[:100]!r} of yours at antenna {self.config.site}")
         return job
 
     def list(self, who: Identity, states=(), limit: int = 100) -> list[Job]:

@@ -133,7 +133,13 @@ class _Table:
             raise ConfigError(self.path, self.key(k), str(exc)) from None
 
     def path_(self, k: str, default: Any = ...) -> Path:
-        p = Path(self.text(k, default)).expanduser()
+        text = self.text(k, default)
+        if "\x00" in text:
+            raise ConfigError(self.path, self.key(k), "contains a NUL character")
+        try:
+            p = Path(text).expanduser()
+        except RuntimeError as exc:  # ~user of a user that does not exist
+            raise ConfigError(self.path, self.key(k), f"{text!r}: {exc}") from None
         return p if p.is_absolute() else (self.path.parent / p)
 
     def table(self, k: str) -> "_Table":
@@ -158,13 +164,22 @@ def _read(path: str | Path) -> tuple[Path, _Table]:
         data = tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(p, "", f"is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(p, "", "is not valid TOML for aifed: arrays or tables are nested too deeply") from None
     return p, _Table(p, "", data)
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except OSError:  # a name too long for the file system, for example
+        return False
 
 
 def _listen(t: _Table, k: str) -> str:
     value = t.text(k)
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(t.path, t.key(k), f"{value!r} must be host:port, such as 127.0.0.1:50051")
     return value
 
@@ -175,7 +190,7 @@ def _tls(root: _Table, expected_identity: str | None = None) -> TlsFiles:
     t.done()
     for k in ("ca", "cert", "key"):
         p = getattr(tls, k)
-        if not p.is_file():
+        if not _is_file(p):
             raise ConfigError(t.path, t.key(k), f"{p} does not exist")
     try:
         tls.check()
@@ -216,7 +231,7 @@ def load_hub(path: str | Path) -> HubConfig:
     if cpu_slots < 1:
         raise ConfigError(p, "backend.cpu_slots", "must be at least 1")
     slurm_conf = b.path_("slurm_conf") if "slurm_conf" in b.data else None
-    if slurm_conf is not None and not slurm_conf.is_file():
+    if slurm_conf is not None and not _is_file(slurm_conf):
         raise ConfigError(p, "backend.slurm_conf", f"{slurm_conf} does not exist")
     poll = b.duration("poll_interval", "2s")
     capacity = b.duration("capacity_interval", "10s")

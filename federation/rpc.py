@@ -28,6 +28,7 @@ HEALTH_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"
 REFLECTION_METHODS = ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
                       "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_DETAILS = 2000  # an error message echoing a huge request value must not exceed gRPC's metadata limit
 CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -135,8 +136,9 @@ async def _abort(context, method: str, exc: Exception) -> None:
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
     if isinstance(exc, AifedError):
-        log.info("%s refused: %s: %s", method, exc.code.name, exc.message)
-        await context.abort(exc.code, exc.message)
+        message = exc.message if len(exc.message) <= MAX_DETAILS else exc.message[:MAX_DETAILS] + "..."
+        log.info("%s refused: %s: %s", method, exc.code.name, message)
+        await context.abort(exc.code, message)
     if isinstance(exc, NotImplementedError):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this daemon")
     ref = uuid.uuid4().hex[:8]

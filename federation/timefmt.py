@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-_SUFFIX = re.compile(r"^(\d+)([smhd])$")
+_SUFFIX = re.compile(r"^([0-9]{1,12})([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 

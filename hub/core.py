@@ -162,7 +162,7 @@ class HubCore:
         """The job, if `who` may see it. Others' jobs are NOT_FOUND: their existence is not disclosed."""
         job = self.journal.get(job_id)
         if job is None or (who.role is Role.ANTENNA and job.antenna != who.site):
-            raise NotFound(f"no job {job_id!r} at site {self.config.site}")
+            raise NotFound(f"no job {job_id[:100]!r} at site {self.config.site}")
         return job
 
     async def cancel(self, who: Identity, job_id: str) -> Job:
