@@ -45,7 +45,7 @@ MAX_SUBMIT = 10_000       # jobs per SubmitJobs call, arrays expanded
 ESTIMATE_TIMEOUT_S = 3.0
 FORWARD_BATCH = 1000      # jobs per ForwardJobs call
 FORWARD_IN_FLIGHT = 2     # ForwardJobs calls in flight per hub
-FORWARD_LINGER_S = 0.01   # how long a small batch waits for company before it goes
+FORWARD_LINGER_S = 0.05   # how long a small batch waits for company before it goes
 PLACE_BATCH = 2000
 CANCEL_OWED = "cancel-owed"  # backend_ref of a job cancelled here whose hub may have it: the hub must be told
 
@@ -121,9 +121,10 @@ class AntennaCore:
         refused: a refused entry never stops the others."""
         prepared: list[list[tuple[Job, str | None]] | AifedError] = []
         total = 0
+        sites: dict[tuple, str] = {}  # the precheck's answer per job shape, within this call
         for entry in entries:
             try:
-                jobs = self._prepare(who, entry)
+                jobs = self._prepare(who, entry, sites)
                 total += len(jobs)
                 if total > MAX_SUBMIT:
                     raise InvalidArgument(f"at most {MAX_SUBMIT} jobs per call, arrays counted in full")
@@ -152,7 +153,7 @@ class AntennaCore:
             log.info("accepted %d job(s) from %s", created, who.uri)
         return results
 
-    def _prepare(self, who: Identity, entry: Submission) -> list[tuple[Job, str | None]]:
+    def _prepare(self, who: Identity, entry: Submission, sites: dict[tuple, str]) -> list[tuple[Job, str | None]]:
         """The jobs (with their idempotency keys) that one entry asks for, checked; nothing stored yet."""
         spec, request_id = entry.spec, entry.request_id
         if len(request_id) > MAX_REQUEST_ID:
@@ -166,7 +167,9 @@ class AntennaCore:
             except ValueError as exc:
                 raise InvalidArgument(f"array {entry.array[:80]!r}: {exc}") from None
         spec.validate()
-        site = self.precheck(spec)
+        shape = (spec.site, spec.partition, spec.gpus, spec.cpus, spec.walltime_s, spec.access_mode)
+        site = sites[shape] if shape in sites else self.precheck(spec)
+        sites[shape] = site
         now = time.time()
         array_id = f"{self.config.site}-{secrets.token_hex(6)}" if entry.array else ""
         jobs = []
@@ -249,6 +252,12 @@ class AntennaCore:
             async for chunk in self._site_of(job).stub.StreamLogs(request, wait_for_ready=True,
                                                                   timeout=None if request.follow else 60):
                 yield chunk
+            if request.follow:
+                # The hub's stream ends when the job ends there; its final state reaches this antenna on the
+                # change feed a moment later. Wait for it, so that a status asked right after shows the end.
+                deadline = time.monotonic() + 5.0
+                while not self.get(who, request.job_id).final and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND and job.final:
                 return  # cancelled before the hub had it: no output

@@ -89,6 +89,9 @@ class Tx:
         row = self.db.execute("SELECT record FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
         return job_from_json(row[0]) if row else None
 
+    def exists(self, job_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
+
     def backend_ref(self, job_id: str) -> str:
         row = self.db.execute("SELECT backend_ref FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row[0] if row else ""
@@ -198,7 +201,7 @@ class Journal:
         self._queue.append((fn, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name=f"journal {self.path.name}")
-        return await asyncio.shield(future)
+        return await future  # a caller that gives up does not stop the commit (its future is skipped)
 
     async def _flush(self) -> None:
         while self._queue:
@@ -268,6 +271,10 @@ class Journal:
                 job = job_from_json(record)
                 out[job.id] = job
         return out
+
+    def has_key(self, idempotency_key: str) -> bool:
+        return self._read.execute("SELECT 1 FROM jobs WHERE idempotency_key = ?",
+                                  (idempotency_key,)).fetchone() is not None
 
     def by_key(self, idempotency_key: str) -> Job | None:
         row = self._read.execute("SELECT record FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()

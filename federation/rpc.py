@@ -93,12 +93,20 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, federation: str, rules: Mapping[str, Rule]):
         self.federation = federation
         self.rules = dict(rules)
+        self._guarded: dict[str, grpc.RpcMethodHandler] = {}  # per method: the handler wrapped once
 
     async def intercept_service(self, continuation, details):
+        guarded = self._guarded.get(details.method)
+        if guarded is not None:
+            return guarded
         handler = await continuation(details)
         if handler is None:
             return None
-        method = details.method
+        guarded = self._guard(details.method, handler)
+        self._guarded[details.method] = guarded
+        return guarded
+
+    def _guard(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         rule = self.rules.get(method)
         kind = ("stream" if handler.request_streaming else "unary") + "_" + (
             "stream" if handler.response_streaming else "unary")

@@ -74,9 +74,10 @@ class HubCore:
         if len(requests) > MAX_BATCH:
             raise InvalidArgument(f"at most {MAX_BATCH} jobs per batch, not {len(requests)}")
         prepared: list[tuple[str, Job] | AifedError] = []
+        partitions: dict[tuple, PartitionConfig] = {}  # one placement per job shape in a batch
         for key, job in requests:
             try:
-                prepared.append(await self._accept(who, key, job))
+                prepared.append(await self._accept(who, key, job, partitions))
             except AifedError as exc:
                 prepared.append(exc)
 
@@ -89,7 +90,7 @@ class HubCore:
                 scoped_key, accepted = item
                 if (first := tx.by_key(scoped_key)) is not None:
                     out.append((first, True))
-                elif tx.get(accepted.id) is not None:
+                elif tx.exists(accepted.id):
                     out.append((AlreadyExists(f"job {accepted.id} exists here under another idempotency key"),
                                 False))
                 else:
@@ -106,7 +107,8 @@ class HubCore:
             self.capacity.notify()
         return results
 
-    async def _accept(self, who: Identity, key: str, job: Job) -> tuple[str, Job]:
+    async def _accept(self, who: Identity, key: str, job: Job, partitions: dict[tuple, PartitionConfig]
+                      ) -> tuple[str, Job]:
         """Check one forwarded job and choose its partition: (scoped key, the job as this hub accepts it)."""
         if not key or len(key) > MAX_KEY_LEN:
             raise InvalidArgument(f"the idempotency key must be 1 to {MAX_KEY_LEN} characters")
@@ -114,8 +116,8 @@ class HubCore:
             raise InvalidArgument(f"job id {job.id[:80]!r} is not valid: antenna {who.site} names its jobs "
                                   f"'{who.site}-' followed by up to 64 lower-case letters and digits")
         scoped_key = f"{who.site}/{key}"
-        if (existing := self.journal.by_key(scoped_key)) is not None:
-            return scoped_key, existing  # a retry: the store step returns the first job
+        if self.journal.has_key(scoped_key):
+            return scoped_key, job  # a retry: the store step returns the first job
         try:
             owner = parse_identity(job.owner)
         except ValueError as exc:
@@ -123,7 +125,10 @@ class HubCore:
         if owner.role is not Role.USER or owner.site != who.site or owner.federation != who.federation:
             raise PermissionDenied(f"antenna {who.site!r} may only forward jobs of its own users, not {job.owner}")
         job.spec.validate()
-        partition = await self._place(job)
+        s = job.spec
+        shape = (s.partition, s.gpus, s.cpus, s.walltime_s, s.access_mode)
+        partition = partitions.get(shape) or await self._place(job)
+        partitions[shape] = partition
         now = time.time()
         # The hub's history starts when it accepts the job; the antenna keeps what came before.
         accepted = Job(id=job.id, spec=job.spec, state=JobState.PENDING, owner=job.owner, antenna=who.site,

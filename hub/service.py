@@ -18,7 +18,7 @@ from hub.core import MAX_BATCH, HubCore
 LOG_CHUNK = 64 * 1024
 MAX_SHAPES = 64
 CHANGES_BATCH = 1000
-CHANGES_LINGER_S = 0.01
+CHANGES_LINGER_S = 0.05
 STREAMS = {jobs_pb2.LOG_STREAM_STDOUT: ("stdout",), jobs_pb2.LOG_STREAM_STDERR: ("stderr",),
            jobs_pb2.LOG_STREAM_UNSPECIFIED: ("stdout", "stderr")}
 STREAM_ENUM = {"stdout": jobs_pb2.LOG_STREAM_STDOUT, "stderr": jobs_pb2.LOG_STREAM_STDERR}
