@@ -42,8 +42,10 @@ ANTENNA_STATES = (JobState.PENDING,)
 HUB_STATES = tuple(s for s in JobState if s is not JobState.PENDING and s not in FINAL_STATES)
 MAX_REQUEST_ID = 200
 MAX_SUBMIT = 10_000       # jobs per SubmitJobs call, arrays expanded
+MAX_SUBMIT_BYTES = 64 << 20  # scripts and commands per SubmitJobs call, arrays expanded
 ESTIMATE_TIMEOUT_S = 3.0
 FORWARD_BATCH = 1000      # jobs per ForwardJobs call
+FORWARD_BYTES = 4 << 20   # and at most this much of job specs per call (gRPC messages are limited to 16 MiB)
 FORWARD_IN_FLIGHT = 2     # ForwardJobs calls in flight per hub
 FORWARD_LINGER_S = 0.05   # how long a small batch waits for company before it goes
 PLACE_BATCH = 2000
@@ -71,6 +73,7 @@ class AntennaCore:
         self.retry_max_s = 5.0
         self._unplaced: dict[str, None] = {}             # job ids waiting for a hub to be chosen, oldest first
         self._outbox: dict[str, dict[str, Job]] = {s: {} for s in self.sites}  # placed, not yet acknowledged
+        self._in_flight: dict[str, set[str]] = {s: set() for s in self.sites}  # in a ForwardJobs call now
         self._wake_placer = asyncio.Event()
         self._wake_forwarder = {s: asyncio.Event() for s in self.sites}
         self._tasks: list[asyncio.Task] = []
@@ -120,14 +123,20 @@ class AntennaCore:
         """Submit many jobs in one group commit. Per entry, its jobs (an array's in index order) or why it was
         refused: a refused entry never stops the others."""
         prepared: list[list[tuple[Job, str | None]] | AifedError] = []
-        total = 0
+        total = size = 0
         sites: dict[tuple, str] = {}  # the precheck's answer per job shape, within this call
         for entry in entries:
             try:
                 jobs = self._prepare(who, entry, sites)
                 total += len(jobs)
+                size += len(jobs) * (len(entry.spec.script) + sum(map(len, entry.spec.argv)))
                 if total > MAX_SUBMIT:
                     raise InvalidArgument(f"at most {MAX_SUBMIT} jobs per call, arrays counted in full")
+                if size > MAX_SUBMIT_BYTES:
+                    raise InvalidArgument(
+                        f"this call would store more than {MAX_SUBMIT_BYTES >> 20} MiB of scripts and commands "
+                        "(arrays counted in full): submit fewer tasks per call, or keep a large script in a file "
+                        "the job runs")
                 prepared.append(jobs)
             except AifedError as exc:
                 prepared.append(exc)
@@ -138,6 +147,11 @@ class AntennaCore:
                 out.append(item if isinstance(item, AifedError) else [tx.insert(job, key) for job, key in item])
             return out
 
+        # The commit and the hand-over to the placer run to the end even if the caller goes away: a stored job
+        # must be forwarded (a retry with the same request id returns it and does not queue it again).
+        return await asyncio.shield(self._store_and_queue(who, store))
+
+    async def _store_and_queue(self, who: Identity, store) -> list[list[Job] | AifedError]:
         results: list[list[Job] | AifedError] = []
         created = 0
         for item in await self.journal.commit(store):
@@ -409,9 +423,11 @@ class AntennaCore:
                 await wake.wait()
             if len(outbox) < FORWARD_BATCH:
                 await asyncio.sleep(FORWARD_LINGER_S)  # let a trickle of jobs gather into one call
-            jobs = [outbox.pop(job_id) for job_id in _first(outbox, FORWARD_BATCH)]
+            jobs = _batch(outbox, FORWARD_BATCH, FORWARD_BYTES)
             if not jobs:
                 continue
+            in_flight = self._in_flight[site_name]
+            in_flight.update(job.id for job in jobs)
             try:
                 await self._forward(site, jobs)
                 backoff = 0.2
@@ -422,6 +438,8 @@ class AntennaCore:
             except Exception:
                 log.exception("hub %s: forwarding %d job(s) failed; retrying in %.1fs", site_name, len(jobs),
                               backoff)
+            finally:
+                in_flight.difference_update(job.id for job in jobs)
             # The outcome is unknown: the same jobs go again, first, with the same keys.
             later = dict(outbox)
             outbox.clear()
@@ -441,7 +459,8 @@ class AntennaCore:
             response = await site.stub.ForwardJobs(request, timeout=60)
             refusals = {r.job_id: r.error.message for r in response.results if r.HasField("error")}
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in REFUSALS:
+            too_large = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(jobs) == 1
+            if exc.code() not in REFUSALS and not too_large:
                 raise  # the outcome is unknown: retried with the same keys
             refusals = {job.id: exc.details() for job in jobs}
         self.forwarded += len(jobs) - len(refusals)
@@ -484,9 +503,13 @@ class AntennaCore:
     async def _follow(self, site: HubSite) -> None:
         cursor_key = f"feed/{site.site}"
         epoch, _, after = self.journal.meta(cursor_key, ":0").partition(":")
-        # Jobs this hub has acknowledged and not finished: a feed that starts over (a new hub journal) must
-        # mention each; those it does not mention are lost there.
-        expected = {j.id for j in self.journal.list(states=HUB_STATES, limit=10**9) if j.site == site.site}
+        # Jobs this hub has acknowledged and not finished. A feed that starts over (a new hub journal) must
+        # mention each; those it does not mention are lost there. Acknowledged includes the PENDING jobs
+        # placed here that are neither waiting to be sent nor in a call now: their forward was answered (the
+        # answer is not journaled), and only the change feed was still to bring their new state.
+        waiting = set(self._outbox.get(site.site, ())) | self._in_flight.get(site.site, set())
+        expected = {j.id for j in self.journal.list(states=(*HUB_STATES, JobState.PENDING), limit=10**9)
+                    if j.site == site.site and (j.state is not JobState.PENDING or j.id not in waiting)}
         restart: set[str] | None = None
         async for batch in site.stub.WatchChanges(hub_pb2.WatchChangesRequest(epoch=epoch, after=int(after)),
                                                   wait_for_ready=True):
@@ -495,12 +518,16 @@ class AntennaCore:
                 epoch, restart = batch.epoch, set()
             remote = [convert.job_from_pb(j) for j in batch.jobs]
             lost: list[str] = []
+            scanning = restart is not None
             if restart is not None:
                 restart.update(j.id for j in remote)
                 if batch.caught_up:
                     lost, restart = sorted(expected - restart), None
+            # While a feed that started over is being read, the old position stays journaled: if the feed breaks
+            # now, the next one starts over again and the check for lost jobs is not skipped.
+            position = None if restart is not None else f"{batch.epoch}:{batch.sequence}"
 
-            def apply(tx: Tx, remote=remote, lost=lost, position=f"{batch.epoch}:{batch.sequence}") -> list[Job]:
+            def apply(tx: Tx, remote=remote, lost=lost, position=position) -> list[Job]:
                 out = []
                 for job in remote:
                     current = tx.get(job.id)
@@ -510,14 +537,17 @@ class AntennaCore:
                             out.append(stored)
                 for job_id in lost:
                     current = tx.get(job_id)
-                    if current is not None and not current.final and current.state is not JobState.PENDING:
+                    if current is not None and not current.final:
                         job = current.moved(JobState.LOST, f"hub {site.site} no longer knows this job")
                         if (stored := _apply(tx, job, None, True, current)) is not None:
                             out.append(stored)
-                tx.set_meta(cursor_key, position)
+                if position is not None:
+                    tx.set_meta(cursor_key, position)
                 return out
 
             await self._commit_changes(apply)
+            if scanning and restart is None and lost:
+                log.warning("hub %s no longer knows %d job(s) of this antenna: reported LOST", site.site, len(lost))
 
     # -- cancels owed to hubs --------------------------------------------------------------------
 
@@ -548,6 +578,23 @@ class AntennaCore:
                 pass  # its hub was removed from the configuration
             self.journal.write(lambda tx: tx.set_ref(job_id, ""))
             return
+
+
+def _batch(outbox: dict[str, Job], most: int, most_bytes: int) -> list[Job]:
+    """Take the first jobs of an outbox: at most `most`, and no more than `most_bytes` of specs (one job at
+    least, whatever its size)."""
+    jobs, size = [], 0
+    for job_id, job in outbox.items():
+        s = job.spec
+        weight = 256 + len(s.script) + sum(map(len, s.argv)) + sum(map(len, s.script_args)) + sum(
+            len(k) + len(v) for k, v in s.env.items())
+        if jobs and (len(jobs) == most or size + weight > most_bytes):
+            break
+        jobs.append(job)
+        size += weight
+    for job in jobs:
+        del outbox[job.id]
+    return jobs
 
 
 def _first(ordered: dict, n: int) -> list:

@@ -159,7 +159,10 @@ class Journal:
         self._db.executescript(_INDEXES)
         self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (secrets.token_hex(8),))
         self.epoch: str = self._db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
-        self._seq: int = self._db.execute("SELECT coalesce(max(seq), 0) FROM jobs").fetchone()[0]
+        # The sequence never goes back, not even when the newest rows were purged: followers hold positions in it.
+        floor = self._db.execute("SELECT value FROM meta WHERE key = 'seq_floor'").fetchone()
+        self._seq: int = max(self._db.execute("SELECT coalesce(max(seq), 0) FROM jobs").fetchone()[0],
+                             int(floor[0]) if floor else 0)
         self._read = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._read.execute("PRAGMA busy_timeout=5000")
         self._write_lock = threading.Lock()
@@ -252,9 +255,13 @@ class Journal:
 
     def purge(self, before: float, limit: int = 0) -> int:
         """Delete up to `limit` jobs that ended before `before` (a Unix time); return how many."""
-        return self.write(lambda tx: tx.db.execute(
-            f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state IN ({FINAL_SQL}) AND updated < ?"
-            " LIMIT ?)", (before, limit or PURGE_CHUNK)).rowcount)
+        def purge(tx: Tx) -> int:
+            tx.set_meta("seq_floor", str(self._seq))
+            return tx.db.execute(
+                f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state IN ({FINAL_SQL}) AND updated < ?"
+                " LIMIT ?)", (before, limit or PURGE_CHUNK)).rowcount
+
+        return self.write(purge)
 
     # -- reading (committed changes only) --------------------------------------------------------
 

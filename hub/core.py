@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 MAX_KEY_LEN = 200
 MAX_BATCH = 5000
+HAND_OVER_CONCURRENCY = 16  # jobs of a batch handed to the backend at once (sbatch calls in flight)
 # Job ids name folders: only `<antenna>-<token>`, lower-case letters, digits and dashes, never a path.
 JOB_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}[a-z0-9]-[a-z0-9]{1,64}")
 
@@ -37,6 +38,8 @@ class HubCore:
         self.jobs: Topics[Job] = Topics()
         self.capacity = Signal()
         self._purger: asyncio.Task | None = None
+        self._changes: list[Change] = []  # reported by the backend, not yet journaled
+        self._flusher: asyncio.Task | None = None
 
     async def recover(self) -> None:
         """Take back every unfinished job in the journal; report honestly those the backend lost."""
@@ -49,6 +52,7 @@ class HubCore:
         self._purger = asyncio.create_task(purge_forever(self.journal, self.config.retention_s), name="purge")
 
     async def close(self) -> None:
+        await self.settle()
         if self._purger is not None:
             self._purger.cancel()
             await asyncio.gather(self._purger, return_exceptions=True)
@@ -98,11 +102,25 @@ class HubCore:
                     out.append((accepted, False))
             return out
 
+        # Committing and handing over run to the end even if the caller goes away (a timeout, a killed antenna):
+        # a job journaled here must reach the backend, since the antenna's retry is answered as a duplicate.
+        return await asyncio.shield(self._store_and_hand_over(who, store))
+
+    async def _store_and_hand_over(self, who: Identity, store) -> list[tuple[Job | AifedError, bool]]:
         results = await self.journal.commit(store)
         created = [job for job, duplicate in results if isinstance(job, Job) and not duplicate]
-        for job in created:
-            log.info("accepted job %s from %s for partition %s", job.id, who.site, job.partition)
-            await self.backend.submit(job)
+        slots = asyncio.Semaphore(HAND_OVER_CONCURRENCY)
+
+        async def hand_over(job: Job) -> None:
+            async with slots:
+                # Read again: a cancel that came while earlier jobs were handed over has ended this one.
+                current = self.journal.get(job.id)
+                if current is None or current.final:
+                    return
+                log.info("accepted job %s from %s for partition %s", job.id, who.site, job.partition)
+                await self.backend.submit(current)
+
+        await asyncio.gather(*(hand_over(job) for job in created))
         if created:
             self.capacity.notify()
         return results
@@ -188,25 +206,63 @@ class HubCore:
         if job.final:
             raise FailedPrecondition(f"job {job_id} has already ended ({job.state.name}); nothing to cancel")
         if not await self.backend.cancel(job_id):
-            self._on_change(Change(job_id, JobState.CANCELLED, reason="cancelled"))
+            # Not at the backend (yet): committed now, so that a hand-over in progress sees it and skips the job.
+            self._commit_now(Change(job_id, JobState.CANCELLED, reason="cancelled"))
+        await self.settle()
         return self.journal.get(job_id) or job
 
     def _on_change(self, change: Change) -> None:
-        def apply(tx: Tx) -> Job | None:
-            job = tx.get(change.job_id)
-            if job is None or job.final:
-                return None
-            extra = {} if change.exit_code is None else {"exit_code": change.exit_code}
-            job = job.moved(change.state, change.reason, **extra)
-            tx.update(job, backend_ref=change.ref)
-            return job
-
-        job = self.journal.write(apply)
-        if job is None:
+        """Journal a change the backend reports. One that carries a new backend reference (a pid, a Slurm id)
+        is committed before this returns, with any changes still waiting: recovery after a crash needs it. The
+        others (state changes the backend can tell again after a restart: exit files, Slurm's own records) are
+        gathered and committed together a moment later, in order."""
+        if change.ref is not None:
+            self._commit_now(change)
             return
-        log.info("job %s is %s%s", job.id, job.state.name, f" ({job.reason})" if job.reason else "")
-        self.jobs.publish(job.id, job)
-        self.capacity.notify()
+        self._changes.append(change)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_changes(), name="hub changes")
+
+    def _commit_now(self, change: Change) -> None:
+        self._changes.append(change)
+        self._publish(self.journal.write(self._apply_changes(self._take_changes())))
+
+    async def settle(self) -> None:
+        """Until every change reported so far is journaled."""
+        while self._changes or (self._flusher is not None and not self._flusher.done()):
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_changes(), name="hub changes")
+            await asyncio.shield(self._flusher)
+
+    async def _flush_changes(self) -> None:
+        while self._changes:
+            self._publish(await self.journal.commit(self._apply_changes(self._take_changes())))
+
+    def _take_changes(self) -> list[Change]:
+        changes, self._changes = self._changes, []
+        return changes
+
+    @staticmethod
+    def _apply_changes(changes: list[Change]):
+        def apply(tx: Tx) -> list[Job]:
+            out = []
+            for change in changes:
+                job = tx.get(change.job_id)
+                if job is None or job.final:
+                    continue
+                extra = {} if change.exit_code is None else {"exit_code": change.exit_code}
+                job = job.moved(change.state, change.reason, **extra)
+                tx.update(job, backend_ref=change.ref)
+                out.append(job)
+            return out
+        return apply
+
+    def _publish(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            log.info("job %s is %s%s", job.id, job.state.name, f" ({job.reason})" if job.reason else "")
+            self.jobs.publish(job.id, job)
+        if jobs:
+            self.capacity.notify()
 
     # -- adverts ---------------------------------------------------------------------------------
 
