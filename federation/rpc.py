@@ -44,6 +44,9 @@ SERVER_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Clients keep idle connections alive with a ping every 30 s; without this the server counts those pings as
+    # abuse and closes the connection (GOAWAY "too_many_pings").
+    ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.so_reuseport", 0),
 )
 

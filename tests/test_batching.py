@@ -263,3 +263,29 @@ async def test_hub_purges_finished_jobs_older_than_its_retention(test_pki, tmp_p
         assert hub.core.journal.get("antenna-a-recent") is not None
     finally:
         await fed.close()
+
+
+def test_change_sequence_never_goes_back_after_a_purge(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.insert(make_job("a-1", JobState.COMPLETED, at=time.time() - 10 * 86400))
+    journal.insert(make_job("a-2", JobState.COMPLETED, at=time.time() - 10 * 86400))
+    last = journal.changes("antenna-a", 0)[-1][0]
+    assert journal.purge(time.time()) == 2 and journal.count() == 0
+    journal.close()
+    again = Journal(tmp_path / "j.sqlite")  # a follower holds position `last`: new changes must come after it
+    again.insert(make_job("a-3"))
+    assert [seq for seq, _ in again.changes("antenna-a", last)] == [last + 1]
+    again.close()
+
+
+def test_forward_batches_are_cut_by_size():
+    from antenna.core import _batch
+    big = "x" * 3_000_000
+    outbox = {f"a-{i}": Job(id=f"a-{i}", spec=JobSpec(script=big if i < 3 else "#!/bin/sh\ntrue\n"),
+                            state=JobState.PENDING) for i in range(6)}
+    first = _batch(outbox, 1000, 4 << 20)
+    assert [j.id for j in first] == ["a-0"]  # two 3 MB scripts would pass 4 MiB
+    assert [j.id for j in _batch(outbox, 1000, 4 << 20)] == ["a-1"]
+    assert [j.id for j in _batch(outbox, 2, 4 << 20)] == ["a-2", "a-3"]  # a small one still fits
+    assert [j.id for j in _batch(outbox, 1, 4 << 20)] == ["a-4"]  # cut by count
+    assert [j.id for j in _batch(outbox, 2, 4 << 20)] == ["a-5"] and not outbox
