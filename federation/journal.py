@@ -279,6 +279,19 @@ class Journal:
                 out[job.id] = job
         return out
 
+    def state(self, job_id: str) -> JobState | None:
+        row = self._read.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return JobState(row[0]) if row else None
+
+    def known_keys(self, keys: Iterable[str]) -> set[str]:
+        """Which of these idempotency keys are taken."""
+        out, keys = set(), list(keys)
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            out.update(k for (k,) in self._read.execute(
+                f"SELECT idempotency_key FROM jobs WHERE idempotency_key IN ({','.join('?' * len(chunk))})", chunk))
+        return out
+
     def has_key(self, idempotency_key: str) -> bool:
         return self._read.execute("SELECT 1 FROM jobs WHERE idempotency_key = ?",
                                   (idempotency_key,)).fetchone() is not None

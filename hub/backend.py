@@ -53,6 +53,8 @@ OnChange = Callable[[Change], None]
 class Backend(abc.ABC):
     """Submit, follow, cancel and read the logs of jobs on one site's scheduler."""
 
+    submit_concurrency = 1  # how many `submit` calls the hub may run at once
+
     def __init__(self, partitions: tuple[PartitionConfig, ...], on_change: OnChange, workdir: Path):
         self.partitions = {p.name: p for p in partitions}
         self.on_change = on_change

@@ -12,7 +12,7 @@ from federation.config import HubConfig, PartitionConfig
 from federation.errors import AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from federation.identity import Identity, Role, parse_identity
 from federation.journal import Journal, Tx, purge_forever
-from federation.model import Job, JobSpec, JobState
+from federation.model import FINAL_STATES, Job, JobSpec, JobState
 from federation.timefmt import format_duration
 from federation.watch import Signal, Topics
 from hub.backend import Backend, Change
@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 MAX_KEY_LEN = 200
 MAX_BATCH = 5000
-HAND_OVER_CONCURRENCY = 16  # jobs of a batch handed to the backend at once (sbatch calls in flight)
 # Job ids name folders: only `<antenna>-<token>`, lower-case letters, digits and dashes, never a path.
 JOB_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}[a-z0-9]-[a-z0-9]{1,64}")
 
@@ -79,9 +78,10 @@ class HubCore:
             raise InvalidArgument(f"at most {MAX_BATCH} jobs per batch, not {len(requests)}")
         prepared: list[tuple[str, Job] | AifedError] = []
         partitions: dict[tuple, PartitionConfig] = {}  # one placement per job shape in a batch
+        seen = self.journal.known_keys([f"{who.site}/{key}" for key, _ in requests])
         for key, job in requests:
             try:
-                prepared.append(await self._accept(who, key, job, partitions))
+                prepared.append(await self._accept(who, key, job, partitions, seen))
             except AifedError as exc:
                 prepared.append(exc)
 
@@ -109,24 +109,29 @@ class HubCore:
     async def _store_and_hand_over(self, who: Identity, store) -> list[tuple[Job | AifedError, bool]]:
         results = await self.journal.commit(store)
         created = [job for job, duplicate in results if isinstance(job, Job) and not duplicate]
-        slots = asyncio.Semaphore(HAND_OVER_CONCURRENCY)
+        slots = asyncio.Semaphore(self.backend.submit_concurrency)
 
         async def hand_over(job: Job) -> None:
             async with slots:
-                # Read again: a cancel that came while earlier jobs were handed over has ended this one.
-                current = self.journal.get(job.id)
-                if current is None or current.final:
+                # Look again: a cancel that came while earlier jobs were handed over has ended this one.
+                if self.journal.state(job.id) in FINAL_STATES:
                     return
-                log.info("accepted job %s from %s for partition %s", job.id, who.site, job.partition)
-                await self.backend.submit(current)
+                log.debug("accepted job %s from %s for partition %s", job.id, who.site, job.partition)
+                await self.backend.submit(job)
 
-        await asyncio.gather(*(hand_over(job) for job in created))
+        if self.backend.submit_concurrency > 1 and len(created) > 1:
+            await asyncio.gather(*(hand_over(job) for job in created))
+        else:
+            for job in created:
+                await hand_over(job)
+        if created:
+            log.info("accepted %d job(s) from %s", len(created), who.site)
         if created:
             self.capacity.notify()
         return results
 
-    async def _accept(self, who: Identity, key: str, job: Job, partitions: dict[tuple, PartitionConfig]
-                      ) -> tuple[str, Job]:
+    async def _accept(self, who: Identity, key: str, job: Job, partitions: dict[tuple, PartitionConfig],
+                      seen: set[str]) -> tuple[str, Job]:
         """Check one forwarded job and choose its partition: (scoped key, the job as this hub accepts it)."""
         if not key or len(key) > MAX_KEY_LEN:
             raise InvalidArgument(f"the idempotency key must be 1 to {MAX_KEY_LEN} characters")
@@ -134,7 +139,7 @@ class HubCore:
             raise InvalidArgument(f"job id {job.id[:80]!r} is not valid: antenna {who.site} names its jobs "
                                   f"'{who.site}-' followed by up to 64 lower-case letters and digits")
         scoped_key = f"{who.site}/{key}"
-        if self.journal.has_key(scoped_key):
+        if scoped_key in seen:
             return scoped_key, job  # a retry: the store step returns the first job
         try:
             owner = parse_identity(job.owner)

@@ -102,6 +102,8 @@ class _Tracked:
 class SlurmBackend(Backend):
     """Drives Slurm through `sbatch`, `squeue`, `sacct`, `scancel`, `sinfo`."""
 
+    submit_concurrency = 16  # sbatch calls in flight: each waits mostly on slurmctld
+
     def __init__(self, partitions: tuple[PartitionConfig, ...], on_change: OnChange, workdir,
                  runner: CommandRunner, *, accounts: dict[str, str] | None = None, poll_s: float = 2.0,
                  capacity_s: float = 10.0, job_env: dict[str, str] | None = None):
