@@ -16,6 +16,7 @@ backlog between the two, and each daemon's CPU and peak memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import shutil
@@ -33,6 +34,17 @@ from federation.identity import Role
 from federation.net import free_port
 
 FEDERATION = "bench.test"
+
+
+@contextlib.contextmanager
+def workdir(keep: Path | None, prefix: str):
+    """The folder a benchmark works in: `keep` (left in place), or a temporary one removed afterwards."""
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield root
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _write(path: Path, text: str) -> Path:
@@ -306,8 +318,7 @@ async def forward_run(root: Path, seconds: float, clients: int, batch: int) -> d
 
 
 def run_forward_bench(seconds: float, clients: int, batch: int, as_json: bool, keep: Path | None = None) -> int:
-    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="aifed-bench-forward-"))
-    try:
+    with workdir(keep, "aifed-bench-forward-") as root:
         result = {}
         for name, per_call, n in (("unbatched", 1, clients), ("batched", batch, max(2, clients // 4))):
             print(f"{name}: {n} clients, {per_call} job(s) per call, {seconds:g} s...", file=sys.stderr)
@@ -315,50 +326,49 @@ def run_forward_bench(seconds: float, clients: int, batch: int, as_json: bool, k
             print(f"{name:>9}: acknowledged {r['jobs_per_s']:8.1f} jobs/s, forwarded {r['forwarded_per_s']:8.1f} "
                   f"jobs/s, submit p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms per call; backlog max "
                   f"{r['backlog_max']} end {r['backlog_end']}, drained in {r['drain_s']:.1f} s; CPU hub "
-                  f"{r['hub_cpu_pct']:.0f}% antenna {r['antenna_cpu_pct']:.0f}% clients {r['client_cpu_pct']:.0f}%; peak RSS hub "
+                  f"{r['hub_cpu_pct']:.0f}% antenna {r['antenna_cpu_pct']:.0f}% clients {r['client_cpu_pct']:.0f}%; "
+                  f"peak RSS hub "
                   f"{r['hub_peak_rss_mb']:.0f} MB antenna {r['antenna_peak_rss_mb']:.0f} MB")
         if as_json:
             print(orjson.dumps(result).decode())
         return 0
-    finally:
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def run_slurm_bench(jobs: int, as_json: bool, keep: Path | None = None) -> int:
     from hub.slurmlab import SlurmLab, SlurmLabError
 
-    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="aifed-bench-"))
-    lab = SlurmLab(root / "slurm", partitions={"debug": 0}, gpus=1, cpus=64)
-    try:
-        lab.start()
-    except SlurmLabError as exc:
-        print(f"aifed: {exc}", file=sys.stderr)
-        return 4
-    try:
-        env = lab.env
-        print(f"(a) {jobs} jobs with sbatch in a loop...", file=sys.stderr)
-        direct = run_direct(env, jobs, root)
-        _wait_drained(env)
-        print(f"(b) {jobs} jobs through antenna and hub...", file=sys.stderr)
-        fed = asyncio.run(run_federation(env, jobs, root))
-        result = {"jobs": jobs, "direct_jobs_per_s": round(direct, 1),
-                  "federation_jobs_per_s": round(fed["federation_jobs_per_s"], 1),
-                  "ratio": round(fed["federation_jobs_per_s"] / direct, 3),
-                  "acknowledged_per_s": round(fed["acknowledged_per_s"], 1),
-                  "submit_p50_ms": round(fed["submit_p50_ms"], 2), "submit_p99_ms": round(fed["submit_p99_ms"], 2)}
-        print(f"direct sbatch:        {result['direct_jobs_per_s']:8.1f} jobs/s")
-        print(f"through the federation:{result['federation_jobs_per_s']:7.1f} jobs/s into Slurm "
-              f"(acknowledged {result['acknowledged_per_s']:.1f}/s, submit p50 {result['submit_p50_ms']:.1f} ms, "
-              f"p99 {result['submit_p99_ms']:.1f} ms)")
-        print(f"ratio federation/direct: {result['ratio']:.3f}")
-        if as_json:
-            print(orjson.dumps(result).decode())
-        return 0
-    finally:
-        lab.stop()
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
+    with workdir(keep, "aifed-bench-") as root:
+        lab = SlurmLab(root / "slurm", partitions={"debug": 0}, gpus=1, cpus=64)
+        try:
+            lab.start()
+        except SlurmLabError as exc:
+            print(f"aifed: {exc}", file=sys.stderr)
+            return 4
+        try:
+            return _slurm_phases(lab.env, jobs, as_json, root)
+        finally:
+            lab.stop()
+
+
+def _slurm_phases(env: dict, jobs: int, as_json: bool, root: Path) -> int:
+    print(f"(a) {jobs} jobs with sbatch in a loop...", file=sys.stderr)
+    direct = run_direct(env, jobs, root)
+    _wait_drained(env)
+    print(f"(b) {jobs} jobs through antenna and hub...", file=sys.stderr)
+    fed = asyncio.run(run_federation(env, jobs, root))
+    result = {"jobs": jobs, "direct_jobs_per_s": round(direct, 1),
+              "federation_jobs_per_s": round(fed["federation_jobs_per_s"], 1),
+              "ratio": round(fed["federation_jobs_per_s"] / direct, 3),
+              "acknowledged_per_s": round(fed["acknowledged_per_s"], 1),
+              "submit_p50_ms": round(fed["submit_p50_ms"], 2), "submit_p99_ms": round(fed["submit_p99_ms"], 2)}
+    print(f"direct sbatch:        {result['direct_jobs_per_s']:8.1f} jobs/s")
+    print(f"through the federation:{result['federation_jobs_per_s']:7.1f} jobs/s into Slurm "
+          f"(acknowledged {result['acknowledged_per_s']:.1f}/s, submit p50 {result['submit_p50_ms']:.1f} ms, "
+          f"p99 {result['submit_p99_ms']:.1f} ms)")
+    print(f"ratio federation/direct: {result['ratio']:.3f}")
+    if as_json:
+        print(orjson.dumps(result).decode())
+    return 0
 
 
 # -- aifed bench scale ---------------------------------------------------------------------------
@@ -433,8 +443,7 @@ async def scale_run(root: Path, finished: int, active: int, queries: int) -> dic
 
 
 def run_scale_bench(finished: int, active: int, queries: int, as_json: bool, keep: Path | None = None) -> int:
-    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="aifed-bench-scale-"))
-    try:
+    with workdir(keep, "aifed-bench-scale-") as root:
         print(f"filling a hub journal with {finished} finished and {active} active jobs...", file=sys.stderr)
         r = asyncio.run(scale_run(root, finished, active, queries))
         print(f"journal {r['journal_mb']:.0f} MB (filled in {r['fill_s']:.0f} s); hub up in {r['hub_start_s']:.1f} s; "
@@ -443,6 +452,3 @@ def run_scale_bench(finished: int, active: int, queries: int, as_json: bool, kee
         if as_json:
             print(orjson.dumps(r).decode())
         return 0
-    finally:
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)

@@ -13,17 +13,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import grpc
 import orjson
 
-from federation.bench import BenchFederation
+from federation.bench import BenchFederation, workdir
 from federation.errors import AifedError
 from federation.model import FINAL_STATES, JobSpec, JobState
 
@@ -117,8 +115,7 @@ async def crash_run(root: Path, jobs: int, kills: int, seed: int, batch: int = 2
 
 def run_crash_bench(jobs: int, kills: int, seed: int | None, as_json: bool, keep: Path | None = None) -> int:
     seed = random.randrange(1 << 30) if seed is None else seed
-    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="aifed-crash-"))
-    try:
+    with workdir(keep, "aifed-crash-") as root:
         print(f"{jobs} jobs, {kills} kills, seed {seed}, in {root}", file=sys.stderr)
         r = asyncio.run(crash_run(root, jobs, kills, seed, say=lambda text: print(text, file=sys.stderr)))
         print(f"acknowledged {r['acknowledged']}, lost {r['lost']}, duplicated {r['duplicated']}")
@@ -130,6 +127,3 @@ def run_crash_bench(jobs: int, kills: int, seed: int | None, as_json: bool, keep
         if as_json:
             print(orjson.dumps(r).decode())
         return 0 if r["lost"] == 0 and r["duplicated"] == 0 and r["unfinished"] == 0 else 1
-    finally:
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
