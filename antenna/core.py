@@ -78,7 +78,6 @@ class AntennaCore:
         self._wake_forwarder = {s: asyncio.Event() for s in self.sites}
         self._tasks: list[asyncio.Task] = []
         self._cancels: dict[str, asyncio.Task] = {}
-        self.forwarded = 0  # jobs a hub has acknowledged since start (for benchmarks and metrics)
 
     async def start(self) -> None:
         for site in self.sites.values():
@@ -463,7 +462,6 @@ class AntennaCore:
             if exc.code() not in REFUSALS and not too_large:
                 raise  # the outcome is unknown: retried with the same keys
             refusals = {job.id: exc.details() for job in jobs}
-        self.forwarded += len(jobs) - len(refusals)
         if refusals:
             def apply(tx: Tx) -> list[Job]:
                 out = []

@@ -6,7 +6,7 @@ from federation import convert
 from federation.errors import AifedError, InvalidArgument, PermissionDenied
 from federation.identity import Identity, Role
 from federation.model import JobState
-from federation.pb import antenna_pb2, antenna_pb2_grpc, jobs_pb2
+from federation.pb import antenna_pb2, antenna_pb2_grpc
 from federation.rpc import Rule, caller
 from federation.watch import follow
 from antenna.core import MAX_SUBMIT, AntennaCore, Submission
@@ -56,7 +56,7 @@ class AntennaService(antenna_pb2_grpc.AntennaServicer):
         for entry in entries:
             outcome = entry if isinstance(entry, AifedError) else next(outcomes)
             if isinstance(outcome, AifedError):
-                results.append(_refusal(outcome))
+                results.append(antenna_pb2.SubmitResult(error=convert.error_pb(outcome)))
             else:
                 results.extend(antenna_pb2.SubmitResult(accepted=convert.receipt_pb(job)) for job in outcome)
         return antenna_pb2.SubmitJobsResponse(results=results)
@@ -94,6 +94,3 @@ class AntennaService(antenna_pb2_grpc.AntennaServicer):
             out.append(msg)
         return antenna_pb2.ListSitesResponse(sites=out)
 
-
-def _refusal(error: AifedError) -> antenna_pb2.SubmitResult:
-    return antenna_pb2.SubmitResult(error=jobs_pb2.JobError(code=error.code.value[0], message=error.message))

@@ -184,9 +184,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss_mb(pid: int) -> float:
+def memory_mb(pid: int, field: str = "VmHWM") -> float:
+    """A process's memory from /proc: its peak resident set (VmHWM) or its resident set now (VmRSS)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -310,8 +311,8 @@ async def forward_run(root: Path, seconds: float, clients: int, batch: int) -> d
             "hub_cpu_pct": round(100 * cpu["hub"] / window, 1),
             "antenna_cpu_pct": round(100 * cpu["antenna"] / window, 1),
             "client_cpu_pct": round(100 * cpu["client"] / window, 1),
-            "hub_peak_rss_mb": round(peak_rss_mb(hub.pid), 1),
-            "antenna_peak_rss_mb": round(peak_rss_mb(antenna.pid), 1),
+            "hub_peak_rss_mb": round(memory_mb(hub.pid), 1),
+            "antenna_peak_rss_mb": round(memory_mb(antenna.pid), 1),
         }
     finally:
         fed.stop()
@@ -429,15 +430,12 @@ async def scale_run(root: Path, finished: int, active: int, queries: int) -> dic
                 job = await stub.GetJob(jobs_pb2.JobRef(job_id=job_id), timeout=10)
                 latencies.append(time.perf_counter() - t)
                 assert job.id == job_id
-        rss = 0.0
-        for line in Path(f"/proc/{hub.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) / 1024
+        rss = memory_mb(hub.pid, "VmRSS")
         return {"finished": finished, "active": active, "journal_mb": round(size_mb, 1),
                 "fill_s": round(filled, 1), "hub_start_s": round(ready, 2), "queries": queries,
                 "status_p50_ms": round(1000 * percentile(latencies, 0.5), 3),
                 "status_p99_ms": round(1000 * percentile(latencies, 0.99), 3),
-                "hub_rss_mb": round(rss, 1), "hub_peak_rss_mb": round(peak_rss_mb(hub.pid), 1)}
+                "hub_rss_mb": round(rss, 1), "hub_peak_rss_mb": round(memory_mb(hub.pid), 1)}
     finally:
         fed.stop()
 

@@ -140,32 +140,32 @@ def build_parser() -> argparse.ArgumentParser:
     client_opts(st)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
-    bs = bench.add_parser("slurm", help="submission throughput into a private Slurm: direct sbatch vs through aifed")
-    bs.add_argument("--jobs", type=int, default=500, help="jobs per phase (default 500)")
-    bs.add_argument("--json", action="store_true", help="one JSON object on the last line")
-    bs.add_argument("--keep", help="keep the cluster, configs and logs in this folder")
 
-    bf = bench.add_parser("forward", help="jobs per second an antenna and a hub acknowledge and forward durably")
+    def bench_parser(name: str, text: str, kept: str) -> argparse.ArgumentParser:
+        b = bench.add_parser(name, help=text, description=text)
+        b.add_argument("--json", action="store_true", help="one JSON object on the last line")
+        b.add_argument("--keep", help=f"keep {kept} in this folder")
+        return b
+
+    bs = bench_parser("slurm", "submission throughput into a private Slurm: direct sbatch vs through aifed",
+                      "the cluster, configs and logs")
+    bs.add_argument("--jobs", type=int, default=500, help="jobs per phase (default 500)")
+    bf = bench_parser("forward", "jobs per second an antenna and a hub acknowledge and forward durably",
+                      "configs, journals and logs")
     bf.add_argument("--seconds", type=float, default=20, help="length of each run (default 20)")
     bf.add_argument("--clients", type=int, default=16, help="concurrent clients, unbatched run (default 16; the "
                                                             "batched run uses a quarter as many)")
     bf.add_argument("--batch", type=int, default=500, help="jobs per SubmitJobs call, batched run (default 500)")
-    bf.add_argument("--json", action="store_true", help="one JSON object on the last line")
-    bf.add_argument("--keep", help="keep configs, journals and logs in this folder")
-
-    bm = bench.add_parser("scale", help="a hub holding a million finished jobs: memory and status query latency")
+    bm = bench_parser("scale", "a hub holding a million finished jobs: memory and status query latency",
+                      "the journal, configs and logs")
     bm.add_argument("--finished", type=int, default=1_000_000, help="finished jobs in the journal (default 1000000)")
     bm.add_argument("--active", type=int, default=10_000, help="active jobs (default 10000)")
     bm.add_argument("--queries", type=int, default=5000, help="status queries to time (default 5000)")
-    bm.add_argument("--json", action="store_true", help="one JSON object on the last line")
-    bm.add_argument("--keep", help="keep the journal, configs and logs in this folder")
-
-    bc = bench.add_parser("crash", help="SIGKILL the daemons during a burst of submissions: nothing lost or run twice")
+    bc = bench_parser("crash", "SIGKILL the daemons during a burst of submissions: nothing lost or run twice",
+                      "configs, journals, logs and the executions record")
     bc.add_argument("--jobs", type=int, default=10_000, help="jobs in the burst (default 10000)")
     bc.add_argument("--kills", type=int, default=20, help="how many times daemons are killed (default 20)")
     bc.add_argument("--seed", type=int, help="random seed, to repeat a run")
-    bc.add_argument("--json", action="store_true", help="one JSON object on the last line")
-    bc.add_argument("--keep", help="keep configs, journals, logs and the executions record in this folder")
 
     dm = sub.add_parser("demo", help="run a local federation on loopback and show it working")
     dm.add_argument("--dir", default="var/demo", help="where the demo keeps its PKI, configs and state")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from federation.errors import InvalidArgument
+from federation.errors import AifedError, InvalidArgument
 from federation.model import AccessMode, Job, JobSpec, JobState, Transition
 from federation.pb import jobs_pb2
 
@@ -62,6 +62,11 @@ def job_from_pb(msg: jobs_pb2.Job) -> Job:
         site=msg.site, partition=msg.partition, exit_code=msg.exit_code if msg.has_exit_code else None,
         reason=msg.reason, history=history, created_at=from_ts(msg.created_at),
         updated_at=from_ts(msg.updated_at))
+
+
+def error_pb(error: AifedError) -> jobs_pb2.JobError:
+    """Why one job of a batch was refused."""
+    return jobs_pb2.JobError(code=error.code.value[0], message=error.message)
 
 
 def receipt_pb(job: Job) -> jobs_pb2.JobReceipt:

@@ -292,10 +292,6 @@ class Journal:
                 f"SELECT idempotency_key FROM jobs WHERE idempotency_key IN ({','.join('?' * len(chunk))})", chunk))
         return out
 
-    def has_key(self, idempotency_key: str) -> bool:
-        return self._read.execute("SELECT 1 FROM jobs WHERE idempotency_key = ?",
-                                  (idempotency_key,)).fetchone() is not None
-
     def by_key(self, idempotency_key: str) -> Job | None:
         row = self._read.execute("SELECT record FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
         return job_from_json(row[0]) if row else None

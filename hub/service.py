@@ -74,15 +74,13 @@ class HubService(hub_pb2_grpc.HubServicer):
         return hub_pb2.ForwardJobResponse(job=convert.job_to_pb(job), duplicate=duplicate)
 
     async def ForwardJobs(self, request, context):
-        requests = [(r.idempotency_key, convert.job_from_pb(r.job)) for r in request.jobs] \
-            if len(request.jobs) <= MAX_BATCH else None
-        if requests is None:
+        if len(request.jobs) > MAX_BATCH:  # before converting any of them
             raise InvalidArgument(f"at most {MAX_BATCH} jobs per batch, not {len(request.jobs)}")
+        requests = [(r.idempotency_key, convert.job_from_pb(r.job)) for r in request.jobs]
         results = []
         for (job_or_error, duplicate), (_, asked) in zip(await self.core.forward_many(caller(), requests), requests):
             if isinstance(job_or_error, AifedError):
-                results.append(hub_pb2.ForwardResult(job_id=asked.id, error=jobs_pb2.JobError(
-                    code=job_or_error.code.value[0], message=job_or_error.message)))
+                results.append(hub_pb2.ForwardResult(job_id=asked.id, error=convert.error_pb(job_or_error)))
             else:
                 results.append(hub_pb2.ForwardResult(job_id=asked.id, accepted=convert.receipt_pb(job_or_error),
                                                      duplicate=duplicate))
