@@ -23,11 +23,14 @@ import grpc
 
 from federation import convert
 from federation.config import AntennaConfig
-from federation.errors import AifedError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from federation.identity import Identity
+from federation.audit import AuditLog
+from federation.errors import AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from federation.identity import Identity, Role
 from federation.journal import Journal, Tx, purge_forever
+from federation.limits import SubmitLimiter
 from federation.model import FINAL_STATES, Job, JobSpec, JobState, Transition
 from federation.pb import hub_pb2, jobs_pb2
+from federation.rpc import peer, secure_channel
 from federation.sbatch import parse_array
 from federation.watch import Signal, Topics
 from antenna.placement import Verdict, rank, why_not
@@ -61,6 +64,16 @@ class Submission:
     array: str = ""
 
 
+
+def _replay_conflict(tx: Tx, item: list[tuple[Job, str | None]]) -> AifedError | None:
+    """A request id seen before with a different job: refused, never silently answered with the old job."""
+    for job, key in item:
+        if key is not None and (first := tx.by_key(key)) is not None \
+                and replace(first.spec, array_job="") != replace(job.spec, array_job=""):
+            return AlreadyExists(f"this request id was used for job {first.id} with a different job; a retry must "
+                                 "resend the same job, a new job needs a new request id")
+    return None
+
 class AntennaCore:
     """Everything an antenna knows and does, independent of its gRPC service."""
 
@@ -70,6 +83,8 @@ class AntennaCore:
         self.sites_changed = Signal()
         self.sites = {h.site: HubSite(h, config.tls, self.sites_changed) for h in config.hubs}
         self.jobs: Topics[Job] = Topics()
+        self.audit = AuditLog(config.audit_log or config.state_dir / "audit.jsonl", peer=peer)
+        self.limiter = SubmitLimiter(config.limits.submit_rate, config.limits.submit_burst)
         self.retry_max_s = 5.0
         self._unplaced: dict[str, None] = {}             # job ids waiting for a hub to be chosen, oldest first
         self._outbox: dict[str, dict[str, Job]] = {s: {} for s in self.sites}  # placed, not yet acknowledged
@@ -108,6 +123,13 @@ class AntennaCore:
         for site in self.sites.values():
             await site.close()
         self.journal.close()
+        self.audit.close()
+
+    async def renew_channels(self) -> None:
+        """This antenna's certificate was renewed: new connections to the hubs present the new one."""
+        for site in self.sites.values():
+            site.renew_channel(self.config.tls)
+        log.info("TLS certificate renewed: new connections to %d hub(s) use it", len(self.sites))
 
     # -- what users ask --------------------------------------------------------------------------
 
@@ -139,11 +161,18 @@ class AntennaCore:
                 prepared.append(jobs)
             except AifedError as exc:
                 prepared.append(exc)
+        try:
+            self.limiter.take(who.uri, sum(len(item) for item in prepared if not isinstance(item, AifedError)))
+        except AifedError as exc:
+            self.audit.record("rejected", who=who.uri, jobs=total, reason=exc.message)
+            raise
 
         def store(tx: Tx) -> list[list[tuple[Job, bool]] | AifedError]:
             out: list[list[tuple[Job, bool]] | AifedError] = []
             for item in prepared:
-                out.append(item if isinstance(item, AifedError) else [tx.insert(job, key) for job, key in item])
+                if not isinstance(item, AifedError):
+                    item = _replay_conflict(tx, item) or [tx.insert(job, key) for job, key in item]
+                out.append(item)
             return out
 
         # The commit and the hand-over to the placer run to the end even if the caller goes away: a stored job
@@ -155,12 +184,14 @@ class AntennaCore:
         created = 0
         for item in await self.journal.commit(store):
             if isinstance(item, AifedError):
+                self.audit.record("rejected", who=who.uri, reason=item.message)
                 results.append(item)
                 continue
             results.append([job for job, _ in item])
             for job, new in item:
                 if new:
                     created += 1
+                    self.audit.record("accepted", who=who.uri, job=job.id, site=job.site)
                     self._queue(job)
         if created:
             log.info("accepted %d job(s) from %s", created, who.uri)
@@ -222,18 +253,22 @@ class AntennaCore:
         return ""
 
     def get(self, who: Identity, job_id: str) -> Job:
+        """The job, if `who` may see it: its owner, or an operator of this antenna. Others' jobs are NOT_FOUND:
+        their existence is not disclosed."""
         job = self.journal.get(job_id)
-        if job is None or job.owner != who.uri:
+        if job is None or (job.owner != who.uri and who.role is not Role.OPERATOR):
             raise NotFound(f"no job {job_id[:100]!r} of yours at antenna {self.config.site}")
         return job
 
     def list(self, who: Identity, states=(), limit: int = 100) -> list[Job]:
-        return self.journal.list(owner=who.uri, states=states, limit=min(max(limit, 1), 1000))
+        owner = None if who.role is Role.OPERATOR else who.uri
+        return self.journal.list(owner=owner, states=states, limit=min(max(limit, 1), 1000))
 
     async def cancel(self, who: Identity, job_id: str) -> Job:
         job = self.get(who, job_id)
         if job.final:
             raise FailedPrecondition(f"job {job_id} has already ended ({job.state.name}); nothing to cancel")
+        self.audit.record("cancelled", who=who.uri, owner=job.owner, job=job_id, site=job.site)
         if job.state is JobState.PENDING:
             self._unplaced.pop(job_id, None)
             self._outbox.get(job.site, {}).pop(job_id, None)
@@ -458,10 +493,17 @@ class AntennaCore:
             response = await site.stub.ForwardJobs(request, timeout=60)
             refusals = {r.job_id: r.error.message for r in response.results if r.HasField("error")}
         except grpc.aio.AioRpcError as exc:
-            too_large = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(jobs) == 1
+            # A single job too large for a message is refused; a rate limit (also RESOURCE_EXHAUSTED) is waited out.
+            too_large = (exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(jobs) == 1
+                         and "larger than max" in (exc.details() or ""))
             if exc.code() not in REFUSALS and not too_large:
                 raise  # the outcome is unknown: retried with the same keys
             refusals = {job.id: exc.details() for job in jobs}
+        for job in jobs:
+            if job.id in refusals:
+                self.audit.record("rejected", owner=job.owner, job=job.id, site=site.site, reason=refusals[job.id])
+            else:
+                self.audit.record("forwarded", owner=job.owner, job=job.id, site=site.site)
         if refusals:
             def apply(tx: Tx) -> list[Job]:
                 out = []

@@ -25,7 +25,9 @@ class AntennaDaemon(Daemon):
         core = AntennaCore(self.config)
         server = None
         try:
-            server = SecureServer(self.config.federation, self.config.tls, access_rules(self.config.site))
+            server = SecureServer(self.config.federation, self.config.tls, access_rules(self.config.site),
+                                  audit=core.audit, max_streams=self.config.limits.max_streams)
+            server.on_renewed.append(core.renew_channels)
             server.add(antenna_pb2_grpc.add_AntennaServicer_to_server, AntennaService(core),
                        antenna_pb2.DESCRIPTOR.services_by_name["Antenna"].full_name)
             self.port = await server.start(self.config.listen)

@@ -8,23 +8,34 @@ from federation.identity import Identity, Role
 from federation.model import JobState
 from federation.pb import antenna_pb2, antenna_pb2_grpc
 from federation.rpc import Rule, caller
+from federation.tls import cert_expires
 from federation.watch import follow
 from antenna.core import MAX_SUBMIT, AntennaCore, Submission
 
 
-def access_rules(site: str) -> dict[str, Rule]:
-    """Users of this antenna only: another antenna, a hub, or a user vouched for by another antenna is refused."""
+OPERATOR_METHODS = ("GetJob", "ListJobs", "WatchJob", "CancelJob", "StreamLogs", "ListSites")
 
-    def own_users(who: Identity) -> None:
-        if who.role is not Role.USER:
-            raise PermissionDenied(f"a {who.role.value} may not call antenna {site}'s user service; "
-                                   "it is for users of this antenna")
-        if who.site != site:
-            raise PermissionDenied(f"user {who.name} belongs to antenna {who.site}, not {site}; "
-                                   f"submit through {who.site}")
+
+def access_rules(site: str) -> dict[str, Rule]:
+    """Users of this antenna, and its operators to look at and cancel every job here (operators submit
+    nothing: a job belongs to a user). Another antenna, a hub, or anyone vouched for by another site is
+    refused."""
+
+    def rule(method: str) -> Rule:
+        roles = (Role.USER, Role.OPERATOR) if method in OPERATOR_METHODS else (Role.USER,)
+
+        def check(who: Identity) -> None:
+            if who.role not in roles:
+                raise PermissionDenied(f"a {who.role.value} may not call {method} on antenna {site}; it is for "
+                                       + " and ".join(f"{r.value}s" for r in roles) + " of this antenna")
+            if who.site != site:
+                where = "antenna" if who.role is Role.USER else "site"
+                raise PermissionDenied(f"{who.role.value} {who.name} belongs to {where} {who.site}, not {site}"
+                                       + (f"; submit through {who.site}" if who.role is Role.USER else ""))
+        return check
 
     service = antenna_pb2.DESCRIPTOR.services_by_name["Antenna"]
-    return {f"/{service.full_name}/{m.name}": own_users for m in service.methods}
+    return {f"/{service.full_name}/{m.name}": rule(m.name) for m in service.methods}
 
 
 class AntennaService(antenna_pb2_grpc.AntennaServicer):
@@ -92,5 +103,6 @@ class AntennaService(antenna_pb2_grpc.AntennaServicer):
                 msg.advert.CopyFrom(site.advert)
                 msg.advert_received_at.CopyFrom(convert.ts(site.received_at))
             out.append(msg)
-        return antenna_pb2.ListSitesResponse(sites=out)
+        return antenna_pb2.ListSitesResponse(sites=out,
+                                             cert_expires_at=convert.ts(cert_expires(self.core.config.tls)))
 

@@ -16,6 +16,8 @@ from federation.watch import Signal
 
 log = logging.getLogger(__name__)
 
+RENEW_GRACE_S = 60.0
+
 
 class HubSite:
     """One hub: its stub, its last advert, and whether that advert can be trusted now."""
@@ -31,6 +33,7 @@ class HubSite:
         self.error = "not contacted yet"
         self._changed = changed
         self._task: asyncio.Task | None = None
+        self._retired: list[grpc.aio.Channel] = []  # channels with the previous certificate, closing soon
 
     @property
     def fresh(self) -> bool:
@@ -41,11 +44,27 @@ class HubSite:
     def start(self) -> None:
         self._task = asyncio.create_task(self._follow_adverts(), name=f"adverts {self.site}")
 
+    def renew_channel(self, tls: TlsFiles, grace_s: float = RENEW_GRACE_S) -> None:
+        """Use new TLS files for new calls; calls and streams on the old channel get `grace_s` to finish, then
+        it closes and they reconnect on the new one."""
+        old = self.channel
+        self.channel = secure_channel(self.endpoint, tls)
+        self.stub = hub_pb2_grpc.HubStub(self.channel)
+        self._retired.append(old)
+        asyncio.get_running_loop().call_later(grace_s, lambda: asyncio.ensure_future(self._retire(old)))
+
+    async def _retire(self, channel: grpc.aio.Channel) -> None:
+        if channel in self._retired:
+            self._retired.remove(channel)
+            await channel.close(None)
+
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self.channel.close(None)
+        for channel in (*self._retired, self.channel):
+            await channel.close(None)
+        self._retired.clear()
 
     async def _follow_adverts(self) -> None:
         backoff = 0.2

@@ -78,15 +78,36 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--federation", required=True, help="the federation's name, e.g. eurohpc.example")
     ci.add_argument("--days", type=int, default=3650)
     ci.add_argument("--force", action="store_true", help="replace an existing CA")
-    cs = c.add_parser("issue", help="issue a certificate: hub SITE | antenna SITE | user ANTENNA NAME")
+    cs = c.add_parser("issue", help="issue a certificate: hub SITE | antenna SITE | user ANTENNA NAME | "
+                                    "operator SITE NAME")
     cs.add_argument("--dir", required=True)
-    cs.add_argument("role", choices=["hub", "antenna", "user"])
+    cs.add_argument("role", choices=["hub", "antenna", "user", "operator"])
     cs.add_argument("site", help="the hub or antenna site; for a user, the antenna that vouches for them")
-    cs.add_argument("name", nargs="?", default="", help="the user's name (users only)")
+    cs.add_argument("name", nargs="?", default="", help="the user's or operator's name (users and operators only)")
     cs.add_argument("--dns", action="append", help="DNS name the daemon serves on (repeatable; default localhost)")
     cs.add_argument("--ip", action="append", help="IP address the daemon serves on (default 127.0.0.1 and ::1)")
     cs.add_argument("--days", type=int, default=365)
-    cl = c.add_parser("list", help="list issued certificates with their expiry")
+    cr = c.add_parser("renew", help="a new key and certificate for an identity, same hosts, same files",
+                      description="Write a new key and certificate over the existing ones (daemons take them up "
+                                  "without a restart). The previous certificate stays valid until it expires: "
+                                  "revoke it by serial if it must not.")
+    cr.add_argument("--dir", required=True)
+    cr.add_argument("role", choices=["hub", "antenna", "user", "operator"])
+    cr.add_argument("site")
+    cr.add_argument("name", nargs="?", default="", help="the user's or operator's name (users and operators only)")
+    cr.add_argument("--days", type=int, default=365)
+    cv = c.add_parser("revoke", help="revoke a certificate and re-sign the CRL",
+                      description="Revoke by certificate file, serial (hex, see `aifed certs list`) or spiffe:// "
+                                  "identity (every unexpired certificate of it), then re-sign crl.pem.")
+    cv.add_argument("--dir", required=True)
+    cv.add_argument("target", help="certificate file, serial number, or spiffe:// identity")
+    cv.add_argument("--reason", default="unspecified",
+                    help="unspecified (default), key_compromise, ca_compromise, affiliation_changed, superseded, "
+                         "cessation_of_operation, privilege_withdrawn")
+    cc = c.add_parser("crl", help="re-sign the certificate revocation list (before its next update)")
+    cc.add_argument("--dir", required=True)
+    cc.add_argument("--days", type=int, default=7, help="days until the CRL's next update (default 7)")
+    cl = c.add_parser("list", help="list issued certificates with their expiry and status")
     cl.add_argument("--dir", required=True)
 
     def client_opts(sp: argparse.ArgumentParser) -> None:
@@ -321,28 +342,65 @@ async def _submit_array(client, spec: JobSpec, array: str, args: argparse.Namesp
 
 
 def _certs_command(args: argparse.Namespace) -> int:
+    from cryptography import x509
+
     from certs import pki
     from federation.identity import Role
+
+    def print_crl() -> None:
+        crl = pki.read_crl(args.dir)
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        print(f"Wrote {Path(args.dir) / pki.CRL}: CRL number {number}, {len(crl)} revoked certificate(s), "
+              f"next update {crl.next_update_utc:%Y-%m-%d %H:%M} UTC")
+        print("Copy crl.pem to every daemon (the file its config names in tls.crl); daemons re-read it when it "
+              "changes.")
 
     try:
         if args.certs_cmd == "init":
             path = pki.init_ca(args.dir, args.federation, days=args.days, force=args.force)
             print(f"Created the root CA of federation {args.federation}: {path}")
             print(f"Keep {Path(args.dir) / pki.CA_KEY} offline and out of version control.")
-        elif args.certs_cmd == "issue":
+        elif args.certs_cmd in ("issue", "renew"):
             role = Role(args.role)
-            if role is Role.USER and not args.name:
-                raise UsageError("a user certificate needs: aifed certs issue user ANTENNA NAME")
-            issued = pki.issue(args.dir, role, args.site, args.name, dns=tuple(args.dns or ("localhost",)),
-                               ips=tuple(args.ip or ("127.0.0.1", "::1")), days=args.days)
-            print(f"Issued {issued.identity.uri}")
+            if role in pki.NAMED_ROLES and not args.name:
+                where = "ANTENNA" if role is Role.USER else "SITE"
+                raise UsageError(f"a {role.value} certificate needs: aifed certs {args.certs_cmd} {role.value} "
+                                 f"{where} NAME")
+            if args.certs_cmd == "issue":
+                issued = pki.issue(args.dir, role, args.site, args.name, dns=tuple(args.dns or ("localhost",)),
+                                   ips=tuple(args.ip or ("127.0.0.1", "::1")), days=args.days)
+                print(f"Issued {issued.identity.uri}")
+            else:
+                issued = pki.renew(args.dir, role, args.site, args.name, days=args.days)
+                print(f"Renewed {issued.identity.uri}")
             print(f"  certificate {issued.cert}\n  key         {issued.key} (0600)\n"
-                  f"  expires     {issued.not_after:%Y-%m-%d}")
+                  f"  serial      {issued.serial}\n  expires     {issued.not_after:%Y-%m-%d}")
+            if issued.replaced:
+                print(f"The previous certificate (serial {issued.replaced}) stays valid until it expires; if it "
+                      f"must not, run: aifed certs revoke --dir {args.dir} {issued.replaced} --reason superseded")
+        elif args.certs_cmd == "revoke":
+            serials = pki.revoke(args.dir, args.target, args.reason)
+            if serials:
+                who = {c.serial: c.identity for c in pki.list_certs(args.dir)}
+                for serial in serials:
+                    print(f"Revoked serial {serial} ({who.get(serial, '?')})")
+            else:
+                print(f"Nothing new revoked: every certificate {args.target} names was already revoked or has "
+                      "expired")
+            print_crl()
+        elif args.certs_cmd == "crl":
+            pki.write_crl(args.dir, days=args.days)
+            print_crl()
+            print("Re-sign it before its next update, e.g. daily from a systemd timer (aifed certs crl).")
         else:
-            rows = [[str(p), uri, f"{exp:%Y-%m-%d}"] for p, uri, exp in pki.list_certs(args.dir)]
-            print(output.table(["CERTIFICATE", "IDENTITY", "EXPIRES"], rows))
+            rows = [[c.identity, c.serial, f"{c.not_after:%Y-%m-%d}", c.status,
+                     str(c.path) if c.current else f"{c.path} (replaced)"] for c in pki.list_certs(args.dir)]
+            print(output.table(["IDENTITY", "SERIAL", "EXPIRES", "STATUS", "PATH"], rows))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    except pki.PkiNotFound as exc:
+        print(f"aifed: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
     except pki.PkiError as exc:
         print(f"aifed: {exc}", file=sys.stderr)
         return EXIT_REFUSED

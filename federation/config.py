@@ -32,6 +32,21 @@ DEFAULT_RETENTION_S = 90 * 86400  # how long a finished job's record is kept; 0 
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one peer may ask of a daemon: jobs submitted per second (a token bucket of `submit_burst` jobs,
+    per user at an antenna, per antenna at a hub; 0 = no limit) and open streams at once."""
+
+    submit_rate: float
+    submit_burst: int
+    max_streams: int = 1000
+    min_burst: int = 1
+
+
+ANTENNA_LIMITS = Limits(submit_rate=1000, submit_burst=20000)
+HUB_LIMITS = Limits(submit_rate=10000, submit_burst=100000, min_burst=1000)
+
+
+@dataclass(frozen=True)
 class HubConfig:
     path: Path
     site: str
@@ -53,6 +68,8 @@ class HubConfig:
     command_timeout_s: int = 30
     accounts: dict[str, str] = field(default_factory=dict)
     retention_s: int = DEFAULT_RETENTION_S
+    limits: Limits = field(default_factory=lambda: HUB_LIMITS)
+    audit_log: Path | None = None  # None: <state_dir>/audit.jsonl
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,8 @@ class AntennaConfig:
     tls: TlsFiles
     hubs: tuple[HubEndpoint, ...] = field(default_factory=tuple)
     retention_s: int = DEFAULT_RETENTION_S
+    limits: Limits = field(default_factory=lambda: ANTENNA_LIMITS)
+    audit_log: Path | None = None  # None: <state_dir>/audit.jsonl
 
 
 @dataclass(frozen=True)
@@ -184,14 +203,26 @@ def _listen(t: _Table, k: str) -> str:
     return value
 
 
-def _tls(root: _Table, expected_identity: str | None = None) -> TlsFiles:
+def _tls(root: _Table, expected_identity: str | None = None, daemon: bool = False) -> TlsFiles:
     t = root.table("tls")
-    tls = TlsFiles(ca=t.path_("ca"), cert=t.path_("cert"), key=t.path_("key"))
+    crl, reload = None, 30
+    if daemon:
+        crl = t.path_("crl") if "crl" in t.data else None
+        reload = t.duration("reload", "30s")
+        if reload < 1:
+            raise ConfigError(t.path, t.key("reload"), "must be at least 1 second")
+    tls = TlsFiles(ca=t.path_("ca"), cert=t.path_("cert"), key=t.path_("key"), crl=crl, reload_s=reload)
     t.done()
-    for k in ("ca", "cert", "key"):
+    for k in ("ca", "cert", "key", "crl"):
         p = getattr(tls, k)
-        if not _is_file(p):
+        if p is not None and not _is_file(p):
             raise ConfigError(t.path, t.key(k), f"{p} does not exist")
+    if crl is not None:
+        from federation.crl import CrlError, load_crl
+        try:
+            load_crl(crl.read_bytes(), tls.ca.read_bytes())
+        except (OSError, CrlError) as exc:
+            raise ConfigError(t.path, t.key("crl"), f"{crl}: {exc}") from None
     try:
         tls.check()
         uri = tls.identity_uri() if expected_identity else ""
@@ -203,6 +234,22 @@ def _tls(root: _Table, expected_identity: str | None = None) -> TlsFiles:
     return tls
 
 
+def _limits(root: _Table, default: Limits) -> Limits:
+    t = root.table("limits")
+    rate = t.get("submit_rate", (int, float), default.submit_rate)
+    burst = t.get("submit_burst", int, default.submit_burst)
+    streams = t.get("max_streams", int, default.max_streams)
+    t.done()
+    if not 0 <= rate <= 1e9:
+        raise ConfigError(t.path, t.key("submit_rate"), "must be between 0 (no limit) and 1e9 jobs per second")
+    if burst < default.min_burst:
+        raise ConfigError(t.path, t.key("submit_burst"), f"must be at least {default.min_burst} job(s)"
+                          + (" (one batch an antenna forwards)" if default.min_burst > 1 else ""))
+    if streams < 1:
+        raise ConfigError(t.path, t.key("max_streams"), "must be at least 1")
+    return Limits(float(rate), burst, streams, default.min_burst)
+
+
 def load_hub(path: str | Path) -> HubConfig:
     p, root = _read(path)
     h = root.table("hub")
@@ -211,6 +258,7 @@ def load_hub(path: str | Path) -> HubConfig:
     listen = _listen(h, "listen")
     state_dir = h.path_("state_dir")
     retention = h.duration("retention", DEFAULT_RETENTION_S)
+    audit_log = h.path_("audit_log") if "audit_log" in h.data else state_dir / "audit.jsonl"
     services, sectors = h.strings("services"), h.strings("sectors")
     modes = []
     for m in h.strings("access_modes"):
@@ -267,13 +315,15 @@ def load_hub(path: str | Path) -> HubConfig:
         if any(q.name == name for q in partitions):
             raise ConfigError(p, t.key("name"), f"partition {name!r} is declared twice")
         partitions.append(PartitionConfig(name, model, gpus, max_wall))
-    tls = _tls(root, f"spiffe://{federation}/hub/{site}")
+    tls = _tls(root, f"spiffe://{federation}/hub/{site}", daemon=True)
+    limits = _limits(root, HUB_LIMITS)
     root.done()
     return HubConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
                      partitions=tuple(partitions), services=services, sectors=sectors, access_modes=tuple(modes),
                      advert_ttl_s=ttl, backend=backend, kill_grace_s=kill_grace, cpu_slots=cpu_slots,
                      slurm_conf=slurm_conf, poll_interval_s=poll, capacity_interval_s=capacity,
-                     command_timeout_s=command_timeout, accounts=accounts, retention_s=retention)
+                     command_timeout_s=command_timeout, accounts=accounts, retention_s=retention, limits=limits,
+                     audit_log=audit_log)
 
 
 def load_antenna(path: str | Path) -> AntennaConfig:
@@ -284,6 +334,7 @@ def load_antenna(path: str | Path) -> AntennaConfig:
     listen = _listen(a, "listen")
     state_dir = a.path_("state_dir")
     retention = a.duration("retention", DEFAULT_RETENTION_S)
+    audit_log = a.path_("audit_log") if "audit_log" in a.data else state_dir / "audit.jsonl"
     a.done()
     root.seen.add("hubs")
     raw_hubs = root.data.get("hubs", [])
@@ -297,10 +348,11 @@ def load_antenna(path: str | Path) -> AntennaConfig:
         if any(h.site == hub.site for h in hubs):
             raise ConfigError(p, t.key("site"), f"hub {hub.site!r} is listed twice")
         hubs.append(hub)
-    tls = _tls(root, f"spiffe://{federation}/antenna/{site}")
+    tls = _tls(root, f"spiffe://{federation}/antenna/{site}", daemon=True)
+    limits = _limits(root, ANTENNA_LIMITS)
     root.done()
     return AntennaConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
-                         hubs=tuple(hubs), retention_s=retention)
+                         hubs=tuple(hubs), retention_s=retention, limits=limits, audit_log=audit_log)
 
 
 def load_client(path: str | Path) -> ClientConfig:

@@ -2,7 +2,7 @@
 
 Identities are SPIFFE-style URIs on the federation's trust domain:
 `spiffe://<federation>/hub/<site>`, `spiffe://<federation>/antenna/<site>` and
-`spiffe://<federation>/user/<antenna>/<name>`.
+`spiffe://<federation>/user/<antenna>/<name>` and `spiffe://<federation>/operator/<site>/<name>`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,18 @@ class Role(enum.Enum):
     HUB = "hub"
     ANTENNA = "antenna"
     USER = "user"
+    OPERATOR = "operator"
+
+    @property
+    def named(self) -> bool:
+        """Users and operators are people: their identity names a site and a person."""
+        return self in (Role.USER, Role.OPERATOR)
 
 
 @dataclass(frozen=True)
 class Identity:
-    """A typed federation identity. For a user, `site` is the antenna that vouches for them."""
+    """A typed federation identity. For a user, `site` is the antenna that vouches for them; for an operator,
+    the hub or antenna site they run."""
 
     federation: str
     role: Role
@@ -35,7 +42,7 @@ class Identity:
 
     @property
     def uri(self) -> str:
-        tail = f"{self.site}/{self.name}" if self.role is Role.USER else self.site
+        tail = f"{self.site}/{self.name}" if self.role.named else self.site
         return f"spiffe://{self.federation}/{self.role.value}/{tail}"
 
     def __str__(self) -> str:
@@ -74,9 +81,10 @@ def parse_identity(uri: str) -> Identity:
         role = Role(parts[0])
     except ValueError:
         raise ValueError(f"{uri!r} names an unknown role {parts[0]!r}") from None
-    if role is Role.USER:
+    if role.named:
         if len(parts) != 3:
-            raise ValueError(f"{uri!r}: a user identity is spiffe://<federation>/user/<antenna>/<name>")
+            where = "antenna" if role is Role.USER else "site"
+            raise ValueError(f"{uri!r}: a {role.value} identity is spiffe://<federation>/{role.value}/<{where}>/<name>")
         return Identity(federation, role, check_site_name(parts[1]), check_user_name(parts[2]))
     if len(parts) != 2:
         raise ValueError(f"{uri!r}: a {role.value} identity is spiffe://<federation>/{role.value}/<site>")

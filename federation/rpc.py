@@ -8,17 +8,24 @@ where the daemon's access rules are applied to each method, and where typed
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextvars
+import functools
 import inspect
 import logging
+import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from federation.errors import AifedError, PermissionDenied, Unauthenticated
+from federation.audit import AuditLog
+from federation.crl import Revocations
+from federation.errors import AifedError, PermissionDenied, ResourceExhausted, Unauthenticated
 from federation.identity import Identity, Role, parse_identity
 from federation.tls import TlsFiles
 
@@ -28,6 +35,8 @@ HEALTH_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"
 REFLECTION_METHODS = ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
                       "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_STREAMS_PER_CALLER = 1000  # open server streams (watches, logs) one identity may hold on one daemon
+MAX_CONNECTION_STREAMS = 1000  # concurrent calls on one connection
 MAX_DETAILS = 2000  # an error message echoing a huge request value must not exceed gRPC's metadata limit
 CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -48,9 +57,11 @@ SERVER_OPTIONS = (
     # abuse and closes the connection (GOAWAY "too_many_pings").
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.so_reuseport", 0),
+    ("grpc.max_concurrent_streams", MAX_CONNECTION_STREAMS),
 )
 
 _caller: contextvars.ContextVar[Identity] = contextvars.ContextVar("aifed_caller")
+_peer: contextvars.ContextVar[str] = contextvars.ContextVar("aifed_peer", default="")
 
 # An access rule takes the caller and raises PermissionDenied if it may not call the method.
 Rule = Callable[[Identity], None]
@@ -59,6 +70,11 @@ Rule = Callable[[Identity], None]
 def caller() -> Identity:
     """The authenticated identity of the peer whose RPC is being served."""
     return _caller.get()
+
+
+def peer() -> str:
+    """The network address of the peer whose RPC is being served, as gRPC names it (ipv4:127.0.0.1:50512)."""
+    return _peer.get()
 
 
 def allow_roles(*roles: Role) -> Rule:
@@ -74,28 +90,67 @@ def allow_any(who: Identity) -> None:
     """Any authenticated member of the federation (health checks, reflection)."""
 
 
-def peer_identity(context: grpc.aio.ServicerContext, federation: str) -> Identity:
-    """The identity in the peer certificate's spiffe:// URI SAN, on this federation."""
-    sans = [s.decode() if isinstance(s, bytes) else s for s in (context.peer_identities() or ())]
-    uris = [s for s in sans if s.startswith("spiffe://")]
-    if len(uris) != 1:
+@dataclass(frozen=True)
+class PeerCert:
+    """What the guard needs from a peer certificate, parsed once per distinct certificate."""
+
+    serial: int
+    roles: tuple[str, ...]  # the subject's OU: the role the CA issued the certificate for
+    uris: tuple[str, ...]  # the spiffe:// URI SANs
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_cert(pem: bytes) -> PeerCert:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = tuple(u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://"))
+    except x509.ExtensionNotFound:
+        uris = ()
+    roles = tuple(str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME))
+    return PeerCert(cert.serial_number, roles, uris)
+
+
+def peer_identity(context: grpc.aio.ServicerContext, federation: str,
+                  revocations: Revocations | None = None) -> Identity:
+    """The identity in the peer certificate's spiffe:// URI SAN, on this federation, from a certificate that was
+    issued for that role and is not revoked."""
+    pems = context.auth_context().get("x509_pem_cert") or ()
+    if not pems:
+        raise Unauthenticated("no client certificate; every call needs one from the federation CA")
+    cert = _peer_cert(pems[0])
+    if len(cert.uris) != 1:
         raise Unauthenticated(
             "the client certificate must carry exactly one spiffe:// URI SAN; issue it with `aifed certs issue`")
     try:
-        who = parse_identity(uris[0])
+        who = parse_identity(cert.uris[0])
     except ValueError as exc:
         raise Unauthenticated(f"the client certificate's identity is not valid: {exc}") from None
     if who.federation != federation:
         raise Unauthenticated(f"the client certificate belongs to federation {who.federation!r}, not {federation!r}")
+    if cert.roles != (who.role.value,):
+        raise Unauthenticated(f"the client certificate claims to be a {who.role.value} ({who.uri}) but was issued "
+                              f"for the role {'/'.join(cert.roles) or 'none'}")
+    if revocations is not None and revocations.revoked(cert.serial):
+        raise Unauthenticated(f"the client certificate of {who.uri} (serial {cert.serial:x}) has been revoked")
     return who
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticate, authorize by method (default deny), and translate errors, for every RPC."""
+    """Authenticate, authorize by method (default deny), bound streams per caller, and translate errors, for
+    every RPC."""
 
-    def __init__(self, federation: str, rules: Mapping[str, Rule]):
+    def __init__(self, federation: str, rules: Mapping[str, Rule], revocations: Revocations | None = None,
+                 max_streams: int = MAX_STREAMS_PER_CALLER, audit: AuditLog | None = None):
         self.federation = federation
         self.rules = dict(rules)
+        self.revocations = revocations
+        self.max_streams = max_streams
+        self.audit = audit
+        self.streams: collections.Counter[str] = collections.Counter()  # open streams per caller
         self._guarded: dict[str, grpc.RpcMethodHandler] = {}  # per method: the handler wrapped once
 
     async def intercept_service(self, continuation, details):
@@ -115,32 +170,54 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             "stream" if handler.response_streaming else "unary")
         behaviour = getattr(handler, kind)
 
-        def admit(context) -> contextvars.Token:
-            who = peer_identity(context, self.federation)
+        def admit(context) -> Identity:
+            _peer.set(context.peer())
+            who = peer_identity(context, self.federation, self.revocations)
+            _caller.set(who)
             if rule is None:
                 raise PermissionDenied(f"{method} is not open to any caller")
             rule(who)
-            return _caller.set(who)
+            return who
 
         if inspect.isasyncgenfunction(behaviour):
             async def wrapped(request, context):
+                counted = ""
                 try:
-                    admit(context)
+                    who = admit(context)
+                    if self.streams[who.uri] >= self.max_streams:
+                        raise ResourceExhausted(f"{who.uri} already has {self.max_streams} open streams on this "
+                                                "daemon; close some before opening more")
+                    counted = who.uri
+                    self.streams[counted] += 1
                     async for item in behaviour(request, context):
                         yield item
                 except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-                    await _abort(context, method, exc)
+                    await self._abort(context, method, exc)
+                finally:
+                    if counted:
+                        self.streams[counted] -= 1
+                        if not self.streams[counted]:
+                            del self.streams[counted]
         else:
             async def wrapped(request, context):
                 try:
                     admit(context)
                     return await behaviour(request, context)
                 except Exception as exc:  # noqa: BLE001 - translated, never swallowed
-                    await _abort(context, method, exc)
+                    await self._abort(context, method, exc)
 
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
         return factory(wrapped, request_deserializer=handler.request_deserializer,
                        response_serializer=handler.response_serializer)
+
+    async def _abort(self, context, method: str, exc: Exception) -> None:
+        if self.audit is not None and isinstance(exc, (Unauthenticated, PermissionDenied)):
+            try:
+                who = _caller.get().uri
+            except LookupError:
+                who = ""
+            self.audit.record("denied", who=who, method=method, reason=exc.message)
+        await _abort(context, method, exc)
 
 
 async def _abort(context, method: str, exc: Exception) -> None:
@@ -162,15 +239,28 @@ def health_and_reflection_rules() -> dict[str, Rule]:
 
 
 class SecureServer:
-    """A grpc.aio server on one mTLS port, with health and reflection, guarded by `GuardInterceptor`."""
+    """A grpc.aio server on one mTLS port, with health and reflection, guarded by `GuardInterceptor`.
 
-    def __init__(self, federation: str, tls: TlsFiles, rules: Mapping[str, Rule]):
-        self.guard = GuardInterceptor(federation, {**health_and_reflection_rules(), **rules})
+    While it serves, it looks every `tls.reload_s` for a new CRL and renewed certificates (new connections get
+    them; `on_renewed` callbacks let the daemon renew its own client channels), warns once a day while its
+    certificate or the CA is near expiry, and flushes the audit log."""
+
+    AUDIT_FLUSH_S = 0.25
+
+    def __init__(self, federation: str, tls: TlsFiles, rules: Mapping[str, Rule], audit: AuditLog | None = None,
+                 max_streams: int = MAX_STREAMS_PER_CALLER):
+        self.revocations = Revocations(tls)
+        self.revocations.refresh()
+        self.audit = audit
+        self.guard = GuardInterceptor(federation, {**health_and_reflection_rules(), **rules}, self.revocations,
+                                      max_streams=max_streams, audit=audit)
         self.server = grpc.aio.server(interceptors=[self.guard], options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._tls = tls
         self._services: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        self._tasks: list[asyncio.Task] = []
+        self.on_renewed: list[Callable[[], Awaitable[None]]] = []
         self.port = 0
 
     def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object, full_name: str) -> None:
@@ -186,11 +276,45 @@ class SecureServer:
         await self.server.start()
         for name in ("", *self._services):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks.append(asyncio.create_task(self._watch_tls(), name="tls watch"))
+        if self.audit is not None:
+            self._tasks.append(asyncio.create_task(self._flush_audit(), name="audit flush"))
         return self.port
 
     async def stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.audit is not None:
+            self.audit.close()
+
+    def cert_expires(self) -> float:
+        """When this daemon's certificate expires (Unix time), for status fields."""
+        return self._tls.not_after().timestamp()
+
+    async def _watch_tls(self) -> None:
+        stamp, warned = self._tls.stamp(), 0.0
+        while True:
+            try:
+                self.revocations.refresh()
+                if (new := self._tls.stamp())[:3] != stamp[:3]:
+                    stamp = new
+                    for renewed in self.on_renewed:
+                        await renewed()
+                if time.monotonic() - warned > 86400 or not warned:
+                    if warning := self._tls.expiry_warning():
+                        log.warning("%s", warning)
+                        warned = time.monotonic()
+            except Exception:  # noqa: BLE001 - the watch must outlive a bad file; the next round retries
+                log.exception("checking TLS files and the CRL failed")
+            await asyncio.sleep(self._tls.reload_s)
+
+    async def _flush_audit(self) -> None:
+        while True:
+            await asyncio.sleep(self.AUDIT_FLUSH_S)
+            await asyncio.to_thread(self.audit.flush)
 
 
 def secure_channel(target: str, tls: TlsFiles, options: Iterable[tuple[str, object]] = ()) -> grpc.aio.Channel:

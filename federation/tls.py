@@ -1,11 +1,26 @@
-"""TLS material for daemons and clients: one CA, one certificate and its key, all PEM files."""
+"""TLS material for daemons and clients: one CA, one certificate and its key, all PEM files, and optionally the
+federation's certificate revocation list (CRL).
+
+Daemons pick up renewed files without a restart: a server hands new certificates to every new connection
+(`ReloadingServerCredentials`), and `TlsFiles.stamp()` tells a client when to build new channels.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
+import logging
+import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+log = logging.getLogger(__name__)
+
+EXPIRY_WARNING_DAYS = 30
 
 
 @dataclass(frozen=True)
@@ -15,6 +30,38 @@ class TlsFiles:
     ca: Path
     cert: Path
     key: Path
+    crl: Path | None = None  # the federation's CRL (PEM), re-read when it changes
+    reload_s: int = 30  # how often a daemon looks for renewed certificates and a new CRL
+
+    def stamp(self) -> tuple:
+        """Changes whenever one of the files is replaced or rewritten (a renewal, a new CRL)."""
+        out = []
+        for path in (self.ca, self.cert, self.key, self.crl):
+            try:
+                st = os.stat(path) if path else None
+            except OSError:
+                st = None
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino) if st else None)
+        return tuple(out)
+
+    def not_after(self) -> dt.datetime:
+        """When this party's certificate expires."""
+        from cryptography import x509
+
+        return x509.load_pem_x509_certificate(self.read()[1]).not_valid_after_utc
+
+    def expiry_warning(self, days: int = EXPIRY_WARNING_DAYS) -> str:
+        """A warning if the certificate or the CA expires within `days`, else ""."""
+        from cryptography import x509
+
+        ca_pem, cert_pem, _ = self.read()
+        now = dt.datetime.now(dt.timezone.utc)
+        for label, pem, path in (("certificate", cert_pem, self.cert), ("federation CA", ca_pem, self.ca)):
+            left = x509.load_pem_x509_certificate(pem).not_valid_after_utc - now
+            if left < dt.timedelta(days=days):
+                return (f"{label} {path} expires in {max(left.days, 0)} day(s), on "
+                        f"{now + left:%Y-%m-%d %H:%M} UTC: renew it (aifed certs renew) before it does")
+        return ""
 
     def read(self) -> tuple[bytes, bytes, bytes]:
         """Read all three, or raise FileNotFoundError/PermissionError naming the missing one."""
@@ -66,10 +113,61 @@ class TlsFiles:
         return uris[0] if len(uris) == 1 else ""
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        """Credentials that require and verify a client certificate from the federation CA."""
-        ca, cert, key = self.read()
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+        """Credentials that require and verify a client certificate from the federation CA, and that take up
+        renewed files for every new connection."""
+        return ReloadingServerCredentials(self).credentials()
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         ca, cert, key = self.read()
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def cert_expires(tls: TlsFiles) -> float:
+    """When the certificate in `tls.cert` expires (Unix time), re-read only when the file changes."""
+    return _not_after(tls.cert, tls.stamp()[1])
+
+
+@functools.lru_cache(maxsize=16)
+def _not_after(path: Path, stamp: tuple | None) -> float:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(Path(path).read_bytes()).not_valid_after_utc.timestamp()
+
+
+class ReloadingServerCredentials:
+    """Server credentials that follow the files: grpc calls `fetch` before each new TLS handshake, and gets a
+    new configuration when the CA, certificate or key changed (checked at most once a second). A half-written or
+    mismatched set is logged and ignored: the server keeps serving with what it had."""
+
+    def __init__(self, tls: TlsFiles):
+        self.tls = tls
+        self._stamp = tls.stamp()
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _configuration(self):
+        ca, cert, key = self.tls.read()
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self._configuration(), self.fetch,
+                                                   require_client_authentication=True)
+
+    def fetch(self):
+        now = time.monotonic()
+        with self._lock:
+            if now - self._checked < 1.0:
+                return None
+            self._checked = now
+            stamp = self.tls.stamp()
+            if stamp[:3] == self._stamp[:3]:
+                return None
+            try:
+                self.tls.check()
+                configuration = self._configuration()
+            except (OSError, ValueError) as exc:
+                log.error("renewed TLS files not taken up, still serving with the previous ones: %s", exc)
+                return None
+            self._stamp = stamp
+        log.info("TLS certificate reloaded from %s (expires %s)", self.tls.cert, f"{self.tls.not_after():%Y-%m-%d}")
+        return configuration

@@ -8,11 +8,14 @@ import math
 import re
 import time
 
+from federation.audit import AuditLog
 from federation.config import HubConfig, PartitionConfig
 from federation.errors import AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from federation.identity import Identity, Role, parse_identity
 from federation.journal import Journal, Tx, purge_forever
+from federation.limits import SubmitLimiter
 from federation.model import FINAL_STATES, Job, JobSpec, JobState
+from federation.rpc import peer
 from federation.timefmt import format_duration
 from federation.watch import Signal, Topics
 from hub.backend import Backend, Change
@@ -36,6 +39,8 @@ class HubCore:
         self.backend: Backend = make_backend(config, self._on_change)
         self.jobs: Topics[Job] = Topics()
         self.capacity = Signal()
+        self.audit = AuditLog(config.audit_log or config.state_dir / "audit.jsonl", peer=peer)
+        self.limiter = SubmitLimiter(config.limits.submit_rate, config.limits.submit_burst)
         self._purger: asyncio.Task | None = None
         self._changes: list[Change] = []  # reported by the backend, not yet journaled
         self._flusher: asyncio.Task | None = None
@@ -57,6 +62,7 @@ class HubCore:
             await asyncio.gather(self._purger, return_exceptions=True)
         await self.backend.close()
         self.journal.close()
+        self.audit.close()
 
     # -- jobs ------------------------------------------------------------------------------------
 
@@ -79,6 +85,11 @@ class HubCore:
         prepared: list[tuple[str, Job] | AifedError] = []
         partitions: dict[tuple, PartitionConfig] = {}  # one placement per job shape in a batch
         seen = self.journal.known_keys([f"{who.site}/{key}" for key, _ in requests])
+        try:
+            self.limiter.take(who.uri, sum(f"{who.site}/{key}" not in seen for key, _ in requests))
+        except AifedError as exc:
+            self.audit.record("rejected", who=who.uri, jobs=len(requests), reason=exc.message)
+            raise
         for key, job in requests:
             try:
                 prepared.append(await self._accept(who, key, job, partitions, seen))
@@ -93,7 +104,7 @@ class HubCore:
                     continue
                 scoped_key, accepted = item
                 if (first := tx.by_key(scoped_key)) is not None:
-                    out.append((first, True))
+                    out.append(_replayed(first, accepted, scoped_key))
                 elif tx.exists(accepted.id):
                     out.append((AlreadyExists(f"job {accepted.id} exists here under another idempotency key"),
                                 False))
@@ -109,6 +120,11 @@ class HubCore:
     async def _store_and_hand_over(self, who: Identity, store) -> list[tuple[Job | AifedError, bool]]:
         results = await self.journal.commit(store)
         created = [job for job, duplicate in results if isinstance(job, Job) and not duplicate]
+        for job, duplicate in results:
+            if isinstance(job, AifedError):
+                self.audit.record("rejected", who=who.uri, reason=job.message)
+            elif not duplicate:
+                self.audit.record("accepted", who=who.uri, owner=job.owner, job=job.id, partition=job.partition)
         slots = asyncio.Semaphore(self.backend.submit_concurrency)
 
         async def hand_over(job: Job) -> None:
@@ -204,12 +220,14 @@ class HubCore:
                 JobState.CANCELLED, "cancelled before the job reached this hub", at=now)
             stored, _ = self.journal.insert(tombstone, f"{who.site}/{job_id}")
             if stored.final:
+                self.audit.record("cancelled", who=who.uri, job=job_id, reason="before the job reached this hub")
                 return stored
             # The forward won the race after all: cancel the job it created.
             return await self.cancel(who, job_id)
         job = self.get(who, job_id)
         if job.final:
             raise FailedPrecondition(f"job {job_id} has already ended ({job.state.name}); nothing to cancel")
+        self.audit.record("cancelled", who=who.uri, owner=job.owner, job=job_id)
         if not await self.backend.cancel(job_id):
             # Not at the backend (yet): committed now, so that a hand-over in progress sees it and skips the job.
             self._commit_now(Change(job_id, JobState.CANCELLED, reason="cancelled"))
@@ -281,6 +299,16 @@ class HubCore:
             if math.isfinite(wait):
                 out.append((p.name, wait))
         return out
+
+
+def _replayed(first: Job, asked: Job, key: str) -> tuple[Job | AifedError, bool]:
+    """A forward whose key this hub has seen: the first job as a duplicate if it is the same job, a refusal if
+    the key is replayed with a different body (never silently deduplicated). A cancel that arrived before the
+    job (a tombstone, no owner) stands in for it."""
+    if not first.owner or (first.id, first.owner, first.spec) == (asked.id, asked.owner, asked.spec):
+        return first, True
+    return AlreadyExists(f"idempotency key {key.partition('/')[2][:80]!r} was used for job {first.id} with a "
+                         "different body; a retry must resend the same job, a new job needs a new key"), False
 
 
 def make_backend(config: HubConfig, on_change) -> Backend:

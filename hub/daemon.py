@@ -25,7 +25,8 @@ class HubDaemon(Daemon):
         core = HubCore(self.config)
         try:
             await core.recover()
-            server = SecureServer(self.config.federation, self.config.tls, access_rules())
+            server = SecureServer(self.config.federation, self.config.tls, access_rules(self.config.site),
+                                  audit=core.audit, max_streams=self.config.limits.max_streams)
             server.add(hub_pb2_grpc.add_HubServicer_to_server, HubService(core),
                        hub_pb2.DESCRIPTOR.services_by_name["Hub"].full_name)
             self.port = await server.start(self.config.listen)

@@ -6,12 +6,13 @@ import asyncio
 import time
 
 from federation import convert
-from federation.errors import AifedError, InvalidArgument
+from federation.errors import AifedError, InvalidArgument, PermissionDenied
 from federation.journal import job_from_json
-from federation.identity import Role
+from federation.identity import Identity, Role
 from federation.model import JobState
 from federation.pb import hub_pb2, hub_pb2_grpc, jobs_pb2
 from federation.rpc import Rule, allow_roles, caller
+from federation.tls import cert_expires
 from federation.watch import follow
 from hub.core import MAX_BATCH, HubCore
 
@@ -24,10 +25,25 @@ STREAMS = {jobs_pb2.LOG_STREAM_STDOUT: ("stdout",), jobs_pb2.LOG_STREAM_STDERR: 
 STREAM_ENUM = {"stdout": jobs_pb2.LOG_STREAM_STDOUT, "stderr": jobs_pb2.LOG_STREAM_STDERR}
 
 
-def access_rules() -> dict[str, Rule]:
-    """Who may call what on a hub: antennas (and, later, peer hubs) only; never users."""
+OPERATOR_METHODS = ("GetAdvert", "WatchAdverts", "GetJob", "WatchJob", "CancelJob", "StreamLogs")
+
+
+def access_rules(site: str) -> dict[str, Rule]:
+    """Who may call what on a hub: antennas; this site's operators to look at and cancel any job here; never
+    users, never another site's operators."""
+
+    def rule(method: str) -> Rule:
+        roles = (Role.ANTENNA, Role.OPERATOR) if method in OPERATOR_METHODS else (Role.ANTENNA,)
+        by_role = allow_roles(*roles)
+
+        def check(who: Identity) -> None:
+            by_role(who)
+            if who.role is Role.OPERATOR and who.site != site:
+                raise PermissionDenied(f"operator {who.name} of site {who.site} may not operate hub {site}")
+        return check
+
     service = hub_pb2.DESCRIPTOR.services_by_name["Hub"]
-    return {f"/{service.full_name}/{m.name}": allow_roles(Role.ANTENNA) for m in service.methods}
+    return {f"/{service.full_name}/{m.name}": rule(m.name) for m in service.methods}
 
 
 class HubService(hub_pb2_grpc.HubServicer):
@@ -49,6 +65,7 @@ class HubService(hub_pb2_grpc.HubServicer):
         return jobs_pb2.Advert(
             degraded=not health.ok, status_message=health.message, site=cfg.site, federation=cfg.federation, services=cfg.services, sectors=cfg.sectors,
             access_modes=[int(m) for m in cfg.access_modes], sequence=core.capacity.version,
+            cert_expires_at=convert.ts(cert_expires(cfg.tls)),
             issued_at=convert.ts(now), ttl_s=cfg.advert_ttl_s, estimates=estimates,
             partitions=[jobs_pb2.PartitionAdvert(
                 name=p.name, gpu_model=p.gpu_model, gpus_total=usage[p.name].gpus_total, gpus_free=usage[p.name].gpus_free,

@@ -76,7 +76,9 @@ class Site(_message.Message):
     def __init__(self, site: _Optional[str] = ..., endpoint: _Optional[str] = ..., reachable: _Optional[bool] = ..., advert: _Optional[_Union[_jobs_pb2.Advert, _Mapping]] = ..., advert_received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListSitesResponse(_message.Message):
-    __slots__ = ("sites",)
+    __slots__ = ("sites", "cert_expires_at")
     SITES_FIELD_NUMBER: _ClassVar[int]
+    CERT_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     sites: _containers.RepeatedCompositeFieldContainer[Site]
-    def __init__(self, sites: _Optional[_Iterable[_Union[Site, _Mapping]]] = ...) -> None: ...
+    cert_expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, sites: _Optional[_Iterable[_Union[Site, _Mapping]]] = ..., cert_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
