@@ -27,6 +27,7 @@ from federation.audit import AuditLog
 from federation.errors import AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from federation.identity import Identity, Role
 from federation.journal import Journal, Tx, purge_forever
+from federation.crl import Revocations
 from federation.limits import SubmitLimiter
 from federation.model import FINAL_STATES, Job, JobSpec, JobState, Transition
 from federation.pb import hub_pb2, jobs_pb2
@@ -81,7 +82,9 @@ class AntennaCore:
         self.config = config
         self.journal = Journal(config.state_dir / "antenna.sqlite")
         self.sites_changed = Signal()
-        self.sites = {h.site: HubSite(h, config.tls, self.sites_changed) for h in config.hubs}
+        self.revocations = Revocations(config.tls)  # the daemon's server shares it, and refreshes it
+        self.revocations.refresh()
+        self.sites = {h.site: HubSite(h, config.tls, self.sites_changed, self.revocations) for h in config.hubs}
         self.jobs: Topics[Job] = Topics()
         self.audit = AuditLog(config.audit_log or config.state_dir / "audit.jsonl", peer=peer)
         self.limiter = SubmitLimiter(config.limits.submit_rate, config.limits.submit_burst)
@@ -130,6 +133,10 @@ class AntennaCore:
         for site in self.sites.values():
             site.renew_channel(self.config.tls)
         log.info("TLS certificate renewed: new connections to %d hub(s) use it", len(self.sites))
+
+    async def recheck_hubs(self) -> None:
+        """A new CRL arrived: stop using any hub whose certificate it revokes."""
+        await asyncio.gather(*(site.check_certificate() for site in self.sites.values()))
 
     # -- what users ask --------------------------------------------------------------------------
 
@@ -425,6 +432,8 @@ class AntennaCore:
         ask = len(fit_now) > 1  # with a single hub that fits, there is nothing to compare: no estimate needed
 
         async def judge(site: HubSite) -> Verdict:
+            if site.revoked:
+                return Verdict(site.site, site.revoked, transient=True)
             if site.advert is None:
                 return Verdict(site.site, f"has not been heard from ({site.error})", transient=True)
             if reason := why_not(spec, site.advert):
@@ -457,6 +466,9 @@ class AntennaCore:
                 await wake.wait()
             if len(outbox) < FORWARD_BATCH:
                 await asyncio.sleep(FORWARD_LINGER_S)  # let a trickle of jobs gather into one call
+            if site.revoked:  # placed before the revocation was known: held until the hub is trustworthy
+                await asyncio.sleep(1.0)
+                continue
             jobs = _batch(outbox, FORWARD_BATCH, FORWARD_BYTES)
             if not jobs:
                 continue

@@ -26,8 +26,10 @@ class AntennaDaemon(Daemon):
         server = None
         try:
             server = SecureServer(self.config.federation, self.config.tls, access_rules(self.config.site),
-                                  audit=core.audit, max_streams=self.config.limits.max_streams)
+                                  audit=core.audit, max_streams=self.config.limits.max_streams,
+                                  revocations=core.revocations)
             server.on_renewed.append(core.renew_channels)
+            server.on_crl.append(core.recheck_hubs)
             server.add(antenna_pb2_grpc.add_AntennaServicer_to_server, AntennaService(core),
                        antenna_pb2.DESCRIPTOR.services_by_name["Antenna"].full_name)
             self.port = await server.start(self.config.listen)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 
 import grpc
+from cryptography import x509
 
 from federation.config import HubEndpoint
+from federation.crl import Revocations
 from federation.pb import hub_pb2, hub_pb2_grpc, jobs_pb2
 from federation.rpc import secure_channel
 from federation.tls import TlsFiles
@@ -22,9 +25,12 @@ RENEW_GRACE_S = 60.0
 class HubSite:
     """One hub: its stub, its last advert, and whether that advert can be trusted now."""
 
-    def __init__(self, endpoint: HubEndpoint, tls: TlsFiles, changed: Signal):
+    def __init__(self, endpoint: HubEndpoint, tls: TlsFiles, changed: Signal, revocations: Revocations | None = None):
         self.site = endpoint.site
         self.endpoint = endpoint.endpoint
+        self.tls = tls
+        self.revocations = revocations
+        self.revoked = ""  # why this hub must not be used: its certificate is on the federation's CRL
         self.channel = secure_channel(endpoint.endpoint, tls)
         self.stub = hub_pb2_grpc.HubStub(self.channel)
         self.advert: jobs_pb2.Advert | None = None
@@ -34,12 +40,56 @@ class HubSite:
         self._changed = changed
         self._task: asyncio.Task | None = None
         self._retired: list[grpc.aio.Channel] = []  # channels with the previous certificate, closing soon
+        self._recheck: asyncio.Task | None = None
 
     @property
     def fresh(self) -> bool:
         """Connected, with an advert younger than its time-to-live."""
-        return (self.connected and self.advert is not None
+        return (self.connected and self.advert is not None and not self.revoked
                 and time.time() - self.received_at <= self.advert.ttl_s)
+
+    async def check_certificate(self) -> None:
+        """Look at the certificate the hub serves with and stop using the hub while it is revoked.
+
+        gRPC gives a client no hook into certificate verification, so the antenna makes a TLS handshake of its
+        own (same CA, same client certificate) whenever it (re)connects and whenever a new CRL arrives."""
+        if self.revocations is None or not self.revocations.serials:
+            self.revoked = ""
+            return
+        host, _, port = self.endpoint.rpartition(":")
+        host = host.strip("[]")
+        context = ssl.create_default_context(cafile=str(self.tls.ca))
+        context.load_cert_chain(str(self.tls.cert), str(self.tls.key))
+        context.set_alpn_protocols(["h2"])
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port), ssl=context,
+                                                                       server_hostname=host), 5)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError):
+            return  # unreachable now: the gRPC channel reports that; look again on the next connect
+        try:
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        finally:
+            writer.close()
+        serial = x509.load_der_x509_certificate(der).serial_number
+        was = self.revoked
+        self.revoked = (f"hub {self.site}'s certificate (serial {serial:x}) has been revoked"
+                        if self.revocations.revoked(serial) else "")
+        if self.revoked and not was:
+            log.error("%s: no job is forwarded there until it serves with a valid certificate", self.revoked)
+            self.error = self.revoked
+            self._changed.notify()
+            if self._recheck is None or self._recheck.done():
+                self._recheck = asyncio.create_task(self._recheck_while_revoked(), name=f"recheck {self.site}")
+        elif was and not self.revoked:
+            log.info("hub %s serves with a valid certificate again", self.site)
+            self.error = ""
+            self._changed.notify()
+
+    async def _recheck_while_revoked(self) -> None:
+        """A revoked hub may come back with a renewed certificate on the same connection-less endpoint."""
+        while self.revoked:
+            await asyncio.sleep(self.tls.reload_s)
+            await self.check_certificate()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._follow_adverts(), name=f"adverts {self.site}")
@@ -59,9 +109,10 @@ class HubSite:
             await channel.close(None)
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._recheck):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for channel in (*self._retired, self.channel):
             await channel.close(None)
         self._retired.clear()
@@ -70,6 +121,7 @@ class HubSite:
         backoff = 0.2
         while True:
             try:
+                await self.check_certificate()
                 async for advert in self.stub.WatchAdverts(hub_pb2.AdvertRequest()):
                     if advert.site != self.site:
                         self.error = f"endpoint {self.endpoint} answers as site {advert.site!r}, not {self.site!r}"

@@ -94,6 +94,9 @@ class BenchFederation:
         tls = lambda i: f'[tls]\nca = "{p / "ca.pem"}"\ncert = "{i.cert}"\nkey = "{i.key}"\n'  # noqa: E731
         slurm = f'slurm_conf = "{slurm_conf}"\npoll_interval = "2s"\ncapacity_interval = "10s"\n' if slurm_conf \
             else ""
+        # Benchmarks measure what aifed can do: no submit limits (production keeps the defaults, see
+        # docs/configuration.md).
+        unlimited = "[limits]\nsubmit_rate = 0\n\n"
         self.configs: dict[str, Path] = {}
         for site in self.hubs:
             self.configs[site] = _write(self.root / f"{site}.toml", f'''[hub]
@@ -110,7 +113,7 @@ cpu_slots = {cpu_slots}
 name = "{partition}"
 max_walltime = "1:00:00"
 
-{tls(pki.issue(p, Role.HUB, site))}''')
+{unlimited}{tls(pki.issue(p, Role.HUB, site))}''')
         hub_tables = "".join(f'[[hubs]]\nsite = "{site}"\nendpoint = "127.0.0.1:{ports[site]}"\n\n'
                              for site in self.hubs)
         self.configs["antenna"] = _write(self.root / "antenna.toml", f'''[antenna]
@@ -119,7 +122,7 @@ federation = "{FEDERATION}"
 listen = "127.0.0.1:{self.antenna_port}"
 state_dir = "{self.root / 'antenna'}"
 
-{hub_tables}{tls(antenna)}''')
+{hub_tables}{unlimited}{tls(antenna)}''')
         self.procs: dict[str, subprocess.Popen] = {}
 
     def journal(self, name: str) -> Path:

@@ -70,6 +70,7 @@ class HubConfig:
     retention_s: int = DEFAULT_RETENTION_S
     limits: Limits = field(default_factory=lambda: HUB_LIMITS)
     audit_log: Path | None = None  # None: <state_dir>/audit.jsonl
+    user_map: Path | None = None  # (antenna, user, project) -> local account; None: the hub's own account
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,10 @@ def load_hub(path: str | Path) -> HubConfig:
     state_dir = h.path_("state_dir")
     retention = h.duration("retention", DEFAULT_RETENTION_S)
     audit_log = h.path_("audit_log") if "audit_log" in h.data else state_dir / "audit.jsonl"
+    user_map = h.path_("user_map") if "user_map" in h.data else None
+    if user_map is not None:
+        from hub import usermap
+        usermap.load(user_map)  # a broken map is reported now, not at the first job
     services, sectors = h.strings("services"), h.strings("sectors")
     modes = []
     for m in h.strings("access_modes"):
@@ -323,7 +328,7 @@ def load_hub(path: str | Path) -> HubConfig:
                      advert_ttl_s=ttl, backend=backend, kill_grace_s=kill_grace, cpu_slots=cpu_slots,
                      slurm_conf=slurm_conf, poll_interval_s=poll, capacity_interval_s=capacity,
                      command_timeout_s=command_timeout, accounts=accounts, retention_s=retention, limits=limits,
-                     audit_log=audit_log)
+                     audit_log=audit_log, user_map=user_map)
 
 
 def load_antenna(path: str | Path) -> AntennaConfig:

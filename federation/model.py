@@ -169,6 +169,7 @@ class Job:
     history: tuple[Transition, ...] = ()
     created_at: float = 0.0
     updated_at: float = 0.0
+    account: str = ""  # at a hub with a user map: the local account the job runs as
 
     @property
     def final(self) -> bool:

@@ -248,8 +248,8 @@ class SecureServer:
     AUDIT_FLUSH_S = 0.25
 
     def __init__(self, federation: str, tls: TlsFiles, rules: Mapping[str, Rule], audit: AuditLog | None = None,
-                 max_streams: int = MAX_STREAMS_PER_CALLER):
-        self.revocations = Revocations(tls)
+                 max_streams: int = MAX_STREAMS_PER_CALLER, revocations: Revocations | None = None):
+        self.revocations = revocations or Revocations(tls)
         self.revocations.refresh()
         self.audit = audit
         self.guard = GuardInterceptor(federation, {**health_and_reflection_rules(), **rules}, self.revocations,
@@ -260,7 +260,8 @@ class SecureServer:
         self._tls = tls
         self._services: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         self._tasks: list[asyncio.Task] = []
-        self.on_renewed: list[Callable[[], Awaitable[None]]] = []
+        self.on_renewed: list[Callable[[], Awaitable[None]]] = []  # after the certificate or key changed
+        self.on_crl: list[Callable[[], Awaitable[None]]] = []  # after a new CRL came into force
         self.port = 0
 
     def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object, full_name: str) -> None:
@@ -298,7 +299,9 @@ class SecureServer:
         stamp, warned = self._tls.stamp(), 0.0
         while True:
             try:
-                self.revocations.refresh()
+                if self.revocations.refresh():
+                    for changed in self.on_crl:
+                        await changed()
                 if (new := self._tls.stamp())[:3] != stamp[:3]:
                     stamp = new
                     for renewed in self.on_renewed:

@@ -20,6 +20,7 @@ from federation.timefmt import format_duration
 from federation.watch import Signal, Topics
 from hub.backend import Backend, Change
 from hub.local import LocalBackend
+from hub.usermap import UserMap
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class HubCore:
         self.capacity = Signal()
         self.audit = AuditLog(config.audit_log or config.state_dir / "audit.jsonl", peer=peer)
         self.limiter = SubmitLimiter(config.limits.submit_rate, config.limits.submit_burst)
+        self.user_map = UserMap(config.user_map, config.site) if config.user_map else None
         self._purger: asyncio.Task | None = None
         self._changes: list[Change] = []  # reported by the backend, not yet journaled
         self._flusher: asyncio.Task | None = None
@@ -90,6 +92,8 @@ class HubCore:
         except AifedError as exc:
             self.audit.record("rejected", who=who.uri, jobs=len(requests), reason=exc.message)
             raise
+        if self.user_map is not None:
+            self.user_map.refresh()
         for key, job in requests:
             try:
                 prepared.append(await self._accept(who, key, job, partitions, seen))
@@ -124,7 +128,8 @@ class HubCore:
             if isinstance(job, AifedError):
                 self.audit.record("rejected", who=who.uri, reason=job.message)
             elif not duplicate:
-                self.audit.record("accepted", who=who.uri, owner=job.owner, job=job.id, partition=job.partition)
+                self.audit.record("accepted", who=who.uri, owner=job.owner, job=job.id, partition=job.partition,
+                                  account=job.account)
         slots = asyncio.Semaphore(self.backend.submit_concurrency)
 
         async def hand_over(job: Job) -> None:
@@ -163,6 +168,7 @@ class HubCore:
             raise InvalidArgument(f"the job's owner is not a federation identity: {exc}") from None
         if owner.role is not Role.USER or owner.site != who.site or owner.federation != who.federation:
             raise PermissionDenied(f"antenna {who.site!r} may only forward jobs of its own users, not {job.owner}")
+        account = self.user_map.account(who.site, owner.name, job.spec.project) if self.user_map else ""
         job.spec.validate()
         s = job.spec
         shape = (s.partition, s.gpus, s.cpus, s.walltime_s, s.access_mode)
@@ -172,7 +178,7 @@ class HubCore:
         # The hub's history starts when it accepts the job; the antenna keeps what came before.
         accepted = Job(id=job.id, spec=job.spec, state=JobState.PENDING, owner=job.owner, antenna=who.site,
                        site=self.config.site, partition=partition.name, created_at=now, updated_at=now,
-                       ).moved(JobState.FORWARDED, f"accepted by hub {self.config.site}", at=now)
+                       account=account).moved(JobState.FORWARDED, f"accepted by hub {self.config.site}", at=now)
         return scoped_key, accepted.moved(JobState.QUEUED, f"queued in partition {partition.name}", at=now)
 
     async def _place(self, job: Job) -> PartitionConfig:

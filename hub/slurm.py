@@ -213,8 +213,10 @@ class SlurmBackend(Backend):
             argv.append(f"--gres=gpu:{spec.gpus}")
         if spec.memory_mb:
             argv.append(f"--mem={spec.memory_mb}M")
-        if spec.project and spec.project in self.accounts:
-            argv.append(f"--account={self.accounts[spec.project]}")
+        # The hub's user map decides the account; without one, the project mapping in [backend.accounts].
+        account = job.account or (self.accounts.get(spec.project, "") if spec.project else "")
+        if account:
+            argv.append(f"--account={account}")
         argv += [str(script), *(spec.script_args if spec.script else spec.argv)]
         self._submitting.add(job.id)
         try:

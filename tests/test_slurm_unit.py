@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import orjson
 import pytest
@@ -237,3 +238,16 @@ async def test_estimates_are_parsed_and_cached(tmp_path):
     assert sum(1 for a, _ in runner.calls if "--test-only" in a) == 1
     runner.rules = [("sbatch --test-only", CommandError(["sbatch"], 1, "Requested node configuration is not available"))]
     assert await backend.estimate_wait("gpu", 9, 60) == float("inf")
+
+
+async def test_the_user_maps_account_wins_over_the_project_mapping(tmp_path):
+    runner = FakeRunner()
+    runner.on("sbatch --parsable", Result("4243\n", ""))
+    backend, _ = make(tmp_path, runner)
+    mapped = replace(job(argv=("true",), project="proj-x"), account="ext_alice")
+    await backend.submit(mapped)
+    argv, _ = runner.calls[-1]
+    assert "--account=ext_alice" in argv and "--account=acct_x" not in argv
+    plain = replace(job(argv=("true",)), id="antenna-a-abc124")
+    await backend.submit(plain)
+    assert not any(a.startswith("--account") for a in runner.calls[-1][0])  # no map, no project: none
