@@ -299,8 +299,14 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
             _print_json([output.job_dict(j) for j in jobs]) if args.json else print(output.job_rows(jobs))
             return EXIT_OK
         if args.command == "sites":
-            sites = await client.sites()
-            _print_json([output.site_dict(s) for s in sites]) if args.json else print(output.site_rows(sites))
+            listing = await client.site_list()
+            sites = list(listing.sites)
+            if args.json:
+                _print_json([output.site_dict(s) for s in sites])
+            else:
+                print(output.site_rows(sites))
+                for warning in output.expiry_warnings(listing):
+                    print(warning, file=sys.stderr)
             return EXIT_OK
         if args.command == "logs":
             stream = (jobs_pb2.LOG_STREAM_STDOUT if args.stdout else

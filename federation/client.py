@@ -103,4 +103,8 @@ class AntennaClient:
             yield chunk
 
     async def sites(self) -> list[antenna_pb2.Site]:
-        return list((await self.stub.ListSites(antenna_pb2.ListSitesRequest(), timeout=30)).sites)
+        return list((await self.site_list()).sites)
+
+    async def site_list(self) -> antenna_pb2.ListSitesResponse:
+        """The sites, and when the antenna's own certificate expires."""
+        return await self.stub.ListSites(antenna_pb2.ListSitesRequest(), timeout=30)

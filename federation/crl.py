@@ -56,21 +56,16 @@ class Revocations:
         if self.tls.crl is None:
             return False
         stamp = self.tls.stamp()
-        stale = self.next_update is not None and dt.datetime.now(dt.timezone.utc) > self.next_update
-        if stale and not self._stale_warned:
-            log.warning("the CRL %s is past its next update (%s UTC): still enforced, but revocations made since "
-                        "may be missing; run `aifed certs crl` and copy crl.pem here", self.tls.crl,
-                        f"{self.next_update:%Y-%m-%d %H:%M}")
-            self._stale_warned = True
         if stamp == self._stamp:
+            self._warn_if_stale()
             return False
+        self._stamp = stamp  # a bad file is reported once, and read again when it changes
         try:
             crl = load_crl(self.tls.crl.read_bytes(), self.tls.ca.read_bytes())
         except (OSError, CrlError) as exc:
             log.error("CRL %s not loaded, keeping the %d revocation(s) in force: %s", self.tls.crl,
                       len(self.serials), exc)
             return False
-        self._stamp = stamp
         try:
             number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
         except x509.ExtensionNotFound:
@@ -83,4 +78,13 @@ class Revocations:
         self.number, self.next_update, self._stale_warned = number, crl.next_update_utc, False
         log.info("CRL %s loaded: %d revoked certificate(s), next update %s", self.tls.crl, len(self.serials),
                  f"{self.next_update:%Y-%m-%d %H:%M} UTC" if self.next_update else "not set")
+        self._warn_if_stale()
         return True
+
+    def _warn_if_stale(self) -> None:
+        stale = self.next_update is not None and dt.datetime.now(dt.timezone.utc) > self.next_update
+        if stale and not self._stale_warned:
+            log.warning("the CRL %s is past its next update (%s UTC): still enforced, but revocations made since "
+                        "may be missing; run `aifed certs crl` and copy crl.pem here", self.tls.crl,
+                        f"{self.next_update:%Y-%m-%d %H:%M}")
+            self._stale_warned = True

@@ -83,13 +83,27 @@ def site_rows(sites: list[antenna_pb2.Site]) -> str:
                   "ADVERT_AGE"], rows)
 
 
+def expiry_warnings(listing: antenna_pb2.ListSitesResponse, days: int = 30) -> list[str]:
+    """A line for the antenna's and each hub's certificate that expires within `days`."""
+    now, out = time.time(), []
+    owners = [("the antenna", listing.cert_expires_at)] + [
+        (f"hub {s.site}", s.advert.cert_expires_at) for s in listing.sites if s.HasField("advert")]
+    for who, when in owners:
+        at = when.ToNanoseconds() / 1e9
+        if at and at - now < days * 86400:
+            out.append(f"warning: {who}'s certificate expires on "
+                       f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(at))}; its operator must renew it")
+    return out
+
+
 def site_dict(s: antenna_pb2.Site) -> dict:
     out = {"site": s.site, "endpoint": s.endpoint, "reachable": s.reachable, "error": s.error, "partitions": []}
     if s.HasField("advert"):
         a = s.advert
         out.update(services=list(a.services), sectors=list(a.sectors),
                    access_modes=[AccessMode(m).slug for m in a.access_modes], sequence=a.sequence,
-                   advert_received_at=s.advert_received_at.ToNanoseconds() / 1e9)
+                   advert_received_at=s.advert_received_at.ToNanoseconds() / 1e9,
+                   cert_expires_at=s.advert.cert_expires_at.ToNanoseconds() / 1e9)
         out["partitions"] = [{"name": p.name, "gpu_model": p.gpu_model, "gpus_total": p.gpus_total,
                               "gpus_free": p.gpus_free, "running_jobs": p.running_jobs,
                               "pending_jobs": p.pending_jobs, "pending_gpu_seconds": p.pending_gpu_seconds,

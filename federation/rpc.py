@@ -296,18 +296,29 @@ class SecureServer:
         return self._tls.not_after().timestamp()
 
     async def _watch_tls(self) -> None:
-        stamp, warned = self._tls.stamp(), 0.0
+        stamp, warned, refused = self._tls.stamp(), 0.0, None
         while True:
             try:
                 if self.revocations.refresh():
                     for changed in self.on_crl:
                         await changed()
                 if (new := self._tls.stamp())[:3] != stamp[:3]:
-                    stamp = new
-                    for renewed in self.on_renewed:
-                        await renewed()
+                    try:
+                        self._tls.check()  # a half-written or mismatched renewal is not used, not even by clients
+                    except (OSError, ValueError) as exc:
+                        if new != refused:
+                            log.error("renewed TLS files not taken up yet, keeping the previous ones: %s", exc)
+                            refused = new
+                    else:
+                        stamp = new
+                        for renewed in self.on_renewed:
+                            await renewed()
                 if time.monotonic() - warned > 86400 or not warned:
-                    if warning := self._tls.expiry_warning():
+                    try:
+                        warning = self._tls.expiry_warning()
+                    except (OSError, ValueError):
+                        warning = ""  # unreadable now: reported above; looked at again next round
+                    if warning:
                         log.warning("%s", warning)
                         warned = time.monotonic()
             except Exception:  # noqa: BLE001 - the watch must outlive a bad file; the next round retries

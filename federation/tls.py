@@ -8,7 +8,6 @@ Daemons pick up renewed files without a restart: a server hands new certificates
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import logging
 import os
 import threading
@@ -122,16 +121,24 @@ class TlsFiles:
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
+_expiry: dict[Path, tuple[tuple | None, float]] = {}  # certificate path -> (file stamp, expiry)
+
+
 def cert_expires(tls: TlsFiles) -> float:
-    """When the certificate in `tls.cert` expires (Unix time), re-read only when the file changes."""
-    return _not_after(tls.cert, tls.stamp()[1])
-
-
-@functools.lru_cache(maxsize=16)
-def _not_after(path: Path, stamp: tuple | None) -> float:
+    """When the certificate in `tls.cert` expires (Unix time), re-read only when the file changes. While the file
+    cannot be read (a renewal half-written), the last expiry read stands (0.0 if none ever was)."""
     from cryptography import x509
 
-    return x509.load_pem_x509_certificate(Path(path).read_bytes()).not_valid_after_utc.timestamp()
+    stamp = tls.stamp()[1]
+    known = _expiry.get(tls.cert)
+    if known is not None and known[0] == stamp:
+        return known[1]
+    try:
+        value = x509.load_pem_x509_certificate(Path(tls.cert).read_bytes()).not_valid_after_utc.timestamp()
+    except (OSError, ValueError):
+        return known[1] if known is not None else 0.0
+    _expiry[tls.cert] = (stamp, value)
+    return value
 
 
 class ReloadingServerCredentials:

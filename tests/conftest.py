@@ -180,3 +180,24 @@ async def slurm_fed(test_pki, tmp_path, slurm_lab):
         yield f
     finally:
         await f.close()
+
+
+# -- the attack suite's summary (tests marked `attack`, see tests/test_attacks.py) -------------------------------
+
+_attack_results: dict[str, bool] = {}  # node id -> refused (the attack test passed), for attack tests that ran
+
+
+def pytest_runtest_logreport(report):
+    """Remember each attack test that ran and whether the attack was refused (its test passed)."""
+    if "attack" not in report.keywords:
+        return
+    if report.skipped and report.nodeid not in _attack_results:
+        return  # skipped, or an expected failure: it did not run as an attack
+    if report.when == "call" or report.failed:  # the outcome, or a failed setup or teardown
+        _attack_results[report.nodeid] = _attack_results.get(report.nodeid, True) and report.passed
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _attack_results:
+        ran, refused = len(_attack_results), sum(_attack_results.values())
+        terminalreporter.write_line(f"attack suite: {ran} attacks, {refused} refused")
