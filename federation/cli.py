@@ -30,6 +30,7 @@ STATUS_EXIT = {
     grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNREACHABLE, grpc.StatusCode.UNAUTHENTICATED: EXIT_DENIED,
     grpc.StatusCode.PERMISSION_DENIED: EXIT_DENIED, grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
     grpc.StatusCode.FAILED_PRECONDITION: EXIT_REFUSED, grpc.StatusCode.ALREADY_EXISTS: EXIT_REFUSED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_REFUSED,
 }
 log = logging.getLogger("aifed")
 
@@ -71,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--config", required=True, help=f"the {name}'s TOML config file")
         d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
         d.add_argument("--log-format", default="human", choices=["human", "json"])
+
+    sub.add_parser("version", help="print aifed's version and the protocol version its daemons speak")
+    cf = sub.add_parser("config", help="check a config file without starting anything").add_subparsers(
+        dest="config_cmd", required=True)
+    cc = cf.add_parser("check", help="validate a hub, antenna or client config: keys, values, files, certificates",
+                       description="Load FILE exactly as the daemon (or client) would, checking every key, value, "
+                                   "referenced file, the certificate and key, the CRL and the user map; start "
+                                   "nothing. Exit 0 if it is good, 3 with FILE: KEY: PROBLEM if not.")
+    cc.add_argument("file")
 
     c = sub.add_parser("certs", help="manage the federation PKI").add_subparsers(dest="certs_cmd", required=True)
     ci = c.add_parser("init", help="create the federation root CA")
@@ -347,6 +357,40 @@ async def _submit_array(client, spec: JobSpec, array: str, args: argparse.Namesp
     return EXIT_FAIL if any(j.state is not JobState.COMPLETED for j in jobs) else EXIT_OK
 
 
+def _config_check(path: Path) -> int:
+    """`aifed config check FILE`: which kind of file it is comes from its first table."""
+    import tomllib
+
+    from federation import config
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(path, "", f"not a readable TOML file: {exc}") from None
+    kinds = [k for k in ("hub", "antenna", "client") if k in data]
+    if len(kinds) != 1:
+        raise ConfigError(path, "", "a config has exactly one of the tables [hub], [antenna] or [client]")
+    kind = kinds[0]
+    if kind == "hub":
+        hub = config.load_hub(path)
+        print(f"{path}: good: hub {hub.site} of {hub.federation}, listens on {hub.listen}, backend {hub.backend}, "
+              f"{len(hub.partitions)} partition(s)" + (f", user map {hub.user_map}" if hub.user_map else "")
+              + (f", CRL {hub.tls.crl}" if hub.tls.crl else ", no CRL"))
+    elif kind == "antenna":
+        antenna = config.load_antenna(path)
+        print(f"{path}: good: antenna {antenna.site} of {antenna.federation}, listens on {antenna.listen}, "
+              f"{len(antenna.hubs)} hub(s)" + (f", CRL {antenna.tls.crl}" if antenna.tls.crl else ", no CRL"))
+    else:
+        client = config.load_client(path)
+        print(f"{path}: good: client of antenna {client.antenna}, identity {client.tls.identity_uri()}")
+    tls = {"hub": lambda: hub.tls, "antenna": lambda: antenna.tls, "client": lambda: client.tls}[kind]()
+    if warning := tls.expiry_warning():
+        print(f"{path}: warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _certs_command(args: argparse.Namespace) -> int:
     from cryptography import x509
 
@@ -426,6 +470,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_daemon(args.command, args.config, args.log_level, args.log_format)
         if args.command == "certs":
             return _certs_command(args)
+        if args.command == "config":
+            return _config_check(Path(args.file))
+        if args.command == "version":
+            import federation
+            print(f"aifed {federation.__version__} (protocol aifed.v1)")
+            return EXIT_OK
         if args.command == "bench":
             from federation import bench
             keep = Path(args.keep) if args.keep else None

@@ -263,7 +263,10 @@ def load_hub(path: str | Path) -> HubConfig:
     user_map = h.path_("user_map") if "user_map" in h.data else None
     if user_map is not None:
         from hub import usermap
-        usermap.load(user_map)  # a broken map is reported now, not at the first job
+        try:
+            usermap.load(user_map)  # a broken map is reported now, not at the first job
+        except ConfigError as exc:
+            raise ConfigError(p, "hub.user_map", str(exc)) from None
     services, sectors = h.strings("services"), h.strings("sectors")
     modes = []
     for m in h.strings("access_modes"):

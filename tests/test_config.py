@@ -434,3 +434,33 @@ def test_certificate_of_another_identity_is_refused(folder):
     assert "antenna.pem" in str(err)
     path = write(folder, edit(HUB, 'site = "leonardo"', 'site = "lumi"'))
     config_error(load_hub, path, "tls.cert", "spiffe://eurohpc.test/hub/leonardo", "hub/lumi")
+
+
+# -- aifed config check -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, text, says", [
+    ("hub.toml", HUB, "good: hub leonardo of eurohpc.test, listens on 127.0.0.1:50051, backend local, 2 partition(s)"),
+    ("antenna.toml", ANTENNA, "good: antenna antenna-a of eurohpc.test, listens on 0.0.0.0:50060, 2 hub(s), no CRL"),
+    ("client.toml", CLIENT, "good: client of antenna antenna.example:50060, identity spiffe://eurohpc.test/hub/leonardo"),
+])
+def test_config_check_accepts_good_files_and_says_what_they_are(folder, capsys, name, text, says):
+    from federation.cli import main
+    assert main(["config", "check", str(write(folder, text, name))]) == 0
+    assert says in capsys.readouterr().out
+    assert not (folder / "state").exists()  # nothing was started or created
+
+
+@pytest.mark.parametrize("text, says", [
+    (edit(HUB, 'cpu_slots = 16', 'cpu_slots = 0'), "backend.cpu_slots: must be at least 1"),
+    (edit(HUB, 'site = "leonardo"', 'site = "lumi"'), "tls.cert"),
+    (HUB + '\n[limits]\nsubmit_burst = 10\n', "limits.submit_burst"),
+    (edit(HUB, '[hub]\n', '[hub]\nuser_map = "users.toml"\n'), "user map not found"),
+    (HUB + ANTENNA.split("[[hubs]]")[0], "exactly one of the tables"),
+    ("[hub\n", "not a readable TOML file"),
+])
+def test_config_check_reports_file_key_and_problem_with_exit_3(folder, capsys, text, says):
+    from federation.cli import main
+    path = write(folder, text)
+    assert main(["config", "check", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert says in err and str(path) in err
