@@ -7,7 +7,7 @@ from federation.errors import AifedError, InvalidArgument, PermissionDenied
 from federation.identity import Identity, Role
 from federation.model import JobState
 from federation.pb import antenna_pb2, antenna_pb2_grpc
-from federation.rpc import Rule, caller
+from federation.rpc import Rule, article, caller
 from federation.tls import cert_expires
 from federation.watch import follow
 from antenna.core import MAX_SUBMIT, AntennaCore, Submission
@@ -26,7 +26,7 @@ def access_rules(site: str) -> dict[str, Rule]:
 
         def check(who: Identity) -> None:
             if who.role not in roles:
-                raise PermissionDenied(f"a {who.role.value} may not call {method} on antenna {site}; it is for "
+                raise PermissionDenied(f"{article(who.role.value)} may not call {method} on antenna {site}; it is for "
                                        + " and ".join(f"{r.value}s" for r in roles) + " of this antenna")
             if who.site != site:
                 where = "antenna" if who.role is Role.USER else "site"

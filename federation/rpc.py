@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -72,6 +73,11 @@ def caller() -> Identity:
     return _caller.get()
 
 
+def article(noun: str) -> str:
+    """"a hub", "an antenna", "an operator"."""
+    return ("an " if noun[:1] in "aeio" else "a ") + noun  # "a user"
+
+
 def peer() -> str:
     """The network address of the peer whose RPC is being served, as gRPC names it (ipv4:127.0.0.1:50512)."""
     return _peer.get()
@@ -82,7 +88,7 @@ def allow_roles(*roles: Role) -> Rule:
 
     def rule(who: Identity) -> None:
         if who.role not in roles:
-            raise PermissionDenied(f"a {who.role.value} may not call this method; it is for {names} identities")
+            raise PermissionDenied(f"{article(who.role.value)} may not call this method; it is for {names} identities")
     return rule
 
 
@@ -118,6 +124,12 @@ def peer_identity(context: grpc.aio.ServicerContext, federation: str,
                   revocations: Revocations | None = None) -> Identity:
     """The identity in the peer certificate's spiffe:// URI SAN, on this federation, from a certificate that was
     issued for that role and is not revoked."""
+    return authenticate(context, federation, revocations)[0]
+
+
+def authenticate(context: grpc.aio.ServicerContext, federation: str,
+                 revocations: Revocations | None = None) -> tuple[Identity, int]:
+    """`peer_identity`, and the serial number of the certificate it comes from."""
     pems = context.auth_context().get("x509_pem_cert") or ()
     if not pems:
         raise Unauthenticated("no client certificate; every call needs one from the federation CA")
@@ -132,11 +144,23 @@ def peer_identity(context: grpc.aio.ServicerContext, federation: str,
     if who.federation != federation:
         raise Unauthenticated(f"the client certificate belongs to federation {who.federation!r}, not {federation!r}")
     if cert.roles != (who.role.value,):
-        raise Unauthenticated(f"the client certificate claims to be a {who.role.value} ({who.uri}) but was issued "
+        raise Unauthenticated(f"the client certificate claims to be {article(who.role.value)} ({who.uri}) but was issued "
                               f"for the role {'/'.join(cert.roles) or 'none'}")
     if revocations is not None and revocations.revoked(cert.serial):
         raise Unauthenticated(f"the client certificate of {who.uri} (serial {cert.serial:x}) has been revoked")
-    return who
+    return who, cert.serial
+
+
+class _StreamSlot:
+    """One open response stream: whose, and the task serving it (cancelled to end it on revocation)."""
+
+    def __init__(self, who: Identity, serial: int, task: asyncio.Task | None):
+        self.who, self.serial, self.task, self.evicted = who, serial, task, False
+
+    def raise_if_evicted(self) -> None:
+        if self.evicted:
+            raise Unauthenticated(f"the client certificate of {self.who.uri} (serial {self.serial:x}) has been "
+                                  "revoked")
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
@@ -151,6 +175,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         self.max_streams = max_streams
         self.audit = audit
         self.streams: collections.Counter[str] = collections.Counter()  # open streams per caller
+        self._open: dict[int, set[_StreamSlot]] = {}  # open streams by certificate serial
         self._guarded: dict[str, grpc.RpcMethodHandler] = {}  # per method: the handler wrapped once
 
     async def intercept_service(self, continuation, details):
@@ -170,45 +195,84 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             "stream" if handler.response_streaming else "unary")
         behaviour = getattr(handler, kind)
 
-        def admit(context) -> Identity:
+        streaming = handler.response_streaming
+
+        def admit(context) -> tuple[Identity, int]:
             _peer.set(context.peer())
-            who = peer_identity(context, self.federation, self.revocations)
+            who, serial = authenticate(context, self.federation, self.revocations)
             _caller.set(who)
             if rule is None:
                 raise PermissionDenied(f"{method} is not open to any caller")
             rule(who)
-            return who
+            return who, serial
 
         if inspect.isasyncgenfunction(behaviour):
             async def wrapped(request, context):
-                counted = ""
                 try:
-                    who = admit(context)
-                    if self.streams[who.uri] >= self.max_streams:
-                        raise ResourceExhausted(f"{who.uri} already has {self.max_streams} open streams on this "
-                                                "daemon; close some before opening more")
-                    counted = who.uri
-                    self.streams[counted] += 1
-                    async for item in behaviour(request, context):
-                        yield item
+                    who, serial = admit(context)
+                    with self._stream_slot(who, serial) as slot:
+                        try:
+                            async for item in behaviour(request, context):
+                                yield item
+                        except asyncio.CancelledError:
+                            slot.raise_if_evicted()
+                            raise
                 except Exception as exc:  # noqa: BLE001 - translated, never swallowed
                     await self._abort(context, method, exc)
-                finally:
-                    if counted:
-                        self.streams[counted] -= 1
-                        if not self.streams[counted]:
-                            del self.streams[counted]
         else:
             async def wrapped(request, context):
                 try:
-                    admit(context)
-                    return await behaviour(request, context)
+                    who, serial = admit(context)
+                    if not streaming:
+                        return await behaviour(request, context)
+                    with self._stream_slot(who, serial) as slot:  # a stream written with context.write()
+                        try:
+                            return await behaviour(request, context)
+                        except asyncio.CancelledError:
+                            slot.raise_if_evicted()
+                            raise
                 except Exception as exc:  # noqa: BLE001 - translated, never swallowed
                     await self._abort(context, method, exc)
 
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
         return factory(wrapped, request_deserializer=handler.request_deserializer,
                        response_serializer=handler.response_serializer)
+
+    @contextlib.contextmanager
+    def _stream_slot(self, who: Identity, serial: int):
+        """Hold one of the caller's stream slots while a response stream is open, and register the stream so
+        that `end_revoked` can end it when the caller's certificate is revoked."""
+        if self.streams[who.uri] >= self.max_streams:
+            raise ResourceExhausted(f"{who.uri} already has {self.max_streams} open streams on this daemon; "
+                                    "close some before opening more")
+        slot = _StreamSlot(who, serial, asyncio.current_task())
+        self.streams[who.uri] += 1
+        self._open.setdefault(serial, set()).add(slot)
+        try:
+            yield slot
+        finally:
+            self._open[serial].discard(slot)
+            if not self._open[serial]:
+                del self._open[serial]
+            self.streams[who.uri] -= 1
+            if not self.streams[who.uri]:
+                del self.streams[who.uri]
+
+    def end_revoked(self) -> int:
+        """End every open stream whose caller's certificate is now revoked; return how many."""
+        ended = 0
+        if self.revocations is None:
+            return ended
+        for serial, slots in list(self._open.items()):
+            if self.revocations.revoked(serial):
+                for slot in slots:
+                    if not slot.evicted:
+                        slot.evicted = True
+                        slot.task.cancel()
+                        ended += 1
+        if ended:
+            log.warning("ended %d open stream(s) of revoked certificates", ended)
+        return ended
 
     async def _abort(self, context, method: str, exc: Exception) -> None:
         if self.audit is not None and isinstance(exc, (Unauthenticated, PermissionDenied)):
@@ -300,6 +364,7 @@ class SecureServer:
         while True:
             try:
                 if self.revocations.refresh():
+                    self.guard.end_revoked()
                     for changed in self.on_crl:
                         await changed()
                 if (new := self._tls.stamp())[:3] != stamp[:3]:

@@ -156,7 +156,7 @@ class HubCore:
         """Check one forwarded job and choose its partition: (scoped key, the job as this hub accepts it)."""
         if not key or len(key) > MAX_KEY_LEN:
             raise InvalidArgument(f"the idempotency key must be 1 to {MAX_KEY_LEN} characters")
-        if not JOB_ID.fullmatch(job.id) or not job.id.startswith(f"{who.site}-"):
+        if not JOB_ID.fullmatch(job.id) or not names_of(who.site, job.id):
             raise InvalidArgument(f"job id {job.id[:80]!r} is not valid: antenna {who.site} names its jobs "
                                   f"'{who.site}-' followed by up to 64 lower-case letters and digits")
         scoped_key = f"{who.site}/{key}"
@@ -217,7 +217,7 @@ class HubCore:
 
     async def cancel(self, who: Identity, job_id: str) -> Job:
         if self.journal.get(job_id) is None and who.role is Role.ANTENNA and JOB_ID.fullmatch(job_id) \
-                and job_id.startswith(f"{who.site}-"):
+                and names_of(who.site, job_id):
             # Cancelled before it arrived (its forward may still be on the way): keep the cancel, so that the
             # forward, which carries the same idempotency key, finds the job already CANCELLED and never runs it.
             now = time.time()
@@ -305,6 +305,12 @@ class HubCore:
             if math.isfinite(wait):
                 out.append((p.name, wait))
         return out
+
+
+def names_of(antenna: str, job_id: str) -> bool:
+    """Whether `job_id` is in antenna's namespace: exactly `<antenna>-<token>` (the token has no dash), so that
+    antenna `a` can never claim the ids of antenna `a-b`."""
+    return job_id.rpartition("-")[0] == antenna
 
 
 def _replayed(first: Job, asked: Job, key: str) -> tuple[Job | AifedError, bool]:

@@ -191,8 +191,11 @@ def pytest_runtest_logreport(report):
     """Remember each attack test that ran and whether the attack was refused (its test passed)."""
     if "attack" not in report.keywords:
         return
+    if report.when == "call" and report.skipped and hasattr(report, "wasxfail"):
+        _attack_results[report.nodeid] = False  # a known hole (xfail): it ran and was not refused
+        return
     if report.skipped and report.nodeid not in _attack_results:
-        return  # skipped, or an expected failure: it did not run as an attack
+        return  # skipped: it did not run
     if report.when == "call" or report.failed:  # the outcome, or a failed setup or teardown
         _attack_results[report.nodeid] = _attack_results.get(report.nodeid, True) and report.passed
 
