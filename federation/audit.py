@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import orjson
@@ -38,7 +39,7 @@ class AuditLog:
     def record(self, event: str, **fields) -> None:
         if event not in EVENTS:
             raise ValueError(f"unknown audit event {event!r}")
-        entry = {"ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"), "event": event}
+        entry = {"ts": _timestamp(), "event": event}
         if self._peer is not None and "peer" not in fields:
             entry["peer"] = self._peer()
         entry.update((k, v) for k, v in fields.items() if v not in (None, ""))
@@ -82,6 +83,18 @@ class AuditLog:
     def close(self) -> None:
         self.flush()
         self._close()
+
+
+_last_ts: tuple[int, str] = (0, "")
+
+
+def _timestamp() -> str:
+    """Now in UTC, ISO 8601 to the millisecond; formatted once per millisecond however many records share it."""
+    global _last_ts
+    ms = time.time_ns() // 1_000_000
+    if ms != _last_ts[0]:
+        _last_ts = (ms, dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="milliseconds"))
+    return _last_ts[1]
 
 
 def read(path: str | Path) -> list[dict]:
