@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import grpc
 
-from federation import convert
+from federation import __version__, convert
 from federation.config import AntennaConfig
 from federation.audit import AuditLog
 from federation.errors import AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -29,6 +29,7 @@ from federation.identity import Identity, Role
 from federation.journal import Journal, Tx, purge_forever
 from federation.crl import Revocations
 from federation.limits import SubmitLimiter
+from federation.metrics import Metrics, register_journal_gauges
 from federation.model import FINAL_STATES, Job, JobSpec, JobState, Transition
 from federation.pb import hub_pb2, jobs_pb2
 from federation.rpc import peer, secure_channel
@@ -86,7 +87,10 @@ class AntennaCore:
         self.revocations.refresh()
         self.sites = {h.site: HubSite(h, config.tls, self.sites_changed, self.revocations) for h in config.hubs}
         self.jobs: Topics[Job] = Topics()
-        self.audit = AuditLog(config.audit_log or config.state_dir / "audit.jsonl", peer=peer)
+        self.metrics = Metrics("antenna", config.site, __version__)
+        self.audit = AuditLog(config.audit_log or config.state_dir / "audit.jsonl", peer=peer,
+                              on_drop=self.metrics.dropped.labels("audit").inc)
+        self._register_gauges()
         self.limiter = SubmitLimiter(config.limits.submit_rate, config.limits.submit_burst)
         self.retry_max_s = 5.0
         self._unplaced: dict[str, None] = {}             # job ids waiting for a hub to be chosen, oldest first
@@ -127,12 +131,25 @@ class AntennaCore:
             await site.close()
         self.journal.close()
         self.audit.close()
+        self.metrics.close()
 
     async def renew_channels(self) -> None:
         """This antenna's certificate was renewed: new connections to the hubs present the new one."""
         for site in self.sites.values():
             site.renew_channel(self.config.tls)
         log.info("TLS certificate renewed: new connections to %d hub(s) use it", len(self.sites))
+
+    def _register_gauges(self) -> None:
+        m, sites = self.metrics, self.sites
+        register_journal_gauges(m, self.journal, self.config.tls)
+        m.gauge("aifed_hub_up", "1 if the hub's advert stream is connected and its advert fresh", ("site",),
+                lambda: [((s.site,), float(s.fresh)) for s in sites.values()])
+        m.gauge("aifed_advert_age_seconds", "age of the last advert received from each hub", ("site",),
+                lambda: [((s.site,), time.time() - s.received_at) for s in sites.values() if s.advert is not None])
+        m.gauge("aifed_outbox_jobs", "jobs placed on a hub, waiting to be forwarded or acknowledged", ("site",),
+                lambda: [((site,), float(len(box))) for site, box in list(self._outbox.items())])
+        m.gauge("aifed_unplaced_jobs", "jobs waiting for a hub to be chosen", (),
+                lambda: [((), float(len(self._unplaced)))])
 
     async def recheck_hubs(self) -> None:
         """A new CRL arrived: stop using any hub whose certificate it revokes."""
@@ -199,6 +216,8 @@ class AntennaCore:
                 if new:
                     created += 1
                     self.audit.record("accepted", who=who.uri, job=job.id, site=job.site)
+                    if job.site:  # placed when accepted: the job names its hub, or only one hub can take it
+                        self.metrics.placements.labels(job.site).inc()
                     self._queue(job)
         if created:
             log.info("accepted %d job(s) from %s", created, who.uri)
@@ -401,6 +420,7 @@ class AntennaCore:
                 waiting += [job.id for job in group]
                 continue
             chosen = ranked[0]
+            self.metrics.placements.labels(chosen.site).inc(len(group))
             reason = f"forwarding to {chosen.site} (estimated wait {chosen.wait_s:.0f}s)"
             decisions += [(job.id, JobState.PENDING, chosen.site, reason) for job in group]
 
@@ -502,7 +522,9 @@ class AntennaCore:
             idempotency_key=job.id, job=jobs_pb2.Job(id=job.id, spec=convert.spec_to_pb(job.spec), owner=job.owner,
                                                      antenna=job.antenna, state=int(job.state))) for job in jobs])
         try:
+            started = time.monotonic()
             response = await site.stub.ForwardJobs(request, timeout=60)
+            self.metrics.forward_latency.labels(site.site).observe(time.monotonic() - started)
             refusals = {r.job_id: r.error.message for r in response.results if r.HasField("error")}
         except grpc.aio.AioRpcError as exc:
             # A single job too large for a message is refused; a rate limit (also RESOURCE_EXHAUSTED) is waited out.
@@ -516,6 +538,9 @@ class AntennaCore:
                 self.audit.record("rejected", owner=job.owner, job=job.id, site=site.site, reason=refusals[job.id])
             else:
                 self.audit.record("forwarded", owner=job.owner, job=job.id, site=site.site)
+        self.metrics.forwarded.labels(site.site, "accepted").inc(len(jobs) - len(refusals))
+        if refusals:
+            self.metrics.forwarded.labels(site.site, "refused").inc(len(refusals))
         if refusals:
             def apply(tx: Tx) -> list[Job]:
                 out = []

@@ -27,7 +27,7 @@ class AntennaDaemon(Daemon):
         try:
             server = SecureServer(self.config.federation, self.config.tls, access_rules(self.config.site),
                                   audit=core.audit, max_streams=self.config.limits.max_streams,
-                                  revocations=core.revocations)
+                                  revocations=core.revocations, metrics=core.metrics)
             server.on_renewed.append(core.renew_channels)
             server.on_crl.append(core.recheck_hubs)
             server.add(antenna_pb2_grpc.add_AntennaServicer_to_server, AntennaService(core),
@@ -40,5 +40,13 @@ class AntennaDaemon(Daemon):
             await core.close()
             raise
         self.core, self.server = core, server
+        if self.config.metrics_listen:
+            try:
+                self.metrics_port = core.metrics.serve(self.config.metrics_listen, self.config.tls)
+            except OSError as exc:
+                await self.stop(0)
+                raise OSError(f"cannot serve metrics on {self.config.metrics_listen}: {exc}") from None
+            log.info("metrics for Prometheus on https://%s/metrics (client certificates required)",
+                     self.config.metrics_listen.rpartition(":")[0] + f":{self.metrics_port}")
         log.info("antenna %s of federation %s serving on port %d, hubs: %s", self.config.site,
                  self.config.federation, self.port, ", ".join(h.site for h in self.config.hubs))

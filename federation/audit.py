@@ -28,8 +28,9 @@ class AuditLog:
     daemon calls every quarter of a second and at shutdown, so a crash loses at most the last quarter second
     of audit records, never a job."""
 
-    def __init__(self, path: str | Path, peer=None):
+    def __init__(self, path: str | Path, peer=None, on_drop=None):
         self.path = Path(path)
+        self._on_drop = on_drop  # called with the number of records lost to a write error
         self._peer = peer  # a callable giving the current caller's address, if any
         self._pending: list[bytes] = []
         self._lock = threading.Lock()
@@ -58,6 +59,8 @@ class AuditLog:
         except OSError as exc:
             log.error("cannot write the audit log %s: %s (%d record(s) lost)", self.path, exc, len(lines))
             self._close()
+            if self._on_drop is not None:
+                self._on_drop(len(lines))
 
     def _open(self):
         try:

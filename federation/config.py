@@ -70,6 +70,7 @@ class HubConfig:
     retention_s: int = DEFAULT_RETENTION_S
     limits: Limits = field(default_factory=lambda: HUB_LIMITS)
     audit_log: Path | None = None  # None: <state_dir>/audit.jsonl
+    metrics_listen: str | None = None  # HOST:PORT for Prometheus (HTTPS, client certificates required)
     user_map: Path | None = None  # (antenna, user, project) -> local account; None: the hub's own account
 
 
@@ -91,6 +92,7 @@ class AntennaConfig:
     retention_s: int = DEFAULT_RETENTION_S
     limits: Limits = field(default_factory=lambda: ANTENNA_LIMITS)
     audit_log: Path | None = None  # None: <state_dir>/audit.jsonl
+    metrics_listen: str | None = None  # HOST:PORT for Prometheus (HTTPS, client certificates required)
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,13 @@ def _limits(root: _Table, default: Limits) -> Limits:
     return Limits(float(rate), burst, streams, default.min_burst)
 
 
+def _metrics(root: _Table) -> str | None:
+    t = root.table("metrics")
+    listen = _listen(t, "listen") if "listen" in t.data else None
+    t.done()
+    return listen
+
+
 def load_hub(path: str | Path) -> HubConfig:
     p, root = _read(path)
     h = root.table("hub")
@@ -325,13 +334,14 @@ def load_hub(path: str | Path) -> HubConfig:
         partitions.append(PartitionConfig(name, model, gpus, max_wall))
     tls = _tls(root, f"spiffe://{federation}/hub/{site}", daemon=True)
     limits = _limits(root, HUB_LIMITS)
+    metrics_listen = _metrics(root)
     root.done()
     return HubConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
                      partitions=tuple(partitions), services=services, sectors=sectors, access_modes=tuple(modes),
                      advert_ttl_s=ttl, backend=backend, kill_grace_s=kill_grace, cpu_slots=cpu_slots,
                      slurm_conf=slurm_conf, poll_interval_s=poll, capacity_interval_s=capacity,
                      command_timeout_s=command_timeout, accounts=accounts, retention_s=retention, limits=limits,
-                     audit_log=audit_log, user_map=user_map)
+                     audit_log=audit_log, user_map=user_map, metrics_listen=metrics_listen)
 
 
 def load_antenna(path: str | Path) -> AntennaConfig:
@@ -358,9 +368,11 @@ def load_antenna(path: str | Path) -> AntennaConfig:
         hubs.append(hub)
     tls = _tls(root, f"spiffe://{federation}/antenna/{site}", daemon=True)
     limits = _limits(root, ANTENNA_LIMITS)
+    metrics_listen = _metrics(root)
     root.done()
     return AntennaConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
-                         hubs=tuple(hubs), retention_s=retention, limits=limits, audit_log=audit_log)
+                         hubs=tuple(hubs), retention_s=retention, limits=limits, audit_log=audit_log,
+                         metrics_listen=metrics_listen)
 
 
 def load_client(path: str | Path) -> ClientConfig:

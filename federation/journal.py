@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
 import secrets
 import sqlite3
 import threading
@@ -334,6 +335,23 @@ class Journal:
         """(sequence, record) of the jobs of `antenna` changed after sequence `after`, in change order."""
         return self._read.execute("SELECT seq, record FROM jobs WHERE antenna = ? AND seq > ? ORDER BY seq LIMIT ?",
                                   (antenna, after, limit)).fetchall()
+
+    def census(self) -> tuple[dict[JobState, int], int]:
+        """Jobs by state, and the journal's size on disk in bytes. Safe from any thread (for metrics scrapes):
+        it reads through a connection of its own."""
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+        try:
+            counts = {JobState(state): n for state, n in
+                      db.execute("SELECT state, count(*) FROM jobs GROUP BY state")}
+        finally:
+            db.close()
+        size = 0
+        for suffix in ("", "-wal"):
+            try:
+                size += os.stat(f"{self.path}{suffix}").st_size
+            except FileNotFoundError:
+                pass
+        return counts, size
 
     def count(self, states: Iterable[JobState] = ()) -> int:
         states = [int(s) for s in states]

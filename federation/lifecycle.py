@@ -14,6 +14,7 @@ class Daemon(abc.ABC):
         self.core = None
         self.server: SecureServer | None = None
         self.port = 0
+        self.metrics_port = 0  # the Prometheus endpoint's port, when the config asks for one
 
     @abc.abstractmethod
     async def _start(self) -> None:

@@ -168,7 +168,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
     every RPC."""
 
     def __init__(self, federation: str, rules: Mapping[str, Rule], revocations: Revocations | None = None,
-                 max_streams: int = MAX_STREAMS_PER_CALLER, audit: AuditLog | None = None):
+                 max_streams: int = MAX_STREAMS_PER_CALLER, audit: AuditLog | None = None, metrics=None):
+        self.metrics = metrics
+        self._counters: dict[tuple[str, str], object] = {}
         self.federation = federation
         self.rules = dict(rules)
         self.revocations = revocations
@@ -215,8 +217,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                             async for item in behaviour(request, context):
                                 yield item
                         except asyncio.CancelledError:
+                            self._count(method, "CANCELLED")
                             slot.raise_if_evicted()
                             raise
+                    self._count(method, "OK")
                 except Exception as exc:  # noqa: BLE001 - translated, never swallowed
                     await self._abort(context, method, exc)
         else:
@@ -224,13 +228,18 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     who, serial = admit(context)
                     if not streaming:
-                        return await behaviour(request, context)
+                        response = await behaviour(request, context)
+                        self._count(method, "OK")
+                        return response
                     with self._stream_slot(who, serial) as slot:  # a stream written with context.write()
                         try:
-                            return await behaviour(request, context)
+                            response = await behaviour(request, context)
                         except asyncio.CancelledError:
+                            self._count(method, "CANCELLED")
                             slot.raise_if_evicted()
                             raise
+                    self._count(method, "OK")
+                    return response
                 except Exception as exc:  # noqa: BLE001 - translated, never swallowed
                     await self._abort(context, method, exc)
 
@@ -274,7 +283,21 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             log.warning("ended %d open stream(s) of revoked certificates", ended)
         return ended
 
+    def _count(self, method: str, code: str) -> None:
+        if self.metrics is None:
+            return
+        counter = self._counters.get((method, code))
+        if counter is None:
+            counter = self._counters[(method, code)] = self.metrics.rpcs.labels(method, code)
+        counter.inc()
+
     async def _abort(self, context, method: str, exc: Exception) -> None:
+        if isinstance(exc, AifedError):
+            self._count(method, exc.code.name)
+        elif isinstance(exc, NotImplementedError):
+            self._count(method, "UNIMPLEMENTED")
+        elif not isinstance(exc, grpc.aio.AbortError):
+            self._count(method, "INTERNAL")
         if self.audit is not None and isinstance(exc, (Unauthenticated, PermissionDenied)):
             try:
                 who = _caller.get().uri
@@ -312,12 +335,12 @@ class SecureServer:
     AUDIT_FLUSH_S = 0.25
 
     def __init__(self, federation: str, tls: TlsFiles, rules: Mapping[str, Rule], audit: AuditLog | None = None,
-                 max_streams: int = MAX_STREAMS_PER_CALLER, revocations: Revocations | None = None):
+                 max_streams: int = MAX_STREAMS_PER_CALLER, revocations: Revocations | None = None, metrics=None):
         self.revocations = revocations or Revocations(tls)
         self.revocations.refresh()
         self.audit = audit
         self.guard = GuardInterceptor(federation, {**health_and_reflection_rules(), **rules}, self.revocations,
-                                      max_streams=max_streams, audit=audit)
+                                      max_streams=max_streams, audit=audit, metrics=metrics)
         self.server = grpc.aio.server(interceptors=[self.guard], options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -354,6 +377,20 @@ class SecureServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.audit is not None:
             self.audit.close()
+
+    def watch_readiness(self, service: str, ready: Callable[[], bool], every_s: float = 1.0) -> None:
+        """Report `service` in gRPC health as SERVING only while `ready()` holds (readiness); the overall
+        status ("") stays SERVING while the daemon runs (liveness)."""
+        async def watch() -> None:
+            state = None
+            while True:
+                now = ready()
+                if now != state:
+                    state = now
+                    await self.health.set(service, health_pb2.HealthCheckResponse.SERVING if now
+                                          else health_pb2.HealthCheckResponse.NOT_SERVING)
+                await asyncio.sleep(every_s)
+        self._tasks.append(asyncio.create_task(watch(), name=f"readiness {service}"))
 
     def cert_expires(self) -> float:
         """When this daemon's certificate expires (Unix time), for status fields."""

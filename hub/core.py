@@ -8,12 +8,14 @@ import math
 import re
 import time
 
+from federation import __version__
 from federation.audit import AuditLog
 from federation.config import HubConfig, PartitionConfig
 from federation.errors import AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from federation.identity import Identity, Role, parse_identity
 from federation.journal import Journal, Tx, purge_forever
 from federation.limits import SubmitLimiter
+from federation.metrics import Metrics, register_journal_gauges
 from federation.model import FINAL_STATES, Job, JobSpec, JobState
 from federation.rpc import peer
 from federation.timefmt import format_duration
@@ -40,12 +42,28 @@ class HubCore:
         self.backend: Backend = make_backend(config, self._on_change)
         self.jobs: Topics[Job] = Topics()
         self.capacity = Signal()
-        self.audit = AuditLog(config.audit_log or config.state_dir / "audit.jsonl", peer=peer)
+        self.metrics = Metrics("hub", config.site, __version__)
+        self.audit = AuditLog(config.audit_log or config.state_dir / "audit.jsonl", peer=peer,
+                              on_drop=self.metrics.dropped.labels("audit").inc)
         self.limiter = SubmitLimiter(config.limits.submit_rate, config.limits.submit_burst)
         self.user_map = UserMap(config.user_map, config.site) if config.user_map else None
+        self._register_gauges()
         self._purger: asyncio.Task | None = None
         self._changes: list[Change] = []  # reported by the backend, not yet journaled
         self._flusher: asyncio.Task | None = None
+
+    def _register_gauges(self) -> None:
+        m, backend = self.metrics, self.backend
+        register_journal_gauges(m, self.journal, self.config.tls)
+        m.gauge("aifed_backend_up", "1 if the hub can reach its scheduler (Slurm) now", (),
+                lambda: [((), float(backend.health().ok))])
+        m.gauge("aifed_gpus", "GPUs per partition, total and free", ("partition", "kind"),
+                lambda: [((u.name, kind), float(getattr(u, f"gpus_{kind}"))) for u in backend.usage()
+                         for kind in ("total", "free")])
+        m.gauge("aifed_partition_jobs", "jobs per partition at the scheduler, running and pending",
+                ("partition", "kind"),
+                lambda: [((u.name, kind), float(getattr(u, f"{kind}_jobs"))) for u in backend.usage()
+                         for kind in ("running", "pending")])
 
     async def recover(self) -> None:
         """Take back every unfinished job in the journal; report honestly those the backend lost."""
@@ -65,6 +83,7 @@ class HubCore:
         await self.backend.close()
         self.journal.close()
         self.audit.close()
+        self.metrics.close()
 
     # -- jobs ------------------------------------------------------------------------------------
 

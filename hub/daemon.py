@@ -26,13 +26,25 @@ class HubDaemon(Daemon):
         try:
             await core.recover()
             server = SecureServer(self.config.federation, self.config.tls, access_rules(self.config.site),
-                                  audit=core.audit, max_streams=self.config.limits.max_streams)
+                                  audit=core.audit, max_streams=self.config.limits.max_streams,
+                                  metrics=core.metrics)
             server.add(hub_pb2_grpc.add_HubServicer_to_server, HubService(core),
                        hub_pb2.DESCRIPTOR.services_by_name["Hub"].full_name)
             self.port = await server.start(self.config.listen)
+            # Ready while the scheduler can be reached: load balancers and antennas may look at aifed.v1.Hub.
+            server.watch_readiness(hub_pb2.DESCRIPTOR.services_by_name["Hub"].full_name,
+                                   lambda: core.backend.health().ok)
         except BaseException:
             await core.close()
             raise
         self.core, self.server = core, server
+        if self.config.metrics_listen:
+            try:
+                self.metrics_port = core.metrics.serve(self.config.metrics_listen, self.config.tls)
+            except OSError as exc:
+                await self.stop(0)
+                raise OSError(f"cannot serve metrics on {self.config.metrics_listen}: {exc}") from None
+            log.info("metrics for Prometheus on https://%s/metrics (client certificates required)",
+                     self.config.metrics_listen.rpartition(":")[0] + f":{self.metrics_port}")
         log.info("hub %s of federation %s serving on port %d with partitions %s", self.config.site,
                  self.config.federation, self.port, ", ".join(p.name for p in self.config.partitions))
