@@ -460,6 +460,8 @@ class AntennaCore:
                 return Verdict(site.site, reason)
             if not site.fresh:
                 return Verdict(site.site, f"is unreachable ({site.error or 'advert expired'})", transient=True)
+            if site.advert.draining:
+                return Verdict(site.site, f"is draining ({site.advert.drain_reason})", transient=True)
             if not ask:
                 return Verdict(site.site, wait_s=0.0)
             try:
@@ -521,11 +523,17 @@ class AntennaCore:
         request = hub_pb2.ForwardJobsRequest(jobs=[hub_pb2.ForwardJobRequest(
             idempotency_key=job.id, job=jobs_pb2.Job(id=job.id, spec=convert.spec_to_pb(job.spec), owner=job.owner,
                                                      antenna=job.antenna, state=int(job.state))) for job in jobs])
+        elsewhere: dict[str, str] = {}
         try:
             started = time.monotonic()
             response = await site.stub.ForwardJobs(request, timeout=60)
             self.metrics.forward_latency.labels(site.site).observe(time.monotonic() - started)
             refusals = {r.job_id: r.error.message for r in response.results if r.HasField("error")}
+            # Not refused for what it is but for now (the hub is draining): the job is placed again.
+            elsewhere = {r.job_id: r.error.message for r in response.results
+                         if r.HasField("error") and r.error.code == grpc.StatusCode.UNAVAILABLE.value[0]}
+            for job_id in elsewhere:
+                del refusals[job_id]
         except grpc.aio.AioRpcError as exc:
             # A single job too large for a message is refused; a rate limit (also RESOURCE_EXHAUSTED) is waited out.
             too_large = (exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(jobs) == 1
@@ -536,9 +544,11 @@ class AntennaCore:
         for job in jobs:
             if job.id in refusals:
                 self.audit.record("rejected", owner=job.owner, job=job.id, site=site.site, reason=refusals[job.id])
-            else:
+            elif job.id not in elsewhere:
                 self.audit.record("forwarded", owner=job.owner, job=job.id, site=site.site)
-        self.metrics.forwarded.labels(site.site, "accepted").inc(len(jobs) - len(refusals))
+        if elsewhere:
+            await self._place_again(site, elsewhere)
+        self.metrics.forwarded.labels(site.site, "accepted").inc(len(jobs) - len(refusals) - len(elsewhere))
         if refusals:
             self.metrics.forwarded.labels(site.site, "refused").inc(len(refusals))
         if refusals:
@@ -556,6 +566,25 @@ class AntennaCore:
             log.info("hub %s refused %d job(s), for example %s: %s", site.site, len(refusals),
                      *next(iter(refusals.items())))
         log.debug("hub %s acknowledged %d job(s)", site.site, len(jobs) - len(refusals))
+
+    async def _place_again(self, site: HubSite, why: dict[str, str]) -> None:
+        """Jobs a hub could not take now (it drains): back to the placer, which chooses again."""
+        def apply(tx: Tx) -> list[Job]:
+            out = []
+            for job_id, reason in why.items():
+                current = tx.get(job_id)
+                if current is not None and current.state is JobState.PENDING and current.site == site.site:
+                    job = replace(current, site="", reason=f"hub {site.site} did not take it now: {reason}; "
+                                  "choosing a hub again", updated_at=time.time())
+                    tx.update(job)
+                    out.append(job)
+            return out
+
+        for job in await self._commit_changes(apply):
+            self._unplaced[job.id] = None
+        self._wake_placer.set()
+        log.info("hub %s did not take %d job(s) now (%s); placing them again", site.site, len(why),
+                 next(iter(why.values())))
 
     # -- following -------------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ class Verdict:
 
 
 def why_not(spec: JobSpec, advert: jobs_pb2.Advert) -> str:
-    """Why a hub with this advert cannot run the job, or "" if it can."""
+    """Why a hub with this advert could never run the job, or "" if it can (a drain is only for now: see
+    `Verdict.transient` in the antenna)."""
     parts = list(advert.partitions)
     if spec.partition:
         parts = [p for p in parts if p.name == spec.partition]

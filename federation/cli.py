@@ -130,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--key", help="your user certificate's key")
         sp.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+    st = sub.add_parser("site", help="operate a hub site: drain, resume, status (an operator certificate of the site)",
+                        description="Drain a hub (it takes no new forwarded jobs; antennas place them elsewhere; "
+                                    "jobs already there run to their end), resume it, or show its state. Needs an "
+                                    "operator certificate of that site (aifed certs issue operator SITE NAME).")
+    st.add_argument("action", choices=["drain", "resume", "status"])
+    st.add_argument("--hub", required=True, help="the hub's address HOST:PORT")
+    st.add_argument("--reason", default="", help="why (drain only), shown in the advert and to users")
+    client_opts(st)
+
     s = sub.add_parser("submit", help="submit a job: aifed submit [options] -- COMMAND [ARGS] | SCRIPT [ARGS]",
                        description="Submit a command (after --) or a script file.")
     client_opts(s)
@@ -357,6 +366,38 @@ async def _submit_array(client, spec: JobSpec, array: str, args: argparse.Namesp
     return EXIT_FAIL if any(j.state is not JobState.COMPLETED for j in jobs) else EXIT_OK
 
 
+async def _site_command(args: argparse.Namespace) -> int:
+    """`aifed site drain|resume|status --hub HOST:PORT`: an operator talking to their hub."""
+    from federation.client import resolve_client_config
+    from federation.pb import hub_pb2, hub_pb2_grpc
+    from federation.rpc import secure_channel
+
+    if args.reason and args.action != "drain":
+        raise UsageError("--reason goes with drain")
+    config = resolve_client_config(args.config, args.hub, args.ca, args.cert, args.key)
+    config.tls.check()
+    async with secure_channel(args.hub, config.tls) as channel:
+        stub = hub_pb2_grpc.HubStub(channel)
+        if args.action == "status":
+            advert = await stub.GetAdvert(hub_pb2.AdvertRequest(), timeout=30)
+            state = {"site": advert.site, "draining": advert.draining, "reason": advert.drain_reason,
+                     "running": sum(p.running_jobs for p in advert.partitions),
+                     "pending": sum(p.pending_jobs for p in advert.partitions)}
+        else:
+            reply = await stub.SetDrain(hub_pb2.SetDrainRequest(drain=args.action == "drain", reason=args.reason),
+                                        timeout=30)
+            state = {"site": "", "draining": reply.draining, "reason": reply.reason,
+                     "running": reply.jobs_running, "pending": reply.jobs_queued}
+    if args.json:
+        _print_json(state)
+    elif state["draining"]:
+        print(f"draining ({state['reason']}): no new jobs; {state['running']} running and {state['pending']} "
+              "queued here run to their end")
+    else:
+        print(f"taking jobs; {state['running']} running, {state['pending']} queued")
+    return EXIT_OK
+
+
 def _config_check(path: Path) -> int:
     """`aifed config check FILE`: which kind of file it is comes from its first table."""
     import tomllib
@@ -487,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.bench_cmd == "forward":
                 return bench.run_forward_bench(args.seconds, args.clients, args.batch, args.json, keep)
             return bench.run_slurm_bench(args.jobs, args.json, keep)
+        if args.command == "site":
+            return asyncio.run(_site_command(args))
         if args.command == "demo":
             from federation.demo import run_demo
             return run_demo(Path(args.dir))

@@ -11,7 +11,8 @@ import time
 from federation import __version__
 from federation.audit import AuditLog
 from federation.config import HubConfig, PartitionConfig
-from federation.errors import AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from federation.errors import (AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
+                               PermissionDenied, Unavailable)
 from federation.identity import Identity, Role, parse_identity
 from federation.journal import Journal, Tx, purge_forever
 from federation.limits import SubmitLimiter
@@ -27,6 +28,7 @@ from hub.usermap import UserMap
 log = logging.getLogger(__name__)
 
 MAX_KEY_LEN = 200
+DRAIN_META = "drain"
 MAX_BATCH = 5000
 # Job ids name folders: only `<antenna>-<token>`, lower-case letters, digits and dashes, never a path.
 JOB_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}[a-z0-9]-[a-z0-9]{1,64}")
@@ -47,6 +49,7 @@ class HubCore:
                               on_drop=self.metrics.dropped.labels("audit").inc)
         self.limiter = SubmitLimiter(config.limits.submit_rate, config.limits.submit_burst)
         self.user_map = UserMap(config.user_map, config.site) if config.user_map else None
+        self.drain_reason = self.journal.meta(DRAIN_META)  # non-empty: draining; kept across restarts
         self._register_gauges()
         self._purger: asyncio.Task | None = None
         self._changes: list[Change] = []  # reported by the backend, not yet journaled
@@ -57,6 +60,8 @@ class HubCore:
         register_journal_gauges(m, self.journal, self.config.tls)
         m.gauge("aifed_backend_up", "1 if the hub can reach its scheduler (Slurm) now", (),
                 lambda: [((), float(backend.health().ok))])
+        m.gauge("aifed_draining", "1 while the site is drained (takes no new jobs)", (),
+                lambda: [((), float(self.draining))])
         m.gauge("aifed_gpus", "GPUs per partition, total and free", ("partition", "kind"),
                 lambda: [((u.name, kind), float(getattr(u, f"gpus_{kind}"))) for u in backend.usage()
                          for kind in ("total", "free")])
@@ -113,6 +118,13 @@ class HubCore:
             raise
         if self.user_map is not None:
             self.user_map.refresh()
+        if self.drain_reason:
+            # Refused per job with UNAVAILABLE: the antenna places these jobs on another hub (a retry of a job
+            # accepted before the drain is still answered as a duplicate).
+            draining = Unavailable(f"site {self.config.site} is draining ({self.drain_reason}) and takes no new "
+                                   "jobs now")
+            return [(draining, False) if f"{who.site}/{key}" not in seen else (await self._duplicate(who, key), True)
+                    for key, _ in requests]
         for key, job in requests:
             try:
                 prepared.append(await self._accept(who, key, job, partitions, seen))
@@ -139,6 +151,25 @@ class HubCore:
         # Committing and handing over run to the end even if the caller goes away (a timeout, a killed antenna):
         # a job journaled here must reach the backend, since the antenna's retry is answered as a duplicate.
         return await asyncio.shield(self._store_and_hand_over(who, store))
+
+    async def _duplicate(self, who: Identity, key: str) -> Job:
+        return self.journal.by_key(f"{who.site}/{key}")
+
+    @property
+    def draining(self) -> bool:
+        return bool(self.drain_reason)
+
+    def set_drain(self, who: Identity, drain: bool, reason: str = "") -> None:
+        """Stop or resume taking new jobs; journaled, so a restarted hub keeps draining."""
+        if len(reason) > 500:
+            raise InvalidArgument("the drain reason is longer than 500 characters")
+        value = (reason.strip() or f"drained by {who.name or who.site}") if drain else ""
+        self.journal.write(lambda tx: tx.set_meta(DRAIN_META, value))
+        was, self.drain_reason = self.drain_reason, value
+        if bool(was) != drain:
+            log.warning("site %s %s by %s%s", self.config.site, "draining" if drain else "resumed", who.uri,
+                        f": {value}" if drain else "")
+        self.capacity.notify()  # antennas learn it from the next advert
 
     async def _store_and_hand_over(self, who: Identity, store) -> list[tuple[Job | AifedError, bool]]:
         results = await self.journal.commit(store)

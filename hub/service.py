@@ -25,7 +25,8 @@ STREAMS = {jobs_pb2.LOG_STREAM_STDOUT: ("stdout",), jobs_pb2.LOG_STREAM_STDERR: 
 STREAM_ENUM = {"stdout": jobs_pb2.LOG_STREAM_STDOUT, "stderr": jobs_pb2.LOG_STREAM_STDERR}
 
 
-OPERATOR_METHODS = ("GetAdvert", "WatchAdverts", "GetJob", "WatchJob", "CancelJob", "StreamLogs")
+OPERATOR_METHODS = ("GetAdvert", "WatchAdverts", "GetJob", "WatchJob", "CancelJob", "StreamLogs", "SetDrain")
+OPERATOR_ONLY = ("SetDrain",)
 
 
 def access_rules(site: str) -> dict[str, Rule]:
@@ -33,7 +34,8 @@ def access_rules(site: str) -> dict[str, Rule]:
     users, never another site's operators."""
 
     def rule(method: str) -> Rule:
-        roles = (Role.ANTENNA, Role.OPERATOR) if method in OPERATOR_METHODS else (Role.ANTENNA,)
+        roles = (Role.OPERATOR,) if method in OPERATOR_ONLY else \
+            (Role.ANTENNA, Role.OPERATOR) if method in OPERATOR_METHODS else (Role.ANTENNA,)
         by_role = allow_roles(*roles)
 
         def check(who: Identity) -> None:
@@ -65,7 +67,8 @@ class HubService(hub_pb2_grpc.HubServicer):
         return jobs_pb2.Advert(
             degraded=not health.ok, status_message=health.message, site=cfg.site, federation=cfg.federation, services=cfg.services, sectors=cfg.sectors,
             access_modes=[int(m) for m in cfg.access_modes], sequence=core.capacity.version,
-            cert_expires_at=convert.ts(cert_expires(cfg.tls)),
+            cert_expires_at=convert.ts(cert_expires(cfg.tls)), draining=core.draining,
+            drain_reason=core.drain_reason,
             issued_at=convert.ts(now), ttl_s=cfg.advert_ttl_s, estimates=estimates,
             partitions=[jobs_pb2.PartitionAdvert(
                 name=p.name, gpu_model=p.gpu_model, gpus_total=usage[p.name].gpus_total, gpus_free=usage[p.name].gpus_free,
@@ -133,6 +136,13 @@ class HubService(hub_pb2_grpc.HubServicer):
 
     async def CancelJob(self, request, context):
         return convert.job_to_pb(await self.core.cancel(caller(), request.job_id))
+
+    async def SetDrain(self, request, context):
+        self.core.set_drain(caller(), request.drain, request.reason)
+        counts = self.core.journal.census()[0]
+        return hub_pb2.DrainState(draining=self.core.draining, reason=self.core.drain_reason,
+                                  jobs_running=counts.get(JobState.RUNNING, 0),
+                                  jobs_queued=counts.get(JobState.QUEUED, 0))
 
     async def StreamLogs(self, request, context):
         who = caller()

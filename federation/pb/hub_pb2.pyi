@@ -8,6 +8,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SetDrainRequest(_message.Message):
+    __slots__ = ("drain", "reason")
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    drain: bool
+    reason: str
+    def __init__(self, drain: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DrainState(_message.Message):
+    __slots__ = ("draining", "reason", "jobs_running", "jobs_queued")
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    JOBS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    JOBS_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    draining: bool
+    reason: str
+    jobs_running: int
+    jobs_queued: int
+    def __init__(self, draining: _Optional[bool] = ..., reason: _Optional[str] = ..., jobs_running: _Optional[int] = ..., jobs_queued: _Optional[int] = ...) -> None: ...
+
 class AdvertRequest(_message.Message):
     __slots__ = ("shapes",)
     SHAPES_FIELD_NUMBER: _ClassVar[int]

@@ -81,6 +81,11 @@ class HubStub:
                 request_serializer=aifed_dot_v1_dot_jobs__pb2.LogsRequest.SerializeToString,
                 response_deserializer=aifed_dot_v1_dot_jobs__pb2.LogChunk.FromString,
                 _registered_method=True)
+        self.SetDrain = channel.unary_unary(
+                '/aifed.v1.Hub/SetDrain',
+                request_serializer=aifed_dot_v1_dot_hub__pb2.SetDrainRequest.SerializeToString,
+                response_deserializer=aifed_dot_v1_dot_hub__pb2.DrainState.FromString,
+                _registered_method=True)
 
 
 class HubServicer:
@@ -147,6 +152,13 @@ class HubServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetDrain(self, request, context):
+        """Operators of this site: stop taking new forwarded jobs (jobs here run to their end), or take them again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +206,11 @@ def add_HubServicer_to_server(servicer, server):
                     servicer.StreamLogs,
                     request_deserializer=aifed_dot_v1_dot_jobs__pb2.LogsRequest.FromString,
                     response_serializer=aifed_dot_v1_dot_jobs__pb2.LogChunk.SerializeToString,
+            ),
+            'SetDrain': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDrain,
+                    request_deserializer=aifed_dot_v1_dot_hub__pb2.SetDrainRequest.FromString,
+                    response_serializer=aifed_dot_v1_dot_hub__pb2.DrainState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +456,33 @@ class Hub:
             '/aifed.v1.Hub/StreamLogs',
             aifed_dot_v1_dot_jobs__pb2.LogsRequest.SerializeToString,
             aifed_dot_v1_dot_jobs__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDrain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aifed.v1.Hub/SetDrain',
+            aifed_dot_v1_dot_hub__pb2.SetDrainRequest.SerializeToString,
+            aifed_dot_v1_dot_hub__pb2.DrainState.FromString,
             options,
             channel_credentials,
             insecure,
