@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--key", help="your user certificate's key")
         sp.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+    tp = sub.add_parser("top", help="a live view of the federation: hubs, GPUs, queues, health, recent jobs",
+                        description="Refreshes every --interval seconds from the antenna's view of each hub's "
+                                    "capacity stream; Ctrl-C quits. --once prints one view and exits.")
+    tp.add_argument("--once", action="store_true", help="print one view and exit (for scripts and tests)")
+    tp.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    client_opts(tp)
+
     st = sub.add_parser("site", help="operate a hub site: drain, resume, status (an operator certificate of the site)",
                         description="Drain a hub (it takes no new forwarded jobs; antennas place them elsewhere; "
                                     "jobs already there run to their end), resume it, or show its state. Needs an "
@@ -366,6 +373,36 @@ async def _submit_array(client, spec: JobSpec, array: str, args: argparse.Namesp
     return EXIT_FAIL if any(j.state is not JobState.COMPLETED for j in jobs) else EXIT_OK
 
 
+async def _top(args: argparse.Namespace) -> int:
+    import shutil
+    import time
+
+    from federation.client import AntennaClient, resolve_client_config
+
+    if args.interval < 0.2:
+        raise UsageError("--interval must be at least 0.2 seconds")
+    config = resolve_client_config(args.config, args.antenna, args.ca, args.cert, args.key)
+    config.tls.check()
+    live = not args.once and sys.stdout.isatty()
+    async with AntennaClient(config) as client:
+        while True:
+            listing, jobs = await asyncio.gather(client.site_list(), client.list(limit=15))
+            if args.json:
+                _print_json({"sites": [output.site_dict(s) | {"health": output.site_health(s)}
+                                       for s in listing.sites],
+                             "jobs": [output.job_dict(j) for j in jobs]})
+            else:
+                view = output.top_view(listing, jobs, config.antenna, time.time(),
+                                       shutil.get_terminal_size((120, 40)).columns)
+                print(("\x1b[H\x1b[2J" if live else "") + view, flush=True)
+            if args.once:
+                return EXIT_OK
+            try:
+                await asyncio.sleep(args.interval)
+            except asyncio.CancelledError:
+                return EXIT_OK
+
+
 async def _site_command(args: argparse.Namespace) -> int:
     """`aifed site drain|resume|status --hub HOST:PORT`: an operator talking to their hub."""
     from federation.client import resolve_client_config
@@ -515,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
             return _config_check(Path(args.file))
         if args.command == "version":
             import federation
-            print(f"aifed {federation.__version__} (protocol aifed.v1)")
+            from federation.rpc import PROTOCOL
+            print(f"aifed {federation.__version__} (protocol {PROTOCOL})")
             return EXIT_OK
         if args.command == "bench":
             from federation import bench
@@ -530,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             return bench.run_slurm_bench(args.jobs, args.json, keep)
         if args.command == "site":
             return asyncio.run(_site_command(args))
+        if args.command == "top":
+            return asyncio.run(_top(args))
         if args.command == "demo":
             from federation.demo import run_demo
             return run_demo(Path(args.dir))

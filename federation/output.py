@@ -113,3 +113,53 @@ def site_dict(s: antenna_pb2.Site) -> dict:
 
 def state_names() -> list[str]:
     return [s.name for s in JobState]
+
+
+def site_health(s: antenna_pb2.Site) -> str:
+    """One word for a hub as the antenna sees it."""
+    if not s.reachable:
+        return "revoked" if "revoked" in s.error else "down"
+    if s.advert.draining:
+        return "draining"
+    if s.advert.degraded:
+        return "degraded"
+    return "up"
+
+
+def top_view(listing: antenna_pb2.ListSitesResponse, jobs: list[Job], antenna: str, now: float,
+             width: int = 120) -> str:
+    """`aifed top`: the federation as one antenna sees it, and the most recent jobs."""
+    header = (f"aifed top - antenna {antenna} - {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now))}")
+    sites, gpus_free, gpus_total = [], 0, 0
+    for s in listing.sites:
+        health = site_health(s)
+        if not s.HasField("advert"):
+            sites.append([s.site, health, "-", "-", "-", "-", "-", "-", (s.error or "-")[:40]])
+            continue
+        age = now - s.advert_received_at.ToNanoseconds() / 1e9
+        for p in s.advert.partitions:
+            gpus_free, gpus_total = gpus_free + p.gpus_free, gpus_total + p.gpus_total
+            # The queue ahead of a new job, spread over the partition's GPUs (or its CPU slots).
+            wait = p.pending_gpu_seconds / p.gpus_total if p.gpus_total else 0.0
+            sites.append([s.site, health, p.name, p.gpu_model or "-", f"{p.gpus_free}/{p.gpus_total}",
+                          str(p.running_jobs), str(p.pending_jobs), format_duration(int(wait)) if wait else "0",
+                          f"{age:.0f}s"])
+    up = sum(1 for s in listing.sites if site_health(s) == "up")
+    summary = (f"{len(listing.sites)} hub(s), {up} up; GPUs free {gpus_free}/{gpus_total}; "
+               f"jobs here: " + ", ".join(f"{n} {state.name.lower()}" for state, n in _count_states(jobs)))
+    recent = [[j.id, j.state.name, j.site or "-", j.spec.name or "-", str(j.spec.gpus),
+               format_duration(int(max(now - j.updated_at, 0))) + " ago", (j.reason or "-")[:50]]
+              for j in jobs[:15]]
+    parts = [header, summary, "",
+             table(["SITE", "HEALTH", "PARTITION", "GPU_MODEL", "FREE/TOTAL", "RUNNING", "PENDING", "QUEUE_WAIT",
+                    "ADVERT_AGE"], sites),
+             "", "RECENT JOBS",
+             table(["JOBID", "STATE", "SITE", "NAME", "GPUS", "CHANGED", "REASON"], recent) if recent else "(none)"]
+    return "\n".join(line[:width] for line in "\n".join(parts).splitlines())
+
+
+def _count_states(jobs: list[Job]) -> list[tuple[JobState, int]]:
+    counts: dict[JobState, int] = {}
+    for j in jobs:
+        counts[j.state] = counts.get(j.state, 0) + 1
+    return sorted(counts.items(), key=lambda kv: kv[0].value) or [(JobState.PENDING, 0)]

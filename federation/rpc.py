@@ -15,6 +15,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -26,7 +27,8 @@ from grpc_reflection.v1alpha import reflection
 
 from federation.audit import AuditLog
 from federation.crl import Revocations
-from federation.errors import AifedError, PermissionDenied, ResourceExhausted, Unauthenticated
+from federation import __version__
+from federation.errors import AifedError, FailedPrecondition, PermissionDenied, ResourceExhausted, Unauthenticated
 from federation.identity import Identity, Role, parse_identity
 from federation.tls import TlsFiles
 
@@ -36,6 +38,9 @@ HEALTH_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"
 REFLECTION_METHODS = ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
                       "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+PROTOCOL = 1  # the aifed protocol's major version: daemons and clients of different majors refuse each other
+USER_AGENT = f"aifed/{__version__} (protocol {PROTOCOL})"
+_AGENT = re.compile(r"aifed/(\S+) \(protocol (\d+)\)")
 MAX_STREAMS_PER_CALLER = 1000  # open server streams (watches, logs) one identity may hold on one daemon
 MAX_CONNECTION_STREAMS = 1000  # concurrent calls on one connection
 MAX_DETAILS = 2000  # an error message echoing a huge request value must not exceed gRPC's metadata limit
@@ -203,6 +208,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             _peer.set(context.peer())
             who, serial = authenticate(context, self.federation, self.revocations)
             _caller.set(who)
+            check_protocol(context.invocation_metadata())
             if rule is None:
                 raise PermissionDenied(f"{method} is not open to any caller")
             rule(who)
@@ -434,5 +440,21 @@ class SecureServer:
 
 
 def secure_channel(target: str, tls: TlsFiles, options: Iterable[tuple[str, object]] = ()) -> grpc.aio.Channel:
-    """An mTLS channel to a federation daemon."""
-    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=(*CHANNEL_OPTIONS, *options))
+    """An mTLS channel to a federation daemon. Every call carries this aifed's version and protocol in its
+    user agent, so that a daemon of an incompatible version refuses it clearly."""
+    return grpc.aio.secure_channel(target, tls.channel_credentials(),
+                                   options=(*CHANNEL_OPTIONS, ("grpc.primary_user_agent", USER_AGENT), *options))
+
+
+def check_protocol(metadata) -> None:
+    """Refuse a caller that speaks another major version of the aifed protocol (its user agent says
+    `aifed/<version> (protocol <n>)`); a caller without one (grpcurl, a health checker) is served."""
+    for key, value in metadata or ():
+        if key == "user-agent":
+            match = _AGENT.search(value)
+            if match and int(match.group(2)) != PROTOCOL:
+                raise FailedPrecondition(
+                    f"this daemon is aifed {__version__} and speaks protocol {PROTOCOL}; the caller is aifed "
+                    f"{match.group(1)} with protocol {match.group(2)}: upgrade the older side (mixed versions "
+                    "within a protocol work together)")
+            return
