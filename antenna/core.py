@@ -35,7 +35,7 @@ from federation.pb import hub_pb2, jobs_pb2
 from federation.rpc import peer, secure_channel
 from federation.sbatch import parse_array
 from federation.watch import Signal, Topics
-from antenna.placement import Verdict, rank, why_not
+from antenna.placement import Verdict, maintenance_in_the_way, rank, why_not
 from antenna.sites import HubSite
 
 log = logging.getLogger(__name__)
@@ -462,6 +462,8 @@ class AntennaCore:
                 return Verdict(site.site, f"is unreachable ({site.error or 'advert expired'})", transient=True)
             if site.advert.draining:
                 return Verdict(site.site, f"is draining ({site.advert.drain_reason})", transient=True)
+            if window := maintenance_in_the_way(site.advert, spec.walltime_s):
+                return Verdict(site.site, window, transient=True)
             if not ask:
                 return Verdict(site.site, wait_s=0.0)
             try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 
 from federation.model import JobSpec
@@ -38,6 +40,18 @@ def why_not(spec: JobSpec, advert: jobs_pb2.Advert) -> str:
     if not any(p.gpus_total >= spec.gpus and p.max_walltime_s >= spec.walltime_s for p in parts):
         longest = max(p.max_walltime_s for p in parts if p.gpus_total >= spec.gpus)
         return f"allows at most {format_duration(longest)} of walltime for {spec.gpus} GPUs"
+    return ""
+
+
+def maintenance_in_the_way(advert: jobs_pb2.Advert, walltime_s: int, now: float | None = None) -> str:
+    """The hub's announced maintenance a job starting now would run into, described; "" if none."""
+    now = time.time() if now is None else now
+    for window in advert.maintenance:
+        start, end = window.start.ToNanoseconds() / 1e9, window.end.ToNanoseconds() / 1e9
+        if start < now + walltime_s and now < end:
+            return (f"has maintenance from {time.strftime('%Y-%m-%d %H:%M', time.gmtime(start))} to "
+                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(end))}"
+                    + (f" ({window.reason})" if window.reason else "") + " that the job would run into")
     return ""
 
 

@@ -7,6 +7,8 @@ errors: a typo must not silently fall back to a default.
 
 from __future__ import annotations
 
+import datetime as dt
+
 import difflib
 import tomllib
 from dataclasses import dataclass, field
@@ -29,6 +31,18 @@ class PartitionConfig:
 
 
 DEFAULT_RETENTION_S = 90 * 86400  # how long a finished job's record is kept; 0 keeps it for ever
+
+
+@dataclass(frozen=True)
+class Maintenance:
+    """An announced window (Unix times) in which the site runs no federated job."""
+
+    start: float
+    end: float
+    reason: str = ""
+
+    def overlaps(self, begin: float, finish: float) -> bool:
+        return self.start < finish and begin < self.end
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,7 @@ class HubConfig:
     limits: Limits = field(default_factory=lambda: HUB_LIMITS)
     audit_log: Path | None = None  # None: <state_dir>/audit.jsonl
     metrics_listen: str | None = None  # HOST:PORT for Prometheus (HTTPS, client certificates required)
+    maintenance: tuple[Maintenance, ...] = ()
     user_map: Path | None = None  # (antenna, user, project) -> local account; None: the hub's own account
 
 
@@ -253,6 +268,36 @@ def _limits(root: _Table, default: Limits) -> Limits:
     return Limits(float(rate), burst, streams, default.min_burst)
 
 
+def _instant(t: _Table, k: str) -> float:
+    value = t.get(k, (str, dt.datetime))
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise ConfigError(t.path, t.key(k), f"{value!r} is not a date and time such as "
+                              "2026-12-01T08:00:00Z") from None
+    if not isinstance(value, dt.datetime) or value.tzinfo is None:
+        raise ConfigError(t.path, t.key(k), "needs a time zone, such as 2026-12-01T08:00:00Z or +01:00")
+    return value.timestamp()
+
+
+def _maintenance(root: _Table) -> tuple[Maintenance, ...]:
+    root.seen.add("maintenance")
+    raw = root.data.get("maintenance", [])
+    if not isinstance(raw, list):
+        raise ConfigError(root.path, "maintenance", "declare windows as [[maintenance]] tables")
+    windows = []
+    for i, item in enumerate(raw):
+        t = _Table(root.path, f"maintenance[{i}]", item)
+        start, end = _instant(t, "start"), _instant(t, "end")
+        reason = t.text("reason", "")
+        t.done()
+        if end <= start:
+            raise ConfigError(root.path, t.key("end"), "must be after start")
+        windows.append(Maintenance(start, end, reason))
+    return tuple(sorted(windows, key=lambda w: w.start))
+
+
 def _metrics(root: _Table) -> str | None:
     t = root.table("metrics")
     listen = _listen(t, "listen") if "listen" in t.data else None
@@ -332,6 +377,7 @@ def load_hub(path: str | Path) -> HubConfig:
         if any(q.name == name for q in partitions):
             raise ConfigError(p, t.key("name"), f"partition {name!r} is declared twice")
         partitions.append(PartitionConfig(name, model, gpus, max_wall))
+    maintenance = _maintenance(root)
     tls = _tls(root, f"spiffe://{federation}/hub/{site}", daemon=True)
     limits = _limits(root, HUB_LIMITS)
     metrics_listen = _metrics(root)
@@ -341,7 +387,8 @@ def load_hub(path: str | Path) -> HubConfig:
                      advert_ttl_s=ttl, backend=backend, kill_grace_s=kill_grace, cpu_slots=cpu_slots,
                      slurm_conf=slurm_conf, poll_interval_s=poll, capacity_interval_s=capacity,
                      command_timeout_s=command_timeout, accounts=accounts, retention_s=retention, limits=limits,
-                     audit_log=audit_log, user_map=user_map, metrics_listen=metrics_listen)
+                     audit_log=audit_log, user_map=user_map, metrics_listen=metrics_listen,
+                     maintenance=maintenance)
 
 
 def load_antenna(path: str | Path) -> AntennaConfig:

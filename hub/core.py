@@ -118,11 +118,10 @@ class HubCore:
             raise
         if self.user_map is not None:
             self.user_map.refresh()
-        if self.drain_reason:
+        if reason := self.drain_now():
             # Refused per job with UNAVAILABLE: the antenna places these jobs on another hub (a retry of a job
             # accepted before the drain is still answered as a duplicate).
-            draining = Unavailable(f"site {self.config.site} is draining ({self.drain_reason}) and takes no new "
-                                   "jobs now")
+            draining = Unavailable(f"site {self.config.site} is draining ({reason}) and takes no new jobs now")
             return [(draining, False) if f"{who.site}/{key}" not in seen else (await self._duplicate(who, key), True)
                     for key, _ in requests]
         for key, job in requests:
@@ -157,7 +156,23 @@ class HubCore:
 
     @property
     def draining(self) -> bool:
-        return bool(self.drain_reason)
+        return bool(self.drain_now())
+
+    def drain_now(self, now: float | None = None) -> str:
+        """Why the site takes no new jobs now: an operator's drain or a maintenance window; "" if it does."""
+        if self.drain_reason:
+            return self.drain_reason
+        now = time.time() if now is None else now
+        for window in self.config.maintenance:
+            if window.start <= now < window.end:
+                until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(window.end))
+                return f"maintenance until {until}" + (f": {window.reason}" if window.reason else "")
+        return ""
+
+    def maintenance_ahead(self, now: float | None = None) -> list:
+        """Announced windows not yet over."""
+        now = time.time() if now is None else now
+        return [w for w in self.config.maintenance if w.end > now]
 
     def set_drain(self, who: Identity, drain: bool, reason: str = "") -> None:
         """Stop or resume taking new jobs; journaled, so a restarted hub keeps draining."""
@@ -220,6 +235,14 @@ class HubCore:
             raise PermissionDenied(f"antenna {who.site!r} may only forward jobs of its own users, not {job.owner}")
         account = self.user_map.account(who.site, owner.name, job.spec.project) if self.user_map else ""
         job.spec.validate()
+        now = time.time()
+        for window in self.config.maintenance:
+            if window.overlaps(now, now + job.spec.walltime_s):
+                raise Unavailable(  # per job: the antenna places it elsewhere, or waits for the window to pass
+                    f"its walltime would run into maintenance at site {self.config.site} from "
+                    f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(window.start))} to "
+                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(window.end))}"
+                    + (f" ({window.reason})" if window.reason else ""))
         s = job.spec
         shape = (s.partition, s.gpus, s.cpus, s.walltime_s, s.access_mode)
         partition = partitions.get(shape) or await self._place(job)

@@ -67,8 +67,10 @@ class HubService(hub_pb2_grpc.HubServicer):
         return jobs_pb2.Advert(
             degraded=not health.ok, status_message=health.message, site=cfg.site, federation=cfg.federation, services=cfg.services, sectors=cfg.sectors,
             access_modes=[int(m) for m in cfg.access_modes], sequence=core.capacity.version,
-            cert_expires_at=convert.ts(cert_expires(cfg.tls)), draining=core.draining,
-            drain_reason=core.drain_reason,
+            cert_expires_at=convert.ts(cert_expires(cfg.tls)), draining=bool(drain := core.drain_now(now)),
+            drain_reason=drain,
+            maintenance=[jobs_pb2.Maintenance(start=convert.ts(w.start), end=convert.ts(w.end), reason=w.reason)
+                         for w in core.maintenance_ahead(now)],
             issued_at=convert.ts(now), ttl_s=cfg.advert_ttl_s, estimates=estimates,
             partitions=[jobs_pb2.PartitionAdvert(
                 name=p.name, gpu_model=p.gpu_model, gpus_total=usage[p.name].gpus_total, gpus_free=usage[p.name].gpus_free,
@@ -140,7 +142,7 @@ class HubService(hub_pb2_grpc.HubServicer):
     async def SetDrain(self, request, context):
         self.core.set_drain(caller(), request.drain, request.reason)
         counts = self.core.journal.census()[0]
-        return hub_pb2.DrainState(draining=self.core.draining, reason=self.core.drain_reason,
+        return hub_pb2.DrainState(draining=self.core.draining, reason=self.core.drain_now(),
                                   jobs_running=counts.get(JobState.RUNNING, 0),
                                   jobs_queued=counts.get(JobState.QUEUED, 0))
 

@@ -464,3 +464,28 @@ def test_config_check_reports_file_key_and_problem_with_exit_3(folder, capsys, t
     assert main(["config", "check", str(path)]) == 3
     err = capsys.readouterr().err
     assert says in err and str(path) in err
+
+
+def test_maintenance_windows_are_parsed_and_checked(folder):
+    windows = HUB + '''
+[[maintenance]]
+start = 2026-12-01T08:00:00Z
+end = "2026-12-01T14:00:00+01:00"
+reason = "firmware"
+
+[[maintenance]]
+start = "2026-11-30T08:00:00Z"
+end = "2026-11-30T09:00:00Z"
+'''
+    config = load_hub(write(folder, windows))
+    assert [(w.start, w.end, w.reason) for w in config.maintenance] == [
+        (1796025600.0, 1796029200.0, ""), (1796112000.0, 1796130000.0, "firmware")]  # sorted by start
+    for text, key, says in [
+        ('start = "2026-12-01T08:00:00"\nend = "2026-12-01T09:00:00Z"', "maintenance[0].start", "time zone"),
+        ('start = "tomorrow"\nend = "2026-12-01T09:00:00Z"', "maintenance[0].start", "not a date"),
+        ('start = "2026-12-01T09:00:00Z"\nend = "2026-12-01T08:00:00Z"', "maintenance[0].end", "after start"),
+        ('start = "2026-12-01T08:00:00Z"', "maintenance[0].end", "required"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_hub(write(folder, HUB + "\n[[maintenance]]\n" + text + "\n"))
+        assert err.value.key == key and says in err.value.problem

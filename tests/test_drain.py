@@ -98,3 +98,55 @@ async def test_only_the_sites_operators_may_drain_it(fed, test_pki, who):
             await hub_pb2_grpc.HubStub(channel).SetDrain(hub_pb2.SetDrainRequest(drain=True), timeout=10)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert not fed.hubs["leonardo"].core.draining
+
+
+# -- announced maintenance windows ----------------------------------------------------------------------------
+
+async def test_jobs_that_would_run_into_maintenance_go_elsewhere_or_wait(test_pki, tmp_path):
+    import time
+
+    from federation.config import Maintenance
+    from tests.conftest import Federation, hub_config
+
+    now = time.time()
+    window = Maintenance(now + 60, now + 3600, "firmware upgrade")
+    f = Federation(test_pki, tmp_path)
+    try:
+        await f.start_hub(config=hub_config(test_pki, tmp_path, maintenance=(window,)))
+        await f.start_hub("lumi")
+        await f.start_antenna()
+        await f.wait_sites()
+        leonardo = f.antennas["antenna-a"].core.sites["leonardo"]
+        (announced,) = leonardo.advert.maintenance
+        assert (announced.start.seconds, announced.reason) == (int(window.start), "firmware upgrade")
+        assert not leonardo.advert.draining  # not yet
+        alice = f.client("alice")
+        short = await alice.submit(JobSpec(argv=("true",), site="leonardo", walltime_s=30))  # ends before it
+        assert (await alice.wait(short.id)).site == "leonardo"
+        long = [await alice.submit(JobSpec(argv=("true",), walltime_s=600)) for _ in range(3)]
+        assert {(j.state, j.site) for j in [await alice.wait(j.id) for j in long]} == {(JobState.COMPLETED, "lumi")}
+        pinned = await alice.submit(JobSpec(argv=("true",), site="leonardo", walltime_s=600))
+        await asyncio.sleep(1.0)
+        waiting = await alice.get(pinned.id)
+        assert waiting.state is JobState.PENDING and "maintenance" in waiting.reason
+        assert f.hubs["leonardo"].core.journal.get(pinned.id) is None
+    finally:
+        await f.close()
+
+
+async def test_a_hub_in_its_maintenance_window_is_draining(test_pki, tmp_path):
+    import time
+
+    from federation.config import Maintenance
+    from tests.conftest import Federation, hub_config
+
+    now = time.time()
+    f = Federation(test_pki, tmp_path)
+    try:
+        hub = await f.start_hub(config=hub_config(test_pki, tmp_path,
+                                                  maintenance=(Maintenance(now - 60, now + 600, "cooling"),)))
+        assert hub.core.draining and hub.core.drain_now().startswith("maintenance until ")
+        assert hub.core.drain_now().endswith(": cooling")
+        assert not hub.core.drain_now(now + 601)  # over: takes jobs again by itself
+    finally:
+        await f.close()
