@@ -589,22 +589,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aifed: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except grpc.aio.AioRpcError as exc:
-        print(f"aifed: {_explain_rpc_error(exc)}", file=sys.stderr)
+        print(f"aifed: {_explain_rpc_error(exc, 'hub' if args.command == 'site' else 'antenna')}",
+              file=sys.stderr)
         return STATUS_EXIT.get(exc.code(), EXIT_FAIL)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 
 
-def _explain_rpc_error(exc: grpc.aio.AioRpcError) -> str:
+def _explain_rpc_error(exc: grpc.aio.AioRpcError, daemon: str = "antenna") -> str:
     details = exc.details() or ""
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and details.startswith(("hub ", "logs of ")):
-        return f"UNAVAILABLE: {details}"  # the antenna answered: one of its hubs is unreachable
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and details.startswith(("hub ", "logs of ", "site ")):
+        return f"UNAVAILABLE: {details}"  # the daemon answered: one of its hubs is unreachable, or it drains
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
         if "CERTIFICATE_VERIFY_FAILED" in (exc.debug_error_string() or "") + details:
-            return ("the antenna's certificate is not signed by your CA (--ca): are you in the right federation? "
-                    f"({details})")
-        return (f"cannot reach the antenna ({details}). Is it running at that address? If it is, it refused "
-                "the TLS handshake: check that --cert/--key are a user certificate from this federation's CA")
+            return (f"the {daemon}'s certificate is not signed by your CA (--ca): are you in the right "
+                    f"federation? ({details})")
+        who = "a user" if daemon == "antenna" else "an operator"
+        return (f"cannot reach the {daemon} ({details}). Is it running at that address? If it is, it refused "
+                f"the TLS handshake: check that --cert/--key are {who} certificate from this federation's CA")
     return f"{exc.code().name}: {details}"
 
 

@@ -70,7 +70,7 @@ def site_rows(sites: list[antenna_pb2.Site]) -> str:
     rows = []
     now = time.time()
     for s in sites:
-        status = "up" if s.reachable else "down"
+        status = site_health(s)
         if not s.HasField("advert"):
             rows.append([s.site, status, "-", "-", "-", "-", "-", "-", s.error or "-"])
             continue
@@ -102,7 +102,8 @@ def site_dict(s: antenna_pb2.Site) -> dict:
         a = s.advert
         out.update(services=list(a.services), sectors=list(a.sectors),
                    access_modes=[AccessMode(m).slug for m in a.access_modes], sequence=a.sequence,
-                   advert_received_at=s.advert_received_at.ToNanoseconds() / 1e9,
+                   advert_received_at=s.advert_received_at.ToNanoseconds() / 1e9, health=site_health(s),
+                   degraded=a.degraded, draining=a.draining, drain_reason=a.drain_reason,
                    cert_expires_at=s.advert.cert_expires_at.ToNanoseconds() / 1e9)
         out["partitions"] = [{"name": p.name, "gpu_model": p.gpu_model, "gpus_total": p.gpus_total,
                               "gpus_free": p.gpus_free, "running_jobs": p.running_jobs,
