@@ -40,13 +40,6 @@ class AntennaDaemon(Daemon):
             await core.close()
             raise
         self.core, self.server = core, server
-        if self.config.metrics_listen:
-            try:
-                self.metrics_port = core.metrics.serve(self.config.metrics_listen, self.config.tls)
-            except OSError as exc:
-                await self.stop(0)
-                raise OSError(f"cannot serve metrics on {self.config.metrics_listen}: {exc}") from None
-            log.info("metrics for Prometheus on https://%s/metrics (client certificates required)",
-                     self.config.metrics_listen.rpartition(":")[0] + f":{self.metrics_port}")
+        await self._serve_metrics()
         log.info("antenna %s of federation %s serving on port %d, hubs: %s", self.config.site,
                  self.config.federation, self.port, ", ".join(h.site for h in self.config.hubs))

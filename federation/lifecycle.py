@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import abc
+import logging
 
 from federation.rpc import SecureServer
+
+log = logging.getLogger(__name__)
 
 
 class Daemon(abc.ABC):
@@ -19,6 +22,19 @@ class Daemon(abc.ABC):
     @abc.abstractmethod
     async def _start(self) -> None:
         """Build the core and the server and start serving; clean up after itself if it fails."""
+
+    async def _serve_metrics(self) -> None:
+        """Serve the core's Prometheus metrics when the config names a `metrics.listen` address."""
+        listen = self.config.metrics_listen
+        if not listen:
+            return
+        try:
+            self.metrics_port = self.core.metrics.serve(listen, self.config.tls)
+        except OSError as exc:
+            await self.stop(0)
+            raise OSError(f"cannot serve metrics on {listen}: {exc}") from None
+        log.info("metrics for Prometheus on https://%s:%d/metrics (client certificates required)",
+                 listen.rpartition(":")[0], self.metrics_port)
 
     async def start(self):
         """Start serving. Calling it on a started daemon does nothing."""
