@@ -38,10 +38,8 @@ class Pki:
         return self.tls(Role.USER, antenna, name)
 
 
-@pytest.fixture(scope="session")
-def test_pki(tmp_path_factory) -> Pki:
-    """A federation CA with certificates for two hubs, two antennas and three users, plus a foreign CA."""
-    root = tmp_path_factory.mktemp("pki")
+def make_federation_pki(root: Path) -> Path:
+    """A federation CA in `root` with certificates for two hubs, two antennas and three users; its CA file."""
     pki.init_ca(root, FEDERATION)
     for site in HUB_SITES:
         pki.issue(root, Role.HUB, site)
@@ -49,6 +47,14 @@ def test_pki(tmp_path_factory) -> Pki:
         pki.issue(root, Role.ANTENNA, site)
     for antenna, name in USERS:
         pki.issue(root, Role.USER, antenna, name)
+    return root / pki.CA_CERT
+
+
+@pytest.fixture(scope="session")
+def test_pki(tmp_path_factory) -> Pki:
+    """A federation CA with certificates for two hubs, two antennas and three users, plus a foreign CA."""
+    root = tmp_path_factory.mktemp("pki")
+    make_federation_pki(root)
     other = tmp_path_factory.mktemp("other-pki")
     pki.init_ca(other, FEDERATION)  # same federation name, different key: must still be refused
     pki.issue(other, Role.USER, "antenna-a", "alice")

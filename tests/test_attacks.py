@@ -408,13 +408,19 @@ ROLE_ATTACKS = [
 @attack
 @pytest.mark.parametrize("who,site,method", ROLE_ATTACKS)
 async def test_role_may_not_call_method(afed, test_pki, who, site, method):
-    service = "hub" if site in afed.hubs else "antenna"
-    job = await held_job(afed)
-    before = snapshot(afed)
-    channel = connect(afed, site, tls_of(test_pki, who))
-    await refused(C.PERMISSION_DENIED, call(channel, service, method, request(service, method, job.id)))
-    assert snapshot(afed) == before
+    job = await denied_call(afed, test_pki, who, site, method)
     assert (await afed.client("alice").get(job.id)).state is JobState.QUEUED
+
+
+async def denied_call(fed: Federation, test_pki, who: str, site: str, method: str) -> Job:
+    """`who` calls `method` at `site` about one of alice's jobs: PERMISSION_DENIED, and nothing changes."""
+    service = "hub" if site in fed.hubs else "antenna"
+    job = await held_job(fed)
+    before = snapshot(fed)
+    channel = connect(fed, site, tls_of(test_pki, who))
+    await refused(C.PERMISSION_DENIED, call(channel, service, method, request(service, method, job.id)))
+    assert snapshot(fed) == before
+    return job
 
 
 # == 8: an antenna and another antenna's jobs at a hub ==========================================================
@@ -766,12 +772,7 @@ OPERATOR_ATTACKS = [
 @attack
 @pytest.mark.parametrize("operator_of,site,method", OPERATOR_ATTACKS)
 async def test_operator_may_not(afed, test_pki, operator_of, site, method):
-    service = "hub" if site in afed.hubs else "antenna"
-    job = await held_job(afed)
-    before = snapshot(afed)
-    channel = connect(afed, site, tls_of(test_pki, f"operator/{operator_of}/{OPERATORS[operator_of]}"))
-    await refused(C.PERMISSION_DENIED, call(channel, service, method, request(service, method, job.id)))
-    assert snapshot(afed) == before
+    await denied_call(afed, test_pki, f"operator/{operator_of}/{OPERATORS[operator_of]}", site, method)
 
 
 async def test_control_operators_see_every_job_of_their_own_site(afed, test_pki):

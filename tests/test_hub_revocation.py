@@ -9,21 +9,14 @@ import pytest
 from certs import pki
 from federation.identity import Role
 from federation.model import JobSpec, JobState
-from tests.conftest import ANTENNA_SITES, FEDERATION, HUB_SITES, USERS, Federation, Pki, antenna_config, \
-    eventually, hub_config
+from tests.conftest import FEDERATION, HUB_SITES, Federation, Pki, antenna_config, eventually, make_federation_pki
 
 
 @pytest.fixture
 def private_pki(tmp_path) -> Pki:
+    """A PKI of this test's own: it revokes and renews a hub certificate."""
     root = tmp_path / "pki"
-    pki.init_ca(root, FEDERATION)
-    for site in HUB_SITES:
-        pki.issue(root, Role.HUB, site)
-    for site in ANTENNA_SITES:
-        pki.issue(root, Role.ANTENNA, site)
-    for antenna, name in USERS:
-        pki.issue(root, Role.USER, antenna, name)
-    return Pki(root, root / pki.CA_CERT, root)
+    return Pki(root, make_federation_pki(root), root)
 
 
 async def test_a_revoked_hub_gets_no_more_jobs_without_restarting_the_antenna(private_pki, tmp_path):
