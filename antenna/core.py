@@ -255,6 +255,27 @@ class AntennaCore:
                              history=(Transition(JobState.PENDING, now, "accepted by the antenna"),)), key))
         return jobs
 
+    async def dry_run(self, who: Identity, spec: JobSpec) -> Job:
+        """Every check a submission gets, and the hub it would go to now; nothing is stored or forwarded."""
+        if spec.array_job or spec.array_task:
+            raise InvalidArgument("array_job and array_task are set by the antenna; ask for an array instead")
+        spec.validate()
+        self.precheck(spec)  # refuses what no hub could ever run
+        verdicts = await self.verdicts(spec)
+        free = {s.site: max((p.gpus_free for p in s.advert.partitions), default=0)
+                for s in self.sites.values() if s.advert is not None}
+        ranked = rank(verdicts, free)
+        if ranked:
+            site = ranked[0].site
+            reason = f"dry run: would be forwarded to {site} (estimated wait {ranked[0].wait_s:.0f}s)"
+        else:
+            site = ""
+            reason = "dry run: would be accepted and wait for a hub: " + "; ".join(
+                f"{v.site} {v.reason}" for v in verdicts if not v.fits)
+        now = time.time()
+        return Job(id="", spec=spec, state=JobState.PENDING, owner=who.uri, antenna=self.config.site, site=site,
+                   reason=reason, created_at=now, updated_at=now)
+
     def precheck(self, spec: JobSpec) -> str:
         """Refuse now a job that no known hub could ever run, so users are never rejected late.
 

@@ -33,6 +33,13 @@ def why_not(spec: JobSpec, advert: jobs_pb2.Advert) -> str:
             return f"has no partition {spec.partition!r}"
     if spec.access_mode and advert.access_modes and spec.access_mode not in advert.access_modes:
         return f"does not accept access mode {spec.access_mode.slug}"
+    for limits in advert.mode_limits:
+        if limits.mode == spec.access_mode:
+            if limits.max_gpus and spec.gpus > limits.max_gpus:
+                return f"allows at most {limits.max_gpus} GPU(s) per job in {spec.access_mode.slug}"
+            if limits.max_walltime_s and spec.walltime_s > limits.max_walltime_s:
+                return (f"allows at most {format_duration(limits.max_walltime_s)} of walltime in "
+                        f"{spec.access_mode.slug}")
     if parts and spec.cpus > max(p.max_cpus for p in parts):
         return f"runs jobs of at most {max(p.max_cpus for p in parts)} CPUs"
     if not any(p.gpus_total >= spec.gpus for p in parts):

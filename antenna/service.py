@@ -47,6 +47,8 @@ class AntennaService(antenna_pb2_grpc.AntennaServicer):
             raise InvalidArgument("the request has no job spec")
         if request.array:
             raise InvalidArgument("a job array is submitted with SubmitJobs (aifed submit --array)")
+        if request.dry_run:
+            return convert.job_to_pb(await self.core.dry_run(caller(), convert.spec_from_pb(request.spec)))
         job = await self.core.submit(caller(), convert.spec_from_pb(request.spec), request.request_id)
         return convert.job_to_pb(job)
 

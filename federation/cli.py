@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "AIFED_ARRAY_TASK_ID and SLURM_ARRAY_TASK_ID)")
     s.add_argument("--request-id", default="", help="a token that makes a retried submit return the first job")
     s.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its exit code")
+    s.add_argument("--dry-run", action="store_true",
+                   help="check the job as the antenna would (validity, access mode limits, which hub takes it) "
+                        "and submit nothing")
     s.add_argument("script", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     for name, text in (("status", "show a job in detail"), ("cancel", "cancel a job"),
@@ -298,6 +301,18 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
     config = resolve_client_config(args.config, args.antenna, args.ca, args.cert, args.key)
     config.tls.check()  # a missing, mismatched or expired certificate is reported before dialing
     async with AntennaClient(config) as client:
+        if args.command == "submit" and args.dry_run:
+            if array:
+                try:
+                    count = len(sbatch.parse_array(array))
+                except ValueError as exc:
+                    raise UsageError(f"--array {array!r}: {exc}") from None
+            job = await client.submit(spec, dry_run=True)
+            if args.json:
+                _print_json(output.job_dict(job))
+            else:
+                print(job.reason + (f" (each of the {count} array tasks)" if array else ""))
+            return EXIT_OK
         if args.command == "submit" and array:
             return await _submit_array(client, spec, array, args)
         if args.command == "submit":

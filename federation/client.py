@@ -59,9 +59,9 @@ class AntennaClient:
     async def close(self) -> None:
         await self.channel.close(None)
 
-    async def submit(self, spec: JobSpec, request_id: str = "", timeout: float = 30) -> Job:
-        msg = await self.stub.SubmitJob(
-            antenna_pb2.SubmitJobRequest(spec=convert.spec_to_pb(spec), request_id=request_id), timeout=timeout)
+    async def submit(self, spec: JobSpec, request_id: str = "", timeout: float = 30, dry_run: bool = False) -> Job:
+        msg = await self.stub.SubmitJob(antenna_pb2.SubmitJobRequest(
+            spec=convert.spec_to_pb(spec), request_id=request_id, dry_run=dry_run), timeout=timeout)
         return convert.job_from_pb(msg)
 
     async def submit_many(self, entries: list[tuple[JobSpec, str, str]], timeout: float = 60

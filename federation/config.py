@@ -34,6 +34,23 @@ DEFAULT_RETENTION_S = 90 * 86400  # how long a finished job's record is kept; 0 
 
 
 @dataclass(frozen=True)
+class ModeLimits:
+    """The most one job of an access mode may ask for at a hub (0: no cap beyond the partitions')."""
+
+    mode: AccessMode
+    max_gpus: int = 0
+    max_walltime_s: int = 0
+
+    def why_not(self, gpus: int, walltime_s: int) -> str:
+        if self.max_gpus and gpus > self.max_gpus:
+            return f"allows at most {self.max_gpus} GPU(s) per job in {self.mode.slug}"
+        if self.max_walltime_s and walltime_s > self.max_walltime_s:
+            from federation.timefmt import format_duration
+            return f"allows at most {format_duration(self.max_walltime_s)} of walltime in {self.mode.slug}"
+        return ""
+
+
+@dataclass(frozen=True)
 class Maintenance:
     """An announced window (Unix times) in which the site runs no federated job."""
 
@@ -86,6 +103,7 @@ class HubConfig:
     audit_log: Path | None = None  # None: <state_dir>/audit.jsonl
     metrics_listen: str | None = None  # HOST:PORT for Prometheus (HTTPS, client certificates required)
     maintenance: tuple[Maintenance, ...] = ()
+    mode_limits: tuple[ModeLimits, ...] = ()
     user_map: Path | None = None  # (antenna, user, project) -> local account; None: the hub's own account
 
 
@@ -281,6 +299,29 @@ def _instant(t: _Table, k: str) -> float:
     return value.timestamp()
 
 
+def _mode_limits(root: _Table, accepted: tuple[AccessMode, ...]) -> tuple[ModeLimits, ...]:
+    """`[modes.<slug>]` tables: caps per access mode, for modes the hub accepts."""
+    t = root.table("modes")
+    out = []
+    for slug in list(t.data):
+        try:
+            mode = AccessMode.from_slug(slug)
+        except ValueError as exc:
+            raise ConfigError(t.path, t.key(slug), str(exc)) from None
+        if accepted and mode not in accepted:
+            raise ConfigError(t.path, t.key(slug), f"sets limits for {mode.slug}, which hub.access_modes does not "
+                              "accept")
+        m = t.table(slug)
+        gpus = m.get("max_gpus", int, 0)
+        walltime = m.duration("max_walltime", 0)
+        m.done()
+        if not 0 <= gpus <= MAX_GPUS:
+            raise ConfigError(t.path, m.key("max_gpus"), f"must be between 0 (no cap) and {MAX_GPUS}")
+        out.append(ModeLimits(mode, gpus, walltime))
+    t.done()
+    return tuple(out)
+
+
 def _maintenance(root: _Table) -> tuple[Maintenance, ...]:
     root.seen.add("maintenance")
     raw = root.data.get("maintenance", [])
@@ -378,6 +419,7 @@ def load_hub(path: str | Path) -> HubConfig:
             raise ConfigError(p, t.key("name"), f"partition {name!r} is declared twice")
         partitions.append(PartitionConfig(name, model, gpus, max_wall))
     maintenance = _maintenance(root)
+    mode_limits = _mode_limits(root, tuple(modes))
     tls = _tls(root, f"spiffe://{federation}/hub/{site}", daemon=True)
     limits = _limits(root, HUB_LIMITS)
     metrics_listen = _metrics(root)
@@ -388,7 +430,7 @@ def load_hub(path: str | Path) -> HubConfig:
                      slurm_conf=slurm_conf, poll_interval_s=poll, capacity_interval_s=capacity,
                      command_timeout_s=command_timeout, accounts=accounts, retention_s=retention, limits=limits,
                      audit_log=audit_log, user_map=user_map, metrics_listen=metrics_listen,
-                     maintenance=maintenance)
+                     maintenance=maintenance, mode_limits=mode_limits)
 
 
 def load_antenna(path: str | Path) -> AntennaConfig:

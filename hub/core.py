@@ -260,6 +260,9 @@ class HubCore:
         if spec.access_mode and modes and spec.access_mode not in modes:
             raise FailedPrecondition(f"site {self.config.site} does not accept access mode {spec.access_mode.slug}; "
                                      "it accepts " + ", ".join(m.slug for m in modes))
+        for limits in self.config.mode_limits:
+            if limits.mode is spec.access_mode and (why := limits.why_not(spec.gpus, spec.walltime_s)):
+                raise FailedPrecondition(f"site {self.config.site} {why}")
         if spec.cpus > self.config.cpu_slots:
             raise FailedPrecondition(f"the job asks for {spec.cpus} CPUs; site {self.config.site} runs jobs of at "
                                      f"most {self.config.cpu_slots} CPUs")

@@ -489,3 +489,19 @@ end = "2026-11-30T09:00:00Z"
         with pytest.raises(ConfigError) as err:
             load_hub(write(folder, HUB + "\n[[maintenance]]\n" + text + "\n"))
         assert err.value.key == key and says in err.value.problem
+
+
+def test_access_mode_limits_are_parsed_and_checked(folder):
+    config = load_hub(write(folder, HUB + '\n[modes.playground]\nmax_gpus = 1\nmax_walltime = "1:00:00"\n'
+                                          '\n[modes.fast-lane]\nmax_gpus = 8\n'))
+    assert [(m.mode, m.max_gpus, m.max_walltime_s) for m in config.mode_limits] == [
+        (AccessMode.PLAYGROUND, 1, 3600), (AccessMode.FAST_LANE, 8, 0)]
+    for text, key, says in [
+        ("[modes.sandbox]\nmax_gpus = 1\n", "modes.sandbox", "unknown access mode"),
+        ("[modes.large-scale]\nmax_gpus = 1\n", "modes.large-scale", "does not accept"),
+        ("[modes.playground]\nmax_gpus = -1\n", "modes.playground.max_gpus", "between 0"),
+        ("[modes.playground]\ngpus = 1\n", "modes.playground.gpus", "not a known setting"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_hub(write(folder, HUB + "\n" + text))
+        assert err.value.key == key and says in err.value.problem

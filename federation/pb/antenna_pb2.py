@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from federation.pb import jobs_pb2 as aifed_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61ifed/v1/antenna.proto\x12\x08\x61ifed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13\x61ifed/v1/jobs.proto\"V\n\x10SubmitJobRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.aifed.v1.JobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05\x61rray\x18\x03 \x01(\t\"=\n\x11SubmitJobsRequest\x12(\n\x04jobs\x18\x01 \x03(\x0b\x32\x1a.aifed.v1.SubmitJobRequest\"h\n\x0cSubmitResult\x12(\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x14.aifed.v1.JobReceiptH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.aifed.v1.JobErrorH\x00\x42\t\n\x07outcome\"=\n\x12SubmitJobsResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.aifed.v1.SubmitResult\"D\n\x0fListJobsRequest\x12\"\n\x06states\x18\x01 \x03(\x0e\x32\x12.aifed.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\r\"/\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.aifed.v1.Job\"\x12\n\x10ListSitesRequest\"\xa2\x01\n\x04Site\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x11\n\treachable\x18\x03 \x01(\x08\x12 \n\x06\x61\x64vert\x18\x04 \x01(\x0b\x32\x10.aifed.v1.Advert\x12\x36\n\x12\x61\x64vert_received_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"g\n\x11ListSitesResponse\x12\x1d\n\x05sites\x18\x01 \x03(\x0b\x32\x0e.aifed.v1.Site\x12\x33\n\x0f\x63\x65rt_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xd6\x03\n\x07\x41ntenna\x12\x36\n\tSubmitJob\x12\x1a.aifed.v1.SubmitJobRequest\x1a\r.aifed.v1.Job\x12G\n\nSubmitJobs\x12\x1b.aifed.v1.SubmitJobsRequest\x1a\x1c.aifed.v1.SubmitJobsResponse\x12)\n\x06GetJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job\x12\x41\n\x08ListJobs\x12\x19.aifed.v1.ListJobsRequest\x1a\x1a.aifed.v1.ListJobsResponse\x12-\n\x08WatchJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job0\x01\x12,\n\tCancelJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job\x12\x39\n\nStreamLogs\x12\x15.aifed.v1.LogsRequest\x1a\x12.aifed.v1.LogChunk0\x01\x12\x44\n\tListSites\x12\x1a.aifed.v1.ListSitesRequest\x1a\x1b.aifed.v1.ListSitesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61ifed/v1/antenna.proto\x12\x08\x61ifed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13\x61ifed/v1/jobs.proto\"g\n\x10SubmitJobRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.aifed.v1.JobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05\x61rray\x18\x03 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"=\n\x11SubmitJobsRequest\x12(\n\x04jobs\x18\x01 \x03(\x0b\x32\x1a.aifed.v1.SubmitJobRequest\"h\n\x0cSubmitResult\x12(\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x14.aifed.v1.JobReceiptH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.aifed.v1.JobErrorH\x00\x42\t\n\x07outcome\"=\n\x12SubmitJobsResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.aifed.v1.SubmitResult\"D\n\x0fListJobsRequest\x12\"\n\x06states\x18\x01 \x03(\x0e\x32\x12.aifed.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\r\"/\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.aifed.v1.Job\"\x12\n\x10ListSitesRequest\"\xa2\x01\n\x04Site\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x11\n\treachable\x18\x03 \x01(\x08\x12 \n\x06\x61\x64vert\x18\x04 \x01(\x0b\x32\x10.aifed.v1.Advert\x12\x36\n\x12\x61\x64vert_received_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"g\n\x11ListSitesResponse\x12\x1d\n\x05sites\x18\x01 \x03(\x0b\x32\x0e.aifed.v1.Site\x12\x33\n\x0f\x63\x65rt_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xd6\x03\n\x07\x41ntenna\x12\x36\n\tSubmitJob\x12\x1a.aifed.v1.SubmitJobRequest\x1a\r.aifed.v1.Job\x12G\n\nSubmitJobs\x12\x1b.aifed.v1.SubmitJobsRequest\x1a\x1c.aifed.v1.SubmitJobsResponse\x12)\n\x06GetJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job\x12\x41\n\x08ListJobs\x12\x19.aifed.v1.ListJobsRequest\x1a\x1a.aifed.v1.ListJobsResponse\x12-\n\x08WatchJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job0\x01\x12,\n\tCancelJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job\x12\x39\n\nStreamLogs\x12\x15.aifed.v1.LogsRequest\x1a\x12.aifed.v1.LogChunk0\x01\x12\x44\n\tListSites\x12\x1a.aifed.v1.ListSitesRequest\x1a\x1b.aifed.v1.ListSitesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +35,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aifed.v1.antenna_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITJOBREQUEST']._serialized_start=90
-  _globals['_SUBMITJOBREQUEST']._serialized_end=176
-  _globals['_SUBMITJOBSREQUEST']._serialized_start=178
-  _globals['_SUBMITJOBSREQUEST']._serialized_end=239
-  _globals['_SUBMITRESULT']._serialized_start=241
-  _globals['_SUBMITRESULT']._serialized_end=345
-  _globals['_SUBMITJOBSRESPONSE']._serialized_start=347
-  _globals['_SUBMITJOBSRESPONSE']._serialized_end=408
-  _globals['_LISTJOBSREQUEST']._serialized_start=410
-  _globals['_LISTJOBSREQUEST']._serialized_end=478
-  _globals['_LISTJOBSRESPONSE']._serialized_start=480
-  _globals['_LISTJOBSRESPONSE']._serialized_end=527
-  _globals['_LISTSITESREQUEST']._serialized_start=529
-  _globals['_LISTSITESREQUEST']._serialized_end=547
-  _globals['_SITE']._serialized_start=550
-  _globals['_SITE']._serialized_end=712
-  _globals['_LISTSITESRESPONSE']._serialized_start=714
-  _globals['_LISTSITESRESPONSE']._serialized_end=817
-  _globals['_ANTENNA']._serialized_start=820
-  _globals['_ANTENNA']._serialized_end=1290
+  _globals['_SUBMITJOBREQUEST']._serialized_end=193
+  _globals['_SUBMITJOBSREQUEST']._serialized_start=195
+  _globals['_SUBMITJOBSREQUEST']._serialized_end=256
+  _globals['_SUBMITRESULT']._serialized_start=258
+  _globals['_SUBMITRESULT']._serialized_end=362
+  _globals['_SUBMITJOBSRESPONSE']._serialized_start=364
+  _globals['_SUBMITJOBSRESPONSE']._serialized_end=425
+  _globals['_LISTJOBSREQUEST']._serialized_start=427
+  _globals['_LISTJOBSREQUEST']._serialized_end=495
+  _globals['_LISTJOBSRESPONSE']._serialized_start=497
+  _globals['_LISTJOBSRESPONSE']._serialized_end=544
+  _globals['_LISTSITESREQUEST']._serialized_start=546
+  _globals['_LISTSITESREQUEST']._serialized_end=564
+  _globals['_SITE']._serialized_start=567
+  _globals['_SITE']._serialized_end=729
+  _globals['_LISTSITESRESPONSE']._serialized_start=731
+  _globals['_LISTSITESRESPONSE']._serialized_end=834
+  _globals['_ANTENNA']._serialized_start=837
+  _globals['_ANTENNA']._serialized_end=1307
 # @@protoc_insertion_point(module_scope)

@@ -184,7 +184,7 @@ class PartitionAdvert(_message.Message):
     def __init__(self, name: _Optional[str] = ..., gpu_model: _Optional[str] = ..., gpus_total: _Optional[int] = ..., gpus_free: _Optional[int] = ..., running_jobs: _Optional[int] = ..., pending_jobs: _Optional[int] = ..., pending_gpu_seconds: _Optional[float] = ..., max_walltime_s: _Optional[int] = ..., max_cpus: _Optional[int] = ...) -> None: ...
 
 class Advert(_message.Message):
-    __slots__ = ("site", "federation", "partitions", "services", "sectors", "access_modes", "sequence", "issued_at", "ttl_s", "estimates", "degraded", "status_message", "cert_expires_at", "draining", "drain_reason", "maintenance")
+    __slots__ = ("site", "federation", "partitions", "services", "sectors", "access_modes", "sequence", "issued_at", "ttl_s", "estimates", "degraded", "status_message", "cert_expires_at", "draining", "drain_reason", "maintenance", "mode_limits")
     SITE_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_FIELD_NUMBER: _ClassVar[int]
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class Advert(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     DRAIN_REASON_FIELD_NUMBER: _ClassVar[int]
     MAINTENANCE_FIELD_NUMBER: _ClassVar[int]
+    MODE_LIMITS_FIELD_NUMBER: _ClassVar[int]
     site: str
     federation: str
     partitions: _containers.RepeatedCompositeFieldContainer[PartitionAdvert]
@@ -217,7 +218,18 @@ class Advert(_message.Message):
     draining: bool
     drain_reason: str
     maintenance: _containers.RepeatedCompositeFieldContainer[Maintenance]
-    def __init__(self, site: _Optional[str] = ..., federation: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionAdvert, _Mapping]]] = ..., services: _Optional[_Iterable[str]] = ..., sectors: _Optional[_Iterable[str]] = ..., access_modes: _Optional[_Iterable[_Union[AccessMode, str]]] = ..., sequence: _Optional[int] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl_s: _Optional[int] = ..., estimates: _Optional[_Iterable[_Union[StartEstimate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., status_message: _Optional[str] = ..., cert_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., draining: _Optional[bool] = ..., drain_reason: _Optional[str] = ..., maintenance: _Optional[_Iterable[_Union[Maintenance, _Mapping]]] = ...) -> None: ...
+    mode_limits: _containers.RepeatedCompositeFieldContainer[ModeLimits]
+    def __init__(self, site: _Optional[str] = ..., federation: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionAdvert, _Mapping]]] = ..., services: _Optional[_Iterable[str]] = ..., sectors: _Optional[_Iterable[str]] = ..., access_modes: _Optional[_Iterable[_Union[AccessMode, str]]] = ..., sequence: _Optional[int] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl_s: _Optional[int] = ..., estimates: _Optional[_Iterable[_Union[StartEstimate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., status_message: _Optional[str] = ..., cert_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., draining: _Optional[bool] = ..., drain_reason: _Optional[str] = ..., maintenance: _Optional[_Iterable[_Union[Maintenance, _Mapping]]] = ..., mode_limits: _Optional[_Iterable[_Union[ModeLimits, _Mapping]]] = ...) -> None: ...
+
+class ModeLimits(_message.Message):
+    __slots__ = ("mode", "max_gpus", "max_walltime_s")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_GPUS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WALLTIME_S_FIELD_NUMBER: _ClassVar[int]
+    mode: AccessMode
+    max_gpus: int
+    max_walltime_s: int
+    def __init__(self, mode: _Optional[_Union[AccessMode, str]] = ..., max_gpus: _Optional[int] = ..., max_walltime_s: _Optional[int] = ...) -> None: ...
 
 class Maintenance(_message.Message):
     __slots__ = ("start", "end", "reason")

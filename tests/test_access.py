@@ -1,0 +1,85 @@
+"""Access mode limits per hub, enforced at the antenna (early) and the hub (always), and `submit --dry-run`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from federation.cli import main
+from federation.config import ModeLimits
+from federation.model import AccessMode, JobSpec, JobState
+from tests.conftest import Federation, hub_config
+
+PLAY = AccessMode.PLAYGROUND
+
+
+@pytest.fixture
+async def capped(test_pki, tmp_path):
+    """leonardo caps playground jobs at 1 GPU and 1 hour; lumi has no caps."""
+    f = Federation(test_pki, tmp_path)
+    try:
+        await f.start_hub(config=hub_config(test_pki, tmp_path, mode_limits=(ModeLimits(PLAY, 1, 3600),)))
+        await f.start_hub("lumi")
+        await f.start_antenna()
+        await f.wait_sites()
+        yield f
+    finally:
+        await f.close()
+
+
+async def test_mode_limits_are_advertised_and_placement_respects_them(capped):
+    (limits,) = capped.antennas["antenna-a"].core.sites["leonardo"].advert.mode_limits
+    assert (limits.mode, limits.max_gpus, limits.max_walltime_s) == (PLAY, 1, 3600)
+    alice = capped.client("alice")
+    big = [await alice.submit(JobSpec(argv=("true",), gpus=2, partition="booster", access_mode=PLAY))
+           for _ in range(3)]
+    assert {(j.state, j.site) for j in [await alice.wait(j.id) for j in big]} == {(JobState.COMPLETED, "lumi")}
+    # At the boundary: exactly 1 GPU and 1 hour is allowed at leonardo.
+    edge = await alice.submit(JobSpec(argv=("true",), gpus=1, walltime_s=3600, access_mode=PLAY, site="leonardo"))
+    assert (await alice.wait(edge.id)).state is JobState.COMPLETED
+
+
+@pytest.mark.parametrize("spec, says", [
+    (JobSpec(argv=("true",), gpus=2, access_mode=PLAY, site="leonardo"), "allows at most 1 GPU(s) per job in playground"),
+    (JobSpec(argv=("true",), walltime_s=3601, access_mode=PLAY, site="leonardo"),
+     "allows at most 01:00:00 of walltime in playground"),
+])
+async def test_a_job_beyond_a_pinned_hubs_mode_limits_is_refused_before_anything_is_stored(capped, spec, says):
+    alice = capped.client("alice")
+    before = capped.antennas["antenna-a"].core.journal.count()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await alice.submit(spec)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and says in err.value.details()
+    assert capped.antennas["antenna-a"].core.journal.count() == before
+
+
+async def test_the_hub_enforces_its_limits_whatever_the_antenna_says(capped):
+    hub = capped.hubs["leonardo"]
+    from federation.identity import parse_identity
+    from federation.model import Job
+    from tests.conftest import FEDERATION
+    antenna = parse_identity(f"spiffe://{FEDERATION}/antenna/antenna-a")
+    job = Job(id="antenna-a-00ff00ff00ff", spec=JobSpec(argv=("true",), gpus=2, access_mode=PLAY),
+              state=JobState.PENDING, owner=f"spiffe://{FEDERATION}/user/antenna-a/alice")
+    ((refusal, _),) = await hub.core.forward_many(antenna, [(job.id, job)])
+    assert refusal.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "site leonardo allows at most 1 GPU(s) per job in playground" in refusal.message
+    assert hub.core.journal.get(job.id) is None
+
+
+async def test_dry_run_says_where_a_job_would_go_and_stores_nothing(capped, test_pki, capsys):
+    tls = test_pki.user("antenna-a", "alice")
+    base = ["submit", "--antenna", f"127.0.0.1:{capped.antennas['antenna-a'].port}", "--ca", str(tls.ca),
+            "--cert", str(tls.cert), "--key", str(tls.key), "--dry-run"]
+    before = capped.antennas["antenna-a"].core.journal.count()
+    assert await asyncio.to_thread(main, [*base, "-G", "2", "--mode", "playground", "--", "true"]) == 0
+    assert capsys.readouterr().out.startswith("dry run: would be forwarded to lumi")
+    assert await asyncio.to_thread(main, [*base, "--array", "0-9", "--", "true"]) == 0
+    assert "(each of the 10 array tasks)" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, [*base, "-G", "2", "--mode", "playground", "--site", "leonardo",
+                                          "--", "true"]) == 7  # refused, as the real submission would be
+    assert "leonardo allows at most 1 GPU(s) per job in playground" in capsys.readouterr().err
+    assert capped.antennas["antenna-a"].core.journal.count() == before
+    assert capped.hubs["leonardo"].core.journal.count() == capped.hubs["lumi"].core.journal.count() == 0
