@@ -251,6 +251,7 @@ class AntennaCore:
                 key = f"{key}#{index}" if key else None
             jobs.append((Job(id=f"{self.config.site}-{secrets.token_hex(6)}", spec=task_spec, state=JobState.PENDING,
                              owner=who.uri, antenna=self.config.site, site=site, created_at=now, updated_at=now,
+                             country=self.config.country,
                              reason=f"forwarding to {site}" if site else "waiting to be forwarded",
                              history=(Transition(JobState.PENDING, now, "accepted by the antenna"),)), key))
         return jobs
@@ -288,7 +289,7 @@ class AntennaCore:
         known = [s for s in candidates if s.advert is not None]
         if not known:
             return ""  # nothing known yet: the job waits until a hub is heard from
-        reasons = {s.site: why_not(spec, s.advert) for s in known}
+        reasons = {s.site: why_not(spec, s.advert, self.config.country) for s in known}
         if all(reasons.values()):
             if spec.partition and all("has no partition" in r for r in reasons.values()):
                 raise NotFound(f"no hub has a partition {spec.partition!r}; partitions: " + ", ".join(
@@ -469,7 +470,7 @@ class AntennaCore:
         candidates = [self.sites[spec.site]] if spec.site else list(self.sites.values())
         shape = jobs_pb2.JobShape(gpus=spec.gpus, walltime_s=spec.walltime_s, partition=spec.partition)
 
-        fit_now = [s for s in candidates if s.advert is not None and s.fresh and not why_not(spec, s.advert)]
+        fit_now = [s for s in candidates if s.advert is not None and s.fresh and not why_not(spec, s.advert, self.config.country)]
         ask = len(fit_now) > 1  # with a single hub that fits, there is nothing to compare: no estimate needed
 
         async def judge(site: HubSite) -> Verdict:
@@ -477,7 +478,7 @@ class AntennaCore:
                 return Verdict(site.site, site.revoked, transient=True)
             if site.advert is None:
                 return Verdict(site.site, f"has not been heard from ({site.error})", transient=True)
-            if reason := why_not(spec, site.advert):
+            if reason := why_not(spec, site.advert, self.config.country):
                 return Verdict(site.site, reason)
             if not site.fresh:
                 return Verdict(site.site, f"is unreachable ({site.error or 'advert expired'})", transient=True)
@@ -545,7 +546,8 @@ class AntennaCore:
         refusal is journaled (FAILED)."""
         request = hub_pb2.ForwardJobsRequest(jobs=[hub_pb2.ForwardJobRequest(
             idempotency_key=job.id, job=jobs_pb2.Job(id=job.id, spec=convert.spec_to_pb(job.spec), owner=job.owner,
-                                                     antenna=job.antenna, state=int(job.state))) for job in jobs])
+                                                     antenna=job.antenna, state=int(job.state),
+                                                     country=job.country)) for job in jobs])
         elsewhere: dict[str, str] = {}
         try:
             started = time.monotonic()

@@ -23,9 +23,12 @@ class Verdict:
         return not self.reason
 
 
-def why_not(spec: JobSpec, advert: jobs_pb2.Advert) -> str:
+def why_not(spec: JobSpec, advert: jobs_pb2.Advert, country: str = "") -> str:
     """Why a hub with this advert could never run the job, or "" if it can (a drain is only for now: see
     `Verdict.transient` in the antenna)."""
+    if advert.countries and country not in advert.countries:
+        return (f"serves users from {', '.join(advert.countries)} only, and this antenna's users are from "
+                + (country or "no declared country (antenna.country)"))
     parts = list(advert.partitions)
     if spec.partition:
         parts = [p for p in parts if p.name == spec.partition]

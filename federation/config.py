@@ -104,6 +104,7 @@ class HubConfig:
     metrics_listen: str | None = None  # HOST:PORT for Prometheus (HTTPS, client certificates required)
     maintenance: tuple[Maintenance, ...] = ()
     mode_limits: tuple[ModeLimits, ...] = ()
+    countries: tuple[str, ...] = ()  # users' countries served (ISO 3166 alpha-2); empty: all
     user_map: Path | None = None  # (antenna, user, project) -> local account; None: the hub's own account
 
 
@@ -123,6 +124,7 @@ class AntennaConfig:
     tls: TlsFiles
     hubs: tuple[HubEndpoint, ...] = field(default_factory=tuple)
     retention_s: int = DEFAULT_RETENTION_S
+    country: str = ""  # where this antenna's users are (ISO 3166 alpha-2), vouched for on each job
     limits: Limits = field(default_factory=lambda: ANTENNA_LIMITS)
     audit_log: Path | None = None  # None: <state_dir>/audit.jsonl
     metrics_listen: str | None = None  # HOST:PORT for Prometheus (HTTPS, client certificates required)
@@ -299,6 +301,28 @@ def _instant(t: _Table, k: str) -> float:
     return value.timestamp()
 
 
+# The 27 Member States of the EU (ISO 3166 alpha-2), which `hub.countries` may name as "EU".
+EU_MEMBER_STATES = ("AT", "BE", "BG", "CY", "CZ", "DE", "DK", "EE", "ES", "FI", "FR", "GR", "HR", "HU", "IE", "IT",
+                    "LT", "LU", "LV", "MT", "NL", "PL", "PT", "RO", "SE", "SI", "SK")
+
+
+def _country(code: str) -> str:
+    if not (len(code) == 2 and code.isascii() and code.isalpha() and code.isupper()):
+        raise ValueError(f"{code!r} is not an ISO 3166 alpha-2 country code such as SI or DE")
+    return code
+
+
+def _countries(h: _Table) -> tuple[str, ...]:
+    out: list[str] = []
+    for code in h.strings("countries"):
+        try:
+            new = EU_MEMBER_STATES if code == "EU" else (_country(code),)
+        except ValueError as exc:
+            raise ConfigError(h.path, h.key("countries"), f"{exc}, or EU for the 27 Member States") from None
+        out += [c for c in new if c not in out]
+    return tuple(out)
+
+
 def _mode_limits(root: _Table, accepted: tuple[AccessMode, ...]) -> tuple[ModeLimits, ...]:
     """`[modes.<slug>]` tables: caps per access mode, for modes the hub accepts."""
     t = root.table("modes")
@@ -363,6 +387,7 @@ def load_hub(path: str | Path) -> HubConfig:
         except ConfigError as exc:
             raise ConfigError(p, "hub.user_map", str(exc)) from None
     services, sectors = h.strings("services"), h.strings("sectors")
+    countries = _countries(h)
     modes = []
     for m in h.strings("access_modes"):
         try:
@@ -430,7 +455,7 @@ def load_hub(path: str | Path) -> HubConfig:
                      slurm_conf=slurm_conf, poll_interval_s=poll, capacity_interval_s=capacity,
                      command_timeout_s=command_timeout, accounts=accounts, retention_s=retention, limits=limits,
                      audit_log=audit_log, user_map=user_map, metrics_listen=metrics_listen,
-                     maintenance=maintenance, mode_limits=mode_limits)
+                     maintenance=maintenance, mode_limits=mode_limits, countries=countries)
 
 
 def load_antenna(path: str | Path) -> AntennaConfig:
@@ -442,6 +467,7 @@ def load_antenna(path: str | Path) -> AntennaConfig:
     state_dir = a.path_("state_dir")
     retention = a.duration("retention", DEFAULT_RETENTION_S)
     audit_log = a.path_("audit_log") if "audit_log" in a.data else state_dir / "audit.jsonl"
+    country = a.checked("country", _country, "") if "country" in a.data else ""
     a.done()
     root.seen.add("hubs")
     raw_hubs = root.data.get("hubs", [])
@@ -460,7 +486,7 @@ def load_antenna(path: str | Path) -> AntennaConfig:
     metrics_listen = _metrics(root)
     root.done()
     return AntennaConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
-                         hubs=tuple(hubs), retention_s=retention, limits=limits, audit_log=audit_log,
+                         hubs=tuple(hubs), retention_s=retention, limits=limits, audit_log=audit_log, country=country,
                          metrics_listen=metrics_listen)
 
 

@@ -170,6 +170,7 @@ class Job:
     created_at: float = 0.0
     updated_at: float = 0.0
     account: str = ""  # at a hub with a user map: the local account the job runs as
+    country: str = ""  # the submitting user's country (ISO 3166 alpha-2), as the antenna vouches
 
     @property
     def final(self) -> bool:

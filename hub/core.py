@@ -233,6 +233,9 @@ class HubCore:
             raise InvalidArgument(f"the job's owner is not a federation identity: {exc}") from None
         if owner.role is not Role.USER or owner.site != who.site or owner.federation != who.federation:
             raise PermissionDenied(f"antenna {who.site!r} may only forward jobs of its own users, not {job.owner}")
+        if self.config.countries and job.country not in self.config.countries:
+            raise PermissionDenied(f"site {self.config.site} serves users from {', '.join(self.config.countries)} "
+                                   f"only; this job's user is from {job.country or 'no declared country'}")
         account = self.user_map.account(who.site, owner.name, job.spec.project) if self.user_map else ""
         job.spec.validate()
         now = time.time()
@@ -251,7 +254,7 @@ class HubCore:
         # The hub's history starts when it accepts the job; the antenna keeps what came before.
         accepted = Job(id=job.id, spec=job.spec, state=JobState.PENDING, owner=job.owner, antenna=who.site,
                        site=self.config.site, partition=partition.name, created_at=now, updated_at=now,
-                       account=account).moved(JobState.FORWARDED, f"accepted by hub {self.config.site}", at=now)
+                       account=account, country=job.country).moved(JobState.FORWARDED, f"accepted by hub {self.config.site}", at=now)
         return scoped_key, accepted.moved(JobState.QUEUED, f"queued in partition {partition.name}", at=now)
 
     async def _place(self, job: Job) -> PartitionConfig:

@@ -71,6 +71,7 @@ class HubService(hub_pb2_grpc.HubServicer):
             drain_reason=drain,
             maintenance=[jobs_pb2.Maintenance(start=convert.ts(w.start), end=convert.ts(w.end), reason=w.reason)
                          for w in core.maintenance_ahead(now)],
+            countries=cfg.countries,
             mode_limits=[jobs_pb2.ModeLimits(mode=int(m.mode), max_gpus=m.max_gpus, max_walltime_s=m.max_walltime_s)
                          for m in cfg.mode_limits],
             issued_at=convert.ts(now), ttl_s=cfg.advert_ttl_s, estimates=estimates,

@@ -83,3 +83,65 @@ async def test_dry_run_says_where_a_job_would_go_and_stores_nothing(capped, test
     assert "leonardo allows at most 1 GPU(s) per job in playground" in capsys.readouterr().err
     assert capped.antennas["antenna-a"].core.journal.count() == before
     assert capped.hubs["leonardo"].core.journal.count() == capped.hubs["lumi"].core.journal.count() == 0
+
+
+# -- eligibility by country ---------------------------------------------------------------------------------------
+
+async def start_country_federation(test_pki, tmp_path, antenna_country: str) -> Federation:
+    from dataclasses import replace
+
+    from antenna.daemon import AntennaDaemon
+    from tests.conftest import antenna_config
+
+    f = Federation(test_pki, tmp_path)
+    try:
+        await f.start_hub(config=hub_config(test_pki, tmp_path, countries=("DE", "SI")))
+        await f.start_hub("lumi", config=hub_config(test_pki, tmp_path, "lumi", countries=("FI",)))
+        config = replace(antenna_config(test_pki, tmp_path, {s: d.port for s, d in f.hubs.items()}),
+                         country=antenna_country)
+        f.antennas["antenna-a"] = await AntennaDaemon(config).start()
+        await f.wait_sites()
+    except BaseException:
+        await f.close()
+        raise
+    return f
+
+
+async def test_hubs_serve_only_the_countries_they_allow(test_pki, tmp_path):
+    f = await start_country_federation(test_pki, tmp_path, "SI")
+    try:
+        leonardo = f.antennas["antenna-a"].core.sites["leonardo"]
+        assert list(leonardo.advert.countries) == ["DE", "SI"]
+        alice = f.client("alice")
+        jobs = [await alice.submit(JobSpec(argv=("true",))) for _ in range(3)]
+        done = [await alice.wait(j.id) for j in jobs]
+        assert {(j.state, j.site, j.country) for j in done} == {(JobState.COMPLETED, "leonardo", "SI")}
+        assert f.hubs["leonardo"].core.journal.get(done[0].id).country == "SI"  # the hub records it
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await alice.submit(JobSpec(argv=("true",), site="lumi"))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "lumi serves users from FI only, and this antenna's users are from SI" in err.value.details()
+    finally:
+        await f.close()
+
+
+async def test_a_hub_refuses_a_forwarded_job_of_a_country_it_does_not_serve(test_pki, tmp_path):
+    f = await start_country_federation(test_pki, tmp_path, "SI")
+    try:
+        from federation.identity import parse_identity
+        from federation.model import Job
+        from tests.conftest import FEDERATION
+        antenna = parse_identity(f"spiffe://{FEDERATION}/antenna/antenna-a")
+        owner = f"spiffe://{FEDERATION}/user/antenna-a/alice"
+        for country, refused in (("US", True), ("", True), ("FI", False)):
+            job = Job(id=f"antenna-a-{country.lower() or 'none'}0000", spec=JobSpec(argv=("true",)),
+                      state=JobState.PENDING, owner=owner, country=country)
+            ((outcome, _),) = await f.hubs["lumi"].core.forward_many(antenna, [(job.id, job)])
+            if refused:
+                assert outcome.code == grpc.StatusCode.PERMISSION_DENIED
+                assert f"serves users from FI only; this job's user is from {country or 'no declared country'}" \
+                    in outcome.message
+            else:
+                assert isinstance(outcome, Job) and outcome.country == "FI"
+    finally:
+        await f.close()

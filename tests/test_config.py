@@ -505,3 +505,19 @@ def test_access_mode_limits_are_parsed_and_checked(folder):
         with pytest.raises(ConfigError) as err:
             load_hub(write(folder, HUB + "\n" + text))
         assert err.value.key == key and says in err.value.problem
+
+
+def test_countries_are_checked_and_eu_expands_to_the_member_states(folder):
+    from federation.config import EU_MEMBER_STATES
+    config = load_hub(write(folder, edit(HUB, 'sectors = ["health"]', 'sectors = ["health"]\ncountries = ["NO", "EU", "SI"]')))
+    assert config.countries == ("NO", *EU_MEMBER_STATES) and len(config.countries) == 28
+    with pytest.raises(ConfigError) as err:
+        load_hub(write(folder, edit(HUB, 'sectors = ["health"]', 'sectors = ["health"]\ncountries = ["Slovenia"]')))
+    assert err.value.key == "hub.countries" and "ISO 3166" in err.value.problem
+    antenna = load_antenna(write(folder, edit(ANTENNA, 'site = "antenna-a"', 'site = "antenna-a"\ncountry = "SI"'),
+                                 "antenna.toml"))
+    assert antenna.country == "SI"
+    with pytest.raises(ConfigError) as err:
+        load_antenna(write(folder, edit(ANTENNA, 'site = "antenna-a"', 'site = "antenna-a"\ncountry = "si"'),
+                           "antenna.toml"))
+    assert err.value.key == "antenna.country"

@@ -110,7 +110,7 @@ class Transition(_message.Message):
     def __init__(self, state: _Optional[_Union[JobState, str]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "spec", "state", "owner", "antenna", "site", "partition", "has_exit_code", "exit_code", "reason", "history", "created_at", "updated_at")
+    __slots__ = ("id", "spec", "state", "owner", "antenna", "site", "partition", "has_exit_code", "exit_code", "reason", "history", "created_at", "updated_at", "country")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class Job(_message.Message):
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    COUNTRY_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: JobSpec
     state: JobState
@@ -137,7 +138,8 @@ class Job(_message.Message):
     history: _containers.RepeatedCompositeFieldContainer[Transition]
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., owner: _Optional[str] = ..., antenna: _Optional[str] = ..., site: _Optional[str] = ..., partition: _Optional[str] = ..., has_exit_code: _Optional[bool] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    country: str
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., owner: _Optional[str] = ..., antenna: _Optional[str] = ..., site: _Optional[str] = ..., partition: _Optional[str] = ..., has_exit_code: _Optional[bool] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., country: _Optional[str] = ...) -> None: ...
 
 class JobShape(_message.Message):
     __slots__ = ("gpus", "walltime_s", "partition")
@@ -184,7 +186,7 @@ class PartitionAdvert(_message.Message):
     def __init__(self, name: _Optional[str] = ..., gpu_model: _Optional[str] = ..., gpus_total: _Optional[int] = ..., gpus_free: _Optional[int] = ..., running_jobs: _Optional[int] = ..., pending_jobs: _Optional[int] = ..., pending_gpu_seconds: _Optional[float] = ..., max_walltime_s: _Optional[int] = ..., max_cpus: _Optional[int] = ...) -> None: ...
 
 class Advert(_message.Message):
-    __slots__ = ("site", "federation", "partitions", "services", "sectors", "access_modes", "sequence", "issued_at", "ttl_s", "estimates", "degraded", "status_message", "cert_expires_at", "draining", "drain_reason", "maintenance", "mode_limits")
+    __slots__ = ("site", "federation", "partitions", "services", "sectors", "access_modes", "sequence", "issued_at", "ttl_s", "estimates", "degraded", "status_message", "cert_expires_at", "draining", "drain_reason", "maintenance", "mode_limits", "countries")
     SITE_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_FIELD_NUMBER: _ClassVar[int]
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +204,7 @@ class Advert(_message.Message):
     DRAIN_REASON_FIELD_NUMBER: _ClassVar[int]
     MAINTENANCE_FIELD_NUMBER: _ClassVar[int]
     MODE_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    COUNTRIES_FIELD_NUMBER: _ClassVar[int]
     site: str
     federation: str
     partitions: _containers.RepeatedCompositeFieldContainer[PartitionAdvert]
@@ -219,7 +222,8 @@ class Advert(_message.Message):
     drain_reason: str
     maintenance: _containers.RepeatedCompositeFieldContainer[Maintenance]
     mode_limits: _containers.RepeatedCompositeFieldContainer[ModeLimits]
-    def __init__(self, site: _Optional[str] = ..., federation: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionAdvert, _Mapping]]] = ..., services: _Optional[_Iterable[str]] = ..., sectors: _Optional[_Iterable[str]] = ..., access_modes: _Optional[_Iterable[_Union[AccessMode, str]]] = ..., sequence: _Optional[int] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl_s: _Optional[int] = ..., estimates: _Optional[_Iterable[_Union[StartEstimate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., status_message: _Optional[str] = ..., cert_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., draining: _Optional[bool] = ..., drain_reason: _Optional[str] = ..., maintenance: _Optional[_Iterable[_Union[Maintenance, _Mapping]]] = ..., mode_limits: _Optional[_Iterable[_Union[ModeLimits, _Mapping]]] = ...) -> None: ...
+    countries: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, site: _Optional[str] = ..., federation: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionAdvert, _Mapping]]] = ..., services: _Optional[_Iterable[str]] = ..., sectors: _Optional[_Iterable[str]] = ..., access_modes: _Optional[_Iterable[_Union[AccessMode, str]]] = ..., sequence: _Optional[int] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl_s: _Optional[int] = ..., estimates: _Optional[_Iterable[_Union[StartEstimate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., status_message: _Optional[str] = ..., cert_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., draining: _Optional[bool] = ..., drain_reason: _Optional[str] = ..., maintenance: _Optional[_Iterable[_Union[Maintenance, _Mapping]]] = ..., mode_limits: _Optional[_Iterable[_Union[ModeLimits, _Mapping]]] = ..., countries: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModeLimits(_message.Message):
     __slots__ = ("mode", "max_gpus", "max_walltime_s")
