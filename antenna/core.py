@@ -237,7 +237,8 @@ class AntennaCore:
             except ValueError as exc:
                 raise InvalidArgument(f"array {entry.array[:80]!r}: {exc}") from None
         spec.validate()
-        shape = (spec.site, spec.partition, spec.gpus, spec.cpus, spec.walltime_s, spec.access_mode)
+        shape = (spec.site, spec.partition, spec.gpus, spec.cpus, spec.walltime_s, spec.access_mode, spec.sector,
+                 spec.sector_required)
         site = sites[shape] if shape in sites else self.precheck(spec)
         sites[shape] = site
         now = time.time()
@@ -265,7 +266,7 @@ class AntennaCore:
         verdicts = await self.verdicts(spec)
         free = {s.site: max((p.gpus_free for p in s.advert.partitions), default=0)
                 for s in self.sites.values() if s.advert is not None}
-        ranked = rank(verdicts, free)
+        ranked = rank(verdicts, free, self._specialised(spec))
         if ranked:
             site = ranked[0].site
             reason = f"dry run: would be forwarded to {site} (estimated wait {ranked[0].wait_s:.0f}s)"
@@ -276,6 +277,12 @@ class AntennaCore:
         now = time.time()
         return Job(id="", spec=spec, state=JobState.PENDING, owner=who.uri, antenna=self.config.site, site=site,
                    reason=reason, created_at=now, updated_at=now)
+
+    def _specialised(self, spec: JobSpec) -> frozenset[str]:
+        """The hubs that advertise the job's strategic sector (placement prefers them)."""
+        if not spec.sector:
+            return frozenset()
+        return frozenset(s.site for s in self.sites.values() if s.advert is not None and spec.sector in s.advert.sectors)
 
     def precheck(self, spec: JobSpec) -> str:
         """Refuse now a job that no known hub could ever run, so users are never rejected late.
@@ -426,7 +433,8 @@ class AntennaCore:
                 self._queue(job)
                 continue
             s = job.spec
-            groups[(s.gpus, s.cpus, s.walltime_s, s.partition, s.access_mode, s.site)].append(job)
+            groups[(s.gpus, s.cpus, s.walltime_s, s.partition, s.access_mode, s.site, s.sector,
+                    s.sector_required)].append(job)
         decisions: list[tuple[str, JobState, str, str]] = []  # (job id, state, site, reason)
         waiting: list[str] = []
         free = {s.site: max((p.gpus_free for p in s.advert.partitions), default=0)
@@ -437,7 +445,7 @@ class AntennaCore:
                 reason = "no hub can run this job: " + "; ".join(f"{v.site} {v.reason}" for v in verdicts)
                 decisions += [(job.id, JobState.FAILED, "", reason) for job in group]
                 continue
-            ranked = rank(verdicts, free)
+            ranked = rank(verdicts, free, self._specialised(group[0].spec))
             if not ranked:
                 waiting += [job.id for job in group]
                 continue

@@ -26,6 +26,8 @@ class Verdict:
 def why_not(spec: JobSpec, advert: jobs_pb2.Advert, country: str = "") -> str:
     """Why a hub with this advert could never run the job, or "" if it can (a drain is only for now: see
     `Verdict.transient` in the antenna)."""
+    if spec.sector_required and spec.sector not in advert.sectors:
+        return f"does not specialise in sector {spec.sector}"
     if advert.countries and country not in advert.countries:
         return (f"serves users from {', '.join(advert.countries)} only, and this antenna's users are from "
                 + (country or "no declared country (antenna.country)"))
@@ -65,7 +67,10 @@ def maintenance_in_the_way(advert: jobs_pb2.Advert, walltime_s: int, now: float 
     return ""
 
 
-def rank(verdicts: list[Verdict], free_gpus: dict[str, int]) -> list[Verdict]:
-    """Sites that fit and gave an estimate, earliest start first; ties go to the most free GPUs, then name."""
+def rank(verdicts: list[Verdict], free_gpus: dict[str, int], specialised: frozenset[str] = frozenset()
+         ) -> list[Verdict]:
+    """Sites that fit and gave an estimate: those specialised in the job's sector first, then earliest start;
+    ties go to the most free GPUs, then name."""
     usable = [v for v in verdicts if v.fits and v.wait_s is not None]
-    return sorted(usable, key=lambda v: (round(v.wait_s or 0.0), -free_gpus.get(v.site, 0), v.site))
+    return sorted(usable, key=lambda v: (v.site not in specialised, round(v.wait_s or 0.0),
+                                         -free_gpus.get(v.site, 0), v.site))

@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", type=_mode, default=AccessMode.UNSPECIFIED,
                    help="access mode: playground, fast-lane, large-scale, ai-for-science")
     s.add_argument("-A", "--project", help="project / account")
+    s.add_argument("--sector", default="", help="the strategic sector of the work (health, climate, manufacturing, "
+                                                "...): hubs specialised in it are preferred")
+    s.add_argument("--require-sector", action="store_true", help="run only at hubs specialised in --sector")
     s.add_argument("--env", type=_env_pair, action="append", default=[], help="NAME=VALUE for the job (repeatable)")
     s.add_argument("-a", "--array", help="a job array, as in sbatch: 0-999, 1,3,5-7, 0-98:2 (each task gets "
                                          "AIFED_ARRAY_TASK_ID and SLURM_ARRAY_TASK_ID)")
@@ -285,7 +288,10 @@ def _spec(flags: dict, directives: dict, args: argparse.Namespace, **what) -> Jo
     defaults = {"name": "", "gpus": 0, "cpus": 1, "walltime_s": 3600, "partition": "", "project": "",
                 "memory_mb": 0}
     merged = {k: flags[k] if flags[k] is not None else directives.get(k, defaults[k]) for k in defaults}
-    return JobSpec(**merged, site=args.site, access_mode=args.mode, env=dict(args.env), **what)
+    if args.require_sector and not args.sector:
+        raise UsageError("--require-sector needs --sector")
+    return JobSpec(**merged, site=args.site, access_mode=args.mode, env=dict(args.env), sector=args.sector,
+                   sector_required=args.require_sector, **what)
 
 
 def _print_json(value) -> None:

@@ -25,7 +25,8 @@ def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
         name=spec.name, argv=spec.argv, script=spec.script, script_args=spec.script_args, env=spec.env,
         gpus=spec.gpus, cpus=spec.cpus, memory_mb=spec.memory_mb, walltime_s=spec.walltime_s,
         partition=spec.partition, access_mode=int(spec.access_mode), project=spec.project, site=spec.site,
-        array_job=spec.array_job, array_task=spec.array_task)
+        array_job=spec.array_job, array_task=spec.array_task, sector=spec.sector,
+        sector_required=spec.sector_required)
 
 
 def spec_from_pb(msg: jobs_pb2.JobSpec) -> JobSpec:
@@ -38,7 +39,8 @@ def spec_from_pb(msg: jobs_pb2.JobSpec) -> JobSpec:
         name=msg.name, argv=tuple(msg.argv), script=msg.script, script_args=tuple(msg.script_args),
         env=dict(msg.env), gpus=msg.gpus, cpus=msg.cpus or 1, memory_mb=msg.memory_mb,
         walltime_s=msg.walltime_s or JobSpec.walltime_s, partition=msg.partition, access_mode=mode,
-        project=msg.project, site=msg.site, array_job=msg.array_job, array_task=msg.array_task)
+        project=msg.project, site=msg.site, array_job=msg.array_job, array_task=msg.array_task,
+        sector=msg.sector, sector_required=msg.sector_required)
 
 
 def job_to_pb(job: Job, spec: bool = True) -> jobs_pb2.Job:

@@ -58,7 +58,8 @@ def job_to_json(job: Job) -> bytes:
         "spec": {"argv": list(s.argv), "script": s.script, "script_args": list(s.script_args), "env": s.env,
                  "name": s.name, "gpus": s.gpus, "cpus": s.cpus, "memory_mb": s.memory_mb,
                  "walltime_s": s.walltime_s, "partition": s.partition, "access_mode": int(s.access_mode),
-                 "project": s.project, "site": s.site, "array_job": s.array_job, "array_task": s.array_task},
+                 "project": s.project, "site": s.site, "array_job": s.array_job, "array_task": s.array_task,
+                 "sector": s.sector, "sector_required": s.sector_required},
     })
 
 
@@ -69,7 +70,8 @@ def job_from_json(data: bytes) -> Job:
                    name=s["name"], gpus=s["gpus"], cpus=s["cpus"], memory_mb=s["memory_mb"],
                    walltime_s=s["walltime_s"], partition=s["partition"], access_mode=AccessMode(s["access_mode"]),
                    project=s["project"], site=s["site"], array_job=s.get("array_job", ""),
-                   array_task=s.get("array_task", 0))
+                   array_task=s.get("array_task", 0), sector=s.get("sector", ""),
+                   sector_required=s.get("sector_required", False))
     return Job(id=d["id"], spec=spec, state=JobState(d["state"]), owner=d["owner"], antenna=d["antenna"],
                site=d["site"], partition=d["partition"], exit_code=d["exit_code"], reason=d["reason"],
                history=tuple(Transition(JobState(st), at, r) for st, at, r in d["history"]),

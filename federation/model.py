@@ -67,6 +67,7 @@ MAX_ARRAY_INDEX = 4_000_000  # Slurm's own limit on an array index
 RESERVED_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "AIFED_")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME = re.compile(r"^[\w.+-]{0,128}$")
+_SECTOR = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 _ARRAY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}[a-z0-9]-[a-z0-9]{1,64}")  # a job id
 
 
@@ -89,6 +90,8 @@ class JobSpec:
     site: str = ""
     array_job: str = ""   # set by the antenna for the tasks of a job array: the array's id
     array_task: int = 0   # and this task's index
+    sector: str = ""      # strategic sector (health, climate...): specialised hubs are preferred
+    sector_required: bool = False  # only hubs specialised in `sector`
 
     def array_env(self) -> dict[str, str]:
         """What a task of a job array finds in its environment (also under Slurm's names, so that existing
@@ -135,6 +138,11 @@ class JobSpec:
         _bounded("array task", self.array_task, 0, MAX_ARRAY_INDEX)
         if self.array_task and not self.array_job:
             raise InvalidArgument("an array task index without an array id")
+        if self.sector and not _SECTOR.fullmatch(self.sector):
+            raise InvalidArgument(f"sector {self.sector[:80]!r} is not valid: lower-case letters, digits and '-', "
+                                  "such as health, climate, public-sector")
+        if self.sector_required and not self.sector:
+            raise InvalidArgument("a required sector needs a sector")
         if self.array_job and not _ARRAY_ID.fullmatch(self.array_job):
             raise InvalidArgument(f"array id {self.array_job[:80]!r} is not valid")
         if self.access_mode not in AccessMode.__members__.values():

@@ -247,7 +247,7 @@ class HubCore:
                     f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(window.end))}"
                     + (f" ({window.reason})" if window.reason else ""))
         s = job.spec
-        shape = (s.partition, s.gpus, s.cpus, s.walltime_s, s.access_mode)
+        shape = (s.partition, s.gpus, s.cpus, s.walltime_s, s.access_mode, s.sector_required and s.sector)
         partition = partitions.get(shape) or await self._place(job)
         partitions[shape] = partition
         now = time.time()
@@ -263,6 +263,9 @@ class HubCore:
         if spec.access_mode and modes and spec.access_mode not in modes:
             raise FailedPrecondition(f"site {self.config.site} does not accept access mode {spec.access_mode.slug}; "
                                      "it accepts " + ", ".join(m.slug for m in modes))
+        if spec.sector_required and spec.sector not in self.config.sectors:
+            raise FailedPrecondition(f"site {self.config.site} does not specialise in sector {spec.sector}; its "
+                                     "sectors: " + (", ".join(self.config.sectors) or "none"))
         for limits in self.config.mode_limits:
             if limits.mode is spec.access_mode and (why := limits.why_not(spec.gpus, spec.walltime_s)):
                 raise FailedPrecondition(f"site {self.config.site} {why}")

@@ -145,3 +145,56 @@ async def test_a_hub_refuses_a_forwarded_job_of_a_country_it_does_not_serve(test
                 assert isinstance(outcome, Job) and outcome.country == "FI"
     finally:
         await f.close()
+
+
+# -- strategic sectors ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+async def sectors(test_pki, tmp_path):
+    """leonardo specialises in health, lumi in climate; both accept every job."""
+    f = Federation(test_pki, tmp_path)
+    try:
+        await f.start_hub(config=hub_config(test_pki, tmp_path, sectors=("health",)))
+        await f.start_hub("lumi", config=hub_config(test_pki, tmp_path, "lumi", sectors=("climate",)))
+        await f.start_antenna()
+        await f.wait_sites()
+        yield f
+    finally:
+        await f.close()
+
+
+async def test_placement_prefers_hubs_of_the_jobs_sector_and_can_require_one(sectors):
+    alice = sectors.client("alice")
+    for sector, site in (("climate", "lumi"), ("health", "leonardo")):
+        jobs = [await alice.submit(JobSpec(argv=("true",), sector=sector)) for _ in range(3)]
+        assert {(j.state, j.site) for j in [await alice.wait(j.id) for j in jobs]} == {(JobState.COMPLETED, site)}
+    # Preferred only: a sector no hub has still runs somewhere.
+    anywhere = await alice.wait((await alice.submit(JobSpec(argv=("true",), sector="space"))).id)
+    assert anywhere.state is JobState.COMPLETED
+    # Required: refused before anything is stored when no hub has it, or when the pinned hub lacks it.
+    for spec, says in ((JobSpec(argv=("true",), sector="space", sector_required=True),
+                        "does not specialise in sector space"),
+                       (JobSpec(argv=("true",), sector="health", sector_required=True, site="lumi"),
+                        "lumi does not specialise in sector health")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await alice.submit(spec)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and says in err.value.details()
+
+
+async def test_a_hub_refuses_a_job_that_requires_a_sector_it_lacks(sectors):
+    from federation.identity import parse_identity
+    from federation.model import Job
+    from tests.conftest import FEDERATION
+    antenna = parse_identity(f"spiffe://{FEDERATION}/antenna/antenna-a")
+    job = Job(id="antenna-a-5ec7005ec700", spec=JobSpec(argv=("true",), sector="health", sector_required=True),
+              state=JobState.PENDING, owner=f"spiffe://{FEDERATION}/user/antenna-a/alice")
+    ((refusal, _),) = await sectors.hubs["lumi"].core.forward_many(antenna, [(job.id, job)])
+    assert refusal.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "site lumi does not specialise in sector health; its sectors: climate" in refusal.message
+
+
+def test_sector_values_are_checked():
+    from federation.errors import InvalidArgument
+    for bad in (JobSpec(argv=("true",), sector="Health"), JobSpec(argv=("true",), sector_required=True)):
+        with pytest.raises(InvalidArgument):
+            bad.validate()
