@@ -370,15 +370,21 @@ def _metrics(root: _Table) -> str | None:
     return listen
 
 
+def _daemon_basics(t: _Table) -> tuple[str, str, str, Path, int, Path]:
+    """What every daemon's own table has: site, federation, listen, state_dir, retention, audit_log."""
+    site = t.checked("site", check_site_name)
+    federation = t.checked("federation", check_federation_name)
+    listen = _listen(t, "listen")
+    state_dir = t.path_("state_dir")
+    retention = t.duration("retention", DEFAULT_RETENTION_S)
+    audit_log = t.path_("audit_log") if "audit_log" in t.data else state_dir / "audit.jsonl"
+    return site, federation, listen, state_dir, retention, audit_log
+
+
 def load_hub(path: str | Path) -> HubConfig:
     p, root = _read(path)
     h = root.table("hub")
-    site = h.checked("site", check_site_name)
-    federation = h.checked("federation", check_federation_name)
-    listen = _listen(h, "listen")
-    state_dir = h.path_("state_dir")
-    retention = h.duration("retention", DEFAULT_RETENTION_S)
-    audit_log = h.path_("audit_log") if "audit_log" in h.data else state_dir / "audit.jsonl"
+    site, federation, listen, state_dir, retention, audit_log = _daemon_basics(h)
     user_map = h.path_("user_map") if "user_map" in h.data else None
     if user_map is not None:
         from hub import usermap
@@ -461,12 +467,7 @@ def load_hub(path: str | Path) -> HubConfig:
 def load_antenna(path: str | Path) -> AntennaConfig:
     p, root = _read(path)
     a = root.table("antenna")
-    site = a.checked("site", check_site_name)
-    federation = a.checked("federation", check_federation_name)
-    listen = _listen(a, "listen")
-    state_dir = a.path_("state_dir")
-    retention = a.duration("retention", DEFAULT_RETENTION_S)
-    audit_log = a.path_("audit_log") if "audit_log" in a.data else state_dir / "audit.jsonl"
+    site, federation, listen, state_dir, retention, audit_log = _daemon_basics(a)
     country = a.checked("country", _country, "") if "country" in a.data else ""
     a.done()
     root.seen.add("hubs")
