@@ -122,8 +122,8 @@ class HubCore:
             # Refused per job with UNAVAILABLE: the antenna places these jobs on another hub (a retry of a job
             # accepted before the drain is still answered as a duplicate).
             draining = Unavailable(f"site {self.config.site} is draining ({reason}) and takes no new jobs now")
-            return [(draining, False) if f"{who.site}/{key}" not in seen else (await self._duplicate(who, key), True)
-                    for key, _ in requests]
+            return [(self.journal.by_key(f"{who.site}/{key}"), True) if f"{who.site}/{key}" in seen
+                    else (draining, False) for key, _ in requests]
         for key, job in requests:
             try:
                 prepared.append(await self._accept(who, key, job, partitions, seen))
@@ -150,9 +150,6 @@ class HubCore:
         # Committing and handing over run to the end even if the caller goes away (a timeout, a killed antenna):
         # a job journaled here must reach the backend, since the antenna's retry is answered as a duplicate.
         return await asyncio.shield(self._store_and_hand_over(who, store))
-
-    async def _duplicate(self, who: Identity, key: str) -> Job:
-        return self.journal.by_key(f"{who.site}/{key}")
 
     @property
     def draining(self) -> bool:

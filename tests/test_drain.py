@@ -74,9 +74,18 @@ async def test_a_forward_that_reaches_a_draining_hub_is_placed_again(fed, test_p
     async with secure_channel(f"127.0.0.1:{hub.port}", test_pki.tls(Role.ANTENNA, "antenna-a")) as channel:
         reply = await hub_pb2_grpc.HubStub(channel).ForwardJobs(hub_pb2.ForwardJobsRequest(
             jobs=[hub_pb2.ForwardJobRequest(idempotency_key=job.id, job=job)]), timeout=10)
-    (result,) = reply.results
-    assert result.error.code == grpc.StatusCode.UNAVAILABLE.value[0] and "draining (drill)" in result.error.message
-    assert hub.core.journal.get(job.id) is None
+        (result,) = reply.results
+        assert result.error.code == grpc.StatusCode.UNAVAILABLE.value[0] and "draining (drill)" in result.error.message
+        assert hub.core.journal.get(job.id) is None
+        # A job accepted before the drain, resent (its acknowledgement was lost), is still answered as itself.
+        hub.core.set_drain(_who(), False)
+        earlier = jobs_pb2.Job(id="antenna-a-0123456789cd", state=int(JobState.PENDING), owner=job.owner, spec=job.spec)
+        request = hub_pb2.ForwardJobsRequest(jobs=[hub_pb2.ForwardJobRequest(idempotency_key=earlier.id, job=earlier)])
+        first = await hub_pb2_grpc.HubStub(channel).ForwardJobs(request, timeout=10)
+        hub.core.set_drain(_who(), True, "drill")
+        again = await hub_pb2_grpc.HubStub(channel).ForwardJobs(request, timeout=10)
+        assert first.results[0].HasField("accepted") and again.results[0].HasField("accepted")
+        assert again.results[0].duplicate and again.results[0].accepted.id == earlier.id
     # Through the antenna, a job placed there before the antenna saw the drain ends up at the other hub.
     alice = fed.client("alice")
     jobs = [await alice.submit(JobSpec(argv=("true",))) for _ in range(6)]
