@@ -32,7 +32,7 @@ from federation.limits import SubmitLimiter
 from federation.metrics import Metrics, register_journal_gauges
 from federation.model import FINAL_STATES, Job, JobSpec, JobState, Transition
 from federation.pb import hub_pb2, jobs_pb2
-from federation.rpc import peer, secure_channel
+from federation.rpc import peer
 from federation.sbatch import parse_array
 from federation.watch import Signal, Topics
 from antenna.placement import Verdict, maintenance_in_the_way, rank, why_not

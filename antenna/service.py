@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from federation import convert
 from federation.errors import AifedError, InvalidArgument, PermissionDenied
-from federation.identity import Identity, Role
+from federation.identity import Identity, Role, article
 from federation.model import JobState
 from federation.pb import antenna_pb2, antenna_pb2_grpc
-from federation.rpc import Rule, article, caller
+from federation.rpc import Rule, caller
 from federation.tls import cert_expires
 from federation.watch import follow
 from antenna.core import MAX_SUBMIT, AntennaCore, Submission

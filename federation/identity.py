@@ -84,12 +84,13 @@ def parse_identity(uri: str) -> Identity:
     if role.named:
         if len(parts) != 3:
             where = "antenna" if role is Role.USER else "site"
-            raise ValueError(f"{uri!r}: {_an(role.value)} identity is spiffe://<federation>/{role.value}/<{where}>/<name>")
+            raise ValueError(f"{uri!r}: {article(role.value)} identity is spiffe://<federation>/{role.value}/<{where}>/<name>")
         return Identity(federation, role, check_site_name(parts[1]), check_user_name(parts[2]))
     if len(parts) != 2:
-        raise ValueError(f"{uri!r}: {_an(role.value)} identity is spiffe://<federation>/{role.value}/<site>")
+        raise ValueError(f"{uri!r}: {article(role.value)} identity is spiffe://<federation>/{role.value}/<site>")
     return Identity(federation, role, check_site_name(parts[1]))
 
 
-def _an(noun: str) -> str:
-    return ("an " if noun[:1] in "aeio" else "a ") + noun  # "a user"
+def article(noun: str) -> str:
+    """"a hub", "an antenna", "an operator", "a user"."""
+    return ("an " if noun[:1] in "aeio" else "a ") + noun

@@ -29,7 +29,7 @@ from federation.audit import AuditLog
 from federation.crl import Revocations
 from federation import __version__
 from federation.errors import AifedError, FailedPrecondition, PermissionDenied, ResourceExhausted, Unauthenticated
-from federation.identity import Identity, Role, parse_identity
+from federation.identity import Identity, Role, article, parse_identity
 from federation.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,6 @@ def caller() -> Identity:
     return _caller.get()
 
 
-def article(noun: str) -> str:
-    """"a hub", "an antenna", "an operator"."""
-    return ("an " if noun[:1] in "aeio" else "a ") + noun  # "a user"
-
-
 def peer() -> str:
     """The network address of the peer whose RPC is being served, as gRPC names it (ipv4:127.0.0.1:50512)."""
     return _peer.get()
@@ -125,16 +120,10 @@ def _peer_cert(pem: bytes) -> PeerCert:
     return PeerCert(cert.serial_number, roles, uris)
 
 
-def peer_identity(context: grpc.aio.ServicerContext, federation: str,
-                  revocations: Revocations | None = None) -> Identity:
-    """The identity in the peer certificate's spiffe:// URI SAN, on this federation, from a certificate that was
-    issued for that role and is not revoked."""
-    return authenticate(context, federation, revocations)[0]
-
-
 def authenticate(context: grpc.aio.ServicerContext, federation: str,
                  revocations: Revocations | None = None) -> tuple[Identity, int]:
-    """`peer_identity`, and the serial number of the certificate it comes from."""
+    """The identity in the peer certificate's spiffe:// URI SAN, on this federation, from a certificate that was
+    issued for that role and is not revoked; and that certificate's serial number."""
     pems = context.auth_context().get("x509_pem_cert") or ()
     if not pems:
         raise Unauthenticated("no client certificate; every call needs one from the federation CA")
@@ -397,10 +386,6 @@ class SecureServer:
                                           else health_pb2.HealthCheckResponse.NOT_SERVING)
                 await asyncio.sleep(every_s)
         self._tasks.append(asyncio.create_task(watch(), name=f"readiness {service}"))
-
-    def cert_expires(self) -> float:
-        """When this daemon's certificate expires (Unix time), for status fields."""
-        return self._tls.not_after().timestamp()
 
     async def _watch_tls(self) -> None:
         stamp, warned, refused = self._tls.stamp(), 0.0, None

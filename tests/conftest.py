@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -126,6 +127,25 @@ class Federation:
             await c.close()
         for d in [*self.antennas.values(), *self.hubs.values()]:
             await d.stop(grace=0.5)
+
+
+@contextlib.asynccontextmanager
+async def running_federation(test_pki: Pki, state: Path, hubs: dict[str, dict], antenna: dict | None = None):
+    """A federation of the given hubs, each from `hub_config` with its keyword changes (`{"leonardo": {...}}`),
+    and, unless `antenna` is None, antenna-a with these changes to its config; stopped at the end."""
+    from antenna.daemon import AntennaDaemon
+
+    f = Federation(test_pki, state)
+    try:
+        for site, changes in hubs.items():
+            await f.start_hub(site, config=hub_config(test_pki, state, site, **changes))
+        if antenna is not None:
+            config = antenna_config(test_pki, state, {s: d.port for s, d in f.hubs.items()})
+            f.antennas["antenna-a"] = await AntennaDaemon(replace(config, **antenna)).start()
+            await f.wait_sites()
+        yield f
+    finally:
+        await f.close()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from federation.cli import main
 from federation.config import ModeLimits
 from federation.model import AccessMode, JobSpec, JobState
-from tests.conftest import Federation, hub_config
+from tests.conftest import running_federation
 
 PLAY = AccessMode.PLAYGROUND
 
@@ -18,15 +18,9 @@ PLAY = AccessMode.PLAYGROUND
 @pytest.fixture
 async def capped(test_pki, tmp_path):
     """leonardo caps playground jobs at 1 GPU and 1 hour; lumi has no caps."""
-    f = Federation(test_pki, tmp_path)
-    try:
-        await f.start_hub(config=hub_config(test_pki, tmp_path, mode_limits=(ModeLimits(PLAY, 1, 3600),)))
-        await f.start_hub("lumi")
-        await f.start_antenna()
-        await f.wait_sites()
+    async with running_federation(test_pki, tmp_path, {"leonardo": {"mode_limits": (ModeLimits(PLAY, 1, 3600),)},
+                                               "lumi": {}}, antenna={}) as f:
         yield f
-    finally:
-        await f.close()
 
 
 async def test_mode_limits_are_advertised_and_placement_respects_them(capped):
@@ -87,29 +81,14 @@ async def test_dry_run_says_where_a_job_would_go_and_stores_nothing(capped, test
 
 # -- eligibility by country ---------------------------------------------------------------------------------------
 
-async def start_country_federation(test_pki, tmp_path, antenna_country: str) -> Federation:
-    from dataclasses import replace
-
-    from antenna.daemon import AntennaDaemon
-    from tests.conftest import antenna_config
-
-    f = Federation(test_pki, tmp_path)
-    try:
-        await f.start_hub(config=hub_config(test_pki, tmp_path, countries=("DE", "SI")))
-        await f.start_hub("lumi", config=hub_config(test_pki, tmp_path, "lumi", countries=("FI",)))
-        config = replace(antenna_config(test_pki, tmp_path, {s: d.port for s, d in f.hubs.items()}),
-                         country=antenna_country)
-        f.antennas["antenna-a"] = await AntennaDaemon(config).start()
-        await f.wait_sites()
-    except BaseException:
-        await f.close()
-        raise
-    return f
+def country_federation(test_pki, tmp_path, antenna_country: str):
+    """leonardo serves DE and SI, lumi FI; antenna-a's users are from `antenna_country`."""
+    return running_federation(test_pki, tmp_path, {"leonardo": {"countries": ("DE", "SI")}, "lumi": {"countries": ("FI",)}},
+                      antenna={"country": antenna_country})
 
 
 async def test_hubs_serve_only_the_countries_they_allow(test_pki, tmp_path):
-    f = await start_country_federation(test_pki, tmp_path, "SI")
-    try:
+    async with country_federation(test_pki, tmp_path, "SI") as f:
         leonardo = f.antennas["antenna-a"].core.sites["leonardo"]
         assert list(leonardo.advert.countries) == ["DE", "SI"]
         alice = f.client("alice")
@@ -121,13 +100,10 @@ async def test_hubs_serve_only_the_countries_they_allow(test_pki, tmp_path):
             await alice.submit(JobSpec(argv=("true",), site="lumi"))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "lumi serves users from FI only, and this antenna's users are from SI" in err.value.details()
-    finally:
-        await f.close()
 
 
 async def test_a_hub_refuses_a_forwarded_job_of_a_country_it_does_not_serve(test_pki, tmp_path):
-    f = await start_country_federation(test_pki, tmp_path, "SI")
-    try:
+    async with country_federation(test_pki, tmp_path, "SI") as f:
         from federation.identity import parse_identity
         from federation.model import Job
         from tests.conftest import FEDERATION
@@ -143,8 +119,6 @@ async def test_a_hub_refuses_a_forwarded_job_of_a_country_it_does_not_serve(test
                     in outcome.message
             else:
                 assert isinstance(outcome, Job) and outcome.country == "FI"
-    finally:
-        await f.close()
 
 
 # -- strategic sectors ------------------------------------------------------------------------------------------
@@ -152,15 +126,9 @@ async def test_a_hub_refuses_a_forwarded_job_of_a_country_it_does_not_serve(test
 @pytest.fixture
 async def sectors(test_pki, tmp_path):
     """leonardo specialises in health, lumi in climate; both accept every job."""
-    f = Federation(test_pki, tmp_path)
-    try:
-        await f.start_hub(config=hub_config(test_pki, tmp_path, sectors=("health",)))
-        await f.start_hub("lumi", config=hub_config(test_pki, tmp_path, "lumi", sectors=("climate",)))
-        await f.start_antenna()
-        await f.wait_sites()
+    async with running_federation(test_pki, tmp_path, {"leonardo": {"sectors": ("health",)}, "lumi": {"sectors": ("climate",)}},
+                          antenna={}) as f:
         yield f
-    finally:
-        await f.close()
 
 
 async def test_placement_prefers_hubs_of_the_jobs_sector_and_can_require_one(sectors):

@@ -115,16 +115,12 @@ async def test_jobs_that_would_run_into_maintenance_go_elsewhere_or_wait(test_pk
     import time
 
     from federation.config import Maintenance
-    from tests.conftest import Federation, hub_config
+    from tests.conftest import running_federation
 
     now = time.time()
     window = Maintenance(now + 60, now + 3600, "firmware upgrade")
-    f = Federation(test_pki, tmp_path)
-    try:
-        await f.start_hub(config=hub_config(test_pki, tmp_path, maintenance=(window,)))
-        await f.start_hub("lumi")
-        await f.start_antenna()
-        await f.wait_sites()
+    async with running_federation(test_pki, tmp_path, {"leonardo": {"maintenance": (window,)}, "lumi": {}},
+                          antenna={}) as f:
         leonardo = f.antennas["antenna-a"].core.sites["leonardo"]
         (announced,) = leonardo.advert.maintenance
         assert (announced.start.seconds, announced.reason) == (int(window.start), "firmware upgrade")
@@ -139,23 +135,18 @@ async def test_jobs_that_would_run_into_maintenance_go_elsewhere_or_wait(test_pk
         waiting = await alice.get(pinned.id)
         assert waiting.state is JobState.PENDING and "maintenance" in waiting.reason
         assert f.hubs["leonardo"].core.journal.get(pinned.id) is None
-    finally:
-        await f.close()
 
 
 async def test_a_hub_in_its_maintenance_window_is_draining(test_pki, tmp_path):
     import time
 
     from federation.config import Maintenance
-    from tests.conftest import Federation, hub_config
+    from tests.conftest import running_federation
 
     now = time.time()
-    f = Federation(test_pki, tmp_path)
-    try:
-        hub = await f.start_hub(config=hub_config(test_pki, tmp_path,
-                                                  maintenance=(Maintenance(now - 60, now + 600, "cooling"),)))
+    async with running_federation(test_pki, tmp_path, {"leonardo": {"maintenance": (Maintenance(now - 60, now + 600,
+                                                                                         "cooling"),)}}) as f:
+        hub = f.hubs["leonardo"]
         assert hub.core.draining and hub.core.drain_now().startswith("maintenance until ")
         assert hub.core.drain_now().endswith(": cooling")
         assert not hub.core.drain_now(now + 601)  # over: takes jobs again by itself
-    finally:
-        await f.close()

@@ -11,11 +11,10 @@ from dataclasses import replace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from antenna.daemon import AntennaDaemon
 from federation.identity import Role
 from federation.model import JobSpec, JobState
 from federation.tls import cert_expires
-from tests.conftest import Federation, antenna_config, hub_config
+from tests.conftest import running_federation
 
 
 def scrape(port: int, tls=None) -> dict[tuple[str, tuple], float]:
@@ -33,16 +32,9 @@ def scrape(port: int, tls=None) -> dict[tuple[str, tuple], float]:
 @pytest.fixture
 async def watched(test_pki, tmp_path):
     """leonardo and antenna-a, both with a metrics endpoint on a free port."""
-    f = Federation(test_pki, tmp_path)
-    try:
-        await f.start_hub(config=hub_config(test_pki, tmp_path, metrics_listen="127.0.0.1:0"))
-        config = replace(antenna_config(test_pki, tmp_path, {"leonardo": f.hubs["leonardo"].port}),
-                         metrics_listen="127.0.0.1:0")
-        f.antennas["antenna-a"] = await AntennaDaemon(config).start()
-        await f.wait_sites()
+    metrics = {"metrics_listen": "127.0.0.1:0"}
+    async with running_federation(test_pki, tmp_path, {"leonardo": metrics}, antenna=metrics) as f:
         yield f
-    finally:
-        await f.close()
 
 
 async def test_metrics_describe_what_the_daemons_did(watched, test_pki):

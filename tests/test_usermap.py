@@ -8,7 +8,7 @@ from federation import audit
 from federation.errors import ConfigError, PermissionDenied
 from federation.model import JobSpec, JobState
 from hub.usermap import UserMap, load
-from tests.conftest import Federation, eventually, hub_config
+from tests.conftest import eventually, running_federation
 
 MAP = """
 [[map]]
@@ -82,14 +82,8 @@ async def mapped(test_pki, tmp_path):
     """One hub with a user map, and antenna-a."""
     path = tmp_path / "users.toml"
     path.write_text(MAP)
-    f = Federation(test_pki, tmp_path)
-    try:
-        await f.start_hub(config=hub_config(test_pki, tmp_path, user_map=path))
-        await f.start_antenna()
-        await f.wait_sites()
+    async with running_federation(test_pki, tmp_path, {"leonardo": {"user_map": path}}, antenna={}) as f:
         yield f
-    finally:
-        await f.close()
 
 
 async def test_unmapped_users_are_refused_at_the_hub_and_mapped_ones_run_under_their_account(mapped):
