@@ -20,7 +20,7 @@ install: $(STAMP)  ## create .venv and install aifed with its development tools
 demo: $(STAMP)  ## start 3 hubs and 2 antennas on loopback, run jobs through them, stop
 	$(BIN)/aifed demo
 
-services:  ## install Slurm and munge if missing (the tests start private instances)
+services:  ## install Slurm, munge, etcd and Mosquitto if missing (the tests start private instances)
 	bash scripts/install-services.sh
 
 test: $(STAMP) services  ## the whole suite (installs what the tests need; they start it)

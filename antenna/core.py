@@ -22,19 +22,20 @@ from dataclasses import dataclass, replace
 import grpc
 
 from federation import __version__, convert
-from federation.config import AntennaConfig
+from federation.config import AntennaConfig, HubEndpoint
 from federation.audit import AuditLog
 from federation.errors import AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from federation.identity import Identity, Role
 from federation.journal import Journal, Tx, purge_forever
 from federation.crl import Revocations
+from federation.discovery import Change, ChangeKind, Member, make_discovery
 from federation.limits import SubmitLimiter
 from federation.metrics import Metrics, register_journal_gauges
 from federation.model import FINAL_STATES, Job, JobSpec, JobState, Transition
 from federation.pb import hub_pb2, jobs_pb2
 from federation.rpc import peer
 from federation.sbatch import parse_array
-from federation.watch import Signal, Topics
+from federation.watch import Signal, Topics, stopping
 from antenna.placement import Verdict, maintenance_in_the_way, rank, why_not
 from antenna.sites import HubSite
 
@@ -85,7 +86,9 @@ class AntennaCore:
         self.sites_changed = Signal()
         self.revocations = Revocations(config.tls)  # the daemon's server shares it, and refreshes it
         self.revocations.refresh()
-        self.sites = {h.site: HubSite(h, config.tls, self.sites_changed, self.revocations) for h in config.hubs}
+        self.discovery = make_discovery(config.federation, config.discovery, config.tls,
+                                        [Member(h.site, h.endpoint) for h in config.hubs])
+        self.sites: dict[str, HubSite] = {}  # every hub this antenna has known since it started
         self.jobs: Topics[Job] = Topics()
         self.metrics = Metrics("antenna", config.site, __version__)
         self.audit = AuditLog(config.audit_log or config.state_dir / "audit.jsonl", peer=peer,
@@ -94,35 +97,79 @@ class AntennaCore:
         self.limiter = SubmitLimiter(config.limits.submit_rate, config.limits.submit_burst)
         self.retry_max_s = 5.0
         self._unplaced: dict[str, None] = {}             # job ids waiting for a hub to be chosen, oldest first
-        self._outbox: dict[str, dict[str, Job]] = {s: {} for s in self.sites}  # placed, not yet acknowledged
-        self._in_flight: dict[str, set[str]] = {s: set() for s in self.sites}  # in a ForwardJobs call now
+        self._outbox: dict[str, dict[str, Job]] = {}  # per hub: placed, not yet acknowledged
+        self._in_flight: dict[str, set[str]] = {}  # per hub: in a ForwardJobs call now
         self._wake_placer = asyncio.Event()
-        self._wake_forwarder = {s: asyncio.Event() for s in self.sites}
+        self._wake_forwarder: dict[str, asyncio.Event] = {}
+        self._awaiting_hub: dict[str, list[Job]] = {}  # placed on a hub not in the membership when we started
         self._tasks: list[asyncio.Task] = []
         self._cancels: dict[str, asyncio.Task] = {}
 
     async def start(self) -> None:
-        for site in self.sites.values():
-            site.start()
+        await self.discovery.start()
+        for member in self.discovery.members().values():
+            self._add_site(member)
+        self.discovery.on_change(self._membership_changed)
+        static = self.discovery.backend == "static"
         for job, ref in self.journal.unfinished():
             if job.site and job.site not in self.sites:
-                self._record(job.moved(JobState.LOST, f"hub {job.site} is no longer in this antenna's configuration"))
+                if static:
+                    self._record(job.moved(JobState.LOST,
+                                           f"hub {job.site} is no longer in this antenna's configuration"))
+                else:  # not registered right now: its jobs are sent or followed when it is
+                    log.warning("job %s is for hub %s, which is not in the federation's membership now",
+                                job.id, job.site)
+                    if job.state is JobState.PENDING:
+                        self._awaiting_hub.setdefault(job.site, []).append(job)
             elif job.state is JobState.PENDING:
                 log.info("resuming job %s after restart", job.id)
                 self._queue(job)
         for job in self.journal.with_ref(CANCEL_OWED):
             self._deliver_cancel_later(job.id)
         self._spawn(self._placer(), "placer")
-        for site in self.sites:
-            for i in range(FORWARD_IN_FLIGHT):
-                self._spawn(self._forwarder(site), f"forward {site} {i}")
-            self._spawn(self._follower(site), f"follow {site}")
         self._spawn(purge_forever(self.journal, self.config.retention_s), "purge")
+
+    def _add_site(self, member: Member) -> HubSite:
+        """Start using a hub: follow its adverts and its change feed, forward the jobs placed on it."""
+        site = HubSite(HubEndpoint(member.site, member.endpoint), self.config.tls, self.sites_changed,
+                       self.revocations, self.config.federation)
+        self.sites[site.site] = site
+        self._outbox[site.site], self._in_flight[site.site] = {}, set()
+        self._wake_forwarder[site.site] = asyncio.Event()
+        site.start()
+        for i in range(FORWARD_IN_FLIGHT):
+            self._spawn(self._forwarder(site.site), f"forward {site.site} {i}")
+        self._spawn(self._follower(site.site), f"follow {site.site}")
+        for job in self._awaiting_hub.pop(site.site, []):
+            self._queue(job)
+        self.sites_changed.notify()
+        return site
+
+    def _membership_changed(self, change: Change) -> None:
+        member, site = change.member, self.sites.get(change.member.site)
+        if change.kind is ChangeKind.LEAVE:
+            if site is not None:
+                log.warning("hub %s left the federation: no new job is placed there until it registers again",
+                            member.site)
+                site.leave(f"left the federation ({self.discovery.backend} membership)")
+            return
+        if site is None:
+            log.info("hub %s joined the federation at %s", member.site, member.endpoint)
+            self._add_site(member)
+            return
+        if not site.member:
+            log.info("hub %s is back in the federation at %s", member.site, member.endpoint)
+            site.rejoin()
+        if site.endpoint != member.endpoint:
+            log.info("hub %s now answers at %s (was %s)", member.site, member.endpoint, site.endpoint)
+            site.move(member.endpoint)
+        self.sites_changed.notify()
 
     def _spawn(self, coro, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def close(self) -> None:
+        await self.discovery.close()
         tasks = [*self._tasks, *self._cancels.values()]
         for task in tasks:
             task.cancel()
@@ -150,6 +197,10 @@ class AntennaCore:
                 lambda: [((site,), float(len(box))) for site, box in list(self._outbox.items())])
         m.gauge("aifed_unplaced_jobs", "jobs waiting for a hub to be chosen", (),
                 lambda: [((), float(len(self._unplaced)))])
+        m.gauge("aifed_membership_degraded", "1 while the federation's membership may be out of date (etcd away)",
+                (), lambda: [((), float(bool(self.discovery.degraded)))])
+        m.gauge("aifed_hub_member", "1 while the hub is in the federation's membership", ("site",),
+                lambda: [((s.site,), float(s.member)) for s in sites.values()])
 
     async def recheck_hubs(self) -> None:
         """A new CRL arrived: stop using any hub whose certificate it revokes."""
@@ -216,6 +267,7 @@ class AntennaCore:
                 if new:
                     created += 1
                     self.audit.record("accepted", who=who.uri, job=job.id, site=job.site)
+                    self.jobs.publish(job.id, job)
                     if job.site:  # placed when accepted: the job names its hub, or only one hub can take it
                         self.metrics.placements.labels(job.site).inc()
                     self._queue(job)
@@ -482,12 +534,14 @@ class AntennaCore:
         ask = len(fit_now) > 1  # with a single hub that fits, there is nothing to compare: no estimate needed
 
         async def judge(site: HubSite) -> Verdict:
-            if site.revoked:
-                return Verdict(site.site, site.revoked, transient=True)
+            if site.untrusted:
+                return Verdict(site.site, site.untrusted, transient=True)
             if site.advert is None:
                 return Verdict(site.site, f"has not been heard from ({site.error})", transient=True)
             if reason := why_not(spec, site.advert, self.config.country):
                 return Verdict(site.site, reason)
+            if site.left:
+                return Verdict(site.site, site.left, transient=True)
             if not site.fresh:
                 return Verdict(site.site, f"is unreachable ({site.error or 'advert expired'})", transient=True)
             if site.advert.draining:
@@ -520,7 +574,7 @@ class AntennaCore:
                 await wake.wait()
             if len(outbox) < FORWARD_BATCH:
                 await asyncio.sleep(FORWARD_LINGER_S)  # let a trickle of jobs gather into one call
-            if site.revoked:  # placed before the revocation was known: held until the hub is trustworthy
+            if site.untrusted:  # placed before the revocation was known: held until the hub is trustworthy
                 await asyncio.sleep(1.0)
                 continue
             jobs = _batch(outbox, FORWARD_BATCH, FORWARD_BYTES)
@@ -532,6 +586,11 @@ class AntennaCore:
                 await self._forward(site, jobs)
                 backoff = 0.2
                 continue
+            except asyncio.CancelledError:
+                if stopping():
+                    raise
+                log.info("hub %s: forwarding %d job(s) was cut short (the hub moved); sending again", site_name,
+                         len(jobs))
             except grpc.aio.AioRpcError as exc:
                 log.warning("hub %s: forwarding %d job(s): %s: %s; retrying in %.1fs", site_name, len(jobs),
                             exc.code().name, exc.details(), backoff)
@@ -629,7 +688,9 @@ class AntennaCore:
             try:
                 await self._follow(site)
             except asyncio.CancelledError:
-                raise
+                if stopping():
+                    raise
+                # not us: grpc cancels the calls of a channel that is closed (the hub moved): follow it again
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     log.warning("hub %s: change feed: %s: %s; reconnecting in %.1fs", site_name, exc.code().name,

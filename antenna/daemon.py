@@ -20,6 +20,13 @@ class AntennaDaemon(Daemon):
     def __init__(self, config: AntennaConfig):
         super().__init__()
         self.config = config
+        self.events = None
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await super().stop(grace)
+        if self.events is not None:
+            events, self.events = self.events, None
+            await events.close()
 
     async def _start(self) -> None:
         core = AntennaCore(self.config)
@@ -40,6 +47,8 @@ class AntennaDaemon(Daemon):
             await core.close()
             raise
         self.core, self.server = core, server
+        self.events = self._start_events(core, f"{self.config.listen.rpartition(':')[0]}:{self.port}",
+                                         membership=False)
         await self._serve_metrics()
-        log.info("antenna %s of federation %s serving on port %d, hubs: %s", self.config.site,
-                 self.config.federation, self.port, ", ".join(h.site for h in self.config.hubs))
+        log.info("antenna %s of federation %s serving on port %d, hubs (%s): %s", self.config.site,
+                 self.config.federation, self.port, core.discovery.backend, ", ".join(sorted(core.sites)) or "none yet")

@@ -100,11 +100,14 @@ class AntennaService(antenna_pb2_grpc.AntennaServicer):
     async def ListSites(self, request, context):
         out = []
         for site in self.core.sites.values():
-            msg = antenna_pb2.Site(site=site.site, endpoint=site.endpoint, reachable=site.fresh, error=site.error)
+            msg = antenna_pb2.Site(site=site.site, endpoint=site.endpoint, reachable=site.fresh,
+                                   error=site.left or site.error, left=bool(site.left))
             if site.advert is not None:
                 msg.advert.CopyFrom(site.advert)
                 msg.advert_received_at.CopyFrom(convert.ts(site.received_at))
             out.append(msg)
+        discovery = self.core.discovery
         return antenna_pb2.ListSitesResponse(sites=out,
-                                             cert_expires_at=convert.ts(cert_expires(self.core.config.tls)))
+                                             cert_expires_at=convert.ts(cert_expires(self.core.config.tls)),
+                                             discovery=discovery.backend, discovery_degraded=discovery.degraded)
 

@@ -11,6 +11,7 @@ The PKI folder holds:
     crl.pem                 the certificate revocation list, signed by the CA (goes to every daemon)
     index.json              one entry per certificate ever issued: serial, identity, validity, revocation
     hubs/ antennas/ users/ operators/   the current certificate and key of each identity
+    services/               certificates of services the daemons use (etcd, MQTT): `issue_service`
 
 Folders made before index.json existed still work: certificates found on disk but missing from the index are
 added to it (if the CA signed them) the first time the index is read.
@@ -42,6 +43,8 @@ CA_KEY = "ca.key"
 CRL = "crl.pem"
 INDEX = "index.json"
 LOCK = ".lock"
+SERVICE = "service"  # the OU and identity path of service certificates (etcd, MQTT): not a federation role
+SERVICES = "services"  # their folder
 EXPIRING_WITHIN = dt.timedelta(days=30)  # `list` calls a certificate "expiring" this close to its end
 CRL_DAYS = 7
 STATUSES = ("valid", "expiring", "expired", "revoked")
@@ -180,7 +183,7 @@ def _entry(d: Path, cert: x509.Certificate, path: Path) -> dict:
 
 
 def _cert_files(d: Path) -> list[Path]:
-    return sorted(p for r in Role for p in (d / f"{r.value}s").glob("*.pem"))
+    return sorted(p for folder in (*(f"{r.value}s" for r in Role), SERVICES) for p in (d / folder).glob("*.pem"))
 
 
 def _load_ca_cert(d: Path) -> x509.Certificate:
@@ -388,11 +391,20 @@ def cert_paths(directory: str | Path, identity: Identity) -> tuple[Path, Path]:
 def _sign(ca_cert: x509.Certificate, ca_key, federation: str, identity: Identity, dns: tuple[str, ...],
           ips: tuple[str, ...], days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     role, site, name = identity.role, identity.site, identity.name
+    return _sign_uri(ca_cert, ca_key, federation, identity.uri, role.value, f"{site}/{name}" if name else site,
+                     role not in NAMED_ROLES, dns, ips, days)
+
+
+def _sign_uri(ca_cert: x509.Certificate, ca_key, federation: str, uri: str, ou: str, cn: str, server: bool,
+              dns: tuple[str, ...], ips: tuple[str, ...], days: int
+              ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A new key and its certificate for the identity `uri`, issued for the role `ou`; a `server` certificate
+    may also act as TLS server and names its hosts."""
     now = _now()
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    if role not in NAMED_ROLES:
+    if server:
         usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
         sans += [x509.DNSName(h) for h in dns]
         try:
@@ -401,8 +413,8 @@ def _sign(ca_cert: x509.Certificate, ca_key, federation: str, identity: Identity
             raise PkiError(str(exc)) from None
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, federation),
-                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
-                         x509.NameAttribute(NameOID.COMMON_NAME, f"{site}/{name}" if name else site)])
+                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou),
+                         x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(not_after)
@@ -422,6 +434,13 @@ def _store(d: Path, ca_cert: x509.Certificate, identity: Identity, cert: x509.Ce
     """Write key then certificate (each atomically, key first: a daemon that reloads when the certificate
     changes finds the new key already there), and record the certificate in the index."""
     cert_path, key_path = cert_paths(d, identity)
+    serial = _write_pair(d, ca_cert, cert_path, key_path, cert, key)
+    return Issued(identity, cert_path, key_path, cert.not_valid_after_utc, serial, replaced)
+
+
+def _write_pair(d: Path, ca_cert: x509.Certificate, cert_path: Path, key_path: Path, cert: x509.Certificate,
+                key: ec.EllipticCurvePrivateKey) -> str:
+    """Write key then certificate and record the certificate in the index; its serial (hex)."""
     _private_dir(cert_path.parent)
     index = _load_index(d, ca_cert)
     key_tmp = key_path.with_name(key_path.name + ".tmp")
@@ -432,7 +451,7 @@ def _store(d: Path, ca_cert: x509.Certificate, identity: Identity, cert: x509.Ce
     os.replace(cert_tmp, cert_path)
     index["certs"].append(_entry(d, cert, cert_path))
     _save_index(d, index)
-    return Issued(identity, cert_path, key_path, cert.not_valid_after_utc, _hex(cert.serial_number), replaced)
+    return _hex(cert.serial_number)
 
 
 def issue(directory: str | Path, role: Role, site: str, name: str = "", *, dns: tuple[str, ...] = ("localhost",),
@@ -451,6 +470,25 @@ def issue(directory: str | Path, role: Role, site: str, name: str = "", *, dns: 
             index = _load_index(d, ca_cert)
             _sign_crl(d, ca_cert, ca_key, index, CRL_DAYS)
     return issued
+
+
+def issue_service(directory: str | Path, name: str, *, dns: tuple[str, ...] = ("localhost",),
+                  ips: tuple[str, ...] = ("127.0.0.1",), days: int = 365) -> tuple[Path, Path]:
+    """Issue a certificate for a service the daemons use but that is not a federation party (the etcd server,
+    an MQTT broker), signed by the CA in `directory` and recorded in the index: identity
+    spiffe://<federation>/service/<name>, subject OU "service", TLS server and client (etcd's gateway dials
+    itself with its server certificate), SANs `dns` and `ips`. Daemons refuse it as a caller: "service" is no
+    role (federation.identity). Returns the certificate and key paths, services/<name>.pem and .key."""
+    d = Path(directory)
+    ca_cert, ca_key, federation = load_ca(d)
+    check_site_name(name)
+    _check_days(days)
+    cert, key = _sign_uri(ca_cert, ca_key, federation, f"spiffe://{federation}/{SERVICE}/{name}", SERVICE, name,
+                          True, tuple(dns), tuple(ips), days)
+    cert_path, key_path = d / SERVICES / f"{name}.pem", d / SERVICES / f"{name}.key"
+    with _locked(d):
+        _write_pair(d, ca_cert, cert_path, key_path, cert, key)
+    return cert_path, key_path
 
 
 def renew(directory: str | Path, role: Role, site: str, name: str = "", days: int = 365) -> Issued:

@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--days", type=int, default=3650)
     ci.add_argument("--force", action="store_true", help="replace an existing CA")
     cs = c.add_parser("issue", help="issue a certificate: hub SITE | antenna SITE | user ANTENNA NAME | "
-                                    "operator SITE NAME")
+                                    "operator SITE NAME | service NAME (etcd, an MQTT broker)")
     cs.add_argument("--dir", required=True)
-    cs.add_argument("role", choices=["hub", "antenna", "user", "operator"])
+    cs.add_argument("role", choices=["hub", "antenna", "user", "operator", "service"])
     cs.add_argument("site", help="the hub or antenna site; for a user, the antenna that vouches for them")
     cs.add_argument("name", nargs="?", default="", help="the user's or operator's name (users and operators only)")
     cs.add_argument("--dns", action="append", help="DNS name the daemon serves on (repeatable; default localhost)")
@@ -136,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--once", action="store_true", help="print one view and exit (for scripts and tests)")
     tp.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
     client_opts(tp)
+
+    ev = sub.add_parser("events", help="follow the federation's events live (MQTT): job states, capacity, "
+                                       "membership",
+                        description="Subscribe to the federation's MQTT broker and print each event as it arrives "
+                                    "(topics in docs/membership.md). Uses your certificate for mutual TLS; the "
+                                    "federation's name comes from it unless --federation is given.")
+    ev.add_argument("--broker", required=True, help="the MQTT broker, HOST:PORT")
+    ev.add_argument("--site", help="only this site's events")
+    ev.add_argument("--federation", help="the federation's name (default: from your certificate)")
+    ev.add_argument("--count", type=int, help="stop after this many events (default: run until Ctrl-C)")
+    ev.add_argument("--no-tls", action="store_true", help="plain MQTT, for a broker on loopback without TLS")
+    client_opts(ev)
 
     st = sub.add_parser("site", help="operate a hub site: drain, resume, status (an operator certificate of the site)",
                         description="Drain a hub (it takes no new forwarded jobs; antennas place them elsewhere; "
@@ -219,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--jobs", type=int, default=10_000, help="jobs in the burst (default 10000)")
     bc.add_argument("--kills", type=int, default=20, help="how many times daemons are killed (default 20)")
     bc.add_argument("--seed", type=int, help="random seed, to repeat a run")
+
+    bb = bench_parser("membership", "how fast membership news travels through etcd: a capacity change from one "
+                      "hub to every antenna, and a killed hub dropped", "the PKI and etcd's data and log")
+    bb.add_argument("--hubs", type=int, default=10, help="hubs registered (default 10)")
+    bb.add_argument("--antennas", type=int, default=50, help="antennas following the membership (default 50)")
+    bb.add_argument("--changes", type=int, default=300, help="capacity changes to time (default 300)")
+    bb.add_argument("--lease", type=int, default=3, help="the killed hub's lease in seconds (default 3)")
+    bb.add_argument("--trials", type=int, default=3, help="times a hub is killed (default 3)")
 
     dm = sub.add_parser("demo", help="run a local federation on loopback and show it working")
     dm.add_argument("--dir", default="var/demo", help="where the demo keeps its PKI, configs and state")
@@ -354,6 +374,8 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
                 print(output.site_rows(sites))
                 for warning in output.expiry_warnings(listing):
                     print(warning, file=sys.stderr)
+                if listing.discovery_degraded:
+                    print(f"warning: membership may be out of date: {listing.discovery_degraded}", file=sys.stderr)
             return EXIT_OK
         if args.command == "logs":
             stream = (jobs_pb2.LOG_STREAM_STDOUT if args.stdout else
@@ -392,6 +414,23 @@ async def _submit_array(client, spec: JobSpec, array: str, args: argparse.Namesp
     else:
         print(output.job_rows(jobs))
     return EXIT_FAIL if any(j.state is not JobState.COMPLETED for j in jobs) else EXIT_OK
+
+
+async def _events(args: argparse.Namespace) -> int:
+    from federation.client import resolve_client_config
+    from federation.events import run_events
+    from federation.identity import parse_identity
+
+    if args.count is not None and args.count < 1:
+        raise UsageError("--count must be at least 1")
+    tls, federation = None, args.federation
+    if not args.no_tls or not federation:
+        tls = resolve_client_config(args.config, args.antenna or "-:0", args.ca, args.cert, args.key).tls
+        tls.check()
+        federation = federation or parse_identity(tls.identity_uri()).federation
+    await run_events(args.broker, None if args.no_tls else tls, federation, args.site, json_lines=args.json,
+                     count=args.count)
+    return EXIT_OK
 
 
 async def _top(args: argparse.Namespace) -> int:
@@ -456,6 +495,13 @@ async def _site_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _membership(cfg) -> str:
+    d, e = cfg.discovery, cfg.events
+    out = (f", membership in etcd at {', '.join(d.endpoints)} under {d.key_prefix(cfg.federation)}"
+           if d.backend == "etcd" else "")
+    return out + (f", events to MQTT broker {e.broker}" if e.broker else "")
+
+
 def _config_check(path: Path) -> int:
     """`aifed config check FILE`: which kind of file it is comes from its first table."""
     import tomllib
@@ -476,11 +522,13 @@ def _config_check(path: Path) -> int:
         hub = config.load_hub(path)
         print(f"{path}: good: hub {hub.site} of {hub.federation}, listens on {hub.listen}, backend {hub.backend}, "
               f"{len(hub.partitions)} partition(s)" + (f", user map {hub.user_map}" if hub.user_map else "")
-              + (f", CRL {hub.tls.crl}" if hub.tls.crl else ", no CRL"))
+              + (f", CRL {hub.tls.crl}" if hub.tls.crl else ", no CRL") + _membership(hub)
+              + (f", HA instance {hub.ha_instance}" if hub.ha_instance else ""))
     elif kind == "antenna":
         antenna = config.load_antenna(path)
         print(f"{path}: good: antenna {antenna.site} of {antenna.federation}, listens on {antenna.listen}, "
-              f"{len(antenna.hubs)} hub(s)" + (f", CRL {antenna.tls.crl}" if antenna.tls.crl else ", no CRL"))
+              + (f"{len(antenna.hubs)} hub(s)" if antenna.discovery.backend == "static" else "hubs from etcd")
+              + (f", CRL {antenna.tls.crl}" if antenna.tls.crl else ", no CRL") + _membership(antenna))
     else:
         client = config.load_client(path)
         print(f"{path}: good: client of antenna {client.antenna}, identity {client.tls.identity_uri()}")
@@ -509,6 +557,13 @@ def _certs_command(args: argparse.Namespace) -> int:
             path = pki.init_ca(args.dir, args.federation, days=args.days, force=args.force)
             print(f"Created the root CA of federation {args.federation}: {path}")
             print(f"Keep {Path(args.dir) / pki.CA_KEY} offline and out of version control.")
+        elif args.certs_cmd == "issue" and args.role == "service":
+            if args.name:
+                raise UsageError("a service certificate needs: aifed certs issue service NAME")
+            cert, key = pki.issue_service(args.dir, args.site, dns=tuple(args.dns or ("localhost",)),
+                                          ips=tuple(args.ip or ("127.0.0.1", "::1")), days=args.days)
+            print(f"Issued the service certificate {args.site} (TLS server and client; no daemon accepts it as a "
+                  f"caller)\n  certificate {cert}\n  key         {key} (0600)")
         elif args.certs_cmd in ("issue", "renew"):
             role = Role(args.role)
             if role in pki.NAMED_ROLES and not args.name:
@@ -584,6 +639,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.bench_cmd == "crash":
                 from federation.crash import run_crash_bench
                 return run_crash_bench(args.jobs, args.kills, args.seed, args.json, keep)
+            if args.bench_cmd == "membership":
+                from federation.bench_membership import run_membership_bench
+                return run_membership_bench(args.hubs, args.antennas, args.changes, args.lease, args.trials,
+                                            args.json, keep)
             if args.bench_cmd == "forward":
                 return bench.run_forward_bench(args.seconds, args.clients, args.batch, args.json, keep)
             return bench.run_slurm_bench(args.jobs, args.json, keep)
@@ -591,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_site_command(args))
         if args.command == "top":
             return asyncio.run(_top(args))
+        if args.command == "events":
+            return asyncio.run(_events(args))
         if args.command == "demo":
             from federation.demo import run_demo
             return run_demo(Path(args.dir))

@@ -78,6 +78,29 @@ HUB_LIMITS = Limits(submit_rate=10000, submit_burst=100000, min_burst=1000)
 
 
 @dataclass(frozen=True)
+class DiscoveryConfig:
+    """`[discovery]`: where a daemon learns which hubs exist. `static` is the hubs in config; `etcd` is the
+    federation's etcd cluster, reached over mutual TLS with the daemon's own certificate."""
+
+    backend: str = "static"
+    endpoints: tuple[str, ...] = ()
+    prefix: str = ""  # "" is /aifed/<federation>
+    lease_s: int = 10  # a hub's registration outlives its last keepalive by at most this long
+
+    def key_prefix(self, federation: str) -> str:
+        return self.prefix or f"/aifed/{federation}"
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """`[events]`: publish job, capacity and membership events to an MQTT broker ("" broker: publish nothing)."""
+
+    broker: str = ""
+    tls: bool = True  # mutual TLS to the broker with the daemon's own certificate
+    buffer: int = 10_000  # events held while the broker is away; more are dropped and counted
+
+
+@dataclass(frozen=True)
 class HubConfig:
     path: Path
     site: str
@@ -106,6 +129,10 @@ class HubConfig:
     mode_limits: tuple[ModeLimits, ...] = ()
     countries: tuple[str, ...] = ()  # users' countries served (ISO 3166 alpha-2); empty: all
     user_map: Path | None = None  # (antenna, user, project) -> local account; None: the hub's own account
+    advertise: str = ""  # HOST:PORT antennas dial, registered in discovery; "" is the listen address
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    ha_instance: str = ""  # non-empty: one of several processes for this site; only the elected leader serves
 
 
 @dataclass(frozen=True)
@@ -128,6 +155,8 @@ class AntennaConfig:
     limits: Limits = field(default_factory=lambda: ANTENNA_LIMITS)
     audit_log: Path | None = None  # None: <state_dir>/audit.jsonl
     metrics_listen: str | None = None  # HOST:PORT for Prometheus (HTTPS, client certificates required)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
 
 
 @dataclass(frozen=True)
@@ -370,6 +399,51 @@ def _metrics(root: _Table) -> str | None:
     return listen
 
 
+DISCOVERY_BACKENDS = ("static", "etcd")
+
+
+def _discovery(root: _Table, federation: str, is_hub: bool) -> DiscoveryConfig:
+    t = root.table("discovery")
+    backend = t.text("backend", "static")
+    if backend not in DISCOVERY_BACKENDS:
+        raise ConfigError(t.path, t.key("backend"), f"unknown backend {backend!r}; this version has: "
+                          + ", ".join(DISCOVERY_BACKENDS))
+    endpoints = t.strings("endpoints")
+    for i, e in enumerate(endpoints):
+        host, sep, port = e.rpartition(":")
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:
+            raise ConfigError(t.path, f"{t.key('endpoints')}[{i}]", f"{e!r} must be host:port, such as "
+                              "etcd1.example.eu:2379")
+    prefix = t.text("prefix", f"/aifed/{federation}")
+    if not prefix.startswith("/") or prefix.endswith("/") or "//" in prefix:
+        raise ConfigError(t.path, t.key("prefix"), f"{prefix!r} must start with '/' and not end with one, "
+                          "such as /aifed/eurohpc.example")
+    lease = t.duration("lease", "10s") if is_hub else 10
+    t.done()
+    if backend == "etcd" and not endpoints:
+        raise ConfigError(t.path, t.key("endpoints"), "is required with backend = \"etcd\" (etcd's client URLs as "
+                          "host:port)")
+    if backend == "static" and endpoints:
+        raise ConfigError(t.path, t.key("endpoints"), "applies only to backend = \"etcd\"")
+    if not 2 <= lease <= 3600:
+        raise ConfigError(t.path, t.key("lease"), "must be at least 2 seconds and at most 1 hour")
+    return DiscoveryConfig(backend, endpoints, prefix, lease)
+
+
+def _events(root: _Table) -> EventsConfig:
+    t = root.table("events")
+    broker = _listen(t, "broker") if "broker" in t.data else ""
+    tls = t.get("tls", bool, True)
+    buffer = t.get("buffer", int, 10_000)
+    t.done()
+    if not 1 <= buffer <= 10_000_000:
+        raise ConfigError(t.path, t.key("buffer"), "must be between 1 and 10000000 events")
+    if not broker and len(t.data) > 0:
+        raise ConfigError(t.path, t.key("broker"), "is required when [events] sets anything (the MQTT broker as "
+                          "host:port)")
+    return EventsConfig(broker, tls, buffer)
+
+
 def _daemon_basics(t: _Table) -> tuple[str, str, str, Path, int, Path]:
     """What every daemon's own table has: site, federation, listen, state_dir, retention, audit_log."""
     site = t.checked("site", check_site_name)
@@ -403,6 +477,7 @@ def load_hub(path: str | Path) -> HubConfig:
     ttl = h.duration("advert_ttl", "30s")
     if ttl < 3:
         raise ConfigError(p, "hub.advert_ttl", "must be at least 3 seconds")
+    advertise = _listen(h, "advertise") if "advertise" in h.data else ""
     h.done()
     b = root.table("backend")
     backend = b.text("type", "local")
@@ -454,6 +529,18 @@ def load_hub(path: str | Path) -> HubConfig:
     tls = _tls(root, f"spiffe://{federation}/hub/{site}", daemon=True)
     limits = _limits(root, HUB_LIMITS)
     metrics_listen = _metrics(root)
+    discovery = _discovery(root, federation, is_hub=True)
+    events = _events(root)
+    ha = root.table("ha")
+    ha_instance = ha.checked("instance", check_site_name, "") if "instance" in ha.data else ""
+    ha.done()
+    if ha_instance and discovery.backend != "etcd":
+        raise ConfigError(p, "ha.instance", "needs [discovery] backend = \"etcd\": the leader is elected there")
+    if not advertise:
+        host = listen.rpartition(":")[0].strip("[]")
+        if discovery.backend == "etcd" and host in ("0.0.0.0", "::", ""):
+            raise ConfigError(p, "hub.advertise", f"is required when listen is {listen!r}: antennas need the "
+                              "address to dial, such as hub.leonardo.example.eu:7443")
     root.done()
     return HubConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
                      partitions=tuple(partitions), services=services, sectors=sectors, access_modes=tuple(modes),
@@ -461,7 +548,8 @@ def load_hub(path: str | Path) -> HubConfig:
                      slurm_conf=slurm_conf, poll_interval_s=poll, capacity_interval_s=capacity,
                      command_timeout_s=command_timeout, accounts=accounts, retention_s=retention, limits=limits,
                      audit_log=audit_log, user_map=user_map, metrics_listen=metrics_listen,
-                     maintenance=maintenance, mode_limits=mode_limits, countries=countries)
+                     maintenance=maintenance, mode_limits=mode_limits, countries=countries, advertise=advertise,
+                     discovery=discovery, events=events, ha_instance=ha_instance)
 
 
 def load_antenna(path: str | Path) -> AntennaConfig:
@@ -470,10 +558,17 @@ def load_antenna(path: str | Path) -> AntennaConfig:
     site, federation, listen, state_dir, retention, audit_log = _daemon_basics(a)
     country = a.checked("country", _country, "") if "country" in a.data else ""
     a.done()
+    discovery = _discovery(root, federation, is_hub=False)
     root.seen.add("hubs")
     raw_hubs = root.data.get("hubs", [])
-    if not isinstance(raw_hubs, list) or not raw_hubs:
-        raise ConfigError(p, "hubs", "declare at least one [[hubs]] table with site and endpoint")
+    if not isinstance(raw_hubs, list):
+        raise ConfigError(p, "hubs", "declare hubs as [[hubs]] tables with site and endpoint")
+    if discovery.backend == "static" and not raw_hubs:
+        raise ConfigError(p, "hubs", "declare at least one [[hubs]] table with site and endpoint (or find hubs "
+                          "through [discovery] backend = \"etcd\")")
+    if discovery.backend != "static" and raw_hubs:
+        raise ConfigError(p, "hubs", f"[[hubs]] are for backend = \"static\"; with {discovery.backend!r} the hubs "
+                          "register themselves")
     hubs = []
     for i, raw in enumerate(raw_hubs):
         t = _Table(p, f"hubs[{i}]", raw)
@@ -485,10 +580,11 @@ def load_antenna(path: str | Path) -> AntennaConfig:
     tls = _tls(root, f"spiffe://{federation}/antenna/{site}", daemon=True)
     limits = _limits(root, ANTENNA_LIMITS)
     metrics_listen = _metrics(root)
+    events = _events(root)
     root.done()
     return AntennaConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
                          hubs=tuple(hubs), retention_s=retention, limits=limits, audit_log=audit_log, country=country,
-                         metrics_listen=metrics_listen)
+                         metrics_listen=metrics_listen, discovery=discovery, events=events)
 
 
 def load_client(path: str | Path) -> ClientConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 
 from federation.rpc import SecureServer
@@ -18,6 +19,8 @@ class Daemon(abc.ABC):
         self.server: SecureServer | None = None
         self.port = 0
         self.metrics_port = 0  # the Prometheus endpoint's port, when the config asks for one
+        self.ended = asyncio.Event()  # set when the daemon stopped by itself (a hub that lost its leadership)
+        self.end_reason = ""
 
     @abc.abstractmethod
     async def _start(self) -> None:
@@ -35,6 +38,32 @@ class Daemon(abc.ABC):
             raise OSError(f"cannot serve metrics on {listen}: {exc}") from None
         log.info("metrics for Prometheus on https://%s:%d/metrics (client certificates required)",
                  listen.rpartition(":")[0], self.metrics_port)
+
+    def _start_events(self, core, endpoint: str, membership: bool):
+        """Publish the core's job state changes to the MQTT broker the config names (`[events]`), if any; with
+        `membership`, the broker also says "down" for this site if the daemon dies (MQTT last will)."""
+        cfg = self.config
+        if not cfg.events.broker:
+            return None
+        from federation.events import EventPublisher
+        events = EventPublisher(cfg.events.broker, cfg.federation, cfg.site, tls=cfg.tls if cfg.events.tls else None,
+                                buffer=cfg.events.buffer, will={"endpoint": endpoint}, last_will=membership,
+                                on_drop=core.metrics.dropped.labels("events").inc)
+        events.start()
+        core.jobs.taps.append(lambda _, job: events.job_state(job.id, job_event(job)))
+        core.metrics.gauge("aifed_events_connected", "1 while the MQTT broker is connected", (),
+                           lambda: [((), float(events.connected))])
+        core.metrics.gauge("aifed_events_queued", "events waiting for the MQTT broker", (),
+                           lambda: [((), float(events.queued))])
+        log.info("publishing events to the MQTT broker at %s", cfg.events.broker)
+        return events
+
+    async def _end(self, reason: str) -> None:
+        """Stop serving at once, from inside: the runner exits non-zero with `reason`."""
+        log.error("%s", reason)
+        self.end_reason = reason
+        await self.stop(0)
+        self.ended.set()
 
     async def start(self):
         """Start serving. Calling it on a started daemon does nothing."""
@@ -56,3 +85,12 @@ class Daemon(abc.ABC):
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+def job_event(job) -> dict:
+    """A job's state change as an event payload (docs/membership.md#events-on-mqtt)."""
+    out = {"state": job.state.name, "site": job.site, "antenna": job.antenna, "reason": job.reason,
+           "at": job.updated_at}
+    if job.exit_code is not None:
+        out["exit_code"] = job.exit_code
+    return out

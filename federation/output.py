@@ -118,6 +118,8 @@ def state_names() -> list[str]:
 
 def site_health(s: antenna_pb2.Site) -> str:
     """One word for a hub as the antenna sees it."""
+    if s.left:
+        return "left"
     if not s.reachable:
         return "revoked" if "revoked" in s.error else "down"
     if s.advert.draining:

@@ -53,13 +53,31 @@ def run_daemon(kind: str, config_path: str, level: str = "info", fmt: str = "hum
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        starting = asyncio.create_task(daemon.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # a standby hub waits for its turn to lead; a signal ends the wait
+            starting.cancel()
+            await asyncio.wait((starting,), timeout=10)
+            if not starting.done():
+                log.warning("%s: giving up waiting for the start to end after 10 s; stopping anyway", kind)
+            await daemon.stop(grace=0)
+            log.info("%s stopped before it started serving", kind)
+            return 0
         try:
-            await daemon.start()
+            starting.result()
         except (OSError, ValueError, RuntimeError) as exc:
+            stopping.cancel()
             log.error("%s failed to start: %s", kind, exc)
             return EXIT_START
         log.info("%s ready", kind)
-        await stop.wait()
+        ended = asyncio.create_task(daemon.ended.wait())
+        await asyncio.wait((stopping, ended), return_when=asyncio.FIRST_COMPLETED)
+        if daemon.ended.is_set():
+            stopping.cancel()
+            log.error("%s stopped: %s", kind, daemon.end_reason)
+            return EXIT_START
+        ended.cancel()
         started = time.monotonic()
         log.info("%s stopping", kind)
         await daemon.stop(grace=5.0)

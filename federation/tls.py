@@ -103,13 +103,7 @@ class TlsFiles:
         """The certificate's spiffe:// URI SAN ("" if it has none)."""
         from cryptography import x509
 
-        cert = x509.load_pem_x509_certificate(self.read()[1])
-        try:
-            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            return ""
-        uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
-        return uris[0] if len(uris) == 1 else ""
+        return spiffe_uri(x509.load_pem_x509_certificate(self.read()[1]))
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """Credentials that require and verify a client certificate from the federation CA, and that take up
@@ -178,3 +172,15 @@ class ReloadingServerCredentials:
             self._stamp = stamp
         log.info("TLS certificate reloaded from %s (expires %s)", self.tls.cert, f"{self.tls.not_after():%Y-%m-%d}")
         return configuration
+
+
+def spiffe_uri(cert) -> str:
+    """The one spiffe:// URI SAN of an x509.Certificate ("" if it has none, or several)."""
+    from cryptography import x509
+
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ""
+    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
+    return uris[0] if len(uris) == 1 else ""

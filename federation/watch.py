@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Generic, TypeVar
 
@@ -17,8 +17,11 @@ class Topics(Generic[T]):
     def __init__(self, maxsize: int = 1024):
         self._subs: dict[str, set[asyncio.Queue[T]]] = defaultdict(set)
         self._maxsize = maxsize
+        self.taps: list[Callable[[str, T], None]] = []  # see every value published, whatever its key
 
     def publish(self, key: str, value: T) -> None:
+        for tap in self.taps:
+            tap(key, value)
         for q in list(self._subs.get(key, ())):
             if q.full():  # a stalled reader loses the oldest update, never the newest
                 q.get_nowait()
@@ -66,3 +69,10 @@ async def follow(topics: Topics, key: str, current) -> AsyncIterator:
         while not job.final:
             job = await updates.get()
             yield job
+
+
+def stopping() -> bool:
+    """Whether the current task is being cancelled. grpc also raises CancelledError in a task whose call it
+    cancelled (its channel was closed): a loop that must outlive its calls asks this before giving up."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

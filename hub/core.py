@@ -209,7 +209,8 @@ class HubCore:
                 await hand_over(job)
         if created:
             log.info("accepted %d job(s) from %s", len(created), who.site)
-        if created:
+            for job in created:
+                self.jobs.publish(job.id, job)
             self.capacity.notify()
         return results
 
@@ -373,6 +374,21 @@ class HubCore:
             self.capacity.notify()
 
     # -- adverts ---------------------------------------------------------------------------------
+
+    def summary(self) -> dict:
+        """What this hub tells the federation's membership (etcd) and event stream (MQTT) about itself: a
+        summary for listing and watching. Placement asks the hub itself for live adverts and estimates."""
+        cfg, usage = self.config, self.backend.usage()
+        models = {p.name: p.gpu_model for p in cfg.partitions}
+        return {
+            "gpus_total": sum(u.gpus_total for u in usage), "gpus_free": sum(u.gpus_free for u in usage),
+            "running_jobs": sum(u.running_jobs for u in usage), "pending_jobs": sum(u.pending_jobs for u in usage),
+            "partitions": [{"name": u.name, "gpu_model": models.get(u.name, ""), "gpus_total": u.gpus_total,
+                            "gpus_free": u.gpus_free, "pending_jobs": u.pending_jobs} for u in usage],
+            "services": list(cfg.services), "sectors": list(cfg.sectors),
+            "access_modes": [m.slug for m in cfg.access_modes], "countries": list(cfg.countries),
+            "draining": bool(self.drain_now()), "backend_up": self.backend.health().ok, "version": __version__,
+        }
 
     async def estimates(self, gpus: int, walltime_s: int, partition: str = "") -> list[tuple[str, float]]:
         """(partition, seconds to wait) for each partition that fits the shape."""

@@ -18,6 +18,8 @@ from federation.identity import Role
 from federation.model import AccessMode
 from federation.tls import TlsFiles
 
+pytest_plugins = ("tests.etcd_server", "tests.mqtt_broker")  # fixtures: a private etcd and Mosquitto
+
 FEDERATION = "eurohpc.test"
 HUB_SITES = ("leonardo", "lumi")
 ANTENNA_SITES = ("antenna-a", "antenna-b")

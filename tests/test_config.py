@@ -521,3 +521,51 @@ def test_countries_are_checked_and_eu_expands_to_the_member_states(folder):
         load_antenna(write(folder, edit(ANTENNA, 'site = "antenna-a"', 'site = "antenna-a"\ncountry = "si"'),
                            "antenna.toml"))
     assert err.value.key == "antenna.country"
+
+
+# -- membership, high availability, events ------------------------------------------------------------
+
+ETCD = '\n[discovery]\nbackend = "etcd"\nendpoints = ["etcd1.example:2379", "127.0.0.1:2379"]\n'
+
+
+def test_discovery_defaults_to_static_and_etcd_settings_are_read(folder):
+    hub = load_hub(write(folder, HUB))
+    assert hub.discovery.backend == "static" and hub.ha_instance == "" and hub.events.broker == ""
+    hub = load_hub(write(folder, HUB + ETCD + 'lease = "20s"\n[ha]\ninstance = "leonardo-b"\n'
+                         '[events]\nbroker = "mqtt.example:8883"\nbuffer = 50\n'))
+    assert hub.discovery.endpoints == ("etcd1.example:2379", "127.0.0.1:2379") and hub.discovery.lease_s == 20
+    assert hub.discovery.key_prefix("eurohpc.test") == "/aifed/eurohpc.test"
+    assert hub.ha_instance == "leonardo-b"
+    assert (hub.events.broker, hub.events.tls, hub.events.buffer) == ("mqtt.example:8883", True, 50)
+    antenna = load_antenna(write(folder, ANTENNA[:ANTENNA.index("[[hubs]]")] + TLS_ANTENNA + ETCD
+                                 + 'prefix = "/fed/test"\n', "antenna.toml"))
+    assert antenna.hubs == () and antenna.discovery.key_prefix("x") == "/fed/test"
+
+
+@pytest.mark.parametrize("extra, key, says", [
+    ('\n[discovery]\nbackend = "zookeeper"\n', "discovery.backend", "this version has: static, etcd"),
+    ('\n[discovery]\nbackend = "etcd"\n', "discovery.endpoints", "is required with backend"),
+    ('\n[discovery]\nendpoints = ["127.0.0.1:2379"]\n', "discovery.endpoints", "applies only to backend"),
+    (ETCD + 'prefix = "aifed/"\n', "discovery.prefix", "must start with '/'"),
+    ('\n[discovery]\nbackend = "etcd"\nendpoints = ["etcd1"]\n', "discovery.endpoints[0]", "host:port"),
+    (ETCD + 'lease = "1s"\n', "discovery.lease", "at least 2 seconds"),
+    ('\n[ha]\ninstance = "leonardo-a"\n', "ha.instance", "needs [discovery] backend"),
+    (ETCD + '[ha]\ninstance = "Leonardo A"\n', "ha.instance", "not valid"),
+    ('\n[events]\nbuffer = 10\n', "events.broker", "is required"),
+    ('\n[events]\nbroker = "mqtt:1883"\nbuffer = 0\n', "events.buffer", "between 1"),
+])
+def test_membership_and_events_settings_are_checked(folder, extra, key, says):
+    config_error(load_hub, write(folder, HUB + extra), key, says)
+
+
+def test_a_hub_on_every_interface_must_say_where_antennas_dial_it_with_etcd(folder):
+    text = edit(HUB, 'listen = "127.0.0.1:50051"', 'listen = "0.0.0.0:50051"') + ETCD
+    config_error(load_hub, write(folder, text), "hub.advertise", "is required when listen is '0.0.0.0:50051'")
+    text = edit(text, 'state_dir = "state/leonardo"', 'state_dir = "state/leonardo"\nadvertise = "hub.example:50051"')
+    assert load_hub(write(folder, text)).advertise == "hub.example:50051"
+
+
+def test_an_antenna_lists_hubs_only_with_static_discovery(folder):
+    config_error(load_antenna, write(folder, ANTENNA + ETCD, "antenna.toml"), "hubs", "[[hubs]] are for backend")
+    config_error(load_antenna, write(folder, ANTENNA + ETCD + 'lease = "5s"\n', "antenna.toml"), "discovery.lease",
+                 "not a known setting")

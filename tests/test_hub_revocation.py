@@ -37,9 +37,9 @@ async def test_a_revoked_hub_gets_no_more_jobs_without_restarting_the_antenna(pr
 
         pki.revoke(private_pki.root, f"spiffe://{FEDERATION}/hub/lumi", "key_compromise")
         lumi = antenna.core.sites["lumi"]
-        await eventually(lambda: lumi.revoked, timeout=10)
-        assert "lumi's certificate" in lumi.revoked and not lumi.fresh
-        assert not antenna.core.sites["leonardo"].revoked
+        await eventually(lambda: lumi.untrusted, timeout=10)
+        assert "lumi's certificate" in lumi.untrusted and not lumi.fresh
+        assert not antenna.core.sites["leonardo"].untrusted
         sites = {s.site: s for s in await alice.sites()}
         assert "revoked" in sites["lumi"].error and not sites["lumi"].reachable
 
@@ -53,7 +53,7 @@ async def test_a_revoked_hub_gets_no_more_jobs_without_restarting_the_antenna(pr
 
         # The hub gets a new certificate (new serial): it is trusted again, and the held job goes there.
         pki.renew(private_pki.root, Role.HUB, "lumi")
-        await eventually(lambda: not lumi.revoked, timeout=20, interval=0.5)
+        await eventually(lambda: not lumi.untrusted, timeout=20, interval=0.5)
         assert (await alice.wait(pinned.id)).state is JobState.COMPLETED
     finally:
         await fed.close()

@@ -62,25 +62,31 @@ class ListSitesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Site(_message.Message):
-    __slots__ = ("site", "endpoint", "reachable", "advert", "advert_received_at", "error")
+    __slots__ = ("site", "endpoint", "reachable", "advert", "advert_received_at", "error", "left")
     SITE_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     REACHABLE_FIELD_NUMBER: _ClassVar[int]
     ADVERT_FIELD_NUMBER: _ClassVar[int]
     ADVERT_RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    LEFT_FIELD_NUMBER: _ClassVar[int]
     site: str
     endpoint: str
     reachable: bool
     advert: _jobs_pb2.Advert
     advert_received_at: _timestamp_pb2.Timestamp
     error: str
-    def __init__(self, site: _Optional[str] = ..., endpoint: _Optional[str] = ..., reachable: _Optional[bool] = ..., advert: _Optional[_Union[_jobs_pb2.Advert, _Mapping]] = ..., advert_received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    left: bool
+    def __init__(self, site: _Optional[str] = ..., endpoint: _Optional[str] = ..., reachable: _Optional[bool] = ..., advert: _Optional[_Union[_jobs_pb2.Advert, _Mapping]] = ..., advert_received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., left: _Optional[bool] = ...) -> None: ...
 
 class ListSitesResponse(_message.Message):
-    __slots__ = ("sites", "cert_expires_at")
+    __slots__ = ("sites", "cert_expires_at", "discovery", "discovery_degraded")
     SITES_FIELD_NUMBER: _ClassVar[int]
     CERT_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    DISCOVERY_FIELD_NUMBER: _ClassVar[int]
+    DISCOVERY_DEGRADED_FIELD_NUMBER: _ClassVar[int]
     sites: _containers.RepeatedCompositeFieldContainer[Site]
     cert_expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, sites: _Optional[_Iterable[_Union[Site, _Mapping]]] = ..., cert_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    discovery: str
+    discovery_degraded: str
+    def __init__(self, sites: _Optional[_Iterable[_Union[Site, _Mapping]]] = ..., cert_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., discovery: _Optional[str] = ..., discovery_degraded: _Optional[str] = ...) -> None: ...
