@@ -35,7 +35,9 @@ from federation.model import FINAL_STATES, Job, JobSpec, JobState, Transition
 from federation.pb import hub_pb2, jobs_pb2
 from federation.rpc import peer
 from federation.sbatch import parse_array
-from federation.watch import Signal, Topics, stopping
+from federation.watch import Signal, Topics, stop_tasks, stopping
+from antenna.allocations import (Allocation, AllocationUsage, Allocations, UserUsage, load as load_allocations,
+                                 retention_s)
 from antenna.placement import Verdict, maintenance_in_the_way, rank, why_not
 from antenna.sites import HubSite
 
@@ -68,11 +70,15 @@ class Submission:
 
 
 
-def _replay_conflict(tx: Tx, item: list[tuple[Job, str | None]]) -> AifedError | None:
-    """A request id seen before with a different job: refused, never silently answered with the old job."""
+def _replay_conflict(tx: Tx, item: list[tuple[Job, str | None]], pinned: bool = False) -> AifedError | None:
+    """A request id seen before with a different job: refused, never silently answered with the old job.
+    `pinned`: the antenna chose the job's hub for its allocation, so a retry may name another one."""
+    def same(a: JobSpec, b: JobSpec) -> bool:
+        return replace(a, array_job="", site=a.site if not pinned else "") == \
+            replace(b, array_job="", site=b.site if not pinned else "")
+
     for job, key in item:
-        if key is not None and (first := tx.by_key(key)) is not None \
-                and replace(first.spec, array_job="") != replace(job.spec, array_job=""):
+        if key is not None and (first := tx.by_key(key)) is not None and not same(first.spec, job.spec):
             return AlreadyExists(f"this request id was used for job {first.id} with a different job; a retry must "
                                  "resend the same job, a new job needs a new request id")
     return None
@@ -90,6 +96,16 @@ class AntennaCore:
                                         [Member(h.site, h.endpoint) for h in config.hubs])
         self.sites: dict[str, HubSite] = {}  # every hub this antenna has known since it started
         self.jobs: Topics[Job] = Topics()
+        # Allocations: their usage is rebuilt from the journal now (before any submission), then follows every
+        # job change published.
+        self.allocations = Allocations(load_allocations(config.allocations) if config.allocations else (),
+                                       config.site)
+        if self.allocations:
+            started = time.monotonic()
+            self.allocations.rebuild(self.journal.list(limit=2**62))
+            log.info("allocations: %d, usage counted from the journal in %.2fs", len(self.allocations.all),
+                     time.monotonic() - started)
+            self.jobs.taps.append(lambda _, job: self.allocations.observe(job))
         self.metrics = Metrics("antenna", config.site, __version__)
         self.audit = AuditLog(config.audit_log or config.state_dir / "audit.jsonl", peer=peer,
                               on_drop=self.metrics.dropped.labels("audit").inc)
@@ -127,7 +143,11 @@ class AntennaCore:
         for job in self.journal.with_ref(CANCEL_OWED):
             self._deliver_cancel_later(job.id)
         self._spawn(self._placer(), "placer")
-        self._spawn(purge_forever(self.journal, self.config.retention_s), "purge")
+        retention = retention_s(self.config.retention_s, self.allocations.all)
+        if retention != self.config.retention_s:
+            log.info("finished jobs are kept %d days (not %d): as long as the longest allocation lasts, so that "
+                     "its charges are not forgotten", retention // 86400, self.config.retention_s // 86400)
+        self._spawn(purge_forever(self.journal, retention), "purge")
 
     def _add_site(self, member: Member) -> HubSite:
         """Start using a hub: follow its adverts and its change feed, forward the jobs placed on it."""
@@ -173,7 +193,7 @@ class AntennaCore:
         tasks = [*self._tasks, *self._cancels.values()]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(tasks)
         for site in self.sites.values():
             await site.close()
         self.journal.close()
@@ -219,11 +239,14 @@ class AntennaCore:
         """Submit many jobs in one group commit. Per entry, its jobs (an array's in index order) or why it was
         refused: a refused entry never stops the others."""
         prepared: list[list[tuple[Job, str | None]] | AifedError] = []
+        charges: list[tuple[Allocation | None, bool]] = []  # per entry: the allocation it is charged to, pinned
         total = size = 0
         sites: dict[tuple, str] = {}  # the precheck's answer per job shape, within this call
+        now = time.time()
         for entry in entries:
+            charges.append((None, False))
             try:
-                jobs = self._prepare(who, entry, sites)
+                jobs, charges[-1] = self._prepare(who, entry, sites, now)
                 total += len(jobs)
                 size += len(jobs) * (len(entry.spec.script) + sum(map(len, entry.spec.argv)))
                 if total > MAX_SUBMIT:
@@ -244,20 +267,46 @@ class AntennaCore:
 
         def store(tx: Tx) -> list[list[tuple[Job, bool]] | AifedError]:
             out: list[list[tuple[Job, bool]] | AifedError] = []
-            for item in prepared:
-                if not isinstance(item, AifedError):
-                    item = _replay_conflict(tx, item) or [tx.insert(job, key) for job, key in item]
-                out.append(item)
+            reserved: list[str] = []
+            try:
+                for item, (allocation, pinned) in zip(prepared, charges):
+                    if not isinstance(item, AifedError):
+                        item = _replay_conflict(tx, item, pinned) or self._reserve(tx, item, allocation, reserved) \
+                            or [tx.insert(job, key) for job, key in item]
+                    out.append(item)
+            except BaseException:
+                self.allocations.release(reserved)  # this caller's changes are undone
+                raise
             return out
 
         # The commit and the hand-over to the placer run to the end even if the caller goes away: a stored job
         # must be forwarded (a retry with the same request id returns it and does not queue it again).
         return await asyncio.shield(self._store_and_queue(who, store))
 
+    def _reserve(self, tx: Tx, item: list[tuple[Job, str | None]], allocation: Allocation | None,
+                 reserved: list[str]) -> AifedError | None:
+        """In the transaction that stores them: reserve the new jobs' GPU-hours in their allocation, or refuse
+        them all. Jobs already stored (a retry with the same request id) were counted when they were."""
+        if allocation is None:
+            return None
+        new = [job for job, key in item if key is None or tx.by_key(key) is None]
+        if not new:
+            return None
+        if refusal := self.allocations.reserve(allocation, new, new[0].spec):
+            return refusal
+        reserved += [job.id for job in new]
+        return None
+
     async def _store_and_queue(self, who: Identity, store) -> list[list[Job] | AifedError]:
         results: list[list[Job] | AifedError] = []
         created = 0
-        for item in await self.journal.commit(store):
+        try:
+            stored = await self.journal.commit(store)
+        except BaseException:
+            if self.allocations:  # the transaction failed: its reservations are void
+                self.allocations.rebuild(self.journal.list(limit=2**62))
+            raise
+        for item in stored:
             if isinstance(item, AifedError):
                 self.audit.record("rejected", who=who.uri, reason=item.message)
                 results.append(item)
@@ -275,8 +324,10 @@ class AntennaCore:
             log.info("accepted %d job(s) from %s", created, who.uri)
         return results
 
-    def _prepare(self, who: Identity, entry: Submission, sites: dict[tuple, str]) -> list[tuple[Job, str | None]]:
-        """The jobs (with their idempotency keys) that one entry asks for, checked; nothing stored yet."""
+    def _prepare(self, who: Identity, entry: Submission, sites: dict[tuple, str], now: float
+                 ) -> tuple[list[tuple[Job, str | None]], tuple[Allocation | None, bool]]:
+        """The jobs (with their idempotency keys) that one entry asks for, checked; nothing stored yet. With the
+        allocation they are charged to, and whether it pinned them to its hub."""
         spec, request_id = entry.spec, entry.request_id
         if len(request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
@@ -289,11 +340,12 @@ class AntennaCore:
             except ValueError as exc:
                 raise InvalidArgument(f"array {entry.array[:80]!r}: {exc}") from None
         spec.validate()
-        shape = (spec.site, spec.partition, spec.gpus, spec.cpus, spec.walltime_s, spec.access_mode, spec.sector,
-                 spec.sector_required)
-        site = sites[shape] if shape in sites else self.precheck(spec)
-        sites[shape] = site
-        now = time.time()
+        site = self._precheck_once(spec, sites)  # what no hub could run is refused first, allocation or not
+        charged, allocation = self.allocations.assess(spec, now, len(indices))
+        pinned = charged.site != spec.site
+        if pinned:
+            spec = charged
+            site = self._precheck_once(spec, sites)
         array_id = f"{self.config.site}-{secrets.token_hex(6)}" if entry.array else ""
         jobs = []
         for index in indices:
@@ -307,7 +359,14 @@ class AntennaCore:
                              country=self.config.country,
                              reason=f"forwarding to {site}" if site else "waiting to be forwarded",
                              history=(Transition(JobState.PENDING, now, "accepted by the antenna"),)), key))
-        return jobs
+        return jobs, (allocation, pinned)
+
+    def _precheck_once(self, spec: JobSpec, sites: dict[tuple, str]) -> str:
+        shape = (spec.site, spec.partition, spec.gpus, spec.cpus, spec.walltime_s, spec.access_mode, spec.sector,
+                 spec.sector_required)
+        if shape not in sites:
+            sites[shape] = self.precheck(spec)
+        return sites[shape]
 
     async def dry_run(self, who: Identity, spec: JobSpec) -> Job:
         """Every check a submission gets, and the hub it would go to now; nothing is stored or forwarded."""
@@ -315,6 +374,11 @@ class AntennaCore:
             raise InvalidArgument("array_job and array_task are set by the antenna; ask for an array instead")
         spec.validate()
         self.precheck(spec)  # refuses what no hub could ever run
+        now = time.time()
+        charged, allocation = self.allocations.assess(spec, now)
+        if charged.site != spec.site:
+            spec = charged
+            self.precheck(spec)
         verdicts = await self.verdicts(spec)
         free = {s.site: max((p.gpus_free for p in s.advert.partitions), default=0)
                 for s in self.sites.values() if s.advert is not None}
@@ -326,7 +390,8 @@ class AntennaCore:
             site = ""
             reason = "dry run: would be accepted and wait for a hub: " + "; ".join(
                 f"{v.site} {v.reason}" for v in verdicts if not v.fits)
-        now = time.time()
+        if allocation is not None:
+            reason += "; " + self.allocations.describe(allocation, spec)
         return Job(id="", spec=spec, state=JobState.PENDING, owner=who.uri, antenna=self.config.site, site=site,
                    reason=reason, created_at=now, updated_at=now)
 
@@ -370,6 +435,11 @@ class AntennaCore:
     def list(self, who: Identity, states=(), limit: int = 100) -> list[Job]:
         owner = None if who.role is Role.OPERATOR else who.uri
         return self.journal.list(owner=owner, states=states, limit=min(max(limit, 1), 1000))
+
+    def usage(self, who: Identity) -> tuple[list[AllocationUsage], list[UserUsage]]:
+        """The allocations and their usage: an operator sees all; a user, those of the projects they have jobs
+        under here, and only their own consumption."""
+        return self.allocations.usage(None if who.role is Role.OPERATOR else who.uri)
 
     async def cancel(self, who: Identity, job_id: str) -> Job:
         job = self.get(who, job_id)

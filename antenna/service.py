@@ -10,10 +10,11 @@ from federation.pb import antenna_pb2, antenna_pb2_grpc
 from federation.rpc import Rule, caller
 from federation.tls import cert_expires
 from federation.watch import follow
+from antenna.allocations import AllocationUsage, UserUsage
 from antenna.core import MAX_SUBMIT, AntennaCore, Submission
 
 
-OPERATOR_METHODS = ("GetJob", "ListJobs", "WatchJob", "CancelJob", "StreamLogs", "ListSites")
+OPERATOR_METHODS = ("GetJob", "ListJobs", "WatchJob", "CancelJob", "StreamLogs", "ListSites", "GetUsage")
 
 
 def access_rules(site: str) -> dict[str, Rule]:
@@ -111,3 +112,21 @@ class AntennaService(antenna_pb2_grpc.AntennaServicer):
                                              cert_expires_at=convert.ts(cert_expires(self.core.config.tls)),
                                              discovery=discovery.backend, discovery_degraded=discovery.degraded)
 
+
+    async def GetUsage(self, request, context):
+        allocations, users = self.core.usage(caller())
+        return antenna_pb2.UsageResponse(allocations=[_allocation_pb(u) for u in allocations],
+                                         users=[_user_pb(u) for u in users])
+
+
+def _allocation_pb(u: AllocationUsage) -> antenna_pb2.AllocationUsage:
+    a = u.allocation
+    return antenna_pb2.AllocationUsage(
+        project=a.project, hub=a.hub, modes=[int(m) for m in a.modes], start=convert.ts(a.start),
+        end=convert.ts(a.end), gpu_hours=a.gpu_hours, used_gpu_hours=u.used_s / 3600,
+        reserved_gpu_hours=u.reserved_s / 3600, remaining_gpu_hours=u.remaining_s / 3600, jobs=u.jobs)
+
+
+def _user_pb(u: UserUsage) -> antenna_pb2.UserUsage:
+    return antenna_pb2.UserUsage(project=u.project, owner=u.owner, used_gpu_hours=u.used_s / 3600,
+                                 reserved_gpu_hours=u.reserved_s / 3600, jobs=u.jobs)

@@ -15,7 +15,7 @@ from federation.crl import Revocations
 from federation.pb import hub_pb2, hub_pb2_grpc, jobs_pb2
 from federation.rpc import secure_channel
 from federation.tls import TlsFiles, spiffe_uri
-from federation.watch import Signal, stopping
+from federation.watch import Signal, stop_tasks, stopping
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +138,10 @@ class HubSite:
             await channel.close(None)
 
     async def close(self) -> None:
-        for task in (self._task, self._recheck):
-            if task:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        tasks = [t for t in (self._task, self._recheck) if t]
+        for task in tasks:
+            task.cancel()
+        await stop_tasks(tasks)
         for channel in (*self._retired, self.channel):
             await channel.close(None)
         self._retired.clear()

@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=int, default=100)
     st = sub.add_parser("sites", help="the federation's sites and their capacity")
     client_opts(st)
+    us = sub.add_parser("usage", help="allocations (GPU-hour budgets) and what has been used of them",
+                        description="Per allocation: its project, hub (or federation-wide), modes, dates, budget, "
+                                    "GPU-hours used (jobs that ended, by real runtime), reserved (jobs not ended, "
+                                    "by walltime) and remaining; then GPU-hours per project and user at this "
+                                    "antenna. Users see the allocations of projects they have jobs under, and "
+                                    "their own consumption; operators of the antenna see all.")
+    client_opts(us)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
 
@@ -377,6 +384,10 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
                 if listing.discovery_degraded:
                     print(f"warning: membership may be out of date: {listing.discovery_degraded}", file=sys.stderr)
             return EXIT_OK
+        if args.command == "usage":
+            usage = await client.usage()
+            _print_json(output.usage_dict(usage)) if args.json else print(output.usage_rows(usage))
+            return EXIT_OK
         if args.command == "logs":
             stream = (jobs_pb2.LOG_STREAM_STDOUT if args.stdout else
                       jobs_pb2.LOG_STREAM_STDERR if args.stderr else jobs_pb2.LOG_STREAM_UNSPECIFIED)
@@ -528,7 +539,8 @@ def _config_check(path: Path) -> int:
         antenna = config.load_antenna(path)
         print(f"{path}: good: antenna {antenna.site} of {antenna.federation}, listens on {antenna.listen}, "
               + (f"{len(antenna.hubs)} hub(s)" if antenna.discovery.backend == "static" else "hubs from etcd")
-              + (f", CRL {antenna.tls.crl}" if antenna.tls.crl else ", no CRL") + _membership(antenna))
+              + (f", CRL {antenna.tls.crl}" if antenna.tls.crl else ", no CRL") + _membership(antenna)
+              + (f", allocations {antenna.allocations}" if antenna.allocations else ""))
     else:
         client = config.load_client(path)
         print(f"{path}: good: client of antenna {client.antenna}, identity {client.tls.identity_uri()}")

@@ -105,6 +105,10 @@ class AntennaClient:
     async def sites(self) -> list[antenna_pb2.Site]:
         return list((await self.site_list()).sites)
 
+    async def usage(self) -> antenna_pb2.UsageResponse:
+        """The allocations (GPU-hour budgets) the caller may see, and what has been used of them."""
+        return await self.stub.GetUsage(antenna_pb2.UsageRequest(), timeout=30)
+
     async def site_list(self) -> antenna_pb2.ListSitesResponse:
         """The sites, and when the antenna's own certificate expires."""
         return await self.stub.ListSites(antenna_pb2.ListSitesRequest(), timeout=30)

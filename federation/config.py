@@ -157,6 +157,7 @@ class AntennaConfig:
     metrics_listen: str | None = None  # HOST:PORT for Prometheus (HTTPS, client certificates required)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    allocations: Path | None = None  # a TOML file of [[allocation]] GPU-hour budgets (antenna/allocations.py)
 
 
 @dataclass(frozen=True)
@@ -557,6 +558,13 @@ def load_antenna(path: str | Path) -> AntennaConfig:
     a = root.table("antenna")
     site, federation, listen, state_dir, retention, audit_log = _daemon_basics(a)
     country = a.checked("country", _country, "") if "country" in a.data else ""
+    allocations = a.path_("allocations") if "allocations" in a.data else None
+    if allocations is not None:
+        from antenna.allocations import load
+        try:
+            load(allocations)  # a broken file is reported now, not at the first job
+        except ConfigError as exc:
+            raise ConfigError(p, "antenna.allocations", str(exc)) from None
     a.done()
     discovery = _discovery(root, federation, is_hub=False)
     root.seen.add("hubs")
@@ -584,7 +592,8 @@ def load_antenna(path: str | Path) -> AntennaConfig:
     root.done()
     return AntennaConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
                          hubs=tuple(hubs), retention_s=retention, limits=limits, audit_log=audit_log, country=country,
-                         metrics_listen=metrics_listen, discovery=discovery, events=events)
+                         metrics_listen=metrics_listen, discovery=discovery, events=events,
+                         allocations=allocations)
 
 
 def load_client(path: str | Path) -> ClientConfig:

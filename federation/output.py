@@ -112,6 +112,41 @@ def site_dict(s: antenna_pb2.Site) -> dict:
     return out
 
 
+def _gpuh(value: float) -> str:
+    return f"{value:.2f}".rstrip("0").rstrip(".") if abs(value) >= 0.005 else "0"
+
+
+def _utc(stamp) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp.ToNanoseconds() / 1e9))
+
+
+def usage_dict(usage: antenna_pb2.UsageResponse) -> dict:
+    return {
+        "allocations": [{"project": a.project, "hub": a.hub or "federation",
+                         "modes": [AccessMode(m).slug for m in a.modes], "start": _utc(a.start), "end": _utc(a.end),
+                         "gpu_hours": a.gpu_hours, "used": a.used_gpu_hours, "reserved": a.reserved_gpu_hours,
+                         "remaining": a.remaining_gpu_hours, "jobs": a.jobs} for a in usage.allocations],
+        "users": [{"project": u.project, "user": u.owner, "used": u.used_gpu_hours, "reserved": u.reserved_gpu_hours,
+                   "jobs": u.jobs} for u in usage.users],
+    }
+
+
+def usage_rows(usage: antenna_pb2.UsageResponse) -> str:
+    """`aifed usage`: one row per allocation, then GPU-hours per project and user."""
+    if not usage.allocations:
+        return "no allocations you can see at this antenna"
+    rows = [[a.project, a.hub or "federation", ",".join(AccessMode(m).slug for m in a.modes) or "any",
+             _utc(a.start), _utc(a.end), _gpuh(a.gpu_hours), _gpuh(a.used_gpu_hours), _gpuh(a.reserved_gpu_hours),
+             _gpuh(a.remaining_gpu_hours), str(a.jobs)] for a in usage.allocations]
+    out = table(["PROJECT", "HUB", "MODES", "START", "END", "GPU_HOURS", "USED", "RESERVED", "REMAINING", "JOBS"],
+                rows)
+    if usage.users:
+        users = [[u.project, u.owner.rpartition("/")[2], _gpuh(u.used_gpu_hours), _gpuh(u.reserved_gpu_hours),
+                  str(u.jobs)] for u in usage.users]
+        out += "\n\n" + table(["PROJECT", "USER", "USED", "RESERVED", "JOBS"], users)
+    return out
+
+
 def state_names() -> list[str]:
     return [s.name for s in JobState]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -76,3 +77,18 @@ def stopping() -> bool:
     cancelled (its channel was closed): a loop that must outlive its calls asks this before giving up."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+async def stop_tasks(tasks, timeout: float = 5.0) -> None:
+    """Wait for cancelled tasks to end, at most `timeout` seconds: a stop is bounded even if a task (or a library
+    under it) swallowed its cancellation. Those still running are named in a warning and left behind."""
+    tasks = [t for t in tasks if t is not None]
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in done:  # retrieved, so that asyncio does not report them as never retrieved
+        if not task.cancelled():
+            task.exception()
+    if pending:
+        logging.getLogger(__name__).warning("%d task(s) did not stop within %.0f s: %s", len(pending), timeout,
+                                            ", ".join(sorted(t.get_name() for t in pending)))

@@ -67,10 +67,10 @@ def test_pki(tmp_path_factory) -> Pki:
 
 def hub_config(test_pki: Pki, state: Path, site: str = "leonardo", partitions=None, **kw) -> HubConfig:
     parts = partitions or (PartitionConfig("booster", "A100", 4, 3600), PartitionConfig("dcgp", "", 0, 600))
+    kw.setdefault("access_modes", (AccessMode.PLAYGROUND, AccessMode.FAST_LANE))
     return HubConfig(path=state / f"{site}.toml", site=site, federation=FEDERATION, listen="127.0.0.1:0",
                      state_dir=state / site, tls=test_pki.tls(Role.HUB, site), partitions=tuple(parts),
-                     access_modes=(AccessMode.PLAYGROUND, AccessMode.FAST_LANE), advert_ttl_s=6,
-                     kill_grace_s=1, **kw)
+                     advert_ttl_s=6, kill_grace_s=1, **kw)
 
 
 def antenna_config(test_pki: Pki, state: Path, hubs: dict[str, int], site: str = "antenna-a") -> AntennaConfig:

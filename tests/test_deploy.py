@@ -133,14 +133,14 @@ def site(tmp_path, monkeypatch) -> dict[str, Path]:
 
 
 def install(site: dict[str, Path], name: str, text: str | None = None) -> Path:
-    """Copy an example (and the user map) into the temporary machine, its paths rewritten to it."""
+    """Copy an example (and the user map and allocations) into the temporary machine, its paths rewritten to it."""
     def rewrite(t: str) -> str:
         return (t.replace("/etc/aifed", str(site["etc"])).replace("/var/lib/aifed", str(site["var"]))
                 .replace("/etc/slurm", str(site["slurm"])))
 
-    users = site["etc"] / "users.toml"
-    if not users.exists():
-        users.write_text(rewrite((EXAMPLES / "users.toml").read_text()))
+    for data in ("users.toml", "allocations.toml"):  # the files the configs name
+        if not (site["etc"] / data).exists():
+            (site["etc"] / data).write_text(rewrite((EXAMPLES / data).read_text()))
     path = site["root"] / name
     path.write_text(rewrite(text if text is not None else (EXAMPLES / name).read_text()))
     return path
@@ -240,6 +240,18 @@ def test_user_map_example_means_what_its_comments_say():
     assert users.account("antenna-pt", "zoe", "anything") == "euhpc_ai_pt"
     with pytest.raises(PermissionDenied, match="users.toml"):
         users.account("antenna-si", "bob", "ai-health-2026")
+
+
+def test_allocations_example_means_what_its_comments_say(site, capsys):
+    from antenna.allocations import load
+
+    health, climate = load(EXAMPLES / "allocations.toml")
+    assert (health.hub, climate.hub, climate.start) == ("", "leonardo", 1790812800.0)  # a date: midnight UTC
+    assert {m.slug for m in health.modes} == {"large-scale", "ai-for-science"}
+    text = enable_commented((EXAMPLES / "antenna.toml").read_text())
+    text = text[:text.index("\n[[hubs]]")]  # with etcd discovery enabled, as in the test above
+    assert main(["config", "check", str(install(site, "antenna.toml", text))]) == 0
+    assert f"allocations {site['etc'] / 'allocations.toml'}" in capsys.readouterr().out
 
 
 def test_daemon_examples_mirror_the_pki_layout():

@@ -90,3 +90,53 @@ class ListSitesResponse(_message.Message):
     discovery: str
     discovery_degraded: str
     def __init__(self, sites: _Optional[_Iterable[_Union[Site, _Mapping]]] = ..., cert_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., discovery: _Optional[str] = ..., discovery_degraded: _Optional[str] = ...) -> None: ...
+
+class UsageRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AllocationUsage(_message.Message):
+    __slots__ = ("project", "hub", "modes", "start", "end", "gpu_hours", "used_gpu_hours", "reserved_gpu_hours", "remaining_gpu_hours", "jobs")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    HUB_FIELD_NUMBER: _ClassVar[int]
+    MODES_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    GPU_HOURS_FIELD_NUMBER: _ClassVar[int]
+    USED_GPU_HOURS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_GPU_HOURS_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_GPU_HOURS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    hub: str
+    modes: _containers.RepeatedScalarFieldContainer[_jobs_pb2.AccessMode]
+    start: _timestamp_pb2.Timestamp
+    end: _timestamp_pb2.Timestamp
+    gpu_hours: float
+    used_gpu_hours: float
+    reserved_gpu_hours: float
+    remaining_gpu_hours: float
+    jobs: int
+    def __init__(self, project: _Optional[str] = ..., hub: _Optional[str] = ..., modes: _Optional[_Iterable[_Union[_jobs_pb2.AccessMode, str]]] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpu_hours: _Optional[float] = ..., used_gpu_hours: _Optional[float] = ..., reserved_gpu_hours: _Optional[float] = ..., remaining_gpu_hours: _Optional[float] = ..., jobs: _Optional[int] = ...) -> None: ...
+
+class UserUsage(_message.Message):
+    __slots__ = ("project", "owner", "used_gpu_hours", "reserved_gpu_hours", "jobs")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    USED_GPU_HOURS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_GPU_HOURS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    owner: str
+    used_gpu_hours: float
+    reserved_gpu_hours: float
+    jobs: int
+    def __init__(self, project: _Optional[str] = ..., owner: _Optional[str] = ..., used_gpu_hours: _Optional[float] = ..., reserved_gpu_hours: _Optional[float] = ..., jobs: _Optional[int] = ...) -> None: ...
+
+class UsageResponse(_message.Message):
+    __slots__ = ("allocations", "users")
+    ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    allocations: _containers.RepeatedCompositeFieldContainer[AllocationUsage]
+    users: _containers.RepeatedCompositeFieldContainer[UserUsage]
+    def __init__(self, allocations: _Optional[_Iterable[_Union[AllocationUsage, _Mapping]]] = ..., users: _Optional[_Iterable[_Union[UserUsage, _Mapping]]] = ...) -> None: ...

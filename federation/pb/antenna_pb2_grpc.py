@@ -76,6 +76,11 @@ class AntennaStub:
                 request_serializer=aifed_dot_v1_dot_antenna__pb2.ListSitesRequest.SerializeToString,
                 response_deserializer=aifed_dot_v1_dot_antenna__pb2.ListSitesResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/aifed.v1.Antenna/GetUsage',
+                request_serializer=aifed_dot_v1_dot_antenna__pb2.UsageRequest.SerializeToString,
+                response_deserializer=aifed_dot_v1_dot_antenna__pb2.UsageResponse.FromString,
+                _registered_method=True)
 
 
 class AntennaServicer:
@@ -130,6 +135,14 @@ class AntennaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """The antenna's allocations (GPU-hour budgets) and what has been used of them. A user sees the allocations
+        of the projects they have jobs under at this antenna, and their own consumption; an operator sees all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AntennaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +185,11 @@ def add_AntennaServicer_to_server(servicer, server):
                     servicer.ListSites,
                     request_deserializer=aifed_dot_v1_dot_antenna__pb2.ListSitesRequest.FromString,
                     response_serializer=aifed_dot_v1_dot_antenna__pb2.ListSitesResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=aifed_dot_v1_dot_antenna__pb2.UsageRequest.FromString,
+                    response_serializer=aifed_dot_v1_dot_antenna__pb2.UsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +408,33 @@ class Antenna:
             '/aifed.v1.Antenna/ListSites',
             aifed_dot_v1_dot_antenna__pb2.ListSitesRequest.SerializeToString,
             aifed_dot_v1_dot_antenna__pb2.ListSitesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aifed.v1.Antenna/GetUsage',
+            aifed_dot_v1_dot_antenna__pb2.UsageRequest.SerializeToString,
+            aifed_dot_v1_dot_antenna__pb2.UsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
