@@ -395,6 +395,53 @@ class AntennaCore:
         return Job(id="", spec=spec, state=JobState.PENDING, owner=who.uri, antenna=self.config.site, site=site,
                    reason=reason, created_at=now, updated_at=now)
 
+    async def explain(self, who: Identity, job_id: str) -> tuple[Job, str, list[tuple[Verdict, int]], str, str]:
+        """Why a job is where it is: (the job, its status in words, each hub's verdict for it now with its rank
+        in placement's order (0: not a candidate), why it is pinned to one hub, its allocation)."""
+        job = self.get(who, job_id)
+        spec = replace(job.spec, site="")
+        verdicts = await self.verdicts(spec, estimates=True) if self.sites else []
+        free = {s.site: max((p.gpus_free for p in s.advert.partitions), default=0)
+                for s in self.sites.values() if s.advert is not None}
+        order = {v.site: i + 1 for i, v in enumerate(rank(verdicts, free, self._specialised(spec)))}
+        if job.spec.site:
+            order = {job.spec.site: 1} if job.spec.site in order else {}
+        ranked = [(v, order.get(v.site, 0))
+                  for v in sorted(verdicts, key=lambda v: (order.get(v.site) or 1e9, v.site))]
+        allocation, pinned = "", ""
+        if self.allocations:
+            if (a := self.allocations.select(job.spec, job.created_at)) is not None:
+                allocation = self.allocations.describe(a, job.spec)
+                if a.hub and a.hub == job.spec.site:
+                    pinned = f"pinned to {a.hub}: its allocation ({a.window}) is for that hub only"
+        if job.spec.site and not pinned:
+            pinned = f"pinned to {job.spec.site} when it was submitted (--site)"
+        return job, self._status(job, {v.site: v for v in verdicts}), ranked, pinned, allocation
+
+    def _status(self, job: Job, verdicts: dict[str, Verdict]) -> str:
+        """The job's situation in words, for `aifed explain`."""
+        at = verdicts.get(job.site)
+        if job.final:
+            return f"{job.state.name} at {job.site or 'no hub'}: {job.reason or 'ended'}"
+        if job.state is JobState.RUNNING:
+            return f"running at {job.site} (partition {job.partition or '?'})"
+        if job.state in (JobState.FORWARDED, JobState.QUEUED):
+            why = ""
+            site = self.sites.get(job.site)
+            if site is not None and site.advert is not None:
+                part = next((p for p in site.advert.partitions if p.name == job.partition), None)
+                if part is not None:
+                    why = (f": partition {part.name} has {part.gpus_free} of {part.gpus_total} GPU(s) free and "
+                           f"{part.pending_jobs} job(s) waiting ({part.pending_gpu_seconds / 3600:.1f} GPU-hours)")
+            wait = f"; a job of this shape submitted there now would start in about {at.wait_s:.0f} s" \
+                if at is not None and at.wait_s is not None else ""
+            return f"waiting in {job.site}'s queue{why}{wait}"
+        if job.site:
+            return f"placed on {job.site}, being forwarded ({job.reason or 'not yet acknowledged'})"
+        blocked = [f"{v.site} {v.reason}" for v in verdicts.values() if not v.fits]
+        return ("waiting at the antenna for a hub to take it" + (": " + "; ".join(blocked) if blocked else "")
+                if not any(v.fits for v in verdicts.values()) else "waiting at the antenna: being placed now")
+
     def _specialised(self, spec: JobSpec) -> frozenset[str]:
         """The hubs that advertise the job's strategic sector (placement prefers them)."""
         if not spec.sector:
@@ -593,15 +640,16 @@ class AntennaCore:
                 self._queue(job)
         return waiting
 
-    async def verdicts(self, spec: JobSpec) -> list[Verdict]:
-        """Each candidate hub with the reason it cannot take the job, or its estimated wait."""
+    async def verdicts(self, spec: JobSpec, estimates: bool = False) -> list[Verdict]:
+        """Each candidate hub with the reason it cannot take the job, or its estimated wait (asked of the hubs
+        when there is a choice to make, or always with `estimates`)."""
         if spec.site and spec.site not in self.sites:
             return [Verdict(spec.site, "is no longer in this antenna's configuration")]
         candidates = [self.sites[spec.site]] if spec.site else list(self.sites.values())
         shape = jobs_pb2.JobShape(gpus=spec.gpus, walltime_s=spec.walltime_s, partition=spec.partition)
 
         fit_now = [s for s in candidates if s.advert is not None and s.fresh and not why_not(spec, s.advert, self.config.country)]
-        ask = len(fit_now) > 1  # with a single hub that fits, there is nothing to compare: no estimate needed
+        ask = estimates or len(fit_now) > 1  # with a single hub that fits, there is nothing to compare
 
         async def judge(site: HubSite) -> Verdict:
             if site.untrusted:

@@ -14,7 +14,8 @@ from antenna.allocations import AllocationUsage, UserUsage
 from antenna.core import MAX_SUBMIT, AntennaCore, Submission
 
 
-OPERATOR_METHODS = ("GetJob", "ListJobs", "WatchJob", "CancelJob", "StreamLogs", "ListSites", "GetUsage")
+OPERATOR_METHODS = ("GetJob", "ListJobs", "WatchJob", "CancelJob", "StreamLogs", "ListSites", "GetUsage",
+                    "ExplainJob")
 
 
 def access_rules(site: str) -> dict[str, Rule]:
@@ -112,6 +113,14 @@ class AntennaService(antenna_pb2_grpc.AntennaServicer):
                                              cert_expires_at=convert.ts(cert_expires(self.core.config.tls)),
                                              discovery=discovery.backend, discovery_degraded=discovery.degraded)
 
+
+    async def ExplainJob(self, request, context):
+        job, status, ranked, pinned, allocation = await self.core.explain(caller(), request.job_id)
+        return antenna_pb2.Explanation(
+            job=convert.job_to_pb(job), status=status, pinned=pinned, allocation=allocation,
+            sites=[antenna_pb2.SiteVerdict(site=v.site, reason=v.reason, transient=v.transient,
+                                           has_wait=v.wait_s is not None, wait_s=v.wait_s or 0.0, rank=r)
+                   for v, r in ranked])
 
     async def GetUsage(self, request, context):
         allocations, users = self.core.usage(caller())

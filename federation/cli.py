@@ -210,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "antenna. Users see the allocations of projects they have jobs under, and "
                                     "their own consumption; operators of the antenna see all.")
     client_opts(us)
+    ex = sub.add_parser("explain", help="why a job is where it is: each hub's verdict for it, its status, its allocation",
+                        description="For each hub: the rule that excludes the job there, or the estimated wait before "
+                                    "it would start there now, in the order placement would choose; where the job "
+                                    "is and why it has not started (or how it ended); the allocation it is charged "
+                                    "to.")
+    ex.add_argument("job_id")
+    client_opts(ex)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
 
@@ -383,6 +390,11 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
                     print(warning, file=sys.stderr)
                 if listing.discovery_degraded:
                     print(f"warning: membership may be out of date: {listing.discovery_degraded}", file=sys.stderr)
+            return EXIT_OK
+        if args.command == "explain":
+            explanation = await client.explain(args.job_id)
+            _print_json(output.explanation_dict(explanation)) if args.json else \
+                print(output.explanation_text(explanation))
             return EXIT_OK
         if args.command == "usage":
             usage = await client.usage()

@@ -105,6 +105,10 @@ class AntennaClient:
     async def sites(self) -> list[antenna_pb2.Site]:
         return list((await self.site_list()).sites)
 
+    async def explain(self, job_id: str) -> antenna_pb2.Explanation:
+        """Each hub's verdict for the job now, its status in words, its allocation."""
+        return await self.stub.ExplainJob(jobs_pb2.JobRef(job_id=job_id), timeout=60)
+
     async def usage(self) -> antenna_pb2.UsageResponse:
         """The allocations (GPU-hour budgets) the caller may see, and what has been used of them."""
         return await self.stub.GetUsage(antenna_pb2.UsageRequest(), timeout=30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 
+from federation import convert
 from federation.model import AccessMode, Job, JobState
 from federation.pb import antenna_pb2
 from federation.timefmt import format_duration
@@ -201,3 +202,30 @@ def _count_states(jobs: list[Job]) -> list[tuple[JobState, int]]:
     for j in jobs:
         counts[j.state] = counts.get(j.state, 0) + 1
     return sorted(counts.items(), key=lambda kv: kv[0].value) or [(JobState.PENDING, 0)]
+
+
+def _verdict(v: antenna_pb2.SiteVerdict) -> str:
+    if v.reason:
+        return ("not now: " if v.transient else "excluded: ") + v.reason
+    return f"fits: would start in about {v.wait_s:.0f} s" if v.has_wait else "fits"
+
+
+def explanation_text(e: antenna_pb2.Explanation) -> str:
+    """`aifed explain`: the job's status, then every hub's verdict in placement's order."""
+    job = convert.job_from_pb(e.job)
+    lines = [f"Job {job.id} is {job.state.name}: {e.status}"]
+    if e.pinned:
+        lines.append(f"It is {e.pinned}.")
+    if e.allocation:
+        lines.append(f"Allocation: {e.allocation}.")
+    rows = [[str(v.rank) if v.rank else "-", v.site,
+             _verdict(v) + ("   <- the job is here" if v.site == job.site else "")] for v in e.sites]
+    lines += ["", table(["RANK", "HUB", "VERDICT NOW"], rows) if rows else "(no hub known to this antenna)"]
+    return "\n".join(lines)
+
+
+def explanation_dict(e: antenna_pb2.Explanation) -> dict:
+    return {"job": job_dict(convert.job_from_pb(e.job)), "status": e.status, "pinned": e.pinned,
+            "allocation": e.allocation,
+            "sites": [{"site": v.site, "fits": not v.reason, "reason": v.reason, "transient": v.transient,
+                       "wait_s": v.wait_s if v.has_wait else None, "rank": v.rank or None} for v in e.sites]}

@@ -11,6 +11,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SiteVerdict(_message.Message):
+    __slots__ = ("site", "reason", "transient", "has_wait", "wait_s", "rank")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TRANSIENT_FIELD_NUMBER: _ClassVar[int]
+    HAS_WAIT_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    reason: str
+    transient: bool
+    has_wait: bool
+    wait_s: float
+    rank: int
+    def __init__(self, site: _Optional[str] = ..., reason: _Optional[str] = ..., transient: _Optional[bool] = ..., has_wait: _Optional[bool] = ..., wait_s: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("job", "status", "sites", "pinned", "allocation")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_FIELD_NUMBER: _ClassVar[int]
+    job: _jobs_pb2.Job
+    status: str
+    sites: _containers.RepeatedCompositeFieldContainer[SiteVerdict]
+    pinned: str
+    allocation: str
+    def __init__(self, job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ..., status: _Optional[str] = ..., sites: _Optional[_Iterable[_Union[SiteVerdict, _Mapping]]] = ..., pinned: _Optional[str] = ..., allocation: _Optional[str] = ...) -> None: ...
+
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec", "request_id", "array", "dry_run")
     SPEC_FIELD_NUMBER: _ClassVar[int]

@@ -81,6 +81,11 @@ class AntennaStub:
                 request_serializer=aifed_dot_v1_dot_antenna__pb2.UsageRequest.SerializeToString,
                 response_deserializer=aifed_dot_v1_dot_antenna__pb2.UsageResponse.FromString,
                 _registered_method=True)
+        self.ExplainJob = channel.unary_unary(
+                '/aifed.v1.Antenna/ExplainJob',
+                request_serializer=aifed_dot_v1_dot_jobs__pb2.JobRef.SerializeToString,
+                response_deserializer=aifed_dot_v1_dot_antenna__pb2.Explanation.FromString,
+                _registered_method=True)
 
 
 class AntennaServicer:
@@ -143,6 +148,14 @@ class AntennaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainJob(self, request, context):
+        """Why a job is where it is: each hub with the rule that excludes it or its estimated start now, the job's
+        status in words, and the allocation it is charged to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AntennaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +203,11 @@ def add_AntennaServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=aifed_dot_v1_dot_antenna__pb2.UsageRequest.FromString,
                     response_serializer=aifed_dot_v1_dot_antenna__pb2.UsageResponse.SerializeToString,
+            ),
+            'ExplainJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainJob,
+                    request_deserializer=aifed_dot_v1_dot_jobs__pb2.JobRef.FromString,
+                    response_serializer=aifed_dot_v1_dot_antenna__pb2.Explanation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,6 +453,33 @@ class Antenna:
             '/aifed.v1.Antenna/GetUsage',
             aifed_dot_v1_dot_antenna__pb2.UsageRequest.SerializeToString,
             aifed_dot_v1_dot_antenna__pb2.UsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aifed.v1.Antenna/ExplainJob',
+            aifed_dot_v1_dot_jobs__pb2.JobRef.SerializeToString,
+            aifed_dot_v1_dot_antenna__pb2.Explanation.FromString,
             options,
             channel_credentials,
             insecure,
