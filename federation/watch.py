@@ -90,5 +90,5 @@ async def stop_tasks(tasks, timeout: float = 5.0) -> None:
         if not task.cancelled():
             task.exception()
     if pending:
-        logging.getLogger(__name__).warning("%d task(s) did not stop within %.0f s: %s", len(pending), timeout,
+        logging.getLogger(__name__).warning("%d task(s) did not stop within %g s: %s", len(pending), timeout,
                                             ", ".join(sorted(t.get_name() for t in pending)))

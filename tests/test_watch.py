@@ -1,0 +1,60 @@
+"""federation.watch: bounded stops, and telling a task's own cancellation from a call cancelled under it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from federation.watch import stop_tasks, stopping
+
+
+async def test_stop_tasks_is_bounded_even_if_a_task_swallows_its_cancellation(caplog):
+    async def stubborn():
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass  # a badly behaved library
+
+    async def polite():
+        await asyncio.sleep(10)
+
+    async def failed():
+        raise ValueError("boom")
+
+    tasks = [asyncio.create_task(stubborn(), name="stubborn"), asyncio.create_task(polite(), name="polite"),
+             asyncio.create_task(failed(), name="failed")]
+    await asyncio.sleep(0)
+    for t in tasks:
+        t.cancel()
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        await stop_tasks(tasks, timeout=0.3)
+    assert 0.25 <= time.monotonic() - started < 2
+    assert "1 task(s) did not stop within 0.3 s: stubborn" in caplog.text
+    assert tasks[1].cancelled() and tasks[2].done()
+    tasks[0].cancel()  # leave nothing running behind the test
+    tasks[0].get_coro().close()
+
+
+async def test_stopping_is_true_only_while_the_task_itself_is_cancelled():
+    seen = []
+
+    async def loop():
+        for _ in range(2):
+            try:
+                raise asyncio.CancelledError  # what grpc raises when it cancels a call on a closed channel
+            except asyncio.CancelledError:
+                seen.append(stopping())
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            seen.append(stopping())
+            raise
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert seen == [False, False, True]
