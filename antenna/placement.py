@@ -6,6 +6,7 @@ import time
 
 from dataclasses import dataclass
 
+from federation.config import quota_why_not
 from federation.model import JobSpec
 from federation.pb import jobs_pb2
 from federation.timefmt import format_duration
@@ -45,6 +46,9 @@ def why_not(spec: JobSpec, advert: jobs_pb2.Advert, country: str = "") -> str:
             if limits.max_walltime_s and spec.walltime_s > limits.max_walltime_s:
                 return (f"allows at most {format_duration(limits.max_walltime_s)} of walltime in "
                         f"{spec.access_mode.slug}")
+            if reason := quota_why_not(spec.access_mode, limits.max_gpu_hours, limits.period_s, spec.gpus,
+                                       spec.walltime_s):
+                return reason
     if parts and spec.cpus > max(p.max_cpus for p in parts):
         return f"runs jobs of at most {max(p.max_cpus for p in parts)} CPUs"
     if not any(p.gpus_total >= spec.gpus for p in parts):

@@ -33,6 +33,9 @@ class PartitionConfig:
 DEFAULT_RETENTION_S = 90 * 86400  # how long a finished job's record is kept; 0 keeps it for ever
 
 
+DEFAULT_QUOTA_PERIOD_S = 30 * 86400
+
+
 @dataclass(frozen=True)
 class ModeLimits:
     """The most one job of an access mode may ask for at a hub (0: no cap beyond the partitions')."""
@@ -40,6 +43,8 @@ class ModeLimits:
     mode: AccessMode
     max_gpus: int = 0
     max_walltime_s: int = 0
+    max_gpu_hours: float = 0.0  # per project of an antenna, over the last `period_s` (0: no cap)
+    period_s: int = DEFAULT_QUOTA_PERIOD_S
 
     def why_not(self, gpus: int, walltime_s: int) -> str:
         if self.max_gpus and gpus > self.max_gpus:
@@ -47,7 +52,16 @@ class ModeLimits:
         if self.max_walltime_s and walltime_s > self.max_walltime_s:
             from federation.timefmt import format_duration
             return f"allows at most {format_duration(self.max_walltime_s)} of walltime in {self.mode.slug}"
-        return ""
+        return quota_why_not(self.mode, self.max_gpu_hours, self.period_s, gpus, walltime_s)
+
+
+def quota_why_not(mode: AccessMode, max_gpu_hours: float, period_s: int, gpus: int, walltime_s: int) -> str:
+    """Why one job alone is beyond a hub's GPU-hours per project and period in `mode` ("" if it is not)."""
+    asks = gpus * walltime_s / 3600
+    if max_gpu_hours and asks > max_gpu_hours + 1e-9:
+        return (f"allows at most {max_gpu_hours:g} GPU-hours per project every {period_s / 86400:g} day(s) in "
+                f"{mode.slug}; this job alone asks for {asks:g}")
+    return ""
 
 
 @dataclass(frozen=True)
@@ -368,10 +382,18 @@ def _mode_limits(root: _Table, accepted: tuple[AccessMode, ...]) -> tuple[ModeLi
         m = t.table(slug)
         gpus = m.get("max_gpus", int, 0)
         walltime = m.duration("max_walltime", 0)
+        gpu_hours = m.get("max_gpu_hours", (int, float), 0)
+        period = m.duration("period", DEFAULT_QUOTA_PERIOD_S)
         m.done()
         if not 0 <= gpus <= MAX_GPUS:
             raise ConfigError(t.path, m.key("max_gpus"), f"must be between 0 (no cap) and {MAX_GPUS}")
-        out.append(ModeLimits(mode, gpus, walltime))
+        if not 0 <= gpu_hours <= 1e9:
+            raise ConfigError(t.path, m.key("max_gpu_hours"), "must be between 0 (no cap) and 1e9 GPU-hours")
+        if "period" in m.data and not gpu_hours:
+            raise ConfigError(t.path, m.key("period"), "applies only with max_gpu_hours")
+        if not 3600 <= period <= 3660 * 86400:
+            raise ConfigError(t.path, m.key("period"), "must be between 1 hour and 10 years")
+        out.append(ModeLimits(mode, gpus, walltime, float(gpu_hours), period))
     t.done()
     return tuple(out)
 

@@ -23,6 +23,7 @@ from federation.timefmt import format_duration
 from federation.watch import Signal, Topics
 from hub.backend import Backend, Change
 from hub.local import LocalBackend
+from hub.quota import Quotas
 from hub.usermap import UserMap
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class HubCore:
                               on_drop=self.metrics.dropped.labels("audit").inc)
         self.limiter = SubmitLimiter(config.limits.submit_rate, config.limits.submit_burst)
         self.user_map = UserMap(config.user_map, config.site) if config.user_map else None
+        self.quotas = Quotas(config.mode_limits, config.site)  # GPU-hours per project and period, per mode
+        if self.quotas:
+            self.jobs.taps.append(lambda _, job: self.quotas.observe(job))
         self.drain_reason = self.journal.meta(DRAIN_META)  # non-empty: draining; kept across restarts
         self._register_gauges()
         self._purger: asyncio.Task | None = None
@@ -72,6 +76,8 @@ class HubCore:
 
     async def recover(self) -> None:
         """Take back every unfinished job in the journal; report honestly those the backend lost."""
+        if self.quotas:
+            self.quotas.rebuild(self.journal.list(limit=2**62))
         for job, ref in self.journal.unfinished():
             change = await self.backend.recover(job, ref)
             if change is not None:
@@ -132,19 +138,27 @@ class HubCore:
 
         def store(tx: Tx) -> list[tuple[Job | AifedError, bool]]:
             out: list[tuple[Job | AifedError, bool]] = []
-            for item in prepared:
-                if isinstance(item, AifedError):
-                    out.append((item, False))
-                    continue
-                scoped_key, accepted = item
-                if (first := tx.by_key(scoped_key)) is not None:
-                    out.append(_replayed(first, accepted, scoped_key))
-                elif tx.exists(accepted.id):
-                    out.append((AlreadyExists(f"job {accepted.id} exists here under another idempotency key"),
-                                False))
-                else:
-                    tx.insert(accepted, scoped_key)
-                    out.append((accepted, False))
+            admitted: list[str] = []
+            try:
+                for item in prepared:
+                    if isinstance(item, AifedError):
+                        out.append((item, False))
+                        continue
+                    scoped_key, accepted = item
+                    if (first := tx.by_key(scoped_key)) is not None:
+                        out.append(_replayed(first, accepted, scoped_key))
+                    elif tx.exists(accepted.id):
+                        out.append((AlreadyExists(f"job {accepted.id} exists here under another idempotency key"),
+                                    False))
+                    elif self.quotas and (over := self.quotas.admit(accepted)) is not None:
+                        out.append((over, False))
+                    else:
+                        admitted.append(accepted.id)
+                        tx.insert(accepted, scoped_key)
+                        out.append((accepted, False))
+            except BaseException:
+                self.quotas.forget(admitted)  # this batch's changes are undone
+                raise
             return out
 
         # Committing and handing over run to the end even if the caller goes away (a timeout, a killed antenna):
@@ -184,7 +198,12 @@ class HubCore:
         self.capacity.notify()  # antennas learn it from the next advert
 
     async def _store_and_hand_over(self, who: Identity, store) -> list[tuple[Job | AifedError, bool]]:
-        results = await self.journal.commit(store)
+        try:
+            results = await self.journal.commit(store)
+        except BaseException:
+            if self.quotas:  # the transaction failed: what it charged is void
+                self.quotas.rebuild(self.journal.list(limit=2**62))
+            raise
         created = [job for job, duplicate in results if isinstance(job, Job) and not duplicate]
         for job, duplicate in results:
             if isinstance(job, AifedError):

@@ -230,14 +230,18 @@ class Advert(_message.Message):
     def __init__(self, site: _Optional[str] = ..., federation: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionAdvert, _Mapping]]] = ..., services: _Optional[_Iterable[str]] = ..., sectors: _Optional[_Iterable[str]] = ..., access_modes: _Optional[_Iterable[_Union[AccessMode, str]]] = ..., sequence: _Optional[int] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl_s: _Optional[int] = ..., estimates: _Optional[_Iterable[_Union[StartEstimate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., status_message: _Optional[str] = ..., cert_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., draining: _Optional[bool] = ..., drain_reason: _Optional[str] = ..., maintenance: _Optional[_Iterable[_Union[Maintenance, _Mapping]]] = ..., mode_limits: _Optional[_Iterable[_Union[ModeLimits, _Mapping]]] = ..., countries: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModeLimits(_message.Message):
-    __slots__ = ("mode", "max_gpus", "max_walltime_s")
+    __slots__ = ("mode", "max_gpus", "max_walltime_s", "max_gpu_hours", "period_s")
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_GPUS_FIELD_NUMBER: _ClassVar[int]
     MAX_WALLTIME_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_GPU_HOURS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_S_FIELD_NUMBER: _ClassVar[int]
     mode: AccessMode
     max_gpus: int
     max_walltime_s: int
-    def __init__(self, mode: _Optional[_Union[AccessMode, str]] = ..., max_gpus: _Optional[int] = ..., max_walltime_s: _Optional[int] = ...) -> None: ...
+    max_gpu_hours: float
+    period_s: int
+    def __init__(self, mode: _Optional[_Union[AccessMode, str]] = ..., max_gpus: _Optional[int] = ..., max_walltime_s: _Optional[int] = ..., max_gpu_hours: _Optional[float] = ..., period_s: _Optional[int] = ...) -> None: ...
 
 class Maintenance(_message.Message):
     __slots__ = ("start", "end", "reason")
