@@ -30,12 +30,12 @@ from __future__ import annotations
 import datetime as dt
 import math
 import threading
-import tomllib
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from federation.config import read_toml
 from federation.errors import ConfigError, FailedPrecondition
 from federation.identity import check_site_name
 from federation.model import AccessMode, Job, JobSpec, JobState
@@ -114,16 +114,7 @@ def _when(path: Path, key: str, value: object) -> float:
 
 def load(path: str | Path) -> tuple[Allocation, ...]:
     """Parse an allocations file; raise ConfigError naming the allocation and key that is wrong."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(path, "", "allocations file not found") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(path, "", f"cannot read the allocations: {exc}") from None
-    except RecursionError:
-        raise ConfigError(path, "", "is not valid TOML for aifed: nested too deeply") from None
-    return parse(path, data)
+    return parse(Path(path), read_toml(path, "allocations file"))
 
 
 def parse(path: Path, data: dict) -> tuple[Allocation, ...]:

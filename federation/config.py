@@ -270,6 +270,20 @@ def _read(path: str | Path) -> tuple[Path, _Table]:
     return p, _Table(p, "", data)
 
 
+def read_toml(path: str | Path, what: str) -> dict:
+    """A TOML file that a config names (a user map, allocations) as a dict; ConfigError if it is missing or
+    unreadable, saying which `what` it is."""
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(p, "", f"{what} not found") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(p, "", f"cannot read the {what}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(p, "", f"the {what} is not valid TOML for aifed: nested too deeply") from None
+
+
 def _is_file(p: Path) -> bool:
     try:
         return p.is_file()

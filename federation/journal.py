@@ -309,9 +309,13 @@ class Journal:
         row = self._read.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else default
 
-    def list(self, owner: str | None = None, states: Iterable[JobState] = (), limit: int = 100) -> list[Job]:
-        """Newest first."""
+    def list(self, owner: str | None = None, states: Iterable[JobState] = (), limit: int = 100,
+             since: float | None = None) -> list[Job]:
+        """Newest first; with `since`, only jobs created at or after it."""
         sql, args = "SELECT record FROM jobs WHERE 1=1", []
+        if since is not None:
+            sql += " AND created >= ?"
+            args.append(since)
         if owner is not None:
             sql += " AND owner = ?"
             args.append(owner)

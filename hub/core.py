@@ -77,7 +77,7 @@ class HubCore:
     async def recover(self) -> None:
         """Take back every unfinished job in the journal; report honestly those the backend lost."""
         if self.quotas:
-            self.quotas.rebuild(self.journal.list(limit=2**62))
+            self._count_quotas()
         for job, ref in self.journal.unfinished():
             change = await self.backend.recover(job, ref)
             if change is not None:
@@ -85,6 +85,10 @@ class HubCore:
         await self.backend.start()
         self.capacity.notify()
         self._purger = asyncio.create_task(purge_forever(self.journal, self.config.retention_s), name="purge")
+
+    def _count_quotas(self) -> None:
+        """Count the GPU-hours per project and period again from the journal (only jobs that can matter)."""
+        self.quotas.rebuild(self.journal.list(limit=2**62, since=time.time() - self.quotas.longest_s))
 
     async def close(self) -> None:
         await self.settle()
@@ -202,7 +206,7 @@ class HubCore:
             results = await self.journal.commit(store)
         except BaseException:
             if self.quotas:  # the transaction failed: what it charged is void
-                self.quotas.rebuild(self.journal.list(limit=2**62))
+                self._count_quotas()
             raise
         created = [job for job, duplicate in results if isinstance(job, Job) and not duplicate]
         for job, duplicate in results:

@@ -48,9 +48,14 @@ class Quotas:
     def __bool__(self) -> bool:
         return bool(self.limits)
 
+    @property
+    def longest_s(self) -> int:
+        """The longest period counted: older jobs never matter."""
+        return max((m.period_s for m in self.limits.values()), default=0)
+
     def rebuild(self, jobs: Iterable[Job], now: float | None = None) -> None:
         now = time.time() if now is None else now
-        longest = max((m.period_s for m in self.limits.values()), default=0)
+        longest = self.longest_s
         with self._lock:
             self._jobs.clear()
             for job in jobs:

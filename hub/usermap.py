@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from federation.config import read_toml
 from federation.errors import ConfigError, PermissionDenied
 from federation.identity import check_site_name, check_user_name
 
@@ -43,12 +43,7 @@ class Entry:
 
 def load(path: Path) -> tuple[Entry, ...]:
     """Parse a user map; raise ConfigError naming the entry and key that is wrong."""
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(path, "", "user map not found") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(path, "", f"cannot read the user map: {exc}") from None
+    data = read_toml(path, "user map")
     unknown = sorted(set(data) - {"map"})
     if unknown:
         raise ConfigError(path, unknown[0], "is not a known setting; a user map has [[map]] tables only")
