@@ -26,6 +26,7 @@ import grpc
 from aetcd import Client, exceptions, rpc, rtypes, watcher
 
 from federation.tls import TlsFiles
+from federation.watch import stopping
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,7 @@ CHANNEL_OPTIONS = {
 def stop_if_cancelled() -> None:
     """Raise CancelledError if this task was asked to stop. grpc and aetcd may turn a cancellation that arrives
     during a call into an ordinary error; a retry loop that caught it must not go on as if nothing happened."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
+    if stopping():
         raise asyncio.CancelledError
 
 

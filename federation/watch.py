@@ -22,7 +22,10 @@ class Topics(Generic[T]):
 
     def publish(self, key: str, value: T) -> None:
         for tap in self.taps:
-            tap(key, value)
+            try:
+                tap(key, value)
+            except Exception:  # an observer (events, accounting) must never stop a change from being published
+                logging.getLogger(__name__).exception("a tap on %s failed", key)
         for q in list(self._subs.get(key, ())):
             if q.full():  # a stalled reader loses the oldest update, never the newest
                 q.get_nowait()

@@ -58,3 +58,17 @@ async def test_stopping_is_true_only_while_the_task_itself_is_cancelled():
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert seen == [False, False, True]
+
+
+async def test_a_failing_tap_does_not_stop_a_change_from_being_published(caplog):
+    from federation.watch import Topics
+
+    topics: Topics[int] = Topics()
+    seen = []
+    topics.taps.append(lambda key, value: 1 / 0)
+    topics.taps.append(lambda key, value: seen.append((key, value)))
+    async with topics.subscribe("job-1") as updates:
+        with caplog.at_level(logging.ERROR):
+            topics.publish("job-1", 7)
+        assert updates.get_nowait() == 7
+    assert seen == [("job-1", 7)] and "a tap on job-1 failed" in caplog.text
