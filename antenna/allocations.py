@@ -10,6 +10,17 @@ An allocations file (`antenna.allocations`) holds `[[allocation]]` tables:
     modes = ["large-scale", "ai-for-science"]   # optional; empty: any mode
     hub = "leonardo"                            # optional; absent: federation-wide
 
+The same file may say where projects and users are from, and who may charge a project:
+
+    [[project]]
+    name = "ai-health-2026"
+    country = "SI"                  # eligibility: the country hubs check (before the user's, then the antenna's)
+    members = ["ana", "bojan"]      # optional: only these users of this antenna may submit under it
+
+    [[user]]
+    name = "marta"
+    country = "HR"
+
 The rules (docs/access-policy.md#allocations):
 - Large Scale and AI for Science jobs need an allocation of their project that grants their mode and is valid now.
 - A job is charged to the allocation that matches it (its project, its mode, its submission time within the
@@ -35,13 +46,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from federation.config import read_toml
-from federation.errors import ConfigError, FailedPrecondition
-from federation.identity import check_site_name
+from federation.config import country_code, read_toml
+from federation.errors import ConfigError, FailedPrecondition, PermissionDenied
+from federation.identity import Identity, Role, check_site_name, check_user_name
 from federation.model import AccessMode, Job, JobSpec, JobState
 
 REQUIRED = (AccessMode.LARGE_SCALE, AccessMode.AI_FOR_SCIENCE)  # modes that need an approved allocation
 KEYS = ("project", "gpu_hours", "start", "end", "modes", "hub")
+PROJECT_KEYS = ("name", "country", "members")
+USER_KEYS = ("name", "country")
 MAX_GPU_HOURS = 1e12
 EPSILON_S = 1e-6  # GPU-seconds: float sums of real runtimes must not refuse an exact fit
 
@@ -78,6 +91,24 @@ class Allocation:
         return self.start <= at <= self.end
 
 
+@dataclass(frozen=True)
+class Project:
+    """A `[[project]]` table: where the project is from, and who may charge it (empty: any user here)."""
+
+    name: str
+    country: str = ""
+    members: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Access:
+    """Everything an allocations file says: budgets, projects and users."""
+
+    allocations: tuple[Allocation, ...] = ()
+    projects: tuple[Project, ...] = ()
+    users: tuple[tuple[str, str], ...] = ()  # (user name, country)
+
+
 def instant(t: float) -> str:
     """A Unix time as an ISO date and time in UTC, as allocations are written."""
     try:
@@ -112,35 +143,101 @@ def _when(path: Path, key: str, value: object) -> float:
         raise ConfigError(path, key, f"{value.isoformat()} is out of range: {exc}") from None
 
 
-def load(path: str | Path) -> tuple[Allocation, ...]:
-    """Parse an allocations file; raise ConfigError naming the allocation and key that is wrong."""
+def load(path: str | Path) -> Access:
+    """Parse an allocations file; raise ConfigError naming the table and key that is wrong."""
     return parse(Path(path), read_toml(path, "allocations file"))
 
 
-def parse(path: Path, data: dict) -> tuple[Allocation, ...]:
-    """The allocations of a parsed TOML document (`load` without the reading)."""
-    unknown = sorted(set(data) - {"allocation"})
-    if unknown:
-        raise ConfigError(path, unknown[0], "is not a known setting; an allocations file has [[allocation]] "
-                                            "tables only")
-    raw = data.get("allocation", [])
+def _tables(path: Path, data: dict, name: str, keys: tuple[str, ...]) -> list[tuple[str, dict]]:
+    raw = data.get(name, [])
     if not isinstance(raw, list):
-        raise ConfigError(path, "allocation", "must be an array of tables: [[allocation]]")
-    out: list[Allocation] = []
+        raise ConfigError(path, name, f"must be an array of tables: [[{name}]]")
+    out = []
     for i, item in enumerate(raw):
-        where = f"allocation[{i}]"
+        where = f"{name}[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(path, where, "must be a table")
-        extra = sorted(set(item) - set(KEYS))
+        extra = sorted(set(item) - set(keys))
         if extra:
-            raise ConfigError(path, f"{where}.{extra[0]}", "is not a known key (" + ", ".join(KEYS) + ")")
+            raise ConfigError(path, f"{where}.{extra[0]}", "is not a known key (" + ", ".join(keys) + ")")
+        out.append((where, item))
+    return out
+
+
+def _named(path: Path, where: str, item: dict, check) -> str:
+    if "name" not in item:
+        raise ConfigError(path, f"{where}.name", "is required")
+    name = item["name"]
+    try:
+        if not isinstance(name, str):
+            raise ValueError("must be a string")
+        return check(name)
+    except ValueError as exc:
+        raise ConfigError(path, f"{where}.name", str(exc)) from None
+
+
+def _country_of(path: Path, where: str, item: dict) -> str:
+    value = item.get("country", "")
+    try:
+        if not isinstance(value, str):
+            raise ValueError(f"must be an ISO 3166 alpha-2 country code such as SI, not {value!r}")
+        return country_code(value) if value else ""
+    except ValueError as exc:
+        raise ConfigError(path, f"{where}.country", str(exc)) from None
+
+
+def _project_name(name: str) -> str:
+    if not name.strip() or len(name) > 128 or not name.isprintable():
+        raise ValueError("must be a project name of 1-128 printable characters (as users give it with aifed "
+                         "submit -A)")
+    return name
+
+
+def parse(path: Path, data: dict) -> Access:
+    """What a parsed TOML document says (`load` without the reading)."""
+    unknown = sorted(set(data) - {"allocation", "project", "user"})
+    if unknown:
+        raise ConfigError(path, unknown[0], "is not a known setting; an allocations file has [[allocation]], "
+                                            "[[project]] and [[user]] tables only")
+    projects: dict[str, Project] = {}
+    for where, item in _tables(path, data, "project", PROJECT_KEYS):
+        name = _named(path, where, item, _project_name)
+        if name in projects:
+            raise ConfigError(path, where, f"project {name} is described twice")
+        members = item.get("members", [])
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ConfigError(path, f"{where}.members", "must be a list of user names such as [\"ana\", \"bojan\"]")
+        for m in members:
+            try:
+                check_user_name(m)
+            except ValueError as exc:
+                raise ConfigError(path, f"{where}.members", str(exc)) from None
+        projects[name] = Project(name, _country_of(path, where, item), frozenset(members))
+    users: dict[str, str] = {}
+    for where, item in _tables(path, data, "user", USER_KEYS):
+        name = _named(path, where, item, check_user_name)
+        if name in users:
+            raise ConfigError(path, where, f"user {name} is described twice")
+        if "country" not in item:
+            raise ConfigError(path, f"{where}.country", "is required")
+        users[name] = _country_of(path, where, item)
+    return Access(_allocations(path, data), tuple(projects.values()), tuple(sorted(users.items())))
+
+
+def _allocations(path: Path, data: dict) -> tuple[Allocation, ...]:
+    out: list[Allocation] = []
+    for i, (where, item) in enumerate(_tables(path, data, "allocation", KEYS)):
         for key in ("project", "gpu_hours", "start", "end"):
             if key not in item:
                 raise ConfigError(path, f"{where}.{key}", "is required")
         project = item["project"]
-        if not isinstance(project, str) or not project.strip() or len(project) > 128 or not project.isprintable():
-            raise ConfigError(path, f"{where}.project", "must be a project name of 1-128 printable characters "
-                                                        "(as users give it with aifed submit -A)")
+        try:
+            if not isinstance(project, str):
+                raise ValueError("must be a project name of 1-128 printable characters (as users give it with "
+                                 "aifed submit -A)")
+            _project_name(project)
+        except ValueError as exc:
+            raise ConfigError(path, f"{where}.project", str(exc)) from None
         budget = item["gpu_hours"]
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) \
                 or not 0 < budget <= MAX_GPU_HOURS:
@@ -252,8 +349,11 @@ class _Entry:
 class Allocations:
     """The antenna's allocations and what each has used; safe to call from the journal's commit thread."""
 
-    def __init__(self, allocations: Iterable[Allocation] = (), antenna: str = ""):
-        self.all = tuple(allocations)
+    def __init__(self, access: Access | Iterable[Allocation] = (), antenna: str = ""):
+        access = access if isinstance(access, Access) else Access(tuple(access))
+        self.all = access.allocations
+        self.projects = {p.name: p for p in access.projects}
+        self.user_countries = dict(access.users)
         self.antenna = antenna
         self._by_project: dict[str, list[Allocation]] = defaultdict(list)
         for a in self.all:
@@ -276,6 +376,26 @@ class Allocations:
             self._reset()
             for job in jobs:
                 self._observe(job)
+
+    # -- who may charge a project, and where a job is from -----------------------------------------
+
+    def check_member(self, spec: JobSpec, who: Identity) -> None:
+        """Refuse a user who is not a member of a project that lists its members (operators may use any)."""
+        project = self.projects.get(spec.project)
+        if project is None or not project.members or who.role is Role.OPERATOR or who.name in project.members:
+            return
+        raise PermissionDenied(f"project {project.name} is open to its members only at antenna {self.antenna}, "
+                               f"and {who.name or who.uri} is not one; ask the antenna's operator to add you "
+                               "(members of [[project]] in the allocations file)")
+
+    def country_of(self, spec: JobSpec, who: Identity, antenna_country: str) -> str:
+        """The country a job is from, as hubs check it for eligibility: its project's if the allocations file
+        gives one, else its user's, else the antenna's (`antenna.country`)."""
+        project = self.projects.get(spec.project)
+        if project is not None and project.country:
+            return project.country
+        own = self.user_countries.get(who.name, "") if who.role is Role.USER else ""
+        return own or antenna_country
 
     # -- which allocation ----------------------------------------------------------------------------
 

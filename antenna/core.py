@@ -340,12 +340,14 @@ class AntennaCore:
             except ValueError as exc:
                 raise InvalidArgument(f"array {entry.array[:80]!r}: {exc}") from None
         spec.validate()
-        site = self._precheck_once(spec, sites)  # what no hub could run is refused first, allocation or not
+        self.allocations.check_member(spec, who)
+        country = self.allocations.country_of(spec, who, self.config.country)
+        site = self._precheck_once(spec, country, sites)  # what no hub could run is refused first, allocation or not
         charged, allocation = self.allocations.assess(spec, now, len(indices))
         pinned = charged.site != spec.site
         if pinned:
             spec = charged
-            site = self._precheck_once(spec, sites)
+            site = self._precheck_once(spec, country, sites)
         array_id = f"{self.config.site}-{secrets.token_hex(6)}" if entry.array else ""
         jobs = []
         for index in indices:
@@ -356,16 +358,16 @@ class AntennaCore:
                 key = f"{key}#{index}" if key else None
             jobs.append((Job(id=f"{self.config.site}-{secrets.token_hex(6)}", spec=task_spec, state=JobState.PENDING,
                              owner=who.uri, antenna=self.config.site, site=site, created_at=now, updated_at=now,
-                             country=self.config.country,
+                             country=country,
                              reason=f"forwarding to {site}" if site else "waiting to be forwarded",
                              history=(Transition(JobState.PENDING, now, "accepted by the antenna"),)), key))
         return jobs, (allocation, pinned)
 
-    def _precheck_once(self, spec: JobSpec, sites: dict[tuple, str]) -> str:
+    def _precheck_once(self, spec: JobSpec, country: str, sites: dict[tuple, str]) -> str:
         shape = (spec.site, spec.partition, spec.gpus, spec.cpus, spec.walltime_s, spec.access_mode, spec.sector,
-                 spec.sector_required)
+                 spec.sector_required, country)
         if shape not in sites:
-            sites[shape] = self.precheck(spec)
+            sites[shape] = self.precheck(spec, country)
         return sites[shape]
 
     async def dry_run(self, who: Identity, spec: JobSpec) -> Job:
@@ -373,13 +375,15 @@ class AntennaCore:
         if spec.array_job or spec.array_task:
             raise InvalidArgument("array_job and array_task are set by the antenna; ask for an array instead")
         spec.validate()
-        self.precheck(spec)  # refuses what no hub could ever run
+        self.allocations.check_member(spec, who)
+        country = self.allocations.country_of(spec, who, self.config.country)
+        self.precheck(spec, country)  # refuses what no hub could ever run
         now = time.time()
         charged, allocation = self.allocations.assess(spec, now)
         if charged.site != spec.site:
             spec = charged
-            self.precheck(spec)
-        verdicts = await self.verdicts(spec)
+            self.precheck(spec, country)
+        verdicts = await self.verdicts(spec, country)
         free = {s.site: max((p.gpus_free for p in s.advert.partitions), default=0)
                 for s in self.sites.values() if s.advert is not None}
         ranked = rank(verdicts, free, self._specialised(spec))
@@ -393,14 +397,14 @@ class AntennaCore:
         if allocation is not None:
             reason += "; " + self.allocations.describe(allocation, spec)
         return Job(id="", spec=spec, state=JobState.PENDING, owner=who.uri, antenna=self.config.site, site=site,
-                   reason=reason, created_at=now, updated_at=now)
+                   reason=reason, created_at=now, updated_at=now, country=country)
 
     async def explain(self, who: Identity, job_id: str) -> tuple[Job, str, list[tuple[Verdict, int]], str, str]:
         """Why a job is where it is: (the job, its status in words, each hub's verdict for it now with its rank
         in placement's order (0: not a candidate), why it is pinned to one hub, its allocation)."""
         job = self.get(who, job_id)
         spec = replace(job.spec, site="")
-        verdicts = await self.verdicts(spec, estimates=True) if self.sites else []
+        verdicts = await self.verdicts(spec, job.country, estimates=True) if self.sites else []
         free = {s.site: max((p.gpus_free for p in s.advert.partitions), default=0)
                 for s in self.sites.values() if s.advert is not None}
         order = {v.site: i + 1 for i, v in enumerate(rank(verdicts, free, self._specialised(spec)))}
@@ -448,7 +452,7 @@ class AntennaCore:
             return frozenset()
         return frozenset(s.site for s in self.sites.values() if s.advert is not None and spec.sector in s.advert.sectors)
 
-    def precheck(self, spec: JobSpec) -> str:
+    def precheck(self, spec: JobSpec, country: str) -> str:
         """Refuse now a job that no known hub could ever run, so users are never rejected late.
 
         Return the hub to forward it to when that needs no choice: the job names its hub, or this antenna has
@@ -460,7 +464,7 @@ class AntennaCore:
         known = [s for s in candidates if s.advert is not None]
         if not known:
             return ""  # nothing known yet: the job waits until a hub is heard from
-        reasons = {s.site: why_not(spec, s.advert, self.config.country) for s in known}
+        reasons = {s.site: why_not(spec, s.advert, country) for s in known}
         if all(reasons.values()):
             if spec.partition and all("has no partition" in r for r in reasons.values()):
                 raise NotFound(f"no hub has a partition {spec.partition!r}; partitions: " + ", ".join(
@@ -603,13 +607,13 @@ class AntennaCore:
                 continue
             s = job.spec
             groups[(s.gpus, s.cpus, s.walltime_s, s.partition, s.access_mode, s.site, s.sector,
-                    s.sector_required)].append(job)
+                    s.sector_required, job.country)].append(job)
         decisions: list[tuple[str, JobState, str, str]] = []  # (job id, state, site, reason)
         waiting: list[str] = []
         free = {s.site: max((p.gpus_free for p in s.advert.partitions), default=0)
                 for s in self.sites.values() if s.advert is not None}
         for group in groups.values():
-            verdicts = await self.verdicts(group[0].spec)
+            verdicts = await self.verdicts(group[0].spec, group[0].country)
             if verdicts and not any(v.fits or v.transient for v in verdicts):
                 reason = "no hub can run this job: " + "; ".join(f"{v.site} {v.reason}" for v in verdicts)
                 decisions += [(job.id, JobState.FAILED, "", reason) for job in group]
@@ -640,7 +644,7 @@ class AntennaCore:
                 self._queue(job)
         return waiting
 
-    async def verdicts(self, spec: JobSpec, estimates: bool = False) -> list[Verdict]:
+    async def verdicts(self, spec: JobSpec, country: str, estimates: bool = False) -> list[Verdict]:
         """Each candidate hub with the reason it cannot take the job, or its estimated wait (asked of the hubs
         when there is a choice to make, or always with `estimates`)."""
         if spec.site and spec.site not in self.sites:
@@ -648,7 +652,7 @@ class AntennaCore:
         candidates = [self.sites[spec.site]] if spec.site else list(self.sites.values())
         shape = jobs_pb2.JobShape(gpus=spec.gpus, walltime_s=spec.walltime_s, partition=spec.partition)
 
-        fit_now = [s for s in candidates if s.advert is not None and s.fresh and not why_not(spec, s.advert, self.config.country)]
+        fit_now = [s for s in candidates if s.advert is not None and s.fresh and not why_not(spec, s.advert, country)]
         ask = estimates or len(fit_now) > 1  # with a single hub that fits, there is nothing to compare
 
         async def judge(site: HubSite) -> Verdict:
@@ -656,7 +660,7 @@ class AntennaCore:
                 return Verdict(site.site, site.untrusted, transient=True)
             if site.advert is None:
                 return Verdict(site.site, f"has not been heard from ({site.error})", transient=True)
-            if reason := why_not(spec, site.advert, self.config.country):
+            if reason := why_not(spec, site.advert, country):
                 return Verdict(site.site, reason)
             if site.left:
                 return Verdict(site.site, site.left, transient=True)

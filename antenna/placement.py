@@ -30,8 +30,9 @@ def why_not(spec: JobSpec, advert: jobs_pb2.Advert, country: str = "") -> str:
     if spec.sector_required and spec.sector not in advert.sectors:
         return f"does not specialise in sector {spec.sector}"
     if advert.countries and country not in advert.countries:
-        return (f"serves users from {', '.join(advert.countries)} only, and this antenna's users are from "
-                + (country or "no declared country (antenna.country)"))
+        return (f"serves users from {', '.join(advert.countries)} only, and this job is from "
+                + (country or "no declared country (antenna.country, or its project's or user's country in the "
+                              "allocations file)"))
     parts = list(advert.partitions)
     if spec.partition:
         parts = [p for p in parts if p.name == spec.partition]

@@ -208,8 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "GPU-hours used (jobs that ended, by real runtime), reserved (jobs not ended, "
                                     "by walltime) and remaining; then GPU-hours per project and user at this "
                                     "antenna. Users see the allocations of projects they have jobs under, and "
-                                    "their own consumption; operators of the antenna see all.")
+                                    "their own consumption; operators of the antenna see all. With --hub: "
+                                    "the GPU-hours consumed at that hub per antenna, project and access mode (an "
+                                    "operator certificate of the hub's site).")
     client_opts(us)
+    us.add_argument("--hub", help="ask this hub (HOST:PORT) for its consumption per antenna instead")
+    us.add_argument("--days", type=int, default=30, help="with --hub: jobs accepted in the last DAYS days "
+                                                         "(default 30)")
     ex = sub.add_parser("explain", help="why a job is where it is: each hub's verdict for it, its status, its allocation",
                         description="For each hub: the rule that excludes the job there, or the estimated wait before "
                                     "it would start there now, in the order placement would choose; where the job "
@@ -518,6 +523,22 @@ async def _site_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _hub_usage(args: argparse.Namespace) -> int:
+    """`aifed usage --hub HOST:PORT [--days N]`: consumption at one hub, per antenna, project and mode."""
+    from federation.client import resolve_client_config
+    from federation.pb import hub_pb2, hub_pb2_grpc
+    from federation.rpc import secure_channel
+
+    if not 0 < args.days <= 3660:
+        raise UsageError(f"--days must be between 1 and 3660, not {args.days}")
+    config = resolve_client_config(args.config, args.hub, args.ca, args.cert, args.key)
+    config.tls.check()
+    async with secure_channel(args.hub, config.tls) as channel:
+        reply = await hub_pb2_grpc.HubStub(channel).GetUsage(hub_pb2.HubUsageRequest(days=args.days), timeout=120)
+    _print_json(output.hub_usage_dict(reply)) if args.json else print(output.hub_usage_rows(reply))
+    return EXIT_OK
+
+
 def _membership(cfg) -> str:
     d, e = cfg.discovery, cfg.events
     out = (f", membership in etcd at {', '.join(d.endpoints)} under {d.key_prefix(cfg.federation)}"
@@ -672,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
             return bench.run_slurm_bench(args.jobs, args.json, keep)
         if args.command == "site":
             return asyncio.run(_site_command(args))
+        if args.command == "usage" and args.hub:
+            return asyncio.run(_hub_usage(args))
         if args.command == "top":
             return asyncio.run(_top(args))
         if args.command == "events":
@@ -695,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aifed: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except grpc.aio.AioRpcError as exc:
-        print(f"aifed: {_explain_rpc_error(exc, 'hub' if args.command == 'site' else 'antenna')}",
+        hub = args.command == "site" or bool(getattr(args, "hub", None))
+        print(f"aifed: {_explain_rpc_error(exc, 'hub' if hub else 'antenna')}",
               file=sys.stderr)
         return STATUS_EXIT.get(exc.code(), EXIT_FAIL)
     except KeyboardInterrupt:

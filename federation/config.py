@@ -364,7 +364,8 @@ EU_MEMBER_STATES = ("AT", "BE", "BG", "CY", "CZ", "DE", "DK", "EE", "ES", "FI", 
                     "LT", "LU", "LV", "MT", "NL", "PL", "PT", "RO", "SE", "SI", "SK")
 
 
-def _country(code: str) -> str:
+def country_code(code: str) -> str:
+    """An ISO 3166 alpha-2 code, checked (raise ValueError)."""
     if not (len(code) == 2 and code.isascii() and code.isalpha() and code.isupper()):
         raise ValueError(f"{code!r} is not an ISO 3166 alpha-2 country code such as SI or DE")
     return code
@@ -374,7 +375,7 @@ def _countries(h: _Table) -> tuple[str, ...]:
     out: list[str] = []
     for code in h.strings("countries"):
         try:
-            new = EU_MEMBER_STATES if code == "EU" else (_country(code),)
+            new = EU_MEMBER_STATES if code == "EU" else (country_code(code),)
         except ValueError as exc:
             raise ConfigError(h.path, h.key("countries"), f"{exc}, or EU for the 27 Member States") from None
         out += [c for c in new if c not in out]
@@ -593,7 +594,7 @@ def load_antenna(path: str | Path) -> AntennaConfig:
     p, root = _read(path)
     a = root.table("antenna")
     site, federation, listen, state_dir, retention, audit_log = _daemon_basics(a)
-    country = a.checked("country", _country, "") if "country" in a.data else ""
+    country = a.checked("country", country_code, "") if "country" in a.data else ""
     allocations = a.path_("allocations") if "allocations" in a.data else None
     if allocations is not None:
         from antenna.allocations import load

@@ -310,12 +310,15 @@ class Journal:
         return row[0] if row else default
 
     def list(self, owner: str | None = None, states: Iterable[JobState] = (), limit: int = 100,
-             since: float | None = None) -> list[Job]:
-        """Newest first; with `since`, only jobs created at or after it."""
+             since: float | None = None, antenna: str | None = None) -> list[Job]:
+        """Newest first; with `since`, only jobs created at or after it; with `antenna`, only its jobs."""
         sql, args = "SELECT record FROM jobs WHERE 1=1", []
         if since is not None:
             sql += " AND created >= ?"
             args.append(since)
+        if antenna is not None:
+            sql += " AND antenna = ?"
+            args.append(antenna)
         if owner is not None:
             sql += " AND owner = ?"
             args.append(owner)

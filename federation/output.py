@@ -7,7 +7,7 @@ import time
 
 from federation import convert
 from federation.model import AccessMode, Job, JobState
-from federation.pb import antenna_pb2
+from federation.pb import antenna_pb2, hub_pb2
 from federation.timefmt import format_duration
 
 
@@ -146,6 +146,30 @@ def usage_rows(usage: antenna_pb2.UsageResponse) -> str:
                   str(u.jobs)] for u in usage.users]
         out += "\n\n" + table(["PROJECT", "USER", "USED", "RESERVED", "JOBS"], users)
     return out
+
+
+def hub_usage_dict(usage: hub_pb2.HubUsageResponse) -> dict:
+    return {"site": usage.site, "since": _utc(usage.since),
+            "rows": [{"antenna": r.antenna, "project": r.project, "mode": AccessMode(r.mode).slug,
+                      "used": r.used_gpu_hours, "reserved": r.reserved_gpu_hours, "jobs": r.jobs} for r in usage.rows]}
+
+
+def hub_usage_rows(usage: hub_pb2.HubUsageResponse) -> str:
+    """`aifed usage --hub`: GPU-hours per antenna, project and mode, then a total per antenna."""
+    head = f"hub {usage.site}, jobs accepted since {_utc(usage.since)}"
+    if not usage.rows:
+        return f"{head}: none"
+    rows = [[r.antenna, r.project or "-", AccessMode(r.mode).slug if r.mode else "-", _gpuh(r.used_gpu_hours),
+             _gpuh(r.reserved_gpu_hours), str(r.jobs)] for r in usage.rows]
+    totals: dict[str, list] = {}
+    for r in usage.rows:
+        t = totals.setdefault(r.antenna, [0.0, 0.0, 0])
+        t[0] += r.used_gpu_hours
+        t[1] += r.reserved_gpu_hours
+        t[2] += r.jobs
+    per_antenna = [[a, _gpuh(u), _gpuh(res), str(n)] for a, (u, res, n) in sorted(totals.items())]
+    return (head + "\n\n" + table(["ANTENNA", "PROJECT", "MODE", "USED", "RESERVED", "JOBS"], rows) + "\n\n"
+            + table(["ANTENNA", "USED", "RESERVED", "JOBS"], per_antenna))
 
 
 def state_names() -> list[str]:

@@ -23,13 +23,14 @@ from federation.timefmt import format_duration
 from federation.watch import Signal, Topics
 from hub.backend import Backend, Change
 from hub.local import LocalBackend
-from hub.quota import Quotas
+from hub.quota import AntennaUsage, Quotas, consumption
 from hub.usermap import UserMap
 
 log = logging.getLogger(__name__)
 
 MAX_KEY_LEN = 200
 DRAIN_META = "drain"
+MAX_USAGE_DAYS = 3660
 MAX_BATCH = 5000
 # Job ids name folders: only `<antenna>-<token>`, lower-case letters, digits and dashes, never a path.
 JOB_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}[a-z0-9]-[a-z0-9]{1,64}")
@@ -256,7 +257,8 @@ class HubCore:
             raise PermissionDenied(f"antenna {who.site!r} may only forward jobs of its own users, not {job.owner}")
         if self.config.countries and job.country not in self.config.countries:
             raise PermissionDenied(f"site {self.config.site} serves users from {', '.join(self.config.countries)} "
-                                   f"only; this job's user is from {job.country or 'no declared country'}")
+                                   f"only; this job is from {job.country or 'no declared country'} (as antenna {who.site} "
+                                   "vouches)")
         account = self.user_map.account(who.site, owner.name, job.spec.project) if self.user_map else ""
         job.spec.validate()
         now = time.time()
@@ -310,6 +312,16 @@ class HubCore:
                 f"{format_duration(longest)}")
         waits = [await self.backend.estimate_wait(p.name, spec.gpus, spec.walltime_s) for p in fitting]
         return min(zip(waits, fitting), key=lambda wp: (wp[0], wp[1].gpus, wp[1].name))[1]
+
+    async def usage(self, who: Identity, days: int) -> tuple[float, list[AntennaUsage]]:
+        """GPU-hours consumed here per antenna, project and mode by jobs accepted in the last `days` days (from
+        when, and the rows): an antenna sees its own, this site's operators every antenna's."""
+        if not 0 < days <= MAX_USAGE_DAYS:
+            raise InvalidArgument(f"days must be between 1 and {MAX_USAGE_DAYS}, not {days}")
+        since = time.time() - days * 86400
+        antenna = who.site if who.role is Role.ANTENNA else None
+        jobs = await asyncio.to_thread(self.journal.list, since=since, antenna=antenna, limit=2**62)
+        return since, consumption(jobs)
 
     def get(self, who: Identity, job_id: str) -> Job:
         """The job, if `who` may see it. Others' jobs are NOT_FOUND: their existence is not disclosed."""

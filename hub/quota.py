@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from federation.config import ModeLimits
 from federation.errors import FailedPrecondition
@@ -102,3 +103,27 @@ class Quotas:
             for entries in self._jobs.values():
                 for job_id in job_ids:
                     entries.pop(job_id, None)
+
+
+# -- consumption per antenna, for `aifed usage --hub` ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class AntennaUsage:
+    antenna: str
+    project: str       # "" for jobs without a project
+    mode: AccessMode
+    used_s: float      # GPU-seconds of jobs that ended, by real runtime
+    reserved_s: float  # GPU-seconds of jobs not ended, by walltime
+    jobs: int
+
+
+def consumption(jobs: Iterable[Job]) -> list[AntennaUsage]:
+    """GPU-seconds per (antenna, project, mode) of these jobs, sorted."""
+    totals: dict[tuple[str, str, AccessMode], list] = {}
+    for job in jobs:
+        t = totals.setdefault((job.antenna, job.spec.project, job.spec.access_mode), [0.0, 0.0, 0])
+        t[0 if job.final else 1] += cost_s(job)
+        t[2] += 1
+    return [AntennaUsage(a, p, m, used, reserved, n)
+            for (a, p, m), (used, reserved, n) in sorted(totals.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                                         int(kv[0][2])))]

@@ -25,7 +25,8 @@ STREAMS = {jobs_pb2.LOG_STREAM_STDOUT: ("stdout",), jobs_pb2.LOG_STREAM_STDERR: 
 STREAM_ENUM = {"stdout": jobs_pb2.LOG_STREAM_STDOUT, "stderr": jobs_pb2.LOG_STREAM_STDERR}
 
 
-OPERATOR_METHODS = ("GetAdvert", "WatchAdverts", "GetJob", "WatchJob", "CancelJob", "StreamLogs", "SetDrain")
+OPERATOR_METHODS = ("GetAdvert", "WatchAdverts", "GetJob", "WatchJob", "CancelJob", "StreamLogs", "SetDrain",
+                    "GetUsage")
 OPERATOR_ONLY = ("SetDrain",)
 
 
@@ -149,6 +150,14 @@ class HubService(hub_pb2_grpc.HubServicer):
         return hub_pb2.DrainState(draining=self.core.draining, reason=self.core.drain_now(),
                                   jobs_running=counts.get(JobState.RUNNING, 0),
                                   jobs_queued=counts.get(JobState.QUEUED, 0))
+
+    async def GetUsage(self, request, context):
+        since, rows = await self.core.usage(caller(), request.days or 30)
+        reply = hub_pb2.HubUsageResponse(site=self.core.config.site, rows=[
+            hub_pb2.AntennaUsage(antenna=r.antenna, project=r.project, mode=int(r.mode), used_gpu_hours=r.used_s / 3600,
+                                 reserved_gpu_hours=r.reserved_s / 3600, jobs=r.jobs) for r in rows])
+        reply.since.FromNanoseconds(int(since * 1e9))
+        return reply
 
     async def StreamLogs(self, request, context):
         who = caller()

@@ -99,7 +99,43 @@ async def test_hubs_serve_only_the_countries_they_allow(test_pki, tmp_path):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await alice.submit(JobSpec(argv=("true",), site="lumi"))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "lumi serves users from FI only, and this antenna's users are from SI" in err.value.details()
+        assert "lumi serves users from FI only, and this job is from SI" in err.value.details()
+
+
+async def test_a_projects_or_users_country_decides_eligibility_and_members_only_projects_refuse_others(
+        test_pki, tmp_path):
+    """antenna-a is in SI; its allocations file says project fi-lab is Finnish and open to alice only, and user
+    bob is from FI. lumi serves FI only."""
+    people = tmp_path / "people.toml"
+    people.write_text('[[project]]\nname = "fi-lab"\ncountry = "FI"\nmembers = ["alice"]\n\n'
+                      '[[user]]\nname = "bob"\ncountry = "FI"\n')
+    async with running_federation(test_pki, tmp_path, {"leonardo": {"countries": ("DE", "SI")},
+                                                       "lumi": {"countries": ("FI",)}},
+                                  antenna={"country": "SI", "allocations": people}) as f:
+        alice, bob = f.client("alice"), f.client("bob")
+        by_project = await alice.wait((await alice.submit(JobSpec(argv=("true",), project="fi-lab",
+                                                                  site="lumi"))).id)
+        by_user = await bob.wait((await bob.submit(JobSpec(argv=("true",), site="lumi"))).id)
+        for done in (by_project, by_user):
+            assert (done.state, done.site, done.country) == (JobState.COMPLETED, "lumi", "FI")
+            assert f.hubs["lumi"].core.journal.get(done.id).country == "FI"  # what the hub checked
+        # Without a site, placement only considers the hubs that serve the job's country.
+        free = await bob.wait((await bob.submit(JobSpec(argv=("true",)))).id)
+        assert (free.site, free.country) == ("lumi", "FI")
+        # alice's own country is the antenna's (SI), which lumi does not serve.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await alice.submit(JobSpec(argv=("true",), site="lumi"))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "lumi serves users from FI only, and this job is from SI" in err.value.details()
+        # bob may not charge the members-only project, by submission or dry run; nothing is stored.
+        before = f.antennas["antenna-a"].core.journal.count()
+        for dry in (True, False):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await bob.submit(JobSpec(argv=("true",), project="fi-lab"), dry_run=dry)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "project fi-lab is open to its members only at antenna antenna-a, and bob is not one" \
+                in err.value.details()
+        assert f.antennas["antenna-a"].core.journal.count() == before
 
 
 async def test_a_hub_refuses_a_forwarded_job_of_a_country_it_does_not_serve(test_pki, tmp_path):
@@ -115,7 +151,7 @@ async def test_a_hub_refuses_a_forwarded_job_of_a_country_it_does_not_serve(test
             ((outcome, _),) = await f.hubs["lumi"].core.forward_many(antenna, [(job.id, job)])
             if refused:
                 assert outcome.code == grpc.StatusCode.PERMISSION_DENIED
-                assert f"serves users from FI only; this job's user is from {country or 'no declared country'}" \
+                assert f"serves users from FI only; this job is from {country or 'no declared country'} (as antenna antenna-a" \
                     in outcome.message
             else:
                 assert isinstance(outcome, Job) and outcome.country == "FI"

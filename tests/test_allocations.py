@@ -20,7 +20,7 @@ import pytest
 from antenna.allocations import Allocation, Allocations, cost_s, load, retention_s, runtime_s
 from federation.cli import main
 from federation.config import load_antenna
-from federation.errors import ConfigError, FailedPrecondition
+from federation.errors import ConfigError, FailedPrecondition, PermissionDenied
 from federation.identity import Identity, Role
 from federation.model import AccessMode, Job, JobSpec, JobState, Transition
 from tests.conftest import FEDERATION, running_federation
@@ -44,6 +44,19 @@ gpu_hours = 12.5
 start = 2026-09-01
 end = "2026-12-01T00:00:00+01:00"
 hub = "leonardo"
+"""
+PEOPLE = """
+[[project]]
+name = "ai-health-2026"
+country = "SI"
+members = ["ana", "bojan"]
+
+[[project]]
+name = "open-science"
+
+[[user]]
+name = "marta"
+country = "HR"
 """
 
 
@@ -87,7 +100,7 @@ def used(b: Allocations, index: int = 0) -> tuple[float, float, int]:
 # -- loading ---------------------------------------------------------------------------------------------------
 
 def test_a_good_file_loads_with_dates_strings_and_zones(tmp_path):
-    health, climate = load(write(tmp_path, GOOD))
+    health, climate = load(write(tmp_path, GOOD)).allocations
     assert (health.project, health.gpu_hours, health.start, health.end, health.modes, health.hub) == \
         ("ai-health-2026", 5000.0, START, END, (LARGE, SCIENCE), "")
     assert climate.start == START  # a plain date is midnight UTC
@@ -124,7 +137,19 @@ def test_a_good_file_loads_with_dates_strings_and_zones(tmp_path):
     ('[[allocation]]\nproject = "p"\ngpu_hours = 1\nstart = 2026-09-01\nend = 2026-10-01\nbudget = 3\n',
      "allocation[0].budget", "is not a known key"),
     ('[allocation]\nproject = "p"\n', "allocation", "[[allocation]]"),
-    ('[[allocations]]\nproject = "p"\n', "allocations", "[[allocation]] tables only"),
+    ('[[allocations]]\nproject = "p"\n', "allocations", "[[allocation]], [[project]] and [[user]] tables only"),
+    ('[[project]]\ncountry = "SI"\n', "project[0].name", "is required"),
+    ('[[project]]\nname = "p"\ncountry = "Slovenia"\n', "project[0].country", "not an ISO 3166 alpha-2"),
+    ('[[project]]\nname = "p"\ncountry = "si"\n', "project[0].country", "not an ISO 3166 alpha-2"),
+    ('[[project]]\nname = "p"\nmembers = "ana"\n', "project[0].members", "must be a list of user names"),
+    ('[[project]]\nname = "p"\nmembers = ["Ana Novak"]\n', "project[0].members", "user name 'Ana Novak'"),
+    ('[[project]]\nname = "p"\nowner = "ana"\n', "project[0].owner", "is not a known key"),
+    ('[[project]]\nname = "p"\n[[project]]\nname = "p"\n', "project[1]", "project p is described twice"),
+    ('[[user]]\nname = "ana"\n', "user[0].country", "is required"),
+    ('[[user]]\nname = "../ana"\ncountry = "SI"\n', "user[0].name", "is not valid"),
+    ('[[user]]\nname = 7\ncountry = "SI"\n', "user[0].name", "must be a string"),
+    ('[[user]]\nname = "ana"\ncountry = "SI"\n[[user]]\nname = "ana"\ncountry = "HR"\n', "user[1]",
+     "user ana is described twice"),
     ('[[allocation]]\nproject = "p"\ngpu_hours = 1\nstart = 2026-09-01\nend = 2026-10-01\n'
      '[[allocation]]\nproject = "p"\ngpu_hours = 2\nstart = 2026-09-30\nend = 2026-12-01\nmodes = ["playground"]\n',
      "allocation[1]", "overlaps allocation[0]"),
@@ -136,6 +161,29 @@ def test_a_bad_file_is_refused_naming_the_allocation_and_key(tmp_path, text, key
     assert err.value.key == key and says in str(err.value) and str(path) in str(err.value)
 
 
+def test_projects_and_users_say_where_a_job_is_from_and_who_may_charge_a_project(tmp_path):
+    access = load(write(tmp_path, GOOD + PEOPLE))
+    assert [(p.name, p.country, sorted(p.members)) for p in access.projects] == \
+        [("ai-health-2026", "SI", ["ana", "bojan"]), ("open-science", "", [])]
+    assert access.users == (("marta", "HR"),)
+    book = Allocations(access, "antenna-a")
+    user = lambda name: Identity(FEDERATION, Role.USER, "antenna-a", name)  # noqa: E731
+    operator = Identity(FEDERATION, Role.OPERATOR, "antenna-a", "marta")
+    health, open_science, other = spec(project="ai-health-2026"), spec(project="open-science"), spec(project="x")
+    # The project's country first, then the user's, then the antenna's.
+    assert book.country_of(health, user("marta"), "AT") == "SI"
+    assert book.country_of(open_science, user("marta"), "AT") == "HR"
+    assert book.country_of(other, user("ana"), "AT") == "AT"
+    assert book.country_of(other, operator, "AT") == "AT"  # an operator is not the user of the same name
+    # Members only, for a project that lists them; anyone for one that does not; operators always.
+    book.check_member(health, user("ana"))
+    book.check_member(open_science, user("marta"))
+    book.check_member(health, operator)
+    with pytest.raises(PermissionDenied, match="project ai-health-2026 is open to its members only at antenna "
+                                               "antenna-a, and marta is not one"):
+        book.check_member(health, user("marta"))
+
+
 def test_allocations_that_do_not_overlap_or_differ_in_hub_or_modes_load(tmp_path):
     text = "".join(f'[[allocation]]\nproject = "p"\ngpu_hours = 1\nstart = {s}\nend = {e}\n{extra}\n'
                    for s, e, extra in (
@@ -143,7 +191,7 @@ def test_allocations_that_do_not_overlap_or_differ_in_hub_or_modes_load(tmp_path
         ("2026-01-01", "2026-12-31", 'hub = "leonardo"'),  # the same dates at one hub
         ("2027-01-01", "2027-12-31", 'modes = ["large-scale"]'), ("2027-01-01", "2027-12-31", 'modes = ["playground"]'),
     ))
-    assert len(load(write(tmp_path, text))) == 5
+    assert len(load(write(tmp_path, text)).allocations) == 5
 
 
 def antenna_toml(test_pki, tmp_path: Path, extra: str) -> Path:

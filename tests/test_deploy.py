@@ -245,7 +245,11 @@ def test_user_map_example_means_what_its_comments_say():
 def test_allocations_example_means_what_its_comments_say(site, capsys):
     from antenna.allocations import load
 
-    health, climate = load(EXAMPLES / "allocations.toml")
+    access = load(EXAMPLES / "allocations.toml")
+    health, climate = access.allocations
+    assert [(p.name, p.country, sorted(p.members)) for p in access.projects] == \
+        [("ai-health-2026", "SI", ["ana", "bojan"])]
+    assert access.users == (("marta", "HR"),)
     assert (health.hub, climate.hub, climate.start) == ("", "leonardo", 1790812800.0)  # a date: midnight UTC
     assert {m.slug for m in health.modes} == {"large-scale", "ai-for-science"}
     text = enable_commented((EXAMPLES / "antenna.toml").read_text())

@@ -11,7 +11,7 @@ from federation.config import ModeLimits, load_hub
 from federation.errors import ConfigError
 from federation.identity import Role
 from federation.model import AccessMode, Job, JobSpec, JobState
-from hub.quota import Quotas, cost_s
+from hub.quota import Quotas, consumption, cost_s
 from tests.conftest import running_federation
 from tests.test_config import HUB, write
 
@@ -113,3 +113,63 @@ async def test_a_hub_refuses_a_project_over_its_gpu_hours_and_antennas_see_the_c
                                             project="p2"))
         assert (await asyncio.wait_for(client.wait(other.id), 30)).state is JobState.COMPLETED
         await client.cancel(first.id)
+
+
+# -- consumption per antenna: `aifed usage --hub` ---------------------------------------------------------------
+
+def test_consumption_sums_gpu_hours_per_antenna_project_and_mode():
+    now = 1_000_000.0
+    done = job("a-1", 2, 3600, now).moved(JobState.RUNNING, "", at=now + 10).moved(JobState.COMPLETED, "", at=now + 910)
+    never_ran = job("a-2", 4, 3600, now).moved(JobState.CANCELLED, "", at=now + 5)
+    queued = job("a-3", 1, 7200, now, project="p2")
+    other = job("b-1", 8, 600, now, antenna="antenna-b", mode=AccessMode.PLAYGROUND)
+    rows = consumption([other, queued, never_ran, done])
+    assert [(r.antenna, r.project, r.mode, r.used_s, r.reserved_s, r.jobs) for r in rows] == [
+        ("antenna-a", "p1", FAST, 2 * 900.0, 0.0, 2),          # real runtime; a job that never ran costs nothing
+        ("antenna-a", "p2", FAST, 0.0, 7200.0, 1),             # not ended: its walltime is reserved
+        ("antenna-b", "p1", AccessMode.PLAYGROUND, 0.0, 4800.0, 1)]
+
+
+async def test_a_hubs_operator_sees_every_antennas_consumption_and_an_antenna_its_own(test_pki, tmp_path, capsys):
+    from federation.cli import main
+    from federation.pb import hub_pb2, hub_pb2_grpc
+    from federation.rpc import secure_channel
+    from tests.test_drain import operator
+
+    async with running_federation(test_pki, tmp_path, {"leonardo": {}}, antenna={}) as f:
+        await f.start_antenna("antenna-b")
+        await f.wait_sites("antenna-b")
+        jobs = [(f.client("alice"), JobSpec(argv=("sleep", "1"), gpus=1, walltime_s=600, project="p1")),
+                (f.client("bob"), JobSpec(argv=("true",), walltime_s=600)),
+                (f.client("carol", "antenna-b"), JobSpec(argv=("sleep", "1"), gpus=2, walltime_s=600,
+                                                          project="p9"))]
+        done = [await c.wait((await c.submit(s)).id) for c, s in jobs]
+        assert {j.state for j in done} == {JobState.COMPLETED}
+        hub = f"127.0.0.1:{f.hubs['leonardo'].port}"
+        olga = operator(test_pki, "leonardo")
+        argv = ["usage", "--hub", hub, "--ca", str(olga.ca), "--cert", str(olga.cert), "--key", str(olga.key)]
+        assert await asyncio.to_thread(main, [*argv, "--json"]) == 0
+        out = __import__("json").loads(capsys.readouterr().out)
+        assert out["site"] == "leonardo"
+        rows = {(r["antenna"], r["project"]): r for r in out["rows"]}
+        assert set(rows) == {("antenna-a", "p1"), ("antenna-a", ""), ("antenna-b", "p9")}
+        journal = f.hubs["leonardo"].core.journal
+        for j in done:  # GPUs x the runtime the hub recorded
+            assert rows[(j.antenna, j.spec.project)]["used"] == pytest.approx(cost_s(journal.get(j.id)) / 3600)
+        assert rows[("antenna-b", "p9")]["used"] > 0.0005 and rows[("antenna-b", "p9")]["reserved"] == 0
+        assert rows[("antenna-a", "")]["jobs"] == 1 and rows[("antenna-a", "")]["mode"] == "unspecified"
+        assert await asyncio.to_thread(main, argv) == 0
+        table = capsys.readouterr().out
+        assert table.startswith("hub leonardo, jobs accepted since ")
+        assert ["ANTENNA", "USED", "RESERVED", "JOBS"] == table.strip().split("\n\n")[-1].splitlines()[0].split()
+        assert await asyncio.to_thread(main, [*argv, "--days", "0"]) == 2
+        assert "--days must be between 1 and 3660" in capsys.readouterr().err
+
+        # An antenna sees its own consumption only; a user nothing at all.
+        async with secure_channel(hub, test_pki.tls(Role.ANTENNA, "antenna-b")) as channel:
+            reply = await hub_pb2_grpc.HubStub(channel).GetUsage(hub_pb2.HubUsageRequest(), timeout=30)
+        assert [(r.antenna, r.project) for r in reply.rows] == [("antenna-b", "p9")]
+        async with secure_channel(hub, test_pki.tls(Role.USER, "antenna-a", "alice")) as channel:
+            with pytest.raises(__import__("grpc").aio.AioRpcError) as err:
+                await hub_pb2_grpc.HubStub(channel).GetUsage(hub_pb2.HubUsageRequest(), timeout=30)
+        assert err.value.code().name == "PERMISSION_DENIED"

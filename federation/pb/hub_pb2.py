@@ -24,35 +24,42 @@ _sym_db = _symbol_database.Default()
 
 
 from federation.pb import jobs_pb2 as aifed_dot_v1_dot_jobs__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x61ifed/v1/hub.proto\x12\x08\x61ifed.v1\x1a\x13\x61ifed/v1/jobs.proto\"0\n\x0fSetDrainRequest\x12\r\n\x05\x64rain\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Y\n\nDrainState\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0cjobs_running\x18\x03 \x01(\r\x12\x13\n\x0bjobs_queued\x18\x04 \x01(\r\"3\n\rAdvertRequest\x12\"\n\x06shapes\x18\x01 \x03(\x0b\x32\x12.aifed.v1.JobShape\"H\n\x11\x46orwardJobRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x1a\n\x03job\x18\x02 \x01(\x0b\x32\r.aifed.v1.Job\"C\n\x12\x46orwardJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.aifed.v1.Job\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"?\n\x12\x46orwardJobsRequest\x12)\n\x04jobs\x18\x01 \x03(\x0b\x32\x1b.aifed.v1.ForwardJobRequest\"\x8c\x01\n\rForwardResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x14.aifed.v1.JobReceiptH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.aifed.v1.JobErrorH\x00\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x42\t\n\x07outcome\"?\n\x13\x46orwardJobsResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.aifed.v1.ForwardResult\"3\n\x13WatchChangesRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x04\"]\n\nJobChanges\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x1b\n\x04jobs\x18\x03 \x03(\x0b\x32\r.aifed.v1.Job\x12\x11\n\tcaught_up\x18\x04 \x01(\x08\x32\xd6\x04\n\x03Hub\x12\x36\n\tGetAdvert\x12\x17.aifed.v1.AdvertRequest\x1a\x10.aifed.v1.Advert\x12;\n\x0cWatchAdverts\x12\x17.aifed.v1.AdvertRequest\x1a\x10.aifed.v1.Advert0\x01\x12G\n\nForwardJob\x12\x1b.aifed.v1.ForwardJobRequest\x1a\x1c.aifed.v1.ForwardJobResponse\x12J\n\x0b\x46orwardJobs\x12\x1c.aifed.v1.ForwardJobsRequest\x1a\x1d.aifed.v1.ForwardJobsResponse\x12\x45\n\x0cWatchChanges\x12\x1d.aifed.v1.WatchChangesRequest\x1a\x14.aifed.v1.JobChanges0\x01\x12)\n\x06GetJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job\x12-\n\x08WatchJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job0\x01\x12,\n\tCancelJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job\x12\x39\n\nStreamLogs\x12\x15.aifed.v1.LogsRequest\x1a\x12.aifed.v1.LogChunk0\x01\x12;\n\x08SetDrain\x12\x19.aifed.v1.SetDrainRequest\x1a\x14.aifed.v1.DrainStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x61ifed/v1/hub.proto\x12\x08\x61ifed.v1\x1a\x13\x61ifed/v1/jobs.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x1f\n\x0fHubUsageRequest\x12\x0c\n\x04\x64\x61ys\x18\x01 \x01(\r\"\x96\x01\n\x0c\x41ntennaUsage\x12\x0f\n\x07\x61ntenna\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\x12\"\n\x04mode\x18\x03 \x01(\x0e\x32\x14.aifed.v1.AccessMode\x12\x16\n\x0eused_gpu_hours\x18\x04 \x01(\x01\x12\x1a\n\x12reserved_gpu_hours\x18\x05 \x01(\x01\x12\x0c\n\x04jobs\x18\x06 \x01(\r\"q\n\x10HubUsageResponse\x12\x0c\n\x04site\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x04rows\x18\x03 \x03(\x0b\x32\x16.aifed.v1.AntennaUsage\"0\n\x0fSetDrainRequest\x12\r\n\x05\x64rain\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Y\n\nDrainState\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0cjobs_running\x18\x03 \x01(\r\x12\x13\n\x0bjobs_queued\x18\x04 \x01(\r\"3\n\rAdvertRequest\x12\"\n\x06shapes\x18\x01 \x03(\x0b\x32\x12.aifed.v1.JobShape\"H\n\x11\x46orwardJobRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x1a\n\x03job\x18\x02 \x01(\x0b\x32\r.aifed.v1.Job\"C\n\x12\x46orwardJobResponse\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.aifed.v1.Job\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"?\n\x12\x46orwardJobsRequest\x12)\n\x04jobs\x18\x01 \x03(\x0b\x32\x1b.aifed.v1.ForwardJobRequest\"\x8c\x01\n\rForwardResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x14.aifed.v1.JobReceiptH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.aifed.v1.JobErrorH\x00\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x42\t\n\x07outcome\"?\n\x13\x46orwardJobsResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.aifed.v1.ForwardResult\"3\n\x13WatchChangesRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x04\"]\n\nJobChanges\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x1b\n\x04jobs\x18\x03 \x03(\x0b\x32\r.aifed.v1.Job\x12\x11\n\tcaught_up\x18\x04 \x01(\x08\x32\x99\x05\n\x03Hub\x12\x36\n\tGetAdvert\x12\x17.aifed.v1.AdvertRequest\x1a\x10.aifed.v1.Advert\x12;\n\x0cWatchAdverts\x12\x17.aifed.v1.AdvertRequest\x1a\x10.aifed.v1.Advert0\x01\x12G\n\nForwardJob\x12\x1b.aifed.v1.ForwardJobRequest\x1a\x1c.aifed.v1.ForwardJobResponse\x12J\n\x0b\x46orwardJobs\x12\x1c.aifed.v1.ForwardJobsRequest\x1a\x1d.aifed.v1.ForwardJobsResponse\x12\x45\n\x0cWatchChanges\x12\x1d.aifed.v1.WatchChangesRequest\x1a\x14.aifed.v1.JobChanges0\x01\x12)\n\x06GetJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job\x12-\n\x08WatchJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job0\x01\x12,\n\tCancelJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job\x12\x39\n\nStreamLogs\x12\x15.aifed.v1.LogsRequest\x1a\x12.aifed.v1.LogChunk0\x01\x12;\n\x08SetDrain\x12\x19.aifed.v1.SetDrainRequest\x1a\x14.aifed.v1.DrainState\x12\x41\n\x08GetUsage\x12\x19.aifed.v1.HubUsageRequest\x1a\x1a.aifed.v1.HubUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aifed.v1.hub_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SETDRAINREQUEST']._serialized_start=53
-  _globals['_SETDRAINREQUEST']._serialized_end=101
-  _globals['_DRAINSTATE']._serialized_start=103
-  _globals['_DRAINSTATE']._serialized_end=192
-  _globals['_ADVERTREQUEST']._serialized_start=194
-  _globals['_ADVERTREQUEST']._serialized_end=245
-  _globals['_FORWARDJOBREQUEST']._serialized_start=247
-  _globals['_FORWARDJOBREQUEST']._serialized_end=319
-  _globals['_FORWARDJOBRESPONSE']._serialized_start=321
-  _globals['_FORWARDJOBRESPONSE']._serialized_end=388
-  _globals['_FORWARDJOBSREQUEST']._serialized_start=390
-  _globals['_FORWARDJOBSREQUEST']._serialized_end=453
-  _globals['_FORWARDRESULT']._serialized_start=456
-  _globals['_FORWARDRESULT']._serialized_end=596
-  _globals['_FORWARDJOBSRESPONSE']._serialized_start=598
-  _globals['_FORWARDJOBSRESPONSE']._serialized_end=661
-  _globals['_WATCHCHANGESREQUEST']._serialized_start=663
-  _globals['_WATCHCHANGESREQUEST']._serialized_end=714
-  _globals['_JOBCHANGES']._serialized_start=716
-  _globals['_JOBCHANGES']._serialized_end=809
-  _globals['_HUB']._serialized_start=812
-  _globals['_HUB']._serialized_end=1410
+  _globals['_HUBUSAGEREQUEST']._serialized_start=86
+  _globals['_HUBUSAGEREQUEST']._serialized_end=117
+  _globals['_ANTENNAUSAGE']._serialized_start=120
+  _globals['_ANTENNAUSAGE']._serialized_end=270
+  _globals['_HUBUSAGERESPONSE']._serialized_start=272
+  _globals['_HUBUSAGERESPONSE']._serialized_end=385
+  _globals['_SETDRAINREQUEST']._serialized_start=387
+  _globals['_SETDRAINREQUEST']._serialized_end=435
+  _globals['_DRAINSTATE']._serialized_start=437
+  _globals['_DRAINSTATE']._serialized_end=526
+  _globals['_ADVERTREQUEST']._serialized_start=528
+  _globals['_ADVERTREQUEST']._serialized_end=579
+  _globals['_FORWARDJOBREQUEST']._serialized_start=581
+  _globals['_FORWARDJOBREQUEST']._serialized_end=653
+  _globals['_FORWARDJOBRESPONSE']._serialized_start=655
+  _globals['_FORWARDJOBRESPONSE']._serialized_end=722
+  _globals['_FORWARDJOBSREQUEST']._serialized_start=724
+  _globals['_FORWARDJOBSREQUEST']._serialized_end=787
+  _globals['_FORWARDRESULT']._serialized_start=790
+  _globals['_FORWARDRESULT']._serialized_end=930
+  _globals['_FORWARDJOBSRESPONSE']._serialized_start=932
+  _globals['_FORWARDJOBSRESPONSE']._serialized_end=995
+  _globals['_WATCHCHANGESREQUEST']._serialized_start=997
+  _globals['_WATCHCHANGESREQUEST']._serialized_end=1048
+  _globals['_JOBCHANGES']._serialized_start=1050
+  _globals['_JOBCHANGES']._serialized_end=1143
+  _globals['_HUB']._serialized_start=1146
+  _globals['_HUB']._serialized_end=1811
 # @@protoc_insertion_point(module_scope)

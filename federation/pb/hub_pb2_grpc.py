@@ -86,6 +86,11 @@ class HubStub:
                 request_serializer=aifed_dot_v1_dot_hub__pb2.SetDrainRequest.SerializeToString,
                 response_deserializer=aifed_dot_v1_dot_hub__pb2.DrainState.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/aifed.v1.Hub/GetUsage',
+                request_serializer=aifed_dot_v1_dot_hub__pb2.HubUsageRequest.SerializeToString,
+                response_deserializer=aifed_dot_v1_dot_hub__pb2.HubUsageResponse.FromString,
+                _registered_method=True)
 
 
 class HubServicer:
@@ -159,6 +164,14 @@ class HubServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """GPU-hours consumed here per antenna, project and access mode, by jobs accepted since a point in time.
+        Operators of this site see every antenna; an antenna sees its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -211,6 +224,11 @@ def add_HubServicer_to_server(servicer, server):
                     servicer.SetDrain,
                     request_deserializer=aifed_dot_v1_dot_hub__pb2.SetDrainRequest.FromString,
                     response_serializer=aifed_dot_v1_dot_hub__pb2.DrainState.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=aifed_dot_v1_dot_hub__pb2.HubUsageRequest.FromString,
+                    response_serializer=aifed_dot_v1_dot_hub__pb2.HubUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -483,6 +501,33 @@ class Hub:
             '/aifed.v1.Hub/SetDrain',
             aifed_dot_v1_dot_hub__pb2.SetDrainRequest.SerializeToString,
             aifed_dot_v1_dot_hub__pb2.DrainState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aifed.v1.Hub/GetUsage',
+            aifed_dot_v1_dot_hub__pb2.HubUsageRequest.SerializeToString,
+            aifed_dot_v1_dot_hub__pb2.HubUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
