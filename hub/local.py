@@ -1,7 +1,9 @@
 """The local backend: the embedded default, running each job as a process on the hub's machine.
 
-Each partition is a pool of GPU slots; jobs wait in first-come first-served
-order until their GPUs are free (no backfill: a large job is never starved).
+Each partition is a pool of GPU slots, scheduled by the federation's queue model
+(federation/queue.py): first come, first served with EASY backfilling, so a
+later job may start first only if it delays no earlier one, and a large job is
+never starved.
 Each job runs in its own folder and process group, under a small `sh` wrapper
 that records the exit code in a file, so a restarted hub can take back jobs
 that kept running while it was down. Walltime is enforced (TIMEOUT): SIGTERM to
@@ -11,14 +13,12 @@ the process group, then SIGKILL after the grace period.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import orjson
 
 from federation.config import PartitionConfig
 from federation.model import Job, JobState
+from federation.queue import Entry, PartitionQueue
 from hub.backend import Backend, Change, OnChange, PartitionUsage
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class LocalBackend(Backend):
         self.cpu_slots = cpu_slots
         self.kill_grace_s = kill_grace_s
         self.poll_s = poll_s
-        self._queues: dict[str, deque[_Task]] = {p: deque() for p in self.partitions}
+        self._queues: dict[str, PartitionQueue] = {p.name: PartitionQueue(p.gpus) for p in partitions}
+        self._waiting: dict[str, _Task] = {}  # queued jobs by id
         self._running: dict[str, _Task] = {}
         self._free: dict[str, set[int]] = {p.name: set(range(p.gpus)) for p in partitions}
         self._cpus_used = 0
@@ -75,18 +77,16 @@ class LocalBackend(Backend):
         self._schedule()
 
     async def submit(self, job: Job) -> None:
-        task = _Task(job, job.spec.gpus, job.spec.cpus, job.spec.walltime_s, time.time())
-        self._queues[job.partition].append(task)
+        self._enqueue(_Task(job, job.spec.gpus, job.spec.cpus, job.spec.walltime_s, time.time()))
         self._schedule()
 
     async def cancel(self, job_id: str) -> bool:
-        for queue in self._queues.values():
-            for task in queue:
-                if task.job.id == job_id:
-                    queue.remove(task)
-                    self.on_change(Change(job_id, JobState.CANCELLED, reason="cancelled before it started"))
-                    self._schedule()
-                    return True
+        task = self._waiting.pop(job_id, None)
+        if task is not None:
+            self._queues[task.job.partition].remove(job_id)
+            self.on_change(Change(job_id, JobState.CANCELLED, reason="cancelled before it started"))
+            self._schedule()
+            return True
         task = self._running.get(job_id)
         if task is None:
             return False
@@ -105,8 +105,7 @@ class LocalBackend(Backend):
                           "longer fits the job (the hub's configuration changed while it was queued)")
         if not launched:
             # It never started: queue it again, in its original order (the journal lists oldest first).
-            self._queues[job.partition].append(
-                _Task(job, job.spec.gpus, job.spec.cpus, job.spec.walltime_s, job.created_at))
+            self._enqueue(_Task(job, job.spec.gpus, job.spec.cpus, job.spec.walltime_s, job.created_at))
             return None  # it starts in start(), once the running jobs have claimed their GPUs back
         exit_code = _read_exit(folder)
         cancelled = (folder / "cancelled").exists()
@@ -119,7 +118,7 @@ class LocalBackend(Backend):
                          slots=list(info.get("slots", [])), pid=pid, started=info.get("started", time.time()))
             if part is None or any(slot >= part.gpus for slot in task.slots):
                 task.slots = []  # its partition shrank: its GPUs are no longer counted here
-            self._claim(job.partition, task)
+            self._claim(job.partition, task, started=task.started)
             if cancelled:
                 task.cancelled = True
                 self._terminate(task)
@@ -133,33 +132,14 @@ class LocalBackend(Backend):
         out = []
         for name, part in self.partitions.items():
             queue = self._queues[name]
-            running = sum(1 for t in self._running.values() if t.job.partition == name)
             out.append(PartitionUsage(
-                name=name, gpus_total=part.gpus, gpus_free=len(self._free[name]), running_jobs=running,
-                pending_jobs=len(queue), pending_gpu_seconds=float(sum(t.gpus * t.walltime_s for t in queue))))
+                name=name, gpus_total=part.gpus, gpus_free=len(self._free[name]), running_jobs=len(queue.running),
+                pending_jobs=len(queue), pending_gpu_seconds=max(0.0, queue.pending_gpu_s)))
         return out
 
     async def estimate_wait(self, partition: str, gpus: int, walltime_s: int) -> float:
-        """Replay the FCFS queue with every job using its full walltime: an upper bound."""
-        if gpus > self.partitions[partition].gpus:
-            return float("inf")
-        now = time.time()
-        free = len(self._free[partition])
-        ends = [(t.started + t.walltime_s, t.gpus) for t in self._running.values()
-                if t.job.partition == partition and t.gpus]
-        heapq.heapify(ends)
-        clock = now
-        total = self.partitions[partition].gpus
-        for need, wall in [(t.gpus, t.walltime_s) for t in self._queues[partition]] + [(gpus, walltime_s)]:
-            if need > total:
-                continue
-            while free < need and ends:
-                end, released = heapq.heappop(ends)
-                clock, free = max(clock, end), free + released
-            free -= need
-            if need:
-                heapq.heappush(ends, (clock + wall, need))
-        return clock - now
+        """When a job of this shape would start behind the queue, from the queue model (walltimes as runtimes)."""
+        return self._queues[partition].wait(gpus, walltime_s, time.time())
 
     async def close(self) -> None:
         """Stop following jobs; running processes keep going and are taken back by the next start."""
@@ -171,20 +151,38 @@ class LocalBackend(Backend):
 
     # -- scheduling ------------------------------------------------------------------------------
 
+    def _enqueue(self, task: _Task) -> None:
+        self._waiting[task.job.id] = task
+        self._queues[task.job.partition].add(task.job.id, task.gpus, task.walltime_s, task.submitted)
+
     def _schedule(self) -> None:
         if self._closed:
             return
+        now = time.time()
+        cpus_left = self.cpu_slots - self._cpus_used
+
+        def can_start(entry: Entry) -> bool:
+            nonlocal cpus_left
+            need = self._waiting[entry.key].cpus
+            if need > cpus_left:
+                return False
+            cpus_left -= need
+            return True
+
         for name, queue in self._queues.items():
-            while queue and len(self._free[name]) >= queue[0].gpus and \
-                    self._cpus_used + queue[0].cpus <= self.cpu_slots:
-                task = queue.popleft()
+            for entry in queue.schedule(now, can_start):
+                task = self._waiting.pop(entry.key)
                 task.slots = sorted(self._free[name])[:task.gpus]
                 self._claim(name, task)
                 task.waiter = asyncio.create_task(self._run(task), name=f"run {task.job.id}")
 
-    def _claim(self, partition: str, task: _Task) -> None:
+    def _claim(self, partition: str, task: _Task, started: float | None = None) -> None:
+        """Count a job's GPUs and CPUs as used: one the queue started (`started` None), or one taken back."""
         if partition in self._free:
             self._free[partition] -= set(task.slots)
+            if started is not None:
+                self._queues[partition].claim(Entry(task.job.id, len(task.slots), task.walltime_s, task.submitted),
+                                              started)
         self._cpus_used += task.cpus
         self._running[task.job.id] = task
 
@@ -192,6 +190,7 @@ class LocalBackend(Backend):
         if self._running.pop(task.job.id, None) is task:
             if task.job.partition in self._free:
                 self._free[task.job.partition] |= set(task.slots)
+                self._queues[task.job.partition].finish(task.job.id)
             self._cpus_used -= task.cpus
         self._schedule()
 

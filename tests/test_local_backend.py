@@ -299,13 +299,16 @@ async def test_cpu_only_job_sees_no_gpus(backends):
     assert backend.read_log("c", "stdout", 0, 10) == b"[]\n"
 
 
-async def test_fifo_without_backfill(backends):
-    """A small job queued behind a large waiting one does not jump ahead of it."""
+async def test_backfill_starts_a_short_job_early_but_never_delays_the_first_waiting_one(backends):
+    """EASY backfilling: a large job waits for `first` (walltime 60 s) with a reservation; a 10-s job fits in the
+    free GPU and ends before that reservation, so it starts now; a 60-s job would end after it, so it waits."""
     backend, rec = backends.new()
     await backends.submit(backend, make_job("first", argv=("sleep", "30"), gpus=1))
     await backends.submit(backend, make_job("large", argv=("true",), gpus=2))
     await backends.submit(backend, make_job("small", argv=("true",), gpus=1))
+    await backends.submit(backend, make_job("short", argv=("true",), gpus=1, walltime_s=10))
     await rec.wait("first", JobState.RUNNING)
+    await rec.wait("short", JobState.COMPLETED)
     await asyncio.sleep(0.4)
     assert rec.states("large") == [] and rec.states("small") == []
     await backend.cancel("first")
@@ -330,13 +333,13 @@ async def test_usage_reports_free_running_and_pending(backends):
     assert idle["cpu"].gpus_total == 0
     await backends.submit(backend, make_job("run", argv=("sleep", "30"), gpus=1))
     await backends.submit(backend, make_job("p1", argv=("true",), gpus=2, walltime_s=100))
-    await backends.submit(backend, make_job("p2", argv=("true",), gpus=1, walltime_s=50))
+    await backends.submit(backend, make_job("p2", argv=("true",), gpus=1, walltime_s=600))  # too long to backfill
     await rec.wait("run", JobState.RUNNING)
     u = {x.name: x for x in backend.usage()}["gpu"]
     assert u.gpus_free == 1
     assert u.running_jobs == 1
     assert u.pending_jobs == 2
-    assert u.pending_gpu_seconds == 2 * 100 + 1 * 50
+    assert u.pending_gpu_seconds == 2 * 100 + 1 * 600
     assert {x.name: x for x in backend.usage()}["cpu"].running_jobs == 0
 
 
