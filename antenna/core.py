@@ -38,7 +38,7 @@ from federation.sbatch import parse_array
 from federation.watch import Signal, Topics, stop_tasks, stopping
 from antenna.allocations import (Allocation, AllocationUsage, Allocations, UserUsage, load as load_allocations,
                                  retention_s)
-from antenna.placement import Verdict, maintenance_in_the_way, rank, why_not
+from antenna.placement import Candidate, Placer, Scored, Verdict, maintenance_in_the_way, why_not
 from antenna.sites import HubSite
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class AntennaCore:
             log.info("allocations: %d, usage counted from the journal in %.2fs", len(self.allocations.all),
                      time.monotonic() - started)
             self.jobs.taps.append(lambda _, job: self.allocations.observe(job))
+        self.placer = Placer(config.placement, config.home)
         self.metrics = Metrics("antenna", config.site, __version__)
         self.audit = AuditLog(config.audit_log or config.state_dir / "audit.jsonl", peer=peer,
                               on_drop=self.metrics.dropped.labels("audit").inc)
@@ -384,12 +385,10 @@ class AntennaCore:
             spec = charged
             self.precheck(spec, country)
         verdicts = await self.verdicts(spec, country)
-        free = {s.site: max((p.gpus_free for p in s.advert.partitions), default=0)
-                for s in self.sites.values() if s.advert is not None}
-        ranked = rank(verdicts, free, self._specialised(spec))
+        ranked = self._order(verdicts, spec, turn=False)
         if ranked:
             site = ranked[0].site
-            reason = f"dry run: would be forwarded to {site} (estimated wait {ranked[0].wait_s:.0f}s)"
+            reason = f"dry run: would be forwarded to {site} ({self._why_chosen(ranked[0])})"
         else:
             site = ""
             reason = "dry run: would be accepted and wait for a hub: " + "; ".join(
@@ -405,9 +404,7 @@ class AntennaCore:
         job = self.get(who, job_id)
         spec = replace(job.spec, site="")
         verdicts = await self.verdicts(spec, job.country, estimates=True) if self.sites else []
-        free = {s.site: max((p.gpus_free for p in s.advert.partitions), default=0)
-                for s in self.sites.values() if s.advert is not None}
-        order = {v.site: i + 1 for i, v in enumerate(rank(verdicts, free, self._specialised(spec)))}
+        order = {v.site: i + 1 for i, v in enumerate(self._order(verdicts, spec, turn=False))}
         if job.spec.site:
             order = {job.spec.site: 1} if job.spec.site in order else {}
         ranked = [(v, order.get(v.site, 0))
@@ -445,6 +442,32 @@ class AntennaCore:
         blocked = [f"{v.site} {v.reason}" for v in verdicts.values() if not v.fits]
         return ("waiting at the antenna for a hub to take it" + (": " + "; ".join(blocked) if blocked else "")
                 if not any(v.fits for v in verdicts.values()) else "waiting at the antenna: being placed now")
+
+    def _candidates(self, verdicts: list[Verdict], spec: JobSpec) -> list[Candidate]:
+        """The hubs that passed every filter and gave an estimate, with what their adverts say."""
+        specialised = self._specialised(spec)
+        out = []
+        for v in verdicts:
+            if not v.fits or v.wait_s is None:
+                continue
+            advert = self.sites[v.site].advert if v.site in self.sites else None
+            parts = [p for p in advert.partitions if not spec.partition or p.name == spec.partition] if advert else []
+            out.append(Candidate(v.site, v.wait_s, free_gpus=max((p.gpus_free for p in parts), default=0),
+                                 total_gpus=sum(p.gpus_total for p in parts),
+                                 pending_jobs=sum(p.pending_jobs for p in parts), specialised=v.site in specialised))
+        return out
+
+    def _order(self, verdicts: list[Verdict], spec: JobSpec, turn: bool = True) -> list[Scored]:
+        return self.placer.order(self._candidates(verdicts, spec), spec.gpus, spec.walltime_s, turn=turn)
+
+    def _why_chosen(self, chosen: Scored) -> str:
+        """Why placement chose this hub, in words, for the job's reason."""
+        policy = self.placer.policy
+        if policy == "earliest-start":
+            return f"estimated wait {chosen.score:.0f}s"
+        if policy == "least-queue":
+            return f"placement least-queue: {chosen.score:.0f} job(s) waiting there"
+        return f"placement {policy}"
 
     def _specialised(self, spec: JobSpec) -> frozenset[str]:
         """The hubs that advertise the job's strategic sector (placement prefers them)."""
@@ -610,22 +633,23 @@ class AntennaCore:
                     s.sector_required, job.country)].append(job)
         decisions: list[tuple[str, JobState, str, str]] = []  # (job id, state, site, reason)
         waiting: list[str] = []
-        free = {s.site: max((p.gpus_free for p in s.advert.partitions), default=0)
-                for s in self.sites.values() if s.advert is not None}
         for group in groups.values():
             verdicts = await self.verdicts(group[0].spec, group[0].country)
             if verdicts and not any(v.fits or v.transient for v in verdicts):
                 reason = "no hub can run this job: " + "; ".join(f"{v.site} {v.reason}" for v in verdicts)
                 decisions += [(job.id, JobState.FAILED, "", reason) for job in group]
                 continue
-            ranked = rank(verdicts, free, self._specialised(group[0].spec))
-            if not ranked:
+            spec = group[0].spec
+            candidates = self._candidates(verdicts, spec)
+            if not candidates:
                 waiting += [job.id for job in group]
                 continue
-            chosen = ranked[0]
-            self.metrics.placements.labels(chosen.site).inc(len(group))
-            reason = f"forwarding to {chosen.site} (estimated wait {chosen.wait_s:.0f}s)"
-            decisions += [(job.id, JobState.PENDING, chosen.site, reason) for job in group]
+            for job in group:  # one by one: what this antenna just sent counts against each hub (no herding)
+                chosen = self.placer.order(candidates, spec.gpus, spec.walltime_s)[0]
+                self.placer.sent(chosen.site, job.id, spec.gpus, spec.walltime_s)
+                self.metrics.placements.labels(chosen.site).inc()
+                decisions.append((job.id, JobState.PENDING, chosen.site,
+                                  f"forwarding to {chosen.site} ({self._why_chosen(chosen)})"))
 
         def apply(tx: Tx) -> list[Job]:
             out = []
@@ -652,15 +676,17 @@ class AntennaCore:
         candidates = [self.sites[spec.site]] if spec.site else list(self.sites.values())
         shape = jobs_pb2.JobShape(gpus=spec.gpus, walltime_s=spec.walltime_s, partition=spec.partition)
 
-        fit_now = [s for s in candidates if s.advert is not None and s.fresh and not why_not(spec, s.advert, country)]
-        ask = estimates or len(fit_now) > 1  # with a single hub that fits, there is nothing to compare
+        fit_now = [s for s in candidates if s.advert is not None and s.fresh and not why_not(spec, s.advert, country)
+                   and not self.placer.excludes(s.site)]
+        # Estimates are asked when the policy compares them and there is a choice to make, or for explain.
+        ask = estimates or (len(fit_now) > 1 and self.placer.needs_estimates)
 
         async def judge(site: HubSite) -> Verdict:
             if site.untrusted:
                 return Verdict(site.site, site.untrusted, transient=True)
             if site.advert is None:
                 return Verdict(site.site, f"has not been heard from ({site.error})", transient=True)
-            if reason := why_not(spec, site.advert, country):
+            if reason := why_not(spec, site.advert, country) or self.placer.excludes(site.site):
                 return Verdict(site.site, reason)
             if site.left:
                 return Verdict(site.site, site.left, transient=True)
@@ -755,6 +781,7 @@ class AntennaCore:
             if exc.code() not in REFUSALS and not too_large:
                 raise  # the outcome is unknown: retried with the same keys
             refusals = {job.id: exc.details() for job in jobs}
+        self.placer.landed(site.site, [job.id for job in jobs])  # in the hub's own figures from now on
         for job in jobs:
             if job.id in refusals:
                 self.audit.record("rejected", owner=job.owner, job=job.id, site=site.site, reason=refusals[job.id])

@@ -1,9 +1,27 @@
-"""Placement: which hubs could run a job (filters, each with its reason) and which one starts it first."""
+"""Placement: which hubs could run a job (filters, each with its reason), then which one, by a policy.
+
+Filters (`why_not`, and the antenna's checks of reachability, drain and maintenance) say why a hub cannot take a
+job. The hubs left are `Candidate`s, ordered by the antenna's `Placer` under one of the `POLICIES`:
+
+- `earliest-start` (the default): the hub where the job is expected to start first, from the hub's own estimate
+  for the job's shape (its queue model: federation/queue.py), plus the GPU-seconds this antenna has sent there
+  that the estimate cannot show yet, spread over the hub's GPUs (no herding: a burst of jobs does not all go to
+  the hub that looked idle a moment ago). The expected completion time is that start plus the runtime; GPUs are
+  counted as equal across hubs, so the runtime does not change the order. Ties: the hub with the fewest GPUs
+  free that still starts it at once (best fit: large holes stay for large jobs), then by name.
+- `least-queue`: the fewest jobs waiting (from the advert, plus those sent since), then the most GPUs free.
+- `round-robin`: each hub in turn; `random`: any, uniformly (seeded); `home-only`: only `antenna.home`, no
+  federation.
+
+Under every policy, hubs that specialise in the job's strategic sector come first. The same `Placer` runs in the
+daemon and in the placement simulator (federation/simulate.py).
+"""
 
 from __future__ import annotations
 
+import random
 import time
-
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from federation.config import quota_why_not
@@ -72,10 +90,115 @@ def maintenance_in_the_way(advert: jobs_pb2.Advert, walltime_s: int, now: float 
     return ""
 
 
-def rank(verdicts: list[Verdict], free_gpus: dict[str, int], specialised: frozenset[str] = frozenset()
-         ) -> list[Verdict]:
-    """Sites that fit and gave an estimate: those specialised in the job's sector first, then earliest start;
-    ties go to the most free GPUs, then name."""
-    usable = [v for v in verdicts if v.fits and v.wait_s is not None]
-    return sorted(usable, key=lambda v: (v.site not in specialised, round(v.wait_s or 0.0),
-                                         -free_gpus.get(v.site, 0), v.site))
+POLICIES = ("earliest-start", "least-queue", "round-robin", "random", "home-only")
+DEFAULT_POLICY = "earliest-start"
+UNSEEN_TTL_S = 120.0  # a job sent this long ago is in the hub's figures, acknowledged or not
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A hub that passed the filters, as placement sees it."""
+
+    site: str
+    wait_s: float              # the hub's estimate of the job's wait there
+    free_gpus: int = 0         # free now, in the partition(s) that fit
+    total_gpus: int = 0
+    pending_jobs: int = 0      # waiting there (advert)
+    specialised: bool = False  # in the job's strategic sector
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    candidate: Candidate
+    score: float  # what the policy orders by (earliest-start: the expected wait in seconds, corrected)
+
+    @property
+    def site(self) -> str:
+        return self.candidate.site
+
+
+class Placer:
+    """Orders candidate hubs under a policy, and remembers what this antenna sent that hubs may not show yet."""
+
+    def __init__(self, policy: str = DEFAULT_POLICY, home: str = "", seed: int = 0):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown placement policy {policy!r}; policies: {', '.join(POLICIES)}")
+        if policy == "home-only" and not home:
+            raise ValueError("placement home-only needs the antenna's home site (antenna.home)")
+        self.policy, self.home = policy, home
+        self._rng = random.Random(seed)
+        self._turn = 0
+        self._unseen: dict[str, OrderedDict[str, tuple[float, float]]] = {}  # site -> job -> (sent at, GPU-s)
+        self._unseen_gpu_s: dict[str, float] = {}
+
+    @property
+    def needs_estimates(self) -> bool:
+        return self.policy == "earliest-start"
+
+    def excludes(self, site: str) -> str:
+        """Why the policy itself rules a hub out ("" if it does not)."""
+        if self.policy == "home-only" and site != self.home:
+            return f"is not this antenna's home site {self.home} (placement policy home-only)"
+        return ""
+
+    def order(self, candidates: list[Candidate], gpus: int, walltime_s: float, now: float | None = None,
+              turn: bool = True) -> list[Scored]:
+        """The candidates, best first. `turn`: a real choice (round-robin moves on); False for a preview."""
+        if not candidates:
+            return []
+        now = time.time() if now is None else now
+        if self.policy == "earliest-start":
+            scored = [Scored(c, c.wait_s + self.unseen_gpu_s(c.site, now) / max(c.total_gpus, 1)) for c in candidates]
+            fit_now = lambda s: 0 if s.score < 1 else 1  # noqa: E731
+            key = lambda s: (round(s.score), fit_now(s), s.candidate.free_gpus if s.score < 1 else  # noqa: E731
+                             -s.candidate.free_gpus, s.site)
+            ranked = sorted(scored, key=key)
+        elif self.policy == "least-queue":
+            ranked = sorted((Scored(c, c.pending_jobs + self.unseen_jobs(c.site, now)) for c in candidates),
+                            key=lambda s: (s.score, -s.candidate.free_gpus, s.site))
+        elif self.policy == "round-robin":
+            ordered = sorted(candidates, key=lambda c: c.site)
+            k = self._turn % len(ordered)
+            if turn:
+                self._turn += 1
+            ranked = [Scored(c, i) for i, c in enumerate(ordered[k:] + ordered[:k])]
+        elif self.policy == "random":
+            shuffled = list(candidates)
+            (self._rng if turn else random.Random(0)).shuffle(shuffled)
+            ranked = [Scored(c, i) for i, c in enumerate(shuffled)]
+        else:  # home-only
+            ranked = [Scored(c, 0) for c in candidates if c.site == self.home]
+        # Specialised hubs first, each group in the policy's order (sorted() is stable).
+        return sorted(ranked, key=lambda s: not s.candidate.specialised)
+
+    # -- what hubs have not seen yet -----------------------------------------------------------------
+
+    def sent(self, site: str, job_id: str, gpus: int, walltime_s: float, now: float | None = None) -> None:
+        """A job was placed on `site`: until the hub counts it, estimates there are corrected by it."""
+        now = time.time() if now is None else now
+        jobs = self._unseen.setdefault(site, OrderedDict())
+        cost = float(gpus * walltime_s)
+        jobs[job_id] = (now, cost)
+        self._unseen_gpu_s[site] = self._unseen_gpu_s.get(site, 0.0) + cost
+
+    def landed(self, site: str, job_ids=(), before: float | None = None) -> None:
+        """The hub counts these jobs now (acknowledged), or every job sent up to `before` (its advert's time)."""
+        jobs = self._unseen.get(site)
+        if not jobs:
+            return
+        for job_id in job_ids:
+            if (entry := jobs.pop(job_id, None)) is not None:
+                self._unseen_gpu_s[site] -= entry[1]
+        if before is not None:
+            while jobs and next(iter(jobs.values()))[0] <= before:
+                self._unseen_gpu_s[site] -= jobs.popitem(last=False)[1][1]
+        if not jobs:
+            self._unseen_gpu_s[site] = 0.0
+
+    def unseen_gpu_s(self, site: str, now: float) -> float:
+        self.landed(site, before=now - UNSEEN_TTL_S)
+        return self._unseen_gpu_s.get(site, 0.0)
+
+    def unseen_jobs(self, site: str, now: float) -> int:
+        self.landed(site, before=now - UNSEEN_TTL_S)
+        return len(self._unseen.get(site, ()))

@@ -259,6 +259,22 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--lease", type=int, default=3, help="the killed hub's lease in seconds (default 3)")
     bb.add_argument("--trials", type=int, default=3, help="times a hub is killed (default 3)")
 
+    bp = bench.add_parser("placement", help="placement policies over a real job trace, in simulation",
+                          description="A discrete-event simulation of sites and antennas running aifed's own queue "
+                                      "model and placement code over an SWF or Philly CSV trace: per policy, mean "
+                                      "and p95 wait, mean bounded slowdown (10 s), utilisation and jobs moved "
+                                      "between hubs, and the pooled bound (all the capacity in one cluster).")
+    bp.add_argument("--trace", required=True, help="an SWF (.swf) or Philly CSV trace file")
+    bp.add_argument("--sites", default="1024,768,512,256",
+                    help="each site's capacity, in the trace's unit (GPUs or processors); default 1024,768,512,256")
+    bp.add_argument("--load", type=float, default=0.85, help="offered load the arrivals are scaled to (default 0.85)")
+    bp.add_argument("--advert-period", type=float, default=10, help="seconds between a site's adverts (default 10)")
+    bp.add_argument("--delay", type=float, default=0.5, help="seconds before antennas see an advert (default 0.5)")
+    bp.add_argument("--seed", type=int, default=1, help="seed of the split into antennas and of random choices")
+    bp.add_argument("--policies", help="comma-separated policies to run (default: all)")
+    bp.add_argument("--plot", help="draw the wait-time CDF of every policy into this PNG file (needs matplotlib)")
+    bp.add_argument("--json", action="store_true", help="one JSON object on the last line")
+
     dm = sub.add_parser("demo", help="run a local federation on loopback and show it working")
     dm.add_argument("--dir", default="var/demo", help="where the demo keeps its PKI, configs and state")
     return p
@@ -688,6 +704,9 @@ def main(argv: list[str] | None = None) -> int:
                 from federation.bench_membership import run_membership_bench
                 return run_membership_bench(args.hubs, args.antennas, args.changes, args.lease, args.trials,
                                             args.json, keep)
+            if args.bench_cmd == "placement":
+                from federation.simulate import run_bench
+                return run_bench(args)
             if args.bench_cmd == "forward":
                 return bench.run_forward_bench(args.seconds, args.clients, args.batch, args.json, keep)
             return bench.run_slurm_bench(args.jobs, args.json, keep)

@@ -172,6 +172,8 @@ class AntennaConfig:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     allocations: Path | None = None  # a TOML file of [[allocation]] GPU-hour budgets (antenna/allocations.py)
+    placement: str = "earliest-start"  # the placement policy (antenna/placement.py)
+    home: str = ""  # the home hub site, for the home-only policy
 
 
 @dataclass(frozen=True)
@@ -590,6 +592,13 @@ def load_hub(path: str | Path) -> HubConfig:
                      discovery=discovery, events=events, ha_instance=ha_instance)
 
 
+def _policy(name: str) -> str:
+    from antenna.placement import POLICIES
+    if name not in POLICIES:
+        raise ValueError(f"unknown placement policy {name!r}; policies: {', '.join(POLICIES)}")
+    return name
+
+
 def load_antenna(path: str | Path) -> AntennaConfig:
     p, root = _read(path)
     a = root.table("antenna")
@@ -602,6 +611,11 @@ def load_antenna(path: str | Path) -> AntennaConfig:
             load(allocations)  # a broken file is reported now, not at the first job
         except ConfigError as exc:
             raise ConfigError(p, "antenna.allocations", str(exc)) from None
+    placement = a.checked("placement", _policy, "earliest-start")
+    home = a.checked("home", check_site_name, "") if "home" in a.data else ""
+    if placement == "home-only" and not home:
+        raise ConfigError(p, "antenna.home", "is required with placement = \"home-only\": the hub this antenna's "
+                          "jobs all go to")
     a.done()
     discovery = _discovery(root, federation, is_hub=False)
     root.seen.add("hubs")
@@ -622,6 +636,9 @@ def load_antenna(path: str | Path) -> AntennaConfig:
         if any(h.site == hub.site for h in hubs):
             raise ConfigError(p, t.key("site"), f"hub {hub.site!r} is listed twice")
         hubs.append(hub)
+    if home and hubs and home not in {h.site for h in hubs}:
+        raise ConfigError(p, "antenna.home", f"{home!r} is not one of the [[hubs]] (" + ", ".join(h.site for h in hubs)
+                          + ")")
     tls = _tls(root, f"spiffe://{federation}/antenna/{site}", daemon=True)
     limits = _limits(root, ANTENNA_LIMITS)
     metrics_listen = _metrics(root)
@@ -630,7 +647,7 @@ def load_antenna(path: str | Path) -> AntennaConfig:
     return AntennaConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
                          hubs=tuple(hubs), retention_s=retention, limits=limits, audit_log=audit_log, country=country,
                          metrics_listen=metrics_listen, discovery=discovery, events=events,
-                         allocations=allocations)
+                         allocations=allocations, placement=placement, home=home)
 
 
 def load_client(path: str | Path) -> ClientConfig:

@@ -12,22 +12,24 @@ counting each running job as ending at its start plus walltime. A later job may 
 fits now and either ends before that reservation or uses only GPUs the reservation leaves spare. The first job
 is never delayed by a later one, so no job starves.
 
-Estimates (`Profile`): the free GPUs over time, from the running jobs' walltimes, with each pending job placed in
-order at the earliest time it fits (conservative backfilling: every pending job holds a reservation). A new job's
-estimated start is the earliest time it fits in that profile. Walltimes are upper bounds of runtimes, so this
-is close to an upper bound of the real start (jobs end early, and EASY starts jobs sooner than conservative
-backfilling does). Only the first `MODELLED` pending jobs are placed one by one; the GPU-seconds of the rest are
-added as if spread evenly over the partition, which keeps an estimate's cost bounded whatever the queue holds.
+Estimates (`QueueView.wait`), consistent with that schedule: a job of a given shape submitted now starts at
+once if EASY would start it (it fits, and the queue is empty or it may backfill); otherwise at the time it reaches
+the head of the queue and enough GPUs are free, replaying the waiting jobs in order with every job lasting its
+walltime. That is an upper bound in practice (jobs end early, and the job may backfill later). Only the first
+`MODELLED` waiting jobs are replayed one by one; the GPU-seconds of the rest are added as if spread evenly over
+the partition, which keeps an estimate's cost bounded whatever the queue holds. A view computes its replay once
+and answers every shape from it.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-MODELLED = 256  # pending jobs placed one by one in an estimate's profile; the rest are averaged
+MODELLED = 256  # waiting jobs replayed one by one for an estimate; the GPU-seconds of the rest are averaged
 
 
 @dataclass(slots=True)
@@ -44,98 +46,114 @@ class Entry:
         return self.started + self.walltime_s
 
 
-class Profile:
-    """Free GPUs over time from `start` on: `free[i]` GPUs on [times[i], times[i+1]) (the last for ever)."""
-
-    __slots__ = ("times", "free", "start", "backlog_s")
-
-    def __init__(self, start: float, free_now: int, ends: Iterable[tuple[float, int]], capacity: int,
-                 pending: Iterable[tuple[int, float]] = ()):
-        """`ends`: (time, GPUs released) of the running jobs, in time order; `pending`: (GPUs, walltime) of the
-        waiting jobs in arrival order."""
-        self.start = start
-        times, free = [start], [free_now]
-        for at, gpus in ends:
-            if at <= times[-1]:
-                free[-1] += gpus  # overdue or simultaneous: free from the start of this segment
-            else:
-                times.append(at)
-                free.append(free[-1] + gpus)
-        self.times, self.free = times, free
-        self.backlog_s = 0.0  # GPU-seconds of pending jobs beyond MODELLED, averaged over the partition
-        for n, (gpus, walltime_s) in enumerate(pending):
-            if gpus > capacity:
-                continue  # never runs here; it holds nothing
-            if n < MODELLED:
-                self.reserve(self.earliest(gpus, walltime_s), gpus, walltime_s)
-            else:
-                self.backlog_s += gpus * walltime_s
-        if capacity and self.backlog_s:
-            self.backlog_s /= capacity
-
-    def earliest(self, gpus: int, walltime_s: float) -> float:
-        """The earliest time a job of `gpus` GPUs for `walltime_s` fits (inf if it never does)."""
-        times, free = self.times, self.free
-        n, i = len(times), 0
-        while i < n:
-            if free[i] < gpus:
-                i += 1
-                continue
-            until = times[i] + walltime_s
-            j = i + 1
-            while j < n and times[j] < until and free[j] >= gpus:
-                j += 1
-            if j == n or times[j] >= until:
-                return times[i]
-            i = j + 1  # segment j has too few GPUs: no start before it ends can work
-        return math.inf
-
-    def reserve(self, at: float, gpus: int, walltime_s: float) -> None:
-        """Take `gpus` GPUs from `at` to `at + walltime_s`."""
-        if math.isinf(at) or gpus <= 0:
-            return
-        i = self._split(at)
-        j = self._split(at + walltime_s)
-        for k in range(i, j):
-            self.free[k] -= gpus
-
-    def _split(self, at: float) -> int:
-        """The index of the segment starting at `at`, splitting the one that holds it if needed."""
-        i = bisect.bisect_left(self.times, at)
-        if i < len(self.times) and self.times[i] == at:
-            return i
-        self.times.insert(i, at)
-        self.free.insert(i, self.free[i - 1])
-        return i
-
-    def wait(self, gpus: int, walltime_s: float, now: float) -> float:
-        """Seconds from `now` until a job of this shape would start (inf if never)."""
-        return max(0.0, self.earliest(gpus, walltime_s) + self.backlog_s - now)
-
-
 class QueueView:
     """What a site tells about a partition at one moment (an advert): enough to estimate starts then."""
 
     __slots__ = ("at", "capacity", "free", "pending_jobs", "pending_gpu_s", "running_jobs", "_ends", "_pending",
-                 "_profile")
+                 "_shadow", "_replayed", "_starts", "_holes")
 
-    def __init__(self, at: float, capacity: int, free: int, ends: list[tuple[float, int]],
-                 pending: list[tuple[int, float]], pending_gpu_s: float, running_jobs: int):
+    def __init__(self, at: float, capacity: int, free: int, ends: list[tuple[float, str, int]],
+                 pending: tuple[Entry, ...], pending_gpu_s: float, running_jobs: int):
+        """`ends`: (expected end, key, GPUs) of the running jobs in time order; `pending`: the waiting jobs in
+        arrival order (only their GPUs and walltimes are read)."""
         self.at, self.capacity, self.free = at, capacity, free
         self.pending_jobs, self.pending_gpu_s, self.running_jobs = len(pending), pending_gpu_s, running_jobs
         self._ends, self._pending = ends, pending
-        self._profile: Profile | None = None
+        self._shadow: tuple[float, int] | None = None
+        # After replaying the queue: (its last start, GPUs then free, the ends then in time order, backlog seconds)
+        self._replayed: tuple[float, int, list[tuple[float, str, int]], float] | None = None
+        self._starts: dict[int, float] = {}
+        # For backfilling estimates: (end times, GPUs free after each, waiting walltimes sorted, GPUs prefix sums)
+        self._holes: tuple[list[float], list[int], list[float], list[int]] | None = None
 
     def wait(self, gpus: int, walltime_s: float, now: float | None = None) -> float:
         """Estimated wait of a job of this shape submitted at `now` (default: the view's own time)."""
         now = self.at if now is None else now
         if gpus > self.capacity:
             return math.inf
-        if not self._pending and gpus <= self.free:
+        if gpus <= self.free and (not self._pending or self._backfills(gpus, walltime_s)):
             return 0.0
-        if self._profile is None:
-            self._profile = Profile(self.at, self.free, self._ends, self.capacity, self._pending)
-        return self._profile.wait(gpus, walltime_s, now)
+        start = self._starts.get(gpus)
+        if start is None:
+            start = self._starts[gpus] = self._tail_start(gpus)
+        if gpus <= self.capacity and self._pending:
+            start = min(start, self._backfill_start(gpus, walltime_s))
+        return max(0.0, start - now)
+
+    def _backfill_start(self, gpus: int, walltime_s: float) -> float:
+        """When such a job would backfill before the first waiting job's reservation (inf if it would not): at
+        the first running job's end after which enough GPUs are free for it and for the waiting jobs ahead of
+        it that are no longer than it (they compete for the same holes, and go first)."""
+        shadow, _ = self._reserve_head()
+        if self.at + walltime_s > shadow:
+            return math.inf
+        if self._holes is None:
+            times, after, free = [], [], self.free
+            for end, _, released in self._ends:
+                if end >= shadow:
+                    break
+                free += released
+                times.append(end)
+                after.append(free)
+            others = sorted((e.walltime_s, e.gpus) for e in self._pending[1:MODELLED] if e.gpus <= self.capacity)
+            walls, ahead, total = [], [0], 0
+            for w, g in others:
+                walls.append(w)
+                total += g
+                ahead.append(total)
+            self._holes = (times, after, walls, ahead)
+        times, after, walls, ahead = self._holes
+        need = gpus + ahead[bisect.bisect_right(walls, walltime_s)]
+        i = bisect.bisect_left(after, need)
+        if i == len(after):
+            return math.inf
+        start = max(times[i], self.at)
+        return start if start + walltime_s <= shadow else math.inf
+
+    def _reserve_head(self) -> tuple[float, int]:
+        if self._shadow is None:
+            head = next((e.gpus for e in self._pending if e.gpus <= self.capacity), 0)
+            self._shadow = _reservation(self.free, self._ends, head, self.at)
+        return self._shadow
+
+    def _backfills(self, gpus: int, walltime_s: float) -> bool:
+        """Whether EASY would start such a job now, past the waiting ones (which all wait for the first)."""
+        shadow, spare = self._reserve_head()
+        return self.at + walltime_s <= shadow or gpus <= spare
+
+    def _tail_start(self, gpus: int) -> float:
+        """When a job of `gpus` GPUs behind the whole queue would start (first come, first served)."""
+        if self._replayed is None:
+            ends = list(self._ends)  # sorted: a valid heap
+            free, clock, backlog = self.free, self.at, 0.0
+            for n, entry in enumerate(self._pending):
+                g, w = entry.gpus, entry.walltime_s
+                if g > self.capacity:
+                    continue  # never runs here
+                if n >= MODELLED:
+                    backlog += g * w
+                    continue
+                while free < g and ends:
+                    end, _, released = heapq.heappop(ends)
+                    clock, free = max(clock, end), free + released
+                free -= g
+                if g:
+                    heapq.heappush(ends, (clock + w, "", g))
+            self._replayed = (clock, free, sorted(ends), backlog / max(self.capacity, 1))
+        clock, free, ends, backlog_s = self._replayed
+        return _reservation(free, ends, gpus, clock)[0] + backlog_s
+
+
+def _reservation(free: int, ends: Iterable[tuple[float, str, int]], gpus: int, now: float) -> tuple[float, int]:
+    """When `gpus` GPUs are free at the latest, given `free` now and the running jobs' (end, key, GPUs) in time
+    order, and how many GPUs are then left over."""
+    if gpus <= free:
+        return now, free - gpus
+    for end, _, released in ends:
+        free += released
+        if free >= gpus:
+            return max(end, now), free - gpus
+    return math.inf, 0
 
 
 class PartitionQueue:
@@ -147,8 +165,12 @@ class PartitionQueue:
         self.pending: dict[str, Entry] = {}  # arrival order
         self.running: dict[str, Entry] = {}
         self.pending_gpu_s = 0.0
-        self._ends: list[tuple[float, str]] = []  # (expected end, key) of running jobs with GPUs, sorted
+        self._ends: list[tuple[float, str, int]] = []  # (expected end, key, GPUs) of running jobs with GPUs, sorted
         self._cpu_only = 0  # pending jobs without GPUs: they fit whatever is free
+        # Whether only the newest job can have become startable since the last schedule() (an arrival behind
+        # others): nothing ended and nothing left the queue, so whatever could not start still cannot.
+        self._only_newest = False
+        self._settled = False  # schedule() ran since the last change
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -157,6 +179,8 @@ class PartitionQueue:
 
     def add(self, key: str, gpus: int, walltime_s: float, submitted: float) -> Entry:
         entry = Entry(key, gpus, walltime_s, submitted)
+        self._only_newest = bool(self.pending) and self._settled
+        self._settled = False
         self.pending[key] = entry
         self.pending_gpu_s += gpus * walltime_s
         self._cpu_only += not gpus
@@ -166,6 +190,7 @@ class PartitionQueue:
         """Take a pending job out (cancelled before it started)."""
         entry = self.pending.pop(key, None)
         if entry is not None:
+            self._settled = self._only_newest = False
             self.pending_gpu_s -= entry.gpus * entry.walltime_s
             self._cpu_only -= not entry.gpus
             if not self.pending:
@@ -176,19 +201,21 @@ class PartitionQueue:
         """A job runs from `started` (taken from pending, or taken back after a restart)."""
         if self.pending.get(entry.key) is entry:
             self.remove(entry.key)
+        self._settled = False
         entry.started = started
         self.running[entry.key] = entry
         self.free -= entry.gpus
         if entry.gpus:
-            bisect.insort(self._ends, (entry.end, entry.key))
+            bisect.insort(self._ends, (entry.end, entry.key, entry.gpus))
 
     def finish(self, key: str) -> Entry | None:
         """A running job ended: its GPUs are free."""
         entry = self.running.pop(key, None)
         if entry is not None:
+            self._settled = self._only_newest = False
             self.free += entry.gpus
             if entry.gpus:
-                i = bisect.bisect_left(self._ends, (entry.end, key))
+                i = bisect.bisect_left(self._ends, (entry.end, key, entry.gpus))
                 if i < len(self._ends) and self._ends[i][1] == key:
                     del self._ends[i]
         return entry
@@ -200,11 +227,26 @@ class PartitionQueue:
 
         `can_start` may refuse a job for a reason of its own (CPUs); a first job refused that way blocks the
         queue without a reservation, so nothing passes it."""
+        started = self._schedule(now, can_start)
+        self._only_newest, self._settled = False, True
+        return started
+
+    def _schedule(self, now: float, can_start: Callable[[Entry], bool] | None) -> list[Entry]:
         started: list[Entry] = []
         if not self.pending or (self.free <= 0 and not self._cpu_only):
             return started
         shadow, spare = -1.0, 0
-        for entry in list(self.pending.values()):
+        head = next(iter(self.pending.values()))
+        if self._only_newest and self.free < head.gpus <= self.capacity:
+            # The first job waits for GPUs already: only the newest may start, by backfilling.
+            newest = next(reversed(self.pending.values()))
+            if newest.gpus > self.free or newest.gpus > self.capacity:
+                return started
+            shadow, spare = _reservation(self.free, self._ends, head.gpus, now)
+            candidates: Iterable[Entry] = (newest,)
+        else:
+            candidates = list(self.pending.values())
+        for entry in candidates:
             if self.free <= 0 and not self._cpu_only:
                 break
             if entry.gpus > self.capacity:
@@ -216,7 +258,7 @@ class PartitionQueue:
                     self.claim(entry, now)
                     started.append(entry)
                     continue
-                shadow, spare = self._reservation(entry.gpus, now)
+                shadow, spare = _reservation(self.free, self._ends, entry.gpus, now)
                 continue
             if entry.gpus <= self.free and (now + entry.walltime_s <= shadow or entry.gpus <= spare):
                 if can_start is not None and not can_start(entry):
@@ -227,22 +269,12 @@ class PartitionQueue:
                 started.append(entry)
         return started
 
-    def _reservation(self, gpus: int, now: float) -> tuple[float, int]:
-        """When the first waiting job (of `gpus` GPUs) can start at the latest, and the GPUs then left over."""
-        free = self.free
-        for end, key in self._ends:
-            free += self.running[key].gpus
-            if free >= gpus:
-                return max(end, now), free - gpus
-        return math.inf, 0
-
     # -- estimates -----------------------------------------------------------------------------------
 
     def snapshot(self, now: float) -> QueueView:
         """The queue as an advert issued now shows it."""
-        ends = [(end, self.running[key].gpus) for end, key in self._ends]
-        pending = [(e.gpus, e.walltime_s) for e in self.pending.values()]
-        return QueueView(now, self.capacity, self.free, ends, pending, self.pending_gpu_s, len(self.running))
+        return QueueView(now, self.capacity, self.free, list(self._ends), tuple(self.pending.values()),
+                         self.pending_gpu_s, len(self.running))
 
     def wait(self, gpus: int, walltime_s: float, now: float) -> float:
         """Estimated wait of a job of this shape submitted now, behind everything queued."""
