@@ -487,7 +487,7 @@ class AntennaCore:
         known = [s for s in candidates if s.advert is not None]
         if not known:
             return ""  # nothing known yet: the job waits until a hub is heard from
-        reasons = {s.site: why_not(spec, s.advert, country) for s in known}
+        reasons = {s.site: why_not(spec, s.advert, country) or self.placer.excludes(s.site) for s in known}
         if all(reasons.values()):
             if spec.partition and all("has no partition" in r for r in reasons.values()):
                 raise NotFound(f"no hub has a partition {spec.partition!r}; partitions: " + ", ".join(

@@ -7,8 +7,9 @@ job. The hubs left are `Candidate`s, ordered by the antenna's `Placer` under one
   for the job's shape (its queue model: federation/queue.py), plus the GPU-seconds this antenna has sent there
   that the estimate cannot show yet, spread over the hub's GPUs (no herding: a burst of jobs does not all go to
   the hub that looked idle a moment ago). The expected completion time is that start plus the runtime; GPUs are
-  counted as equal across hubs, so the runtime does not change the order. Ties: the hub with the fewest GPUs
-  free that still starts it at once (best fit: large holes stay for large jobs), then by name.
+  counted as equal across hubs, so the runtime does not change the order. Ties (to the second): the hub with the
+  most GPUs free, then by name. Spreading leaves every hub room to start and backfill the next jobs; packing the
+  fullest hub first (best fit) measured far worse in the simulator (docs/benchmarks.md).
 - `least-queue`: the fewest jobs waiting (from the advert, plus those sent since), then the most GPUs free.
 - `round-robin`: each hub in turn; `random`: any, uniformly (seeded); `home-only`: only `antenna.home`, no
   federation.
@@ -149,10 +150,7 @@ class Placer:
         now = time.time() if now is None else now
         if self.policy == "earliest-start":
             scored = [Scored(c, c.wait_s + self.unseen_gpu_s(c.site, now) / max(c.total_gpus, 1)) for c in candidates]
-            fit_now = lambda s: 0 if s.score < 1 else 1  # noqa: E731
-            key = lambda s: (round(s.score), fit_now(s), s.candidate.free_gpus if s.score < 1 else  # noqa: E731
-                             -s.candidate.free_gpus, s.site)
-            ranked = sorted(scored, key=key)
+            ranked = sorted(scored, key=lambda s: (round(s.score), -s.candidate.free_gpus, s.site))
         elif self.policy == "least-queue":
             ranked = sorted((Scored(c, c.pending_jobs + self.unseen_jobs(c.site, now)) for c in candidates),
                             key=lambda s: (s.score, -s.candidate.free_gpus, s.site))

@@ -694,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "bench":
             from federation import bench
-            keep = Path(args.keep) if args.keep else None
+            keep = Path(args.keep) if getattr(args, "keep", None) else None
             if args.bench_cmd == "scale":
                 return bench.run_scale_bench(args.finished, args.active, args.queries, args.json, keep)
             if args.bench_cmd == "crash":

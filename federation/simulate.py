@@ -118,6 +118,9 @@ class Workload:
 
 def workload(trace: Trace, sites: list[int], load: float, antennas: int, seed: int) -> Workload:
     biggest = max(sites)
+    if not trace.jobs:
+        raise ValueError(f"{trace.path}: no usable job in the trace ({trace.malformed} malformed line(s), "
+                         f"{trace.skipped} job(s) without runtime or size)")
     jobs = [j for j in trace.jobs if j.gpus <= biggest]
     if not jobs:
         raise ValueError(f"{trace.path}: no job fits a site of {biggest}")
@@ -156,11 +159,16 @@ class _Site:
         return self._now
 
     def before_change(self, t: float, next_arrival: float) -> None:
-        """The state is about to change at t. If an advert went out since the last change (it showed this state)
-        and the next antenna to place a job may still see that advert, keep it."""
-        tick = self.tick_before(t)
-        if self.changed_at <= tick < t and next_arrival - self.delay < tick + self.period:
-            self.views.append((tick, self._current(tick)))
+        """The state is about to change at t. If adverts went out since the last change (they all showed this
+        state) and the next antenna to place a job may still see one, keep the state under the first of them:
+        an antenna looking at any advert from then until the change finds it."""
+        last = self.tick_before(t)
+        if math.isinf(self.changed_at):
+            first = -math.inf
+        else:
+            first = self.phase + math.ceil((self.changed_at - self.phase) / self.period) * self.period
+        if first <= last < t and next_arrival - self.delay < last + self.period:
+            self.views.append((first, self._current(last)))
         self.changed_at = t
         self._now = None
 

@@ -1,0 +1,148 @@
+"""Placement policies (antenna/placement.py): each policy's order, the correction for jobs a hub has not counted
+yet (no herding), and the policies through real daemons: round-robin, home-only, and an array spread by
+earliest-start."""
+
+from __future__ import annotations
+
+import pytest
+
+from antenna.placement import POLICIES, UNSEEN_TTL_S, Candidate, Placer
+from federation.config import load_antenna
+from federation.errors import ConfigError
+from federation.model import JobSpec, JobState
+from tests.conftest import running_federation
+from tests.test_allocations import antenna_toml
+
+
+def sites(order) -> list[str]:
+    return [s.site for s in order]
+
+
+A = Candidate("a", wait_s=100, free_gpus=0, total_gpus=8, pending_jobs=5)
+B = Candidate("b", wait_s=0, free_gpus=2, total_gpus=4, pending_jobs=1)
+C = Candidate("c", wait_s=0, free_gpus=6, total_gpus=16, pending_jobs=0)
+
+
+def test_unknown_policies_and_home_only_without_a_home_are_refused():
+    with pytest.raises(ValueError, match="unknown placement policy 'fastest'; policies: earliest-start, "):
+        Placer("fastest")
+    with pytest.raises(ValueError, match="home-only needs the antenna's home site"):
+        Placer("home-only")
+    assert POLICIES[0] == "earliest-start"
+
+
+def test_earliest_start_orders_by_estimated_wait():
+    order = Placer().order([A, B, C], gpus=1, walltime_s=600, now=0)
+    assert sites(order)[-1] == "a" and order[-1].score == 100
+    assert {s.site for s in order[:2]} == {"b", "c"}
+
+
+def test_what_this_antenna_just_sent_counts_against_a_hub_until_it_has_landed():
+    p = Placer()
+    # 4 GPUs x 1000 s sent to c (16 GPUs): its wait counts 250 s more, so a (100 s) comes first now.
+    p.sent("c", "j1", gpus=4, walltime_s=1000, now=0)
+    p.sent("b", "j2", gpus=4, walltime_s=1000, now=0)  # b (4 GPUs): 1000 s more
+    order = p.order([A, B, C], gpus=1, walltime_s=600, now=1)
+    assert sites(order) == ["a", "c", "b"] and [s.score for s in order] == [100, 250, 1000]
+    p.landed("c", ["j1"])  # the hub acknowledged it: its own estimates count it from now on
+    assert sites(p.order([A, B, C], 1, 600, now=2))[0] == "c"
+    p.landed("b", before=0)  # an advert issued at 0 shows what was sent up to 0
+    assert p.unseen_gpu_s("b", now=3) == 0.0
+
+
+def test_a_job_sent_long_ago_no_longer_counts_even_if_never_acknowledged():
+    p = Placer()
+    p.sent("b", "j1", gpus=1, walltime_s=10_000, now=0)
+    assert p.unseen_gpu_s("b", now=UNSEEN_TTL_S - 1) == 10_000
+    assert p.unseen_gpu_s("b", now=UNSEEN_TTL_S + 1) == 0
+
+
+def test_least_queue_orders_by_jobs_waiting_including_those_just_sent():
+    p = Placer("least-queue")
+    assert sites(p.order([A, B, C], 1, 60, now=0)) == ["c", "b", "a"]
+    p.sent("c", "j1", 1, 60, now=0)
+    p.sent("c", "j2", 1, 60, now=0)
+    # c: 0 + 2 sent; b: 1 waiting. Ties go to the most free GPUs.
+    assert sites(p.order([A, B, C], 1, 60, now=1)) == ["b", "c", "a"]
+
+
+def test_round_robin_takes_each_hub_in_turn_and_a_preview_does_not_move_it():
+    p = Placer("round-robin")
+    firsts = [p.order([C, A, B], 1, 60, now=0)[0].site for _ in range(4)]
+    assert firsts == ["a", "b", "c", "a"]
+    assert p.order([A, B, C], 1, 60, now=0, turn=False)[0].site == "b"
+    assert p.order([A, B, C], 1, 60, now=0)[0].site == "b"
+
+
+def test_random_is_seeded_and_uses_every_hub():
+    picks = [[p.order([A, B, C], 1, 60)[0].site for _ in range(10)] for p in (Placer("random", seed=7),
+                                                                          Placer("random", seed=7))]
+    assert picks[0] == picks[1]  # the same seed, the same choices
+    p = Placer("random", seed=7)
+    assert {p.order([A, B, C], 1, 60)[0].site for _ in range(60)} == {"a", "b", "c"}
+
+
+def test_home_only_keeps_to_the_home_site_and_says_why_others_are_out():
+    p = Placer("home-only", home="a")
+    assert sites(p.order([A, B, C], 1, 60)) == ["a"]
+    assert p.order([B, C], 1, 60) == []
+    assert p.excludes("b") == "is not this antenna's home site a (placement policy home-only)"
+    assert p.excludes("a") == ""
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_hubs_of_the_jobs_sector_come_first_under_every_policy(policy):
+    special = Candidate("s", wait_s=5000, free_gpus=0, total_gpus=4, pending_jobs=50, specialised=True)
+    p = Placer(policy, home="s")
+    assert p.order([A, B, C, special], 1, 60, now=0)[0].site == "s"
+
+
+def test_config_reads_and_checks_the_policy_and_home(test_pki, tmp_path):
+    config = load_antenna(antenna_toml(test_pki, tmp_path, 'placement = "round-robin"'))
+    assert (config.placement, config.home) == ("round-robin", "")
+    assert load_antenna(antenna_toml(test_pki, tmp_path, "")).placement == "earliest-start"
+    for extra, key, says in (('placement = "fastest"', "antenna.placement", "unknown placement policy 'fastest'"),
+                             ('placement = "home-only"', "antenna.home", "is required with placement"),
+                             ('placement = "home-only"\nhome = "nowhere"', "antenna.home",
+                              "'nowhere' is not one of the [[hubs]]"),
+                             ('home = "Leo"', "antenna.home", "Leo")):
+        with pytest.raises(ConfigError) as err:
+            load_antenna(antenna_toml(test_pki, tmp_path, extra))
+        assert err.value.key == key and says in str(err.value), (extra, str(err.value))
+
+
+# -- through real daemons ---------------------------------------------------------------------------------------
+
+async def test_round_robin_alternates_between_hubs(test_pki, tmp_path):
+    async with running_federation(test_pki, tmp_path, {"leonardo": {}, "lumi": {}},
+                                  antenna={"placement": "round-robin"}) as f:
+        alice = f.client("alice")
+        done = [await alice.wait((await alice.submit(JobSpec(argv=("true",)))).id) for _ in range(4)]
+        assert [(j.state, j.site) for j in done] == [(JobState.COMPLETED, "leonardo"), (JobState.COMPLETED, "lumi")] * 2
+
+
+async def test_home_only_sends_everything_home_and_refuses_a_job_pinned_elsewhere(test_pki, tmp_path):
+    async with running_federation(test_pki, tmp_path, {"leonardo": {}, "lumi": {}},
+                                  antenna={"placement": "home-only", "home": "lumi"}) as f:
+        alice = f.client("alice")
+        done = [await alice.wait((await alice.submit(JobSpec(argv=("true",)))).id) for _ in range(3)]
+        assert {(j.state, j.site) for j in done} == {(JobState.COMPLETED, "lumi")}
+        import grpc
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await alice.submit(JobSpec(argv=("true",), site="leonardo"))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "leonardo is not this antenna's home site lumi (placement policy home-only)" in err.value.details()
+        explanation = await alice.explain(done[0].id)
+        verdicts = {v.site: v for v in explanation.sites}
+        assert "home-only" in verdicts["leonardo"].reason and verdicts["lumi"].rank == 1
+
+
+async def test_an_array_is_spread_over_hubs_rather_than_herded_onto_the_idlest(test_pki, tmp_path):
+    """Two idle hubs with 4 GPUs each; 8 one-GPU tasks of an hour. Each task placed counts against its hub, so
+    the tasks split between the hubs instead of all going to the one that looked idle first."""
+    async with running_federation(test_pki, tmp_path, {"leonardo": {}, "lumi": {}}, antenna={}) as f:
+        alice = f.client("alice")
+        receipts = await alice.submit_many([(JobSpec(argv=("true",), gpus=1, walltime_s=3600), "", "0-7")])
+        done = [await alice.wait(r.id) for r in receipts]
+        by_site = {site: sum(1 for j in done if j.site == site) for site in ("leonardo", "lumi")}
+        assert by_site == {"leonardo": 4, "lumi": 4}, by_site
