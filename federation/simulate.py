@@ -180,7 +180,7 @@ class _Site:
         views, i = self.views, self.first_view
         while i + 1 < len(views) and views[i + 1][0] <= tick:
             i += 1
-        if i > 1024:  # forget what nobody will look at again
+        if i > 16:  # forget what nobody will look at again (time only moves forward)
             del views[:i]
             i = 0
         self.first_view = i

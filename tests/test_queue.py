@@ -3,9 +3,9 @@
 * `PartitionQueue`: the counts (free GPUs, pending and running jobs, pending GPU-seconds) through add, remove,
   claim and finish; first come, first served; EASY backfilling, simulated event by event with explicit times;
   `can_start` refusals; jobs without GPUs; jobs larger than the partition; overdue jobs.
-* Estimates (`QueueView.wait`): no wait for a job EASY would start now, else its start behind the waiting jobs
-  replayed in order with their walltimes; snapshots estimated from a later time; the averaged backlog beyond
-  `MODELLED` waiting jobs.
+* Estimates (`QueueView.wait`): no wait for a job EASY would start now, else the earlier of its start in a hole
+  before the first waiting job's reservation and its start behind the waiting jobs replayed in order with their
+  walltimes; snapshots estimated from a later time; the averaged backlog beyond `MODELLED` waiting jobs.
 * Properties (hypothesis): random operations checked decision by decision against an independent statement of
   EASY; an event-driven simulation in which no first waiting job starts after its reservation; an estimate of no
   wait exactly when `schedule` would start the job; estimated starts against a brute-force timeline in whole
@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import pytest
-from hypothesis import HealthCheck, given, note, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, note, settings, strategies as st
 
 import federation.queue as queue_module
 from federation.queue import Entry, PartitionQueue
@@ -361,15 +361,28 @@ def test_newcomer_may_backfill_now_on_gpus_the_reservation_leaves_spare():
     assert q.wait(2, 1000, now=10) == 140
 
 
-def test_newcomer_that_cannot_start_now_waits_for_the_jobs_ahead_in_order():
+def test_newcomer_is_estimated_to_backfill_in_a_hole_before_the_reservation():
     q = PartitionQueue(4)
     run(q, "A", 2, 100, started=0)
     run(q, "B", 2, 300, started=0)
-    q.add("P", 4, 50, submitted=0)  # starts when A and B have ended: [300, 350)
-    # The newcomer would fit in [100, 300) beside B, but it cannot start now, so it is estimated behind P (EASY
-    # may yet start it sooner: the estimate is an upper bound).
+    q.add("P", 4, 50, submitted=0)  # reservation at 300 (A's and B's ends); runs on [300, 350)
+    # A's end leaves 2 GPUs free on [100, 300): EASY starts a job there if it ends by 300.
+    assert q.wait(2, 200, now=0) == 100
+    assert q.wait(1, 50, now=0) == 100
+    assert q.wait(2, 201, now=0) == 350  # one second too long for the hole: behind P
+    assert q.wait(3, 10, now=0) == 350  # too wide for the hole
+    assert q.snapshot(0).wait(2, 200, now=40) == 60  # from a later time
+
+
+def test_waiting_jobs_ahead_no_longer_than_the_newcomer_take_the_hole_first():
+    q = PartitionQueue(4)
+    run(q, "A", 2, 100, started=0)
+    run(q, "B", 2, 300, started=0)
+    q.add("P", 4, 50, submitted=0)  # runs on [300, 350)
+    q.add("Q", 2, 150, submitted=0)  # no longer than a 200 s newcomer: it takes the 2 GPUs of [100, 300) first
+    # Behind the queue instead: P on [300, 350), Q on [350, 500) beside 2 free GPUs.
     assert q.wait(2, 200, now=0) == 350
-    assert q.wait(4, 10, now=0) == 350
+    assert q.wait(3, 10, now=0) == 500
 
 
 def test_estimate_replays_the_waiting_jobs_in_order_with_their_walltimes():
@@ -503,6 +516,8 @@ def reference_reservation(running: Iterable[tuple[int, int]], free: int, gpus: i
     """EASY's reservation for a first waiting job of `gpus` GPUs, stated plainly: the first time (each running
     job ending at its walltime, or now if overdue) by which enough GPUs are free, and every GPU free then that the
     job leaves over."""
+    if gpus <= free:
+        return now, free - gpus
     running = list(running)
     for at in sorted({max(end, now) for _, end in running}):
         free_then = free + sum(g for g, end in running if max(end, now) <= at)
@@ -677,13 +692,32 @@ def fcfs_start(capacity: int, at: int, running: list[tuple[int, int]], pending: 
     return next(t for t in range(clock, horizon) if free[t] >= gpus)
 
 
+def hole_start(capacity: int, at: int, running: list[tuple[int, int]], pending: list[tuple[int, int]], gpus: int,
+               walltime: int) -> float:
+    """When a job of this shape backfills before the first waiting job's reservation, as documented: the first
+    second from `at` at which the running jobs leave enough GPUs for it and for the waiting jobs behind the first
+    that are no longer than it, if it then ends by the reservation (inf if it does not)."""
+    waiting = [(g, w) for g, w in pending if g <= capacity]
+    if not waiting:
+        return math.inf
+    free_at = capacity - sum(g for g, _ in running)
+    shadow, _ = reference_reservation(running, free_at, waiting[0][0], at)
+    need = gpus + sum(g for g, w in waiting[1:] if w <= walltime)
+    for t in range(at, int(shadow)):
+        if free_at + sum(g for g, end in running if end <= t) >= need:
+            return t if t + walltime <= shadow else math.inf
+    return math.inf
+
+
 @PROPERTIES
 @given(capacity=st.integers(1, 6), at=st.integers(0, 30),
        running=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 30), st.integers(1, 60)), max_size=5),
        pending=st.lists(st.tuples(st.integers(0, 7), st.integers(1, 30)), max_size=8))
 def test_estimate_of_a_job_that_cannot_start_now_matches_a_brute_force_timeline(capacity, at, running, pending):
-    """For every shape that does not fit now, the estimate is its first come, first served start behind the
-    waiting jobs (which may include jobs that fit: the queue is not scheduled here)."""
+    """For every shape that does not fit now, the estimate is the earlier of its start in a hole before the
+    reservation and its first come, first served start behind the waiting jobs (which may include jobs that fit:
+    the queue is not scheduled here)."""
+    assume(not pending or pending[0][0] <= capacity)  # else the first job never runs and the next one reserves
     q, kept = PartitionQueue(capacity), []
     for n, (g, started, walltime) in enumerate(running):  # as many as fit; some may be overdue at `at`
         if g <= q.free:
@@ -693,28 +727,26 @@ def test_estimate_of_a_job_that_cannot_start_now_matches_a_brute_force_timeline(
         q.add(f"p{n}", g, walltime, submitted=at)
     view = q.snapshot(at)
     for gpus in range(q.free + 1, capacity + 2):
-        expected = fcfs_start(capacity, at, kept, pending, gpus) - at
-        assert view.wait(gpus, 10) == expected, f"{gpus} GPUs"
-        assert view.wait(gpus, 10, now=at + 5) == max(0, expected - 5)
+        for walltime in (1, 5, 20, 60):
+            start = min(fcfs_start(capacity, at, kept, pending, gpus),
+                        hole_start(capacity, at, kept, pending, gpus, walltime))
+            assert view.wait(gpus, walltime) == start - at, f"{gpus} GPUs for {walltime} s"
+            assert view.wait(gpus, walltime, now=at + 5) == max(0, start - at - 5)
 
 
-def starts_now(q: PartitionQueue, gpus: int, walltime: int, now: float, end_overdue: bool = False) -> bool:
-    """Whether a newcomer of this shape starts at once (on a copy of `q`), the jobs at or past their walltime
-    first ended if `end_overdue`."""
+def starts_now(q: PartitionQueue, gpus: int, walltime: int, now: float) -> bool:
+    """Whether a newcomer of this shape starts at once (tried on a copy of `q`)."""
     trial = copy.deepcopy(q)
-    if end_overdue:
-        for key in [k for k, e in trial.running.items() if e.end <= now]:
-            trial.finish(key)
     trial.add("new", gpus, walltime, submitted=now)
     return "new" in keys(trial.schedule(now))
 
 
-@PROPERTIES
+@settings(PROPERTIES, max_examples=150)
 @given(data=st.data(), capacity=st.integers(1, 6))
 def test_estimate_is_no_wait_exactly_when_schedule_starts_the_job(data, capacity):
-    """After any changes and a `schedule`, a newcomer is estimated to wait 0 if adding it and scheduling at once
-    starts it, and only then, or if it would once the jobs at or past their walltime end (they count as ending
-    now, so the estimate may be 0 while they still run)."""
+    """After any changes and a `schedule`, a newcomer that adding and scheduling at once would start is estimated
+    to wait 0; and one that would not is estimated to wait 0 only if a running job is at or past its walltime
+    (it counts as ending now, though it still holds its GPUs)."""
     q, now, n = PartitionQueue(capacity), 0, 0
     for op in data.draw(operations(capacity)):
         if op[0] == "add":
@@ -730,11 +762,11 @@ def test_estimate_is_no_wait_exactly_when_schedule_starts_the_job(data, capacity
             q.schedule(now)
     q.schedule(now)
     view = q.snapshot(now)
+    overdue = any(e.end <= now for e in q.running.values())
     for gpus in range(capacity + 2):
         for walltime in (0, 1, 10, 30, 100, 1000):
             no_wait = view.wait(gpus, walltime) == 0
             if starts_now(q, gpus, walltime, now):
                 assert no_wait, f"{gpus} GPUs for {walltime} s start now but are estimated to wait"
-            elif no_wait:
-                assert starts_now(q, gpus, walltime, now, end_overdue=True), \
-                    f"{gpus} GPUs for {walltime} s estimated to wait 0 but cannot start, even once overdue jobs end"
+            else:
+                assert not no_wait or overdue, f"{gpus} GPUs for {walltime} s cannot start but are estimated to"
