@@ -451,7 +451,7 @@ async def test_antenna_cannot_touch_jobs_another_antenna_forwarded(lfed, test_pk
 @attack
 async def test_antenna_change_feed_never_shows_another_antennas_jobs(lfed, test_pki):
     b_job = await _b_job(lfed)
-    a_job = await held_job(lfed, "alice", "antenna-a")  # so that A's feed is not empty
+    a_job = await held_job(lfed, "alice", "antenna-a", argv=("sleep", "30"))  # so that A's feed is not empty
     stub = hub_pb2_grpc.HubStub(connect(lfed, "leonardo", tls_of(test_pki, "antenna/antenna-a")))
     seen: set[str] = set()
     feed = stub.WatchChanges(hub_pb2.WatchChangesRequest(), timeout=10)
