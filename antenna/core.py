@@ -454,7 +454,8 @@ class AntennaCore:
             parts = [p for p in advert.partitions if not spec.partition or p.name == spec.partition] if advert else []
             out.append(Candidate(v.site, v.wait_s, free_gpus=max((p.gpus_free for p in parts), default=0),
                                  total_gpus=sum(p.gpus_total for p in parts),
-                                 pending_jobs=sum(p.pending_jobs for p in parts), specialised=v.site in specialised))
+                                 pending_jobs=sum(p.pending_jobs for p in parts), specialised=v.site in specialised,
+                                 gflops_per_watt=max((p.gflops_per_watt for p in parts), default=0.0)))
         return out
 
     def _order(self, verdicts: list[Verdict], spec: JobSpec, turn: bool = True) -> list[Scored]:

@@ -8,9 +8,11 @@ job. The hubs left are `Candidate`s, ordered by the antenna's `Placer` under one
   that the estimate cannot show yet, spread over the hub's GPUs (no herding: a burst of jobs does not all go to
   the hub that looked idle a moment ago). The expected completion time is that start plus the runtime; GPUs are
   counted as equal across hubs, so the runtime does not change the order. Ties (to the second): the hub with the
-  most GPUs free, then by name. Spreading leaves every hub room to start and backfill the next jobs; packing the
-  fullest hub first (best fit) measured far worse in the simulator (docs/benchmarks.md).
-- `least-queue`: the fewest jobs waiting (from the advert, plus those sent since), then the most GPUs free.
+  most GPUs free, then the most energy-efficient (GFLOPS per watt, from the advert), then by name. Spreading
+  leaves every hub room to start and backfill the next jobs; packing the fullest hub first (best fit) measured
+  worse in the simulator (docs/benchmarks.md).
+- `least-queue`: the fewest jobs waiting (from the advert, plus those sent since), then the most GPUs free, then
+  the most energy-efficient.
 - `round-robin`: each hub in turn; `random`: any, uniformly (seeded); `home-only`: only `antenna.home`, no
   federation.
 
@@ -106,6 +108,7 @@ class Candidate:
     total_gpus: int = 0
     pending_jobs: int = 0      # waiting there (advert)
     specialised: bool = False  # in the job's strategic sector
+    gflops_per_watt: float = 0.0  # energy efficiency (advert; 0: not given)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,10 +153,11 @@ class Placer:
         now = time.time() if now is None else now
         if self.policy == "earliest-start":
             scored = [Scored(c, c.wait_s + self.unseen_gpu_s(c.site, now) / max(c.total_gpus, 1)) for c in candidates]
-            ranked = sorted(scored, key=lambda s: (round(s.score), -s.candidate.free_gpus, s.site))
+            ranked = sorted(scored, key=lambda s: (round(s.score), -s.candidate.free_gpus,
+                                                   -s.candidate.gflops_per_watt, s.site))
         elif self.policy == "least-queue":
             ranked = sorted((Scored(c, c.pending_jobs + self.unseen_jobs(c.site, now)) for c in candidates),
-                            key=lambda s: (s.score, -s.candidate.free_gpus, s.site))
+                            key=lambda s: (s.score, -s.candidate.free_gpus, -s.candidate.gflops_per_watt, s.site))
         elif self.policy == "round-robin":
             ordered = sorted(candidates, key=lambda c: c.site)
             k = self._turn % len(ordered)

@@ -8,6 +8,7 @@ errors: a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import difflib
 import tomllib
@@ -28,6 +29,7 @@ class PartitionConfig:
     gpu_model: str
     gpus: int
     max_walltime_s: int
+    gflops_per_watt: float = 0.0  # energy efficiency, advertised (0: not given)
 
 
 DEFAULT_RETENTION_S = 90 * 86400  # how long a finished job's record is kept; 0 keeps it for ever
@@ -560,10 +562,14 @@ def load_hub(path: str | Path) -> HubConfig:
         max_wall = t.duration("max_walltime")
         if max_wall < 1:
             raise ConfigError(p, t.key("max_walltime"), "must be positive")
+        efficiency = t.get("gflops_per_watt", (int, float), 0)
+        if isinstance(efficiency, bool) or not math.isfinite(efficiency) or not 0 <= efficiency <= 1000:
+            raise ConfigError(p, t.key("gflops_per_watt"), "must be a number of GFLOPS per watt between 0 and "
+                                                            f"1000 (e.g. 52.3), not {efficiency!r}")
         t.done()
         if any(q.name == name for q in partitions):
             raise ConfigError(p, t.key("name"), f"partition {name!r} is declared twice")
-        partitions.append(PartitionConfig(name, model, gpus, max_wall))
+        partitions.append(PartitionConfig(name, model, gpus, max_wall, float(efficiency)))
     maintenance = _maintenance(root)
     mode_limits = _mode_limits(root, tuple(modes))
     tls = _tls(root, f"spiffe://{federation}/hub/{site}", daemon=True)

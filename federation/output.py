@@ -109,7 +109,8 @@ def site_dict(s: antenna_pb2.Site) -> dict:
         out["partitions"] = [{"name": p.name, "gpu_model": p.gpu_model, "gpus_total": p.gpus_total,
                               "gpus_free": p.gpus_free, "running_jobs": p.running_jobs,
                               "pending_jobs": p.pending_jobs, "pending_gpu_seconds": p.pending_gpu_seconds,
-                              "max_walltime_s": p.max_walltime_s} for p in a.partitions]
+                              "max_walltime_s": p.max_walltime_s, "gflops_per_watt": p.gflops_per_watt}
+                             for p in a.partitions]
     return out
 
 

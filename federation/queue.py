@@ -83,7 +83,7 @@ class QueueView:
     def _backfill_start(self, gpus: int, walltime_s: float) -> float:
         """When such a job would backfill before the first waiting job's reservation (inf if it would not): at
         the first running job's end after which enough GPUs are free for it and for the waiting jobs ahead of
-        it that are no longer than it (they compete for the same holes, and go first)."""
+        it that could end before that reservation too (they compete for the same holes, and go first)."""
         shadow, _ = self._reserve_head()
         if self.at + walltime_s > shadow:
             return math.inf
@@ -95,7 +95,8 @@ class QueueView:
                 free += released
                 times.append(end)
                 after.append(free)
-            others = sorted((e.walltime_s, e.gpus) for e in self._pending[1:MODELLED] if e.gpus <= self.capacity)
+            fitting = [e for e in self._pending[:MODELLED] if e.gpus <= self.capacity]
+            others = sorted((e.walltime_s, e.gpus) for e in fitting[1:])  # all but the first, which waits
             walls, ahead, total = [], [0], 0
             for w, g in others:
                 walls.append(w)
@@ -103,7 +104,8 @@ class QueueView:
                 ahead.append(total)
             self._holes = (times, after, walls, ahead)
         times, after, walls, ahead = self._holes
-        need = gpus + ahead[bisect.bisect_right(walls, walltime_s)]
+        # Competitors: the waiting jobs ahead that could fit in the same holes (end before the reservation).
+        need = gpus + ahead[bisect.bisect_right(walls, shadow - self.at)]
         i = bisect.bisect_left(after, need)
         if i == len(after):
             return math.inf
@@ -149,10 +151,16 @@ def _reservation(free: int, ends: Iterable[tuple[float, str, int]], gpus: int, n
     order, and how many GPUs are then left over."""
     if gpus <= free:
         return now, free - gpus
+    ends = iter(ends)
     for end, _, released in ends:
         free += released
         if free >= gpus:
-            return max(end, now), free - gpus
+            at = max(end, now)
+            for later, _, more in ends:  # jobs ending at the same moment (or overdue, so now) free theirs too
+                if later > at:
+                    break
+                free += more
+            return at, free - gpus
     return math.inf, 0
 
 

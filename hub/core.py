@@ -257,8 +257,8 @@ class HubCore:
             raise PermissionDenied(f"antenna {who.site!r} may only forward jobs of its own users, not {job.owner}")
         if self.config.countries and job.country not in self.config.countries:
             raise PermissionDenied(f"site {self.config.site} serves users from {', '.join(self.config.countries)} "
-                                   f"only; this job is from {job.country or 'no declared country'} (as antenna {who.site} "
-                                   "vouches)")
+                                   f"only; this job is from {job.country or 'no declared country'} "
+                                   f"(as antenna {who.site} vouches)")
         account = self.user_map.account(who.site, owner.name, job.spec.project) if self.user_map else ""
         job.spec.validate()
         now = time.time()

@@ -78,7 +78,7 @@ class HubService(hub_pb2_grpc.HubServicer):
                          for m in cfg.mode_limits],
             issued_at=convert.ts(now), ttl_s=cfg.advert_ttl_s, estimates=estimates,
             partitions=[jobs_pb2.PartitionAdvert(
-                name=p.name, gpu_model=p.gpu_model, gpus_total=usage[p.name].gpus_total, gpus_free=usage[p.name].gpus_free,
+                name=p.name, gpu_model=p.gpu_model, gflops_per_watt=p.gflops_per_watt, gpus_total=usage[p.name].gpus_total, gpus_free=usage[p.name].gpus_free,
                 running_jobs=usage[p.name].running_jobs, pending_jobs=usage[p.name].pending_jobs,
                 pending_gpu_seconds=usage[p.name].pending_gpu_seconds, max_walltime_s=p.max_walltime_s,
                 max_cpus=cfg.cpu_slots)

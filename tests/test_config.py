@@ -569,3 +569,15 @@ def test_an_antenna_lists_hubs_only_with_static_discovery(folder):
     config_error(load_antenna, write(folder, ANTENNA + ETCD, "antenna.toml"), "hubs", "[[hubs]] are for backend")
     config_error(load_antenna, write(folder, ANTENNA + ETCD + 'lease = "5s"\n', "antenna.toml"), "discovery.lease",
                  "not a known setting")
+
+
+def test_partition_energy_efficiency_is_read_and_checked(folder):
+    wall = 'max_walltime = "1-00:00:00"'
+    good = load_hub(write(folder, edit(HUB, wall, f"{wall}\ngflops_per_watt = 52.3")))
+    assert good.partitions[0].gflops_per_watt == 52.3
+    assert load_hub(write(folder, HUB)).partitions[0].gflops_per_watt == 0.0
+    for value in ("-1", "1e9", "true", '"fast"', "nan"):
+        path = write(folder, edit(HUB, wall, f"{wall}\ngflops_per_watt = {value}"))
+        with pytest.raises(ConfigError) as err:
+            load_hub(path)
+        assert err.value.key == "partitions[0].gflops_per_watt", value

@@ -146,3 +146,20 @@ async def test_an_array_is_spread_over_hubs_rather_than_herded_onto_the_idlest(t
         done = [await alice.wait(r.id) for r in receipts]
         by_site = {site: sum(1 for j in done if j.site == site) for site in ("leonardo", "lumi")}
         assert by_site == {"leonardo": 4, "lumi": 4}, by_site
+
+
+def test_between_hubs_equal_in_wait_and_free_gpus_the_more_energy_efficient_comes_first():
+    green = Candidate("green", wait_s=0, free_gpus=2, total_gpus=4, gflops_per_watt=65.0)
+    grey = Candidate("grey", wait_s=0, free_gpus=2, total_gpus=4, gflops_per_watt=30.0)
+    for policy in ("earliest-start", "least-queue"):
+        assert sites(Placer(policy).order([grey, green], 1, 60, now=0)) == ["green", "grey"]
+    roomier = Candidate("roomier", wait_s=0, free_gpus=3, total_gpus=4, gflops_per_watt=10.0)
+    assert sites(Placer().order([green, roomier], 1, 60, now=0))[0] == "roomier"  # free GPUs come first
+
+
+async def test_hubs_advertise_their_partitions_energy_efficiency(test_pki, tmp_path):
+    from federation.config import PartitionConfig
+    parts = (PartitionConfig("booster", "A100", 4, 3600, gflops_per_watt=52.3),)
+    async with running_federation(test_pki, tmp_path, {"leonardo": {"partitions": parts}}, antenna={}) as f:
+        advert = f.antennas["antenna-a"].core.sites["leonardo"].advert
+        assert [(p.name, p.gflops_per_watt) for p in advert.partitions] == [("booster", pytest.approx(52.3))]

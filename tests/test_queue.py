@@ -735,13 +735,13 @@ def hole_start(capacity: int, at: int, running: list[tuple[int, int]], pending: 
                walltime: int) -> float:
     """When a job of this shape backfills before the first waiting job's reservation, as documented: the first
     second from `at` at which the running jobs leave enough GPUs for it and for the waiting jobs behind the first
-    that are no longer than it, if it then ends by the reservation (inf if it does not)."""
+    that could also end by the reservation, if it then ends by the reservation (inf if it does not)."""
     waiting = [(g, w) for g, w in pending if g <= capacity]
     if not waiting:
         return math.inf
     free_at = capacity - sum(g for g, _ in running)
     shadow, _ = reference_reservation(running, free_at, waiting[0][0], at)
-    need = gpus + sum(g for g, w in waiting[1:] if w <= walltime)
+    need = gpus + sum(g for g, w in waiting[1:] if at + w <= shadow)
     for t in range(at, int(shadow)):
         if free_at + sum(g for g, end in running if end <= t) >= need:
             return t if t + walltime <= shadow else math.inf
@@ -809,3 +809,50 @@ def test_no_wait_estimate_matches_schedule_starting_the_job_overdue_jobs_aside(d
                 assert no_wait, f"{gpus} GPUs for {walltime} s start now but are estimated to wait"
             else:
                 assert not no_wait or overdue, f"{gpus} GPUs for {walltime} s cannot start but are estimated to wait 0"
+
+
+# -- jobs ending together, and competitors for a hole ------------------------------------------------------------
+
+def test_gpus_of_jobs_ending_at_the_reservation_time_count_as_spare():
+    """A and B (1 GPU each) end at 100, C (2) at 1000; H needs 2 and is reserved at 100. Both A and B free their
+    GPU then: 3 free, H takes 2, and 1 is spare for D, which may run past 100 on it."""
+    q = PartitionQueue(5)
+    run(q, "A", 1, 100, 0)
+    run(q, "B", 1, 100, 0)
+    run(q, "C", 2, 1000, 0)
+    q.add("H", 2, 50, 0)
+    q.add("D", 1, 500, 0)
+    assert [e.key for e in q.schedule(0)] == ["D"]
+    assert [k for k in q.pending] == ["H"]
+
+
+def test_overdue_jobs_all_count_as_ending_now_in_the_reservation():
+    """A (2 GPUs, end 100) and B (2, end 120) are overdue at 150; H needs 3: reserved now with 1 spare for D."""
+    q = PartitionQueue(6)
+    run(q, "A", 2, 100, 0)
+    run(q, "B", 2, 120, 0)
+    run(q, "C", 1, 1000, 0)
+    q.add("H", 3, 50, 0)
+    q.add("D", 1, 5000, 0)
+    assert [e.key for e in q.schedule(150)] == ["D"]
+
+
+def test_a_longer_job_ahead_that_fits_the_hole_takes_it_first_in_estimates():
+    """A (2 GPUs) ends at 100, B (2) at 300; P (4) waits for 300; Q (2 GPUs, 150 s) fits the hole at 100 and is
+    ahead of a newcomer of 2 GPUs for 100 s, so the newcomer does not get that hole: it waits for the queue."""
+    q = PartitionQueue(4)
+    run(q, "A", 2, 100, 0)
+    run(q, "B", 2, 300, 0)
+    q.add("P", 4, 50, 0)
+    q.add("Q", 2, 150, 0)
+    assert q.wait(2, 100, now=0) >= 300
+
+
+def test_a_first_job_too_large_for_the_partition_is_not_counted_as_a_competitor():
+    """`big` can never run here; P is the first waiting job. A newcomer of 2 GPUs for 200 s backfills at 100."""
+    q = PartitionQueue(4)
+    run(q, "A", 2, 100, 0)
+    run(q, "B", 2, 300, 0)
+    q.add("big", 5, 10, 0)
+    q.add("P", 4, 50, 0)
+    assert q.wait(2, 200, now=0) == 100

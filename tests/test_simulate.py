@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 
-import federation.simulate as simulate_module
 from antenna.placement import POLICIES
 from federation import cli
 from federation.simulate import BOUND_S, TraceJob, Workload, _Site, read_trace, run, simulate, workload

@@ -168,7 +168,7 @@ class StartEstimate(_message.Message):
     def __init__(self, shape: _Optional[_Union[JobShape, _Mapping]] = ..., partition: _Optional[str] = ..., earliest_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., wait_s: _Optional[int] = ...) -> None: ...
 
 class PartitionAdvert(_message.Message):
-    __slots__ = ("name", "gpu_model", "gpus_total", "gpus_free", "running_jobs", "pending_jobs", "pending_gpu_seconds", "max_walltime_s", "max_cpus")
+    __slots__ = ("name", "gpu_model", "gpus_total", "gpus_free", "running_jobs", "pending_jobs", "pending_gpu_seconds", "max_walltime_s", "max_cpus", "gflops_per_watt")
     NAME_FIELD_NUMBER: _ClassVar[int]
     GPU_MODEL_FIELD_NUMBER: _ClassVar[int]
     GPUS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,7 @@ class PartitionAdvert(_message.Message):
     PENDING_GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_WALLTIME_S_FIELD_NUMBER: _ClassVar[int]
     MAX_CPUS_FIELD_NUMBER: _ClassVar[int]
+    GFLOPS_PER_WATT_FIELD_NUMBER: _ClassVar[int]
     name: str
     gpu_model: str
     gpus_total: int
@@ -187,7 +188,8 @@ class PartitionAdvert(_message.Message):
     pending_gpu_seconds: float
     max_walltime_s: int
     max_cpus: int
-    def __init__(self, name: _Optional[str] = ..., gpu_model: _Optional[str] = ..., gpus_total: _Optional[int] = ..., gpus_free: _Optional[int] = ..., running_jobs: _Optional[int] = ..., pending_jobs: _Optional[int] = ..., pending_gpu_seconds: _Optional[float] = ..., max_walltime_s: _Optional[int] = ..., max_cpus: _Optional[int] = ...) -> None: ...
+    gflops_per_watt: float
+    def __init__(self, name: _Optional[str] = ..., gpu_model: _Optional[str] = ..., gpus_total: _Optional[int] = ..., gpus_free: _Optional[int] = ..., running_jobs: _Optional[int] = ..., pending_jobs: _Optional[int] = ..., pending_gpu_seconds: _Optional[float] = ..., max_walltime_s: _Optional[int] = ..., max_cpus: _Optional[int] = ..., gflops_per_watt: _Optional[float] = ...) -> None: ...
 
 class Advert(_message.Message):
     __slots__ = ("site", "federation", "partitions", "services", "sectors", "access_modes", "sequence", "issued_at", "ttl_s", "estimates", "degraded", "status_message", "cert_expires_at", "draining", "drain_reason", "maintenance", "mode_limits", "countries")
