@@ -246,7 +246,8 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
         if events and events[0][0] <= next_arrival(i):
             t, _, h, j = heapq.heappop(events)
             hub = hubs[h]
-            hub.before_change(t, next_arrival(i))
+            if policy is not None:  # no antenna looks at the pooled cluster's adverts
+                hub.before_change(t, next_arrival(i))
             hub.queue.finish(str(j))
             job = jobs[j]
             ran = min(job.run_s, job.walltime_s)
@@ -267,7 +268,8 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
                 i += 1
                 continue
         hub = hubs[h]
-        hub.before_change(t, next_arrival(i + 1))
+        if policy is not None:
+            hub.before_change(t, next_arrival(i + 1))
         hub.queue.add(str(i), job.gpus, job.walltime_s, t)
         start_ready(h, t)
         i += 1
