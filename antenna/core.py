@@ -443,6 +443,10 @@ class AntennaCore:
         return ("waiting at the antenna for a hub to take it" + (": " + "; ".join(blocked) if blocked else "")
                 if not any(v.fits for v in verdicts.values()) else "waiting at the antenna: being placed now")
 
+    def _why_not(self, spec: JobSpec, site: HubSite, country: str) -> str:
+        """Why a hub whose advert is known could never take this job: the advert's filters, or the policy's."""
+        return why_not(spec, site.advert, country) or self.placer.excludes(site.site)
+
     def _candidates(self, verdicts: list[Verdict], spec: JobSpec) -> list[Candidate]:
         """The hubs that passed every filter and gave an estimate, with what their adverts say."""
         specialised = self._specialised(spec)
@@ -488,7 +492,7 @@ class AntennaCore:
         known = [s for s in candidates if s.advert is not None]
         if not known:
             return ""  # nothing known yet: the job waits until a hub is heard from
-        reasons = {s.site: why_not(spec, s.advert, country) or self.placer.excludes(s.site) for s in known}
+        reasons = {s.site: self._why_not(spec, s, country) for s in known}
         if all(reasons.values()):
             if spec.partition and all("has no partition" in r for r in reasons.values()):
                 raise NotFound(f"no hub has a partition {spec.partition!r}; partitions: " + ", ".join(
@@ -677,8 +681,7 @@ class AntennaCore:
         candidates = [self.sites[spec.site]] if spec.site else list(self.sites.values())
         shape = jobs_pb2.JobShape(gpus=spec.gpus, walltime_s=spec.walltime_s, partition=spec.partition)
 
-        fit_now = [s for s in candidates if s.advert is not None and s.fresh and not why_not(spec, s.advert, country)
-                   and not self.placer.excludes(s.site)]
+        fit_now = [s for s in candidates if s.advert is not None and s.fresh and not self._why_not(spec, s, country)]
         # Estimates are asked when the policy compares them and there is a choice to make, or for explain.
         ask = estimates or (len(fit_now) > 1 and self.placer.needs_estimates)
 
@@ -687,7 +690,7 @@ class AntennaCore:
                 return Verdict(site.site, site.untrusted, transient=True)
             if site.advert is None:
                 return Verdict(site.site, f"has not been heard from ({site.error})", transient=True)
-            if reason := why_not(spec, site.advert, country) or self.placer.excludes(site.site):
+            if reason := self._why_not(spec, site, country):
                 return Verdict(site.site, reason)
             if site.left:
                 return Verdict(site.site, site.left, transient=True)
