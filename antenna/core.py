@@ -38,8 +38,8 @@ from federation.sbatch import parse_array
 from federation.watch import Signal, Topics, stop_tasks, stopping
 from antenna.allocations import (Allocation, AllocationUsage, Allocations, UserUsage, load as load_allocations,
                                  retention_s)
-from antenna.placement import Candidate, Placer, Scored, Verdict, maintenance_in_the_way, why_not
-from antenna.sites import HubSite
+from federation.placement import Candidate, Placer, Scored, Verdict, maintenance_in_the_way, why_not
+from federation.sites import HubSite
 
 log = logging.getLogger(__name__)
 
@@ -552,21 +552,27 @@ class AntennaCore:
                 return  # it never reached a hub: there is no output
             await asyncio.sleep(0.3)
             job = self.get(who, request.job_id)
-        try:
-            async for chunk in self._site_of(job).stub.StreamLogs(request, wait_for_ready=True,
-                                                                  timeout=None if request.follow else 60):
-                yield chunk
-            if request.follow:
-                # The hub's stream ends when the job ends there; its final state reaches this antenna on the
-                # change feed a moment later. Wait for it, so that a status asked right after shows the end.
-                deadline = time.monotonic() + 5.0
-                while not self.get(who, request.job_id).final and time.monotonic() < deadline:
-                    await asyncio.sleep(0.02)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND and job.final:
-                return  # cancelled before the hub had it: no output
-            raise Unavailable(f"logs of {job.id} are at hub {job.site}, which answered "
-                              f"{exc.code().name}: {exc.details()}") from None
+        while True:
+            try:
+                async for chunk in self._site_of(job).stub.StreamLogs(request, wait_for_ready=True,
+                                                                      timeout=None if request.follow else 60):
+                    yield chunk
+                if request.follow:
+                    # The hub's stream ends when the job ends there; its final state reaches this antenna on the
+                    # change feed a moment later. Wait for it, so that a status asked right after shows the end.
+                    deadline = time.monotonic() + 5.0
+                    while not (now := self.get(who, request.job_id)).final and now.site == job.site \
+                            and time.monotonic() < deadline:
+                        await asyncio.sleep(0.02)
+                    if not now.final and now.site != job.site:
+                        job = now  # its hub handed it to a peer before it ran there: follow it to the peer
+                        continue
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND and job.final:
+                    return  # cancelled before the hub had it: no output
+                raise Unavailable(f"logs of {job.id} are at hub {job.site}, which answered "
+                                  f"{exc.code().name}: {exc.details()}") from None
+            return
 
     def _site_of(self, job: Job) -> HubSite:
         site = self.sites.get(job.site)
@@ -763,10 +769,20 @@ class AntennaCore:
         """One ForwardJobs call. An acknowledgement needs no write here: the hub journaled the job, a resend
         after a crash is answered as a duplicate, and the job's new state arrives on the change feed. Only a
         refusal is journaled (FAILED)."""
+        alternatives: dict[tuple, list[str]] = {}
+        for job in jobs:
+            s = job.spec
+            shape = (s.gpus, s.cpus, s.walltime_s, s.partition, s.access_mode, s.site, s.sector, s.sector_required,
+                     job.country)
+            if shape not in alternatives:
+                alternatives[shape] = self._alternatives(job, site.site)
         request = hub_pb2.ForwardJobsRequest(jobs=[hub_pb2.ForwardJobRequest(
-            idempotency_key=job.id, job=jobs_pb2.Job(id=job.id, spec=convert.spec_to_pb(job.spec), owner=job.owner,
-                                                     antenna=job.antenna, state=int(job.state),
-                                                     country=job.country)) for job in jobs])
+            idempotency_key=job.id, job=jobs_pb2.Job(
+                id=job.id, spec=convert.spec_to_pb(job.spec), owner=job.owner, antenna=job.antenna,
+                state=int(job.state), country=job.country, alternatives=alternatives[
+                    (job.spec.gpus, job.spec.cpus, job.spec.walltime_s, job.spec.partition, job.spec.access_mode,
+                     job.spec.site, job.spec.sector, job.spec.sector_required, job.country)]))
+            for job in jobs])
         elsewhere: dict[str, str] = {}
         try:
             started = time.monotonic()
@@ -811,6 +827,14 @@ class AntennaCore:
             log.info("hub %s refused %d job(s), for example %s: %s", site.site, len(refusals),
                      *next(iter(refusals.items())))
         log.debug("hub %s acknowledged %d job(s)", site.site, len(jobs) - len(refusals))
+
+    def _alternatives(self, job: Job, chosen: str) -> list[str]:
+        """The other hubs the job may be moved to by its hub's load balancing: those that pass this antenna's
+        filters for it, which this antenna follows. None for a job pinned to a site, or under home-only."""
+        if job.spec.site or self.placer.policy == "home-only":
+            return []
+        return sorted(s.site for s in self.sites.values() if s.site != chosen and s.advert is not None
+                      and s.member and not s.untrusted and not self._why_not(job.spec, s, job.country))
 
     async def _place_again(self, site: HubSite, why: dict[str, str]) -> None:
         """Jobs a hub could not take now (it drains): back to the placer, which chooses again."""
@@ -884,10 +908,18 @@ class AntennaCore:
                 out = []
                 for job in remote:
                     current = tx.get(job.id)
-                    if current is not None and current.site == site.site:
-                        merged = _merge(current, job)
-                        if merged != current and (stored := _apply(tx, merged, None, True, current)) is not None:
-                            out.append(stored)
+                    if current is None:
+                        continue
+                    if current.site == site.site:
+                        merged = _moved_on(current, job) if job.state is JobState.MOVED else _merge(current, job)
+                    elif job.moved_from and job.moved_from == current.site:
+                        # The hub it was at handed it to this one (load balancing): it is followed here from now
+                        # on. This record may arrive before the first hub's own word of the move.
+                        merged = replace(_merge(current, job), site=site.site)
+                    else:
+                        continue
+                    if merged != current and (stored := _apply(tx, merged, None, True, current)) is not None:
+                        out.append(stored)
                 for job_id in lost:
                     current = tx.get(job_id)
                     if current is not None and not current.final:
@@ -969,6 +1001,15 @@ def _apply(tx: Tx, job: Job, ref: str | None, from_hub: bool, current: Job | Non
         return None
     tx.update(job, backend_ref=ref)
     return job
+
+
+def _moved_on(local: Job, remote: Job) -> Job:
+    """The job's hub handed it to a peer (`remote` is MOVED there): the antenna follows it to the peer, where it
+    is FORWARDED until the peer's own change feed says more."""
+    if local.final:
+        return local  # cancelled here: the cancel owed to the first hub is passed on by it
+    merged = _merge(local, replace(remote, state=JobState.FORWARDED))
+    return replace(merged, site=remote.moved_to, partition="", reason=remote.reason)
 
 
 def _merge(local: Job, remote: Job) -> Job:

@@ -20,7 +20,7 @@ import orjson
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("accepted", "rejected", "cancelled", "forwarded", "denied")
+EVENTS = ("accepted", "rejected", "cancelled", "forwarded", "moved", "denied")
 
 
 class AuditLog:

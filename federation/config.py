@@ -117,6 +117,28 @@ class EventsConfig:
 
 
 @dataclass(frozen=True)
+class BalanceConfig:
+    """`[balance]`: hub-to-hub load balancing (hub/balance.py). A job expected to wait here longer than
+    `threshold_s` is handed to a peer hub its antenna allowed, if the peer would start it within `gain` times
+    that wait and at least `min_gain_s` sooner."""
+
+    enabled: bool = False
+    threshold_s: int = 600
+    gain: float = 0.5
+    min_gain_s: int = 300
+    interval_s: int = 10
+    max_per_peer: int = 20         # jobs handed to one peer per round
+    breaker_failures: int = 3      # failed or refused hand-offs in a row that open a peer's circuit breaker
+    breaker_cooldown_s: int = 60   # how long an open breaker keeps the peer out before one job is tried
+    peers: tuple["HubEndpoint", ...] = ()  # listed here; with etcd discovery, also every other registered hub
+
+    def worth_moving(self, wait_here_s: float, wait_there_s: float) -> bool:
+        """Whether a job waiting `wait_here_s` here should move to a hub that would start it in `wait_there_s`."""
+        return (wait_here_s > self.threshold_s and wait_there_s <= self.gain * wait_here_s
+                and wait_here_s - wait_there_s >= self.min_gain_s)
+
+
+@dataclass(frozen=True)
 class HubConfig:
     path: Path
     site: str
@@ -149,6 +171,7 @@ class HubConfig:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     ha_instance: str = ""  # non-empty: one of several processes for this site; only the elected leader serves
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
 
 
 @dataclass(frozen=True)
@@ -174,7 +197,7 @@ class AntennaConfig:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     allocations: Path | None = None  # a TOML file of [[allocation]] GPU-hour budgets (antenna/allocations.py)
-    placement: str = "earliest-start"  # the placement policy (antenna/placement.py)
+    placement: str = "earliest-start"  # the placement policy (federation/placement.py)
     home: str = ""  # the home hub site, for the home-only policy
 
 
@@ -582,6 +605,7 @@ def load_hub(path: str | Path) -> HubConfig:
     ha.done()
     if ha_instance and discovery.backend != "etcd":
         raise ConfigError(p, "ha.instance", "needs [discovery] backend = \"etcd\": the leader is elected there")
+    balance = _balance(root, discovery, site)
     if not advertise:
         host = listen.rpartition(":")[0].strip("[]")
         if discovery.backend == "etcd" and host in ("0.0.0.0", "::", ""):
@@ -595,11 +619,51 @@ def load_hub(path: str | Path) -> HubConfig:
                      command_timeout_s=command_timeout, accounts=accounts, retention_s=retention, limits=limits,
                      audit_log=audit_log, user_map=user_map, metrics_listen=metrics_listen,
                      maintenance=maintenance, mode_limits=mode_limits, countries=countries, advertise=advertise,
-                     discovery=discovery, events=events, ha_instance=ha_instance)
+                     discovery=discovery, events=events, ha_instance=ha_instance, balance=balance)
+
+
+def _balance(root: _Table, discovery: DiscoveryConfig, site: str) -> BalanceConfig:
+    p = root.path
+    b = root.table("balance")
+    enabled = b.get("enabled", bool, False)
+    threshold, min_gain = b.duration("threshold", "10m"), b.duration("min_gain", "5m")
+    interval, cooldown = b.duration("interval", "10s"), b.duration("breaker_cooldown", "1m")
+    for key, value in (("interval", interval), ("breaker_cooldown", cooldown)):
+        if value < 1:
+            raise ConfigError(p, f"balance.{key}", "must be at least 1 second")
+    gain = b.get("gain", (int, float), 0.5)
+    if not 0 < gain < 1:
+        raise ConfigError(p, "balance.gain", f"must be between 0 and 1 (a peer must start a job within this "
+                                              f"fraction of its wait here), not {gain!r}")
+    counts = {}
+    for key, default in (("max_per_peer", 20), ("breaker_failures", 3)):
+        counts[key] = b.get(key, int, default)
+        if not 1 <= counts[key] <= 10_000:
+            raise ConfigError(p, f"balance.{key}", f"must be between 1 and 10000, not {counts[key]}")
+    b.seen.add("peers")
+    raw = b.data.get("peers", [])
+    if not isinstance(raw, list):
+        raise ConfigError(p, "balance.peers", "declare peers as [[balance.peers]] tables with site and endpoint")
+    peers: list[HubEndpoint] = []
+    for i, entry in enumerate(raw):
+        t = _Table(p, f"balance.peers[{i}]", entry)
+        peer = HubEndpoint(t.checked("site", check_site_name), _listen(t, "endpoint"))
+        t.done()
+        if peer.site == site:
+            raise ConfigError(p, t.key("site"), f"{site!r} is this hub itself, not a peer")
+        if any(q.site == peer.site for q in peers):
+            raise ConfigError(p, t.key("site"), f"peer {peer.site!r} is listed twice")
+        peers.append(peer)
+    if enabled and not peers and discovery.backend == "static":
+        raise ConfigError(p, "balance.peers", "balancing needs peers: declare [[balance.peers]] tables with site "
+                          "and endpoint (or find peers through [discovery] backend = \"etcd\")")
+    b.done()
+    return BalanceConfig(enabled, threshold, float(gain), min_gain, interval, counts["max_per_peer"],
+                         counts["breaker_failures"], cooldown, tuple(peers))
 
 
 def _policy(name: str) -> str:
-    from antenna.placement import POLICIES
+    from federation.placement import POLICIES
     if name not in POLICIES:
         raise ValueError(f"unknown placement policy {name!r}; policies: {', '.join(POLICIES)}")
     return name

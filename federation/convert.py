@@ -50,7 +50,8 @@ def job_to_pb(job: Job, spec: bool = True) -> jobs_pb2.Job:
         site=job.site, partition=job.partition, has_exit_code=job.exit_code is not None,
         exit_code=job.exit_code or 0, reason=job.reason,
         history=[jobs_pb2.Transition(state=int(t.state), at=ts(t.at), reason=t.reason) for t in job.history],
-        created_at=ts(job.created_at), updated_at=ts(job.updated_at), country=job.country)
+        created_at=ts(job.created_at), updated_at=ts(job.updated_at), country=job.country,
+        alternatives=job.alternatives, moved_from=job.moved_from, moved_to=job.moved_to)
 
 
 def job_from_pb(msg: jobs_pb2.Job) -> Job:
@@ -63,7 +64,8 @@ def job_from_pb(msg: jobs_pb2.Job) -> Job:
         id=msg.id, spec=spec_from_pb(msg.spec), state=state, owner=msg.owner, antenna=msg.antenna,
         site=msg.site, partition=msg.partition, exit_code=msg.exit_code if msg.has_exit_code else None,
         reason=msg.reason, history=history, created_at=from_ts(msg.created_at),
-        updated_at=from_ts(msg.updated_at), country=msg.country)
+        updated_at=from_ts(msg.updated_at), country=msg.country, alternatives=tuple(msg.alternatives),
+        moved_from=msg.moved_from, moved_to=msg.moved_to)
 
 
 def error_pb(error: AifedError) -> jobs_pb2.JobError:

@@ -54,7 +54,8 @@ def job_to_json(job: Job) -> bytes:
         "site": job.site, "partition": job.partition, "exit_code": job.exit_code, "reason": job.reason,
         "history": [[int(t.state), t.at, t.reason] for t in job.history],
         "created_at": job.created_at, "updated_at": job.updated_at, "account": job.account,
-        "country": job.country,
+        "country": job.country, "alternatives": list(job.alternatives), "moved_from": job.moved_from,
+        "moved_to": job.moved_to,
         "spec": {"argv": list(s.argv), "script": s.script, "script_args": list(s.script_args), "env": s.env,
                  "name": s.name, "gpus": s.gpus, "cpus": s.cpus, "memory_mb": s.memory_mb,
                  "walltime_s": s.walltime_s, "partition": s.partition, "access_mode": int(s.access_mode),
@@ -76,7 +77,8 @@ def job_from_json(data: bytes) -> Job:
                site=d["site"], partition=d["partition"], exit_code=d["exit_code"], reason=d["reason"],
                history=tuple(Transition(JobState(st), at, r) for st, at, r in d["history"]),
                created_at=d["created_at"], updated_at=d["updated_at"], account=d.get("account", ""),
-               country=d.get("country", ""))
+               country=d.get("country", ""), alternatives=tuple(d.get("alternatives", ())),
+               moved_from=d.get("moved_from", ""), moved_to=d.get("moved_to", ""))
 
 
 class Tx:

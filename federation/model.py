@@ -23,13 +23,16 @@ class JobState(enum.IntEnum):
     TIMEOUT = 8     #: killed when it reached its walltime
     LOST = 9        #: the hub lost track of it: its outcome is unknown
     UNKNOWN = 10    #: the scheduler reports a state aifed does not know; still followed
+    MOVING = 11     #: the hub is handing it to a peer hub (`moved_to`) that would start it sooner
+    MOVED = 12      #: final at the hub that handed it on; the antenna follows the job to `moved_to`
 
     @property
     def final(self) -> bool:
         return self in FINAL_STATES
 
 
-FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.LOST})
+FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.LOST,
+                          JobState.MOVED})
 
 
 class AccessMode(enum.IntEnum):
@@ -179,6 +182,11 @@ class Job:
     updated_at: float = 0.0
     account: str = ""  # at a hub with a user map: the local account the job runs as
     country: str = ""  # the submitting user's country (ISO 3166 alpha-2), as the antenna vouches
+    # Hub-to-hub load balancing, one hop at most: the hubs the antenna allows the job to be moved to (those that
+    # passed its filters), the hub that handed it here, and (MOVING, MOVED) the hub it is handed to.
+    alternatives: tuple[str, ...] = ()
+    moved_from: str = ""
+    moved_to: str = ""
 
     @property
     def final(self) -> bool:

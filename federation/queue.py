@@ -145,6 +145,30 @@ class QueueView:
         clock, free, ends, backlog_s = self._replayed
         return _reservation(free, ends, gpus, clock)[0] + backlog_s
 
+    def starts(self) -> dict[str, float]:
+        """When each waiting job is expected to start (arrival order, every job lasting its walltime), as the
+        estimate for a new job is made; past the first `MODELLED` jobs, what is ahead is averaged over the
+        partition. Jobs that can never run here are left out. The hub's load balancer reads this."""
+        out: dict[str, float] = {}
+        ends = list(self._ends)
+        free, clock, backlog = self.free, self.at, 0.0
+        for n, entry in enumerate(self._pending):
+            g, w = entry.gpus, entry.walltime_s
+            if g > self.capacity:
+                continue
+            if n >= MODELLED:
+                out[entry.key] = clock + backlog / max(self.capacity, 1)
+                backlog += g * w
+                continue
+            while free < g and ends:
+                end, _, released = heapq.heappop(ends)
+                clock, free = max(clock, end), free + released
+            free -= g
+            out[entry.key] = clock
+            if g:
+                heapq.heappush(ends, (clock + w, "", g))
+        return out
+
 
 def _reservation(free: int, ends: Iterable[tuple[float, str, int]], gpus: int, now: float) -> tuple[float, int]:
     """When `gpus` GPUs are free at the latest, given `free` now and the running jobs' (end, key, GPUs) in time

@@ -4,8 +4,13 @@ A discrete-event simulation that runs the daemons' own code, not copies of it:
 - every site schedules with `federation.queue.PartitionQueue` (EASY backfilling, as the local backend does) and
   publishes adverts built from `PartitionQueue.snapshot`, every `advert_period_s` (each site at its own seeded
   phase), which antennas see `delay_s` later;
-- every antenna places with `antenna.placement.Placer`, under each policy in turn, on candidates made from the
-  adverts it can see: estimated waits from the advert's queue model, corrected for what it sent since.
+- every antenna places with `federation.placement.Placer`, under each policy in turn, on candidates made from the
+  adverts it can see: estimated waits from the advert's queue model, corrected for what it sent since;
+- every site balances load with `federation.balance.plan` and the hub's default `[balance]` settings, under
+  every policy but `home-only` (no federation): every `interval_s` (at the first event after it), the jobs
+  waiting in its own queue longer than the threshold are handed to the peer whose advert (as the site sees it,
+  `delay_s` late) promises a clearly earlier start; they join the peer's queue at once, never move twice, and
+  are counted in `moved`.
 
 Traces (`read_trace`): the Standard Workload Format of the Parallel Workloads Archive (runtime, processors,
 requested time) and the Philly GPU trace as CSV (GPUs, duration; no requested time, so the runtime is the
@@ -23,7 +28,9 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from antenna.placement import POLICIES, Candidate, Placer
+from federation.balance import Breaker, Waiting, plan
+from federation.config import BalanceConfig
+from federation.placement import POLICIES, Candidate, Placer
 from federation.queue import PartitionQueue, QueueView
 
 BOUND_S = 10.0  # bounded slowdown: runtimes under 10 s count as 10 s
@@ -209,8 +216,11 @@ class Result:
 
 
 def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s: float = 10.0,
-             delay_s: float = 0.5, seed: int = 1) -> Result:
-    """Run the workload; `policy` None is the pooled bound (one site of all the capacity, no placement)."""
+             delay_s: float = 0.5, seed: int = 1, balance: BalanceConfig | None = None) -> Result:
+    """Run the workload; `policy` None is the pooled bound (one site of all the capacity, no placement).
+    `balance`: the hubs' load-balancing settings (default: the hub's defaults, enabled); not under home-only."""
+    settings = balance or BalanceConfig(enabled=True)
+    balancing = policy not in (None, "home-only") and settings.enabled and len(sites) > 1
     rng = random.Random(seed)
     if policy is None:
         hubs = [_Site("pooled", sum(sites), advert_period_s, 0.0, delay_s)]
@@ -228,6 +238,10 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
     end_of_all = 0.0
     rejected = 0
     order = 0
+    moved: set[int] = set()  # jobs handed to another site (once at most)
+    next_round = [0.0] * len(hubs)
+    balancers = [Placer("earliest-start") for _ in hubs]
+    breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_s)  # peers never fail here
 
     def start_ready(h: int, t: float) -> None:
         nonlocal order
@@ -241,8 +255,52 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
     def next_arrival(i: int) -> float:
         return jobs[i].submit if i < len(jobs) else math.inf
 
+    def balance_round(h: int, t: float) -> None:
+        hub = hubs[h]
+        next_round[h] = t + settings.interval_s
+        if len(hub.queue) < 2:
+            return  # a lone waiting job is at the head: nothing to gain from its queue
+        waiting = []
+        for key, start in hub.queue.snapshot(t).starts().items():
+            j = int(key)
+            if start - t > settings.threshold_s and j not in moved:
+                alternatives = tuple(o.name for o in hubs if o is not hub and o.capacity >= jobs[j].gpus)
+                waiting.append(Waiting(key, jobs[j].gpus, jobs[j].walltime_s, start - t, alternatives))
+        if not waiting:
+            return
+        placer, index = balancers[h], {o.name: k for k, o in enumerate(hubs)}
+        views = {}
+        for o in hubs:
+            if o is not hub:
+                seen_at, views[o.name] = o.visible(t)
+                placer.landed(o.name, before=seen_at)
+
+        def estimate(peer: str, job: Waiting) -> Candidate:
+            view = views[peer]
+            return Candidate(peer, view.wait(job.gpus, job.walltime_s, t), view.free, view.capacity,
+                             view.pending_jobs)
+
+        moves = plan(waiting, estimate, settings, placer, breaker, now=t, clock=t)
+        if not moves:
+            return
+        hub.before_change(t, next_arrival(i))
+        for move in moves:
+            j, to = int(move.job.key), index[move.peer]
+            hub.queue.remove(move.job.key)
+            hubs[to].before_change(t, next_arrival(i))
+            hubs[to].queue.add(move.job.key, jobs[j].gpus, jobs[j].walltime_s, t)
+            moved.add(j)
+        for to in {index[m.peer] for m in moves}:
+            start_ready(to, t)
+        start_ready(h, t)
+
     i = 0
     while i < len(jobs) or events:
+        if balancing:
+            now = min(events[0][0] if events else math.inf, next_arrival(i))
+            for h in range(len(hubs)):
+                if next_round[h] <= now:
+                    balance_round(h, now)
         if events and events[0][0] <= next_arrival(i):
             t, _, h, j = heapq.heappop(events)
             hub = hubs[h]
@@ -274,7 +332,7 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
         start_ready(h, t)
         i += 1
     span = end_of_all - (jobs[0].submit if jobs else 0.0)
-    return Result(waits, slowdowns, busy, span, sum(sites), rejected=rejected)
+    return Result(waits, slowdowns, busy, span, sum(sites), moved=len(moved), rejected=rejected)
 
 
 def _place(placer: Placer, hubs: list[_Site], job: TraceJob, t: float) -> int:
@@ -298,7 +356,7 @@ def _place(placer: Placer, hubs: list[_Site], job: TraceJob, t: float) -> int:
 
 def run(trace_path: str | Path, sites: list[int], load: float = 0.85, advert_period_s: float = 10.0,
         delay_s: float = 0.5, seed: int = 1, policies: tuple[str, ...] = POLICIES, antennas: int = 0,
-        keep_waits: bool = False) -> tuple[dict, dict[str, list[float]]]:
+        keep_waits: bool = False, balance: bool = True) -> tuple[dict, dict[str, list[float]]]:
     """Every policy and the pooled bound over one trace: the figures `aifed bench placement` prints, and (with
     `keep_waits`) every job's wait per policy."""
     import time
@@ -308,11 +366,12 @@ def run(trace_path: str | Path, sites: list[int], load: float = 0.85, advert_per
     out: dict = {"trace": str(trace_path), "format": trace.kind, "jobs": len(w.jobs), "malformed": trace.malformed,
                  "skipped": trace.skipped, "too_large": w.too_large, "native_load": w.native_load, "load": load,
                  "sites": sites, "advert_period_s": advert_period_s, "delay_s": delay_s, "seed": seed,
+                 "balance": balance,
                  "policies": {}, "default_policy": POLICIES[0], "examples": trace.examples}
     simulated, began = 0, time.perf_counter()
     waits: dict[str, list[float]] = {}
     for policy in (*policies, None):
-        result = simulate(w, sites, policy, advert_period_s, delay_s, seed)
+        result = simulate(w, sites, policy, advert_period_s, delay_s, seed, BalanceConfig(enabled=balance))
         simulated += len(w.jobs)
         if policy is None:
             out["pooled"] = result.summary()
@@ -350,12 +409,13 @@ def run_bench(args) -> int:
     if not Path(args.trace).is_file():
         raise UsageError(f"--trace {args.trace}: no such file")
     out, waits = run(args.trace, sites, args.load, args.advert_period, args.delay, args.seed, policies,
-                     keep_waits=bool(args.plot))
+                     keep_waits=bool(args.plot), balance=not args.no_balance)
     print(f"{out['trace']} ({out['format']}): {out['jobs']} jobs, {out['malformed']} malformed line(s) skipped"
           + (f" (e.g. {out['examples'][0]})" if out["examples"] else "")
           + f", {out['skipped']} without runtime or size, {out['too_large']} larger than every site")
     print(f"sites {','.join(map(str, sites))}; offered load {args.load} (the trace's own: {out['native_load']:.3f}); "
-          f"adverts every {args.advert_period:g} s, seen {args.delay:g} s later; seed {args.seed}")
+          f"adverts every {args.advert_period:g} s, seen {args.delay:g} s later; seed {args.seed}; "
+          + ("hubs balance load (default [balance] settings)" if out["balance"] else "no load balancing between hubs"))
     print()
     rows = [*out["policies"].items(), ("pooled bound", out["pooled"])]
     print(f"{'POLICY':16} {'MEAN_WAIT_S':>12} {'P95_WAIT_S':>12} {'MEAN_BSLD':>10} {'UTIL':>6} {'MOVED':>6} "

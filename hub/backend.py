@@ -86,6 +86,17 @@ class Backend(abc.ABC):
     async def estimate_wait(self, partition: str, gpus: int, walltime_s: int) -> float:
         """Seconds from now until a job of this shape, submitted now, would start (inf: never)."""
 
+    async def waiting(self) -> list[tuple[str, float]]:
+        """(job id, expected seconds until it starts) of the jobs waiting in the scheduler, for the hub's load
+        balancer. A backend that cannot tell returns none: its hub then never offers jobs to peers."""
+        return []
+
+    async def withdraw(self, job_id: str) -> bool:
+        """Take a waiting job back from the scheduler, to hand it to a peer hub. True only if it had not started
+        and now never will here (no change is reported for it any more); False if it started, ended or is not
+        known here."""
+        return False
+
     def health(self) -> Health:
         return Health()
 

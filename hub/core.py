@@ -32,6 +32,8 @@ MAX_KEY_LEN = 200
 DRAIN_META = "drain"
 MAX_USAGE_DAYS = 3660
 MAX_BATCH = 5000
+MAX_HISTORY = 32       # transitions a job handed over by a peer hub brings along
+MAX_ALTERNATIVES = 64  # hubs an antenna may allow a job to be moved to
 # Job ids name folders: only `<antenna>-<token>`, lower-case letters, digits and dashes, never a path.
 JOB_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}[a-z0-9]-[a-z0-9]{1,64}")
 
@@ -59,6 +61,7 @@ class HubCore:
         self._purger: asyncio.Task | None = None
         self._changes: list[Change] = []  # reported by the backend, not yet journaled
         self._flusher: asyncio.Task | None = None
+        self.balancer = None  # hub.balance.Balancer, when the daemon starts one
 
     def _register_gauges(self) -> None:
         m, backend = self.metrics, self.backend
@@ -80,6 +83,8 @@ class HubCore:
         if self.quotas:
             self._count_quotas()
         for job, ref in self.journal.unfinished():
+            if job.state is JobState.MOVING:
+                continue  # withdrawn from the scheduler; its hand-off to a peer is settled by the balancer
             change = await self.backend.recover(job, ref)
             if change is not None:
                 self._on_change(change)
@@ -91,7 +96,13 @@ class HubCore:
         """Count the GPU-hours per project and period again from the journal (only jobs that can matter)."""
         self.quotas.rebuild(self.journal.list(limit=2**62, since=time.time() - self.quotas.longest_s))
 
+    def moving_jobs(self) -> bool:
+        """Whether a hand-off to a peer hub was left without an answer (a balancer must settle it)."""
+        return bool(self.journal.list(states=(JobState.MOVING,), limit=1))
+
     async def close(self) -> None:
+        if self.balancer is not None:
+            await self.balancer.close()
         await self.settle()
         if self._purger is not None:
             self._purger.cancel()
@@ -110,20 +121,26 @@ class HubCore:
             raise job_or_error
         return job_or_error, duplicate
 
-    async def forward_many(self, who: Identity, requests: list[tuple[str, Job]]
+    async def forward_many(self, who: Identity, requests: list[tuple[str, Job]], hand_off: bool = False
                            ) -> list[tuple[Job | AifedError, bool]]:
         """Accept jobs from antenna `who`, journaled in one group commit before any is acknowledged.
 
         One (job, duplicate) or (refusal, False) per request, in order. A key seen before returns the job it
         created, and nothing is started again: not after a retry, not after a crash of either side.
+
+        `hand_off`: `who` is a peer hub handing over jobs of other antennas' users that it withdrew from its own
+        queue (load balancing). Each is accepted under its antenna's name and key, as if that antenna had
+        forwarded it here (so one job can never be here twice), if the antenna allowed this hub for it.
         """
         if len(requests) > MAX_BATCH:
             raise InvalidArgument(f"at most {MAX_BATCH} jobs per batch, not {len(requests)}")
         prepared: list[tuple[str, Job] | AifedError] = []
         partitions: dict[tuple, PartitionConfig] = {}  # one placement per job shape in a batch
-        seen = self.journal.known_keys([f"{who.site}/{key}" for key, _ in requests])
+        scope = [job.antenna if hand_off else who.site for _, job in requests]
+        seen = self.journal.known_keys([f"{antenna}/{key}" for antenna, (key, _) in zip(scope, requests)])
         try:
-            self.limiter.take(who.uri, sum(f"{who.site}/{key}" not in seen for key, _ in requests))
+            self.limiter.take(who.uri, sum(f"{antenna}/{key}" not in seen
+                                           for antenna, (key, _) in zip(scope, requests)))
         except AifedError as exc:
             self.audit.record("rejected", who=who.uri, jobs=len(requests), reason=exc.message)
             raise
@@ -133,11 +150,14 @@ class HubCore:
             # Refused per job with UNAVAILABLE: the antenna places these jobs on another hub (a retry of a job
             # accepted before the drain is still answered as a duplicate).
             draining = Unavailable(f"site {self.config.site} is draining ({reason}) and takes no new jobs now")
-            return [(self.journal.by_key(f"{who.site}/{key}"), True) if f"{who.site}/{key}" in seen
-                    else (draining, False) for key, _ in requests]
-        for key, job in requests:
+            return [(self.journal.by_key(f"{antenna}/{key}"), True) if f"{antenna}/{key}" in seen
+                    else (draining, False) for antenna, (key, _) in zip(scope, requests)]
+        for antenna, (key, job) in zip(scope, requests):
             try:
-                prepared.append(await self._accept(who, key, job, partitions, seen))
+                if hand_off:
+                    self._check_hand_off(who, job)
+                prepared.append(await self._accept(who, key, job, partitions, seen, antenna,
+                                                   who.site if hand_off else ""))
             except AifedError as exc:
                 prepared.append(exc)
 
@@ -215,7 +235,7 @@ class HubCore:
                 self.audit.record("rejected", who=who.uri, reason=job.message)
             elif not duplicate:
                 self.audit.record("accepted", who=who.uri, owner=job.owner, job=job.id, partition=job.partition,
-                                  account=job.account)
+                                  account=job.account, **({"moved_from": job.moved_from} if job.moved_from else {}))
         slots = asyncio.Semaphore(self.backend.submit_concurrency)
 
         async def hand_over(job: Job) -> None:
@@ -238,28 +258,43 @@ class HubCore:
             self.capacity.notify()
         return results
 
+    def _check_hand_off(self, who: Identity, job: Job) -> None:
+        """What a job handed over by peer hub `who` must be: allowed here by its antenna, moved once at most."""
+        if who.site == self.config.site:
+            raise InvalidArgument(f"hub {who.site} cannot hand a job to itself")
+        if job.moved_from:
+            raise FailedPrecondition(f"job {job.id} was already moved once (from {job.moved_from}); a job moves "
+                                     "one hop at most")
+        if self.config.site not in job.alternatives:
+            raise PermissionDenied(f"antenna {job.antenna or '?'} did not allow job {job.id} to be moved to site "
+                                   f"{self.config.site} (it allows: {', '.join(job.alternatives) or 'none'})")
+
     async def _accept(self, who: Identity, key: str, job: Job, partitions: dict[tuple, PartitionConfig],
-                      seen: set[str]) -> tuple[str, Job]:
-        """Check one forwarded job and choose its partition: (scoped key, the job as this hub accepts it)."""
+                      seen: set[str], antenna: str = "", moved_from: str = "") -> tuple[str, Job]:
+        """Check one forwarded job and choose its partition: (scoped key, the job as this hub accepts it).
+        `antenna`: whose job it is (default: the caller's); `moved_from`: the peer hub that handed it over."""
+        antenna = antenna or who.site
         if not key or len(key) > MAX_KEY_LEN:
             raise InvalidArgument(f"the idempotency key must be 1 to {MAX_KEY_LEN} characters")
-        if not JOB_ID.fullmatch(job.id) or not names_of(who.site, job.id):
-            raise InvalidArgument(f"job id {job.id[:80]!r} is not valid: antenna {who.site} names its jobs "
-                                  f"'{who.site}-' followed by up to 64 lower-case letters and digits")
-        scoped_key = f"{who.site}/{key}"
+        if not JOB_ID.fullmatch(job.id) or not names_of(antenna, job.id):
+            raise InvalidArgument(f"job id {job.id[:80]!r} is not valid: antenna {antenna} names its jobs "
+                                  f"'{antenna}-' followed by up to 64 lower-case letters and digits")
+        scoped_key = f"{antenna}/{key}"
+        if len(job.alternatives) > MAX_ALTERNATIVES or any(not 0 < len(a) <= 100 for a in job.alternatives):
+            raise InvalidArgument(f"a job may name at most {MAX_ALTERNATIVES} alternative hubs, each a site name")
         if scoped_key in seen:
             return scoped_key, job  # a retry: the store step returns the first job
         try:
             owner = parse_identity(job.owner)
         except ValueError as exc:
             raise InvalidArgument(f"the job's owner is not a federation identity: {exc}") from None
-        if owner.role is not Role.USER or owner.site != who.site or owner.federation != who.federation:
-            raise PermissionDenied(f"antenna {who.site!r} may only forward jobs of its own users, not {job.owner}")
+        if owner.role is not Role.USER or owner.site != antenna or owner.federation != who.federation:
+            raise PermissionDenied(f"antenna {antenna!r} may only forward jobs of its own users, not {job.owner}")
         if self.config.countries and job.country not in self.config.countries:
             raise PermissionDenied(f"site {self.config.site} serves users from {', '.join(self.config.countries)} "
                                    f"only; this job is from {job.country or 'no declared country'} "
-                                   f"(as antenna {who.site} vouches)")
-        account = self.user_map.account(who.site, owner.name, job.spec.project) if self.user_map else ""
+                                   f"(as antenna {antenna} vouches)")
+        account = self.user_map.account(antenna, owner.name, job.spec.project) if self.user_map else ""
         job.spec.validate()
         now = time.time()
         for window in self.config.maintenance:
@@ -274,10 +309,15 @@ class HubCore:
         partition = partitions.get(shape) or await self._place(job)
         partitions[shape] = partition
         now = time.time()
-        # The hub's history starts when it accepts the job; the antenna keeps what came before.
-        accepted = Job(id=job.id, spec=job.spec, state=JobState.PENDING, owner=job.owner, antenna=who.site,
+        # The hub's history starts when it accepts the job; the antenna keeps what came before. A job handed over
+        # by a peer keeps the history it had there, so that its owner sees where it waited.
+        history = tuple(job.history[-MAX_HISTORY:]) if moved_from else ()
+        accepted = Job(id=job.id, spec=job.spec, state=JobState.PENDING, owner=job.owner, antenna=antenna,
                        site=self.config.site, partition=partition.name, created_at=now, updated_at=now,
-                       account=account, country=job.country).moved(JobState.FORWARDED, f"accepted by hub {self.config.site}", at=now)
+                       account=account, country=job.country, history=history, moved_from=moved_from,
+                       alternatives=() if moved_from else job.alternatives
+                       ).moved(JobState.FORWARDED, f"moved here from hub {moved_from}" if moved_from
+                               else f"accepted by hub {self.config.site}", at=now)
         return scoped_key, accepted.moved(JobState.QUEUED, f"queued in partition {partition.name}", at=now)
 
     async def _place(self, job: Job) -> PartitionConfig:
@@ -326,7 +366,8 @@ class HubCore:
     def get(self, who: Identity, job_id: str) -> Job:
         """The job, if `who` may see it. Others' jobs are NOT_FOUND: their existence is not disclosed."""
         job = self.journal.get(job_id)
-        if job is None or (who.role is Role.ANTENNA and job.antenna != who.site):
+        if job is None or (who.role is Role.ANTENNA and job.antenna != who.site) or \
+                (who.role is Role.HUB and job.moved_from != who.site):  # a peer: only the jobs it handed here
             raise NotFound(f"no job {job_id[:100]!r} at site {self.config.site}")
         return job
 
@@ -346,6 +387,8 @@ class HubCore:
             # The forward won the race after all: cancel the job it created.
             return await self.cancel(who, job_id)
         job = self.get(who, job_id)
+        if job.state in (JobState.MOVING, JobState.MOVED) and self.balancer is not None:
+            return await self.balancer.cancel(who, job)  # here, or at the peer that has it now
         if job.final:
             raise FailedPrecondition(f"job {job_id} has already ended ({job.state.name}); nothing to cancel")
         self.audit.record("cancelled", who=who.uri, owner=job.owner, job=job_id)

@@ -68,6 +68,11 @@ class HubDaemon(Daemon):
                                "membership may be out of date (etcd away)", (),
                                lambda: [((), float(bool(discovery.degraded)))])
             await discovery.register(Member(cfg.site, self.endpoint, core.summary()))
+            if cfg.balance.enabled or core.moving_jobs():
+                from hub.balance import Balancer
+                core.balancer = Balancer(core, discovery)
+                core.balancer.start()
+                server.on_renewed.append(core.balancer.renew_channels)
         except BaseException:
             self.core = self.server = None
             if server is not None:

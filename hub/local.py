@@ -141,6 +141,23 @@ class LocalBackend(Backend):
         """When a job of this shape would start behind the queue, from the queue model (walltimes as runtimes)."""
         return self._queues[partition].wait(gpus, walltime_s, time.time())
 
+    async def waiting(self) -> list[tuple[str, float]]:
+        """Each queued job's expected wait, from the queue model (the order it would start in, walltimes as
+        runtimes)."""
+        now = time.time()
+        out = []
+        for queue in self._queues.values():
+            out += [(key, max(0.0, start - now)) for key, start in queue.snapshot(now).starts().items()]
+        return out
+
+    async def withdraw(self, job_id: str) -> bool:
+        task = self._waiting.pop(job_id, None)
+        if task is None:
+            return False
+        self._queues[task.job.partition].remove(job_id)
+        self._schedule()
+        return True
+
     async def close(self) -> None:
         """Stop following jobs; running processes keep going and are taken back by the next start."""
         self._closed = True

@@ -28,21 +28,31 @@ STREAM_ENUM = {"stdout": jobs_pb2.LOG_STREAM_STDOUT, "stderr": jobs_pb2.LOG_STRE
 OPERATOR_METHODS = ("GetAdvert", "WatchAdverts", "GetJob", "WatchJob", "CancelJob", "StreamLogs", "SetDrain",
                     "GetUsage")
 OPERATOR_ONLY = ("SetDrain",)
+# Peer hubs (load balancing): read adverts, hand jobs over, and look at or cancel the jobs they handed here.
+PEER_METHODS = ("GetAdvert", "WatchAdverts", "HandOffJobs", "GetJob", "CancelJob")
+PEER_ONLY = ("HandOffJobs",)
 
 
 def access_rules(site: str) -> dict[str, Rule]:
-    """Who may call what on a hub: antennas; this site's operators to look at and cancel any job here; never
-    users, never another site's operators."""
+    """Who may call what on a hub: antennas; this site's operators to look at and cancel any job here; peer hubs
+    to balance load; never users, never another site's operators."""
 
     def rule(method: str) -> Rule:
-        roles = (Role.OPERATOR,) if method in OPERATOR_ONLY else \
-            (Role.ANTENNA, Role.OPERATOR) if method in OPERATOR_METHODS else (Role.ANTENNA,)
+        if method in PEER_ONLY:
+            roles: tuple[Role, ...] = (Role.HUB,)
+        elif method in OPERATOR_ONLY:
+            roles = (Role.OPERATOR,)
+        else:
+            roles = (Role.ANTENNA, Role.OPERATOR) if method in OPERATOR_METHODS else (Role.ANTENNA,)
+            roles += (Role.HUB,) if method in PEER_METHODS else ()
         by_role = allow_roles(*roles)
 
         def check(who: Identity) -> None:
             by_role(who)
             if who.role is Role.OPERATOR and who.site != site:
                 raise PermissionDenied(f"operator {who.name} of site {who.site} may not operate hub {site}")
+            if who.role is Role.HUB and who.site == site:
+                raise PermissionDenied(f"hub {site} does not call itself as a peer")
         return check
 
     service = hub_pb2.DESCRIPTOR.services_by_name["Hub"]
@@ -101,11 +111,18 @@ class HubService(hub_pb2_grpc.HubServicer):
         return hub_pb2.ForwardJobResponse(job=convert.job_to_pb(job), duplicate=duplicate)
 
     async def ForwardJobs(self, request, context):
+        return await self._forward_jobs(request)
+
+    async def HandOffJobs(self, request, context):
+        return await self._forward_jobs(request, hand_off=True)
+
+    async def _forward_jobs(self, request, hand_off: bool = False) -> hub_pb2.ForwardJobsResponse:
         if len(request.jobs) > MAX_BATCH:  # before converting any of them
             raise InvalidArgument(f"at most {MAX_BATCH} jobs per batch, not {len(request.jobs)}")
         requests = [(r.idempotency_key, convert.job_from_pb(r.job)) for r in request.jobs]
         results = []
-        for (job_or_error, duplicate), (_, asked) in zip(await self.core.forward_many(caller(), requests), requests):
+        answers = await self.core.forward_many(caller(), requests, hand_off=hand_off)
+        for (job_or_error, duplicate), (_, asked) in zip(answers, requests):
             if isinstance(job_or_error, AifedError):
                 results.append(hub_pb2.ForwardResult(job_id=asked.id, error=convert.error_pb(job_or_error)))
             else:

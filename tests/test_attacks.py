@@ -183,8 +183,10 @@ def request(service: str, method: str, job_id: str = SOME_ID):
         return {"GetAdvert": hub_pb2.AdvertRequest(), "WatchAdverts": hub_pb2.AdvertRequest(),
                 "ForwardJob": forward_request("k", forwarded()),
                 "ForwardJobs": hub_pb2.ForwardJobsRequest(jobs=[forward_request("k", forwarded())]),
+                "HandOffJobs": hub_pb2.ForwardJobsRequest(jobs=[forward_request("k", forwarded())]),
                 "WatchChanges": hub_pb2.WatchChangesRequest(), "GetJob": ref, "WatchJob": ref, "CancelJob": ref,
-                "StreamLogs": logs}[method]
+                "StreamLogs": logs, "SetDrain": hub_pb2.SetDrainRequest(drain=True),
+                "GetUsage": hub_pb2.HubUsageRequest()}[method]
     return {"SubmitJob": submit_request(), "SubmitJobs": antenna_pb2.SubmitJobsRequest(jobs=[submit_request()]),
             "GetJob": ref, "ListJobs": antenna_pb2.ListJobsRequest(), "WatchJob": ref, "CancelJob": ref,
             "StreamLogs": logs, "ListSites": antenna_pb2.ListSitesRequest()}[method]
@@ -388,9 +390,16 @@ async def test_certificate_claiming_an_identity_it_was_not_issued_for(afed, test
 ROLE_ATTACKS = [
     # 7: users never call a hub
     *[("user/antenna-a/alice", "leonardo", m) for m in
-      ("GetAdvert", "WatchAdverts", "ForwardJob", "ForwardJobs", "WatchChanges", "GetJob", "CancelJob")],
-    # 6: no hub-to-hub RPCs (yet): a hub calling another hub, or itself
-    *[("hub/lumi", "leonardo", m) for m in ("ForwardJobs", "ForwardJob", "GetJob", "WatchChanges", "CancelJob")],
+      ("GetAdvert", "WatchAdverts", "ForwardJob", "ForwardJobs", "WatchChanges", "GetJob", "CancelJob",
+       "HandOffJobs")],
+    # 6: the hub-to-hub RPC (load balancing) is for peer hubs only: not an antenna, not an operator, not a hub
+    # calling itself; and a peer hub may not act as an antenna (forward, follow an antenna's changes)
+    ("antenna/antenna-a", "leonardo", "HandOffJobs"),
+    ("antenna/antenna-b", "leonardo", "HandOffJobs"),
+    ("operator/leonardo/atk-leo", "leonardo", "HandOffJobs"),
+    ("hub/leonardo", "leonardo", "HandOffJobs"),
+    *[("hub/lumi", "leonardo", m) for m in ("ForwardJobs", "ForwardJob", "WatchChanges", "WatchJob", "StreamLogs",
+                                            "SetDrain", "GetUsage")],
     ("hub/leonardo", "leonardo", "ForwardJobs"),
     # daemons calling an antenna's user service
     ("hub/leonardo", "antenna-a", "ListJobs"),
@@ -410,6 +419,18 @@ ROLE_ATTACKS = [
 async def test_role_may_not_call_method(afed, test_pki, who, site, method):
     job = await denied_call(afed, test_pki, who, site, method)
     assert (await afed.client("alice").get(job.id)).state is JobState.QUEUED
+
+
+@attack
+@pytest.mark.parametrize("method", ["GetJob", "CancelJob"])
+async def test_a_peer_hub_sees_only_the_jobs_it_handed_over(afed, test_pki, method):
+    """A peer hub may look at and cancel the jobs it moved to this hub (load balancing), no others: NOT_FOUND,
+    and their existence is not disclosed."""
+    job = await held_job(afed)
+    before = snapshot(afed)
+    channel = connect(afed, "leonardo", tls_of(test_pki, "hub/lumi"))
+    await refused(C.NOT_FOUND, call(channel, "hub", method, request("hub", method, job.id)))
+    assert snapshot(afed) == before
 
 
 async def denied_call(fed: Federation, test_pki, who: str, site: str, method: str) -> Job:

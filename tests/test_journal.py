@@ -132,6 +132,7 @@ def test_unfinished_lists_only_live_jobs_oldest_first_with_refs(journal):
     live = journal.unfinished()
     # created = 100 - i, so the later states in the enum are the older jobs.
     assert [(job.id, job.state, ref) for job, ref in live] == [
+        ("j10", JobState.MOVING, "ref-MOVING"),  # not final: being handed to a peer hub (MOVED is final)
         ("j9", JobState.UNKNOWN, "ref-UNKNOWN"),  # not final: the scheduler's state is merely unknown
         ("j3", JobState.RUNNING, "ref-RUNNING"),
         ("j2", JobState.QUEUED, "ref-QUEUED"),

@@ -151,7 +151,7 @@ def test_moved_to_the_same_state_adds_no_history():
 
 def test_final_states():
     assert {s for s in JobState if s.final} == {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED,
-                                                 JobState.TIMEOUT, JobState.LOST}
+                                                 JobState.TIMEOUT, JobState.LOST, JobState.MOVED}
 
 
 # -- convert -----------------------------------------------------------------------------------------

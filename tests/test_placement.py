@@ -1,4 +1,4 @@
-"""Placement policies (antenna/placement.py): each policy's order, the correction for jobs a hub has not counted
+"""Placement policies (federation/placement.py): each policy's order, the correction for jobs a hub has not counted
 yet (no herding), and the policies through real daemons: round-robin, home-only, and an array spread by
 earliest-start."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from antenna.placement import POLICIES, UNSEEN_TTL_S, Candidate, Placer
+from federation.placement import POLICIES, UNSEEN_TTL_S, Candidate, Placer
 from federation.config import load_antenna
 from federation.errors import ConfigError
 from federation.model import JobSpec, JobState

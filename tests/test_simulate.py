@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from antenna.placement import POLICIES
+from federation.placement import POLICIES
 from federation import cli
 from federation.simulate import BOUND_S, TraceJob, Workload, _Site, read_trace, run, simulate, workload
 

@@ -91,6 +91,11 @@ class HubStub:
                 request_serializer=aifed_dot_v1_dot_hub__pb2.HubUsageRequest.SerializeToString,
                 response_deserializer=aifed_dot_v1_dot_hub__pb2.HubUsageResponse.FromString,
                 _registered_method=True)
+        self.HandOffJobs = channel.unary_unary(
+                '/aifed.v1.Hub/HandOffJobs',
+                request_serializer=aifed_dot_v1_dot_hub__pb2.ForwardJobsRequest.SerializeToString,
+                response_deserializer=aifed_dot_v1_dot_hub__pb2.ForwardJobsResponse.FromString,
+                _registered_method=True)
 
 
 class HubServicer:
@@ -172,6 +177,15 @@ class HubServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HandOffJobs(self, request, context):
+        """Peer hubs only (load balancing): take jobs another hub has withdrawn from its own queue, because this hub
+        would start them sooner. Same contract as ForwardJobs: one result per job, a refusal is final, an error of
+        the call leaves the outcome unknown (the caller retries with the same keys). A job moves one hop at most.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -229,6 +243,11 @@ def add_HubServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=aifed_dot_v1_dot_hub__pb2.HubUsageRequest.FromString,
                     response_serializer=aifed_dot_v1_dot_hub__pb2.HubUsageResponse.SerializeToString,
+            ),
+            'HandOffJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.HandOffJobs,
+                    request_deserializer=aifed_dot_v1_dot_hub__pb2.ForwardJobsRequest.FromString,
+                    response_serializer=aifed_dot_v1_dot_hub__pb2.ForwardJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -528,6 +547,33 @@ class Hub:
             '/aifed.v1.Hub/GetUsage',
             aifed_dot_v1_dot_hub__pb2.HubUsageRequest.SerializeToString,
             aifed_dot_v1_dot_hub__pb2.HubUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandOffJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aifed.v1.Hub/HandOffJobs',
+            aifed_dot_v1_dot_hub__pb2.ForwardJobsRequest.SerializeToString,
+            aifed_dot_v1_dot_hub__pb2.ForwardJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,6 +24,8 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_TIMEOUT: _ClassVar[JobState]
     JOB_STATE_LOST: _ClassVar[JobState]
     JOB_STATE_UNKNOWN: _ClassVar[JobState]
+    JOB_STATE_MOVING: _ClassVar[JobState]
+    JOB_STATE_MOVED: _ClassVar[JobState]
 
 class AccessMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -49,6 +51,8 @@ JOB_STATE_CANCELLED: JobState
 JOB_STATE_TIMEOUT: JobState
 JOB_STATE_LOST: JobState
 JOB_STATE_UNKNOWN: JobState
+JOB_STATE_MOVING: JobState
+JOB_STATE_MOVED: JobState
 ACCESS_MODE_UNSPECIFIED: AccessMode
 ACCESS_MODE_PLAYGROUND: AccessMode
 ACCESS_MODE_FAST_LANE: AccessMode
@@ -114,7 +118,7 @@ class Transition(_message.Message):
     def __init__(self, state: _Optional[_Union[JobState, str]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "spec", "state", "owner", "antenna", "site", "partition", "has_exit_code", "exit_code", "reason", "history", "created_at", "updated_at", "country")
+    __slots__ = ("id", "spec", "state", "owner", "antenna", "site", "partition", "has_exit_code", "exit_code", "reason", "history", "created_at", "updated_at", "country", "alternatives", "moved_from", "moved_to")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +133,9 @@ class Job(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     COUNTRY_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FROM_FIELD_NUMBER: _ClassVar[int]
+    MOVED_TO_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: JobSpec
     state: JobState
@@ -143,7 +150,10 @@ class Job(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
     country: str
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., owner: _Optional[str] = ..., antenna: _Optional[str] = ..., site: _Optional[str] = ..., partition: _Optional[str] = ..., has_exit_code: _Optional[bool] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., country: _Optional[str] = ...) -> None: ...
+    alternatives: _containers.RepeatedScalarFieldContainer[str]
+    moved_from: str
+    moved_to: str
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., owner: _Optional[str] = ..., antenna: _Optional[str] = ..., site: _Optional[str] = ..., partition: _Optional[str] = ..., has_exit_code: _Optional[bool] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., country: _Optional[str] = ..., alternatives: _Optional[_Iterable[str]] = ..., moved_from: _Optional[str] = ..., moved_to: _Optional[str] = ...) -> None: ...
 
 class JobShape(_message.Message):
     __slots__ = ("gpus", "walltime_s", "partition")
