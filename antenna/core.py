@@ -366,7 +366,7 @@ class AntennaCore:
 
     def _precheck_once(self, spec: JobSpec, country: str, sites: dict[tuple, str]) -> str:
         shape = (spec.site, spec.partition, spec.gpus, spec.cpus, spec.walltime_s, spec.access_mode, spec.sector,
-                 spec.sector_required, country)
+                 spec.sector_required, spec.exclude, country)
         if shape not in sites:
             sites[shape] = self.precheck(spec, country)
         return sites[shape]
@@ -444,7 +444,10 @@ class AntennaCore:
                 if not any(v.fits for v in verdicts.values()) else "waiting at the antenna: being placed now")
 
     def _why_not(self, spec: JobSpec, site: HubSite, country: str) -> str:
-        """Why a hub whose advert is known could never take this job: the advert's filters, or the policy's."""
+        """Why a hub whose advert is known could never take this job: its owner's exclusion, the advert's filters,
+        or the policy's."""
+        if site.site in spec.exclude:
+            return "is excluded by the job's owner (--exclude)"
         return why_not(spec, site.advert, country) or self.placer.excludes(site.site)
 
     def _candidates(self, verdicts: list[Verdict], spec: JobSpec) -> list[Candidate]:
@@ -463,7 +466,12 @@ class AntennaCore:
         return out
 
     def _order(self, verdicts: list[Verdict], spec: JobSpec, turn: bool = True) -> list[Scored]:
-        return self.placer.order(self._candidates(verdicts, spec), spec.gpus, spec.walltime_s, turn=turn)
+        return self._rank(self._candidates(verdicts, spec), spec, turn)
+
+    def _rank(self, candidates: list[Candidate], spec: JobSpec, turn: bool = True) -> list[Scored]:
+        """The policy's order, with the user's preferred hubs first where they would start the job in time."""
+        ranked = self.placer.order(candidates, spec.gpus, spec.walltime_s, turn=turn)
+        return self.placer.preferred_first(ranked, spec.prefer, spec.overflow_after_s) if spec.prefer else ranked
 
     def _why_chosen(self, chosen: Scored) -> str:
         """Why placement chose this hub, in words, for the job's reason."""
@@ -640,7 +648,8 @@ class AntennaCore:
                 self._queue(job)
                 continue
             s = job.spec
-            groups[(s.gpus, s.cpus, s.walltime_s, s.partition, s.access_mode, s.site, s.sector,
+            groups[(s.gpus, s.cpus, s.walltime_s, s.partition, s.access_mode, s.site, s.sector, s.prefer, s.exclude,
+                    s.overflow_after_s,
                     s.sector_required, job.country)].append(job)
         decisions: list[tuple[str, JobState, str, str]] = []  # (job id, state, site, reason)
         waiting: list[str] = []
@@ -656,7 +665,7 @@ class AntennaCore:
                 waiting += [job.id for job in group]
                 continue
             for job in group:  # one by one: what this antenna just sent counts against each hub (no herding)
-                chosen = self.placer.order(candidates, spec.gpus, spec.walltime_s)[0]
+                chosen = self._rank(candidates, spec)[0]
                 self.placer.sent(chosen.site, job.id, spec.gpus, spec.walltime_s)
                 self.metrics.placements.labels(chosen.site).inc()
                 decisions.append((job.id, JobState.PENDING, chosen.site,
@@ -689,7 +698,7 @@ class AntennaCore:
 
         fit_now = [s for s in candidates if s.advert is not None and s.fresh and not self._why_not(spec, s, country)]
         # Estimates are asked when the policy compares them and there is a choice to make, or for explain.
-        ask = estimates or (len(fit_now) > 1 and self.placer.needs_estimates)
+        ask = estimates or (len(fit_now) > 1 and (self.placer.needs_estimates or bool(spec.prefer)))
 
         async def judge(site: HubSite) -> Verdict:
             if site.untrusted:
@@ -769,19 +778,18 @@ class AntennaCore:
         """One ForwardJobs call. An acknowledgement needs no write here: the hub journaled the job, a resend
         after a crash is answered as a duplicate, and the job's new state arrives on the change feed. Only a
         refusal is journaled (FAILED)."""
-        alternatives: dict[tuple, list[str]] = {}
+        alternatives: dict[tuple, list[str]] = {}  # one list per job shape (what the filters read)
+        keys = {}
         for job in jobs:
             s = job.spec
-            shape = (s.gpus, s.cpus, s.walltime_s, s.partition, s.access_mode, s.site, s.sector, s.sector_required,
-                     job.country)
-            if shape not in alternatives:
-                alternatives[shape] = self._alternatives(job, site.site)
+            keys[job.id] = key = (s.gpus, s.cpus, s.walltime_s, s.partition, s.access_mode, s.site, s.sector,
+                                  s.sector_required, s.exclude, job.country)
+            if key not in alternatives:
+                alternatives[key] = self._alternatives(job, site.site)
         request = hub_pb2.ForwardJobsRequest(jobs=[hub_pb2.ForwardJobRequest(
             idempotency_key=job.id, job=jobs_pb2.Job(
                 id=job.id, spec=convert.spec_to_pb(job.spec), owner=job.owner, antenna=job.antenna,
-                state=int(job.state), country=job.country, alternatives=alternatives[
-                    (job.spec.gpus, job.spec.cpus, job.spec.walltime_s, job.spec.partition, job.spec.access_mode,
-                     job.spec.site, job.spec.sector, job.spec.sector_required, job.country)]))
+                state=int(job.state), country=job.country, alternatives=alternatives[keys[job.id]]))
             for job in jobs])
         elsewhere: dict[str, str] = {}
         try:

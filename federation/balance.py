@@ -5,7 +5,8 @@ Each round, a hub looks at the jobs waiting in its own queue, with the wait its 
 (`federation.queue.QueueView.starts`). A job is offered when that wait exceeds the threshold; it moves to the
 peer, among those its antenna allowed (`Job.alternatives`, the hubs that passed the antenna's filters), that
 the antenna's own `earliest-start` placement code ranks first, if that peer would start it clearly sooner
-(`BalanceConfig.worth_moving`). The jobs that have waited longest are looked at first. What this hub hands to a
+(`BalanceConfig.worth_moving`). The jobs that would wait longest are looked at first, at most `MAX_LOOKED_AT`
+per round. What this hub hands to a
 peer counts against the peer's estimates until the peer's adverts show it (the placer's correction for jobs
 not seen yet), and at most `max_per_peer` jobs go to one peer per round. A peer that fails or refuses
 `breaker_failures` hand-offs in a row is left alone for `breaker_cooldown_s`, then tried with one job.
@@ -13,12 +14,16 @@ not seen yet), and at most `max_per_peer` jobs go to one peer per round. A peer 
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from federation.config import BalanceConfig
 from federation.placement import Candidate, Placer
+
+
+MAX_LOOKED_AT = 200  # jobs looked at per round, longest waits first: a round's cost is bounded
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +85,8 @@ def plan(waiting: Iterable[Waiting], estimate: Callable[[str, Waiting], Candidat
     correction uses; `clock`: the breaker's (monotonic) clock."""
     moves: list[Move] = []
     sent: dict[str, int] = {}
-    for job in sorted((w for w in waiting if w.alternatives and w.wait_s > settings.threshold_s),
-                      key=lambda w: (-w.wait_s, w.key)):
+    eligible = (w for w in waiting if w.alternatives and w.wait_s > settings.threshold_s)
+    for job in heapq.nsmallest(MAX_LOOKED_AT, eligible, key=lambda w: (-w.wait_s, w.key)):
         candidates = []
         for peer in job.alternatives:
             room = breaker.allows(peer, clock)

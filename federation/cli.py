@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="walltime: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (default 1:00:00)")
     s.add_argument("-p", "--partition", help="partition (default: the hub chooses)")
     s.add_argument("--site", default="", help="run only at this hub site")
+    s.add_argument("--prefer", type=_sites, default=(),
+                   help="hub sites you prefer, in order (comma-separated): the job goes to the first that would "
+                        "start it within --overflow-after, else wherever placement chooses")
+    s.add_argument("--overflow-after", type=_duration, default=None,
+                   help="how long you would wait for a preferred site before the job overflows elsewhere "
+                        "(default 1:00:00)")
+    s.add_argument("--exclude", type=_sites, default=(), help="hub sites the job must never go to (comma-separated)")
     s.add_argument("--mode", type=_mode, default=AccessMode.UNSPECIFIED,
                    help="access mode: playground, fast-lane, large-scale, ai-for-science")
     s.add_argument("-A", "--project", help="project / account")
@@ -335,6 +342,13 @@ def _array(text: str | None) -> str:
     return text
 
 
+def _sites(text: str) -> tuple[str, ...]:
+    sites = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not sites:
+        raise argparse.ArgumentTypeError("give one or more site names, comma-separated")
+    return sites
+
+
 def _memory(text: str) -> int:
     try:
         return sbatch.parse_memory_mb(text)
@@ -348,8 +362,13 @@ def _spec(flags: dict, directives: dict, args: argparse.Namespace, **what) -> Jo
     merged = {k: flags[k] if flags[k] is not None else directives.get(k, defaults[k]) for k in defaults}
     if args.require_sector and not args.sector:
         raise UsageError("--require-sector needs --sector")
+    if args.overflow_after is not None and not args.prefer:
+        raise UsageError("--overflow-after needs --prefer")
+    if args.site and (args.prefer or args.exclude):
+        raise UsageError("--site pins the job to one hub: --prefer and --exclude do not apply")
+    overflow = {} if args.overflow_after is None else {"overflow_after_s": args.overflow_after}
     return JobSpec(**merged, site=args.site, access_mode=args.mode, env=dict(args.env), sector=args.sector,
-                   sector_required=args.require_sector, **what)
+                   sector_required=args.require_sector, prefer=args.prefer, exclude=args.exclude, **overflow, **what)
 
 
 def _print_json(value) -> None:

@@ -26,7 +26,8 @@ def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
         gpus=spec.gpus, cpus=spec.cpus, memory_mb=spec.memory_mb, walltime_s=spec.walltime_s,
         partition=spec.partition, access_mode=int(spec.access_mode), project=spec.project, site=spec.site,
         array_job=spec.array_job, array_task=spec.array_task, sector=spec.sector,
-        sector_required=spec.sector_required)
+        sector_required=spec.sector_required, prefer=spec.prefer, exclude=spec.exclude,
+        overflow_after_s=spec.overflow_after_s)
 
 
 def spec_from_pb(msg: jobs_pb2.JobSpec) -> JobSpec:
@@ -40,7 +41,8 @@ def spec_from_pb(msg: jobs_pb2.JobSpec) -> JobSpec:
         env=dict(msg.env), gpus=msg.gpus, cpus=msg.cpus or 1, memory_mb=msg.memory_mb,
         walltime_s=msg.walltime_s or JobSpec.walltime_s, partition=msg.partition, access_mode=mode,
         project=msg.project, site=msg.site, array_job=msg.array_job, array_task=msg.array_task,
-        sector=msg.sector, sector_required=msg.sector_required)
+        sector=msg.sector, sector_required=msg.sector_required, prefer=tuple(msg.prefer), exclude=tuple(msg.exclude),
+        overflow_after_s=msg.overflow_after_s if msg.prefer else JobSpec.overflow_after_s)
 
 
 def job_to_pb(job: Job, spec: bool = True) -> jobs_pb2.Job:

@@ -71,6 +71,8 @@ RESERVED_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "AIFED_")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME = re.compile(r"^[\w.+-]{0,128}$")
 _SECTOR = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
+_SITE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+MAX_SITE_CHOICES = 16
 _ARRAY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}[a-z0-9]-[a-z0-9]{1,64}")  # a job id
 
 
@@ -95,6 +97,9 @@ class JobSpec:
     array_task: int = 0   # and this task's index
     sector: str = ""      # strategic sector (health, climate...): specialised hubs are preferred
     sector_required: bool = False  # only hubs specialised in `sector`
+    prefer: tuple[str, ...] = ()   # hubs the user prefers, in order (placement takes the first that would start
+    overflow_after_s: int = 3600   # the job within this long; else the policy chooses among all)
+    exclude: tuple[str, ...] = ()  # hubs the job must never go to
 
     def array_env(self) -> dict[str, str]:
         """What a task of a job array finds in its environment (also under Slurm's names, so that existing
@@ -146,10 +151,29 @@ class JobSpec:
                                   "such as health, climate, public-sector")
         if self.sector_required and not self.sector:
             raise InvalidArgument("a required sector needs a sector")
+        _check_sites(self)
         if self.array_job and not _ARRAY_ID.fullmatch(self.array_job):
             raise InvalidArgument(f"array id {self.array_job[:80]!r} is not valid")
         if self.access_mode not in AccessMode.__members__.values():
             raise InvalidArgument(f"unknown access mode {self.access_mode}")
+
+
+def _check_sites(spec: JobSpec) -> None:
+    for name, sites in (("preferred", spec.prefer), ("excluded", spec.exclude)):
+        if len(sites) > MAX_SITE_CHOICES:
+            raise InvalidArgument(f"at most {MAX_SITE_CHOICES} {name} sites, not {len(sites)}")
+        for site in sites:
+            if not _SITE.fullmatch(site):
+                raise InvalidArgument(f"{name} site {site[:80]!r} is not a site name (lower-case letters, digits, "
+                                      "'-')")
+        if len(set(sites)) != len(sites):
+            raise InvalidArgument(f"a site is listed twice among the {name} sites")
+    if both := sorted(set(spec.prefer) & set(spec.exclude)):
+        raise InvalidArgument(f"site {both[0]} is both preferred and excluded")
+    if spec.site and (spec.prefer or spec.exclude):
+        raise InvalidArgument("a job pinned to a site (--site) takes no preferred or excluded sites")
+    _bounded("overflow_after", spec.overflow_after_s, 0, MAX_WALLTIME_S)
+
 
 
 def _bounded(name: str, value: int, low: int, high: int) -> None:

@@ -173,6 +173,23 @@ class Placer:
         # Specialised hubs first, each group in the policy's order (sorted() is stable).
         return sorted(ranked, key=lambda s: not s.candidate.specialised)
 
+    def expected_wait(self, candidate: Candidate, now: float | None = None) -> float:
+        """The hub's estimate for the job, plus what this antenna sent there that the hub does not show yet."""
+        now = time.time() if now is None else now
+        return candidate.wait_s + self.unseen_gpu_s(candidate.site, now) / max(candidate.total_gpus, 1)
+
+    def preferred_first(self, ranked: list[Scored], prefer: tuple[str, ...], overflow_after_s: float,
+                        now: float | None = None) -> list[Scored]:
+        """The user's preferred hubs before the policy's order: the first of them, in the user's order, that passed
+        the filters and would start the job within `overflow_after_s` (counting what this antenna just sent
+        there) goes first; if none would, the job overflows: the policy's order stands."""
+        by_site = {s.site: s for s in ranked}
+        for name in prefer:
+            s = by_site.get(name)
+            if s is not None and self.expected_wait(s.candidate, now) <= overflow_after_s:
+                return [s, *(r for r in ranked if r is not s)]
+        return ranked
+
     # -- what hubs have not seen yet -----------------------------------------------------------------
 
     def sent(self, site: str, job_id: str, gpus: int, walltime_s: float, now: float | None = None) -> None:

@@ -28,7 +28,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from federation.balance import Breaker, Waiting, plan
+from federation.balance import MAX_LOOKED_AT, Breaker, Waiting, plan
 from federation.config import BalanceConfig
 from federation.placement import POLICIES, Candidate, Placer
 from federation.queue import PartitionQueue, QueueView
@@ -151,6 +151,7 @@ class _Site:
         self.queue = PartitionQueue(gpus)
         self.period, self.phase, self.delay = period_s, phase_s, delay_s
         self.changed_at = -math.inf
+        self.changes = 0  # state changes so far
         self.views: list[tuple[float, QueueView]] = []  # (advert time, what it showed), oldest first
         self.first_view = 0
         self._now: QueueView | None = None  # the current state's view, until it changes
@@ -178,6 +179,7 @@ class _Site:
             self.views.append((first, self._current(last)))
         self.changed_at = t
         self._now = None
+        self.changes += 1
 
     def visible(self, t: float) -> tuple[float, QueueView]:
         """The latest advert an antenna sees at t: when it went out, and the queue it showed."""
@@ -240,6 +242,8 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
     order = 0
     moved: set[int] = set()  # jobs handed to another site (once at most)
     next_round = [0.0] * len(hubs)
+    seen = [-1] * len(hubs)  # the changes (at every site) a site's last round saw: with none since, it skips one
+    replays: list[tuple[int, list]] = [(-1, [])] * len(hubs)
     balancers = [Placer("earliest-start") for _ in hubs]
     breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_s)  # peers never fail here
 
@@ -258,12 +262,16 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
     def balance_round(h: int, t: float) -> None:
         hub = hubs[h]
         next_round[h] = t + settings.interval_s
-        if len(hub.queue) < 2:
-            return  # a lone waiting job is at the head: nothing to gain from its queue
+        seen[h] = sum(o.changes for o in hubs)
+        if replays[h][0] != hub.changes:  # the replay of its queue, longest waits first, while it is unchanged
+            ordered = sorted(((start, key) for key, start in hub.queue.snapshot(t).starts().items()), reverse=True)
+            replays[h] = (hub.changes, ordered)
         waiting = []
-        for key, start in hub.queue.snapshot(t).starts().items():
+        for start, key in replays[h][1]:
+            if start - t <= settings.threshold_s or len(waiting) == MAX_LOOKED_AT:
+                break
             j = int(key)
-            if start - t > settings.threshold_s and j not in moved:
+            if j not in moved:
                 alternatives = tuple(o.name for o in hubs if o is not hub and o.capacity >= jobs[j].gpus)
                 waiting.append(Waiting(key, jobs[j].gpus, jobs[j].walltime_s, start - t, alternatives))
         if not waiting:
@@ -295,14 +303,24 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
         start_ready(h, t)
 
     i = 0
+    clock = 0.0
     while i < len(jobs) or events:
         if balancing:
+            # A site with jobs waiting looks at its queue every interval, between events too.
             now = min(events[0][0] if events else math.inf, next_arrival(i))
-            for h in range(len(hubs)):
-                if next_round[h] <= now:
-                    balance_round(h, now)
+            changes = sum(o.changes for o in hubs)
+            due = [(max(next_round[h], clock), h) for h in range(len(hubs))
+                   if len(hubs[h].queue) >= 2 and seen[h] != changes]
+            if due and min(due)[0] < now:
+                at = min(due)[0]
+                for when, h in due:
+                    if when <= at:
+                        balance_round(h, at)
+                clock = at
+                continue
         if events and events[0][0] <= next_arrival(i):
             t, _, h, j = heapq.heappop(events)
+            clock = t
             hub = hubs[h]
             if policy is not None:  # no antenna looks at the pooled cluster's adverts
                 hub.before_change(t, next_arrival(i))
@@ -317,6 +335,7 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
             start_ready(h, t)
             continue
         job, t = jobs[i], jobs[i].submit
+        clock = t
         if policy is None:
             h = 0
         else:

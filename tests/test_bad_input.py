@@ -161,6 +161,10 @@ async def test_cli_unreadable_script(fed, test_pki, tmp_path):
     (["--mem", "lots", "--", "true"], 2, "--mem 'lots' is not a size"),
     (["-G", "64", "--", "true"], 7, "no hub can run this job"),
     (["-p", "gpu-xl", "--", "true"], 6, "no hub has a partition 'gpu-xl'"),
+    (["--overflow-after", "1h", "--", "true"], 2, "--overflow-after needs --prefer"),
+    (["--site", "lumi", "--exclude", "leonardo", "--", "true"], 2, "--prefer and --exclude do not apply"),
+    (["--prefer", "lumi", "--exclude", "lumi", "--", "true"], 2, "site lumi is both preferred and excluded"),
+    (["--exclude", "leonardo,lumi", "--", "true"], 7, "lumi is excluded by the job's owner (--exclude)"),
 ])
 async def test_cli_submit_bad_input(fed, test_pki, args, code, words):
     rc, _, err = await aifed("submit", *conn(fed, test_pki.user("antenna-a", "alice")), *args)

@@ -10,7 +10,8 @@ from federation.placement import POLICIES, UNSEEN_TTL_S, Candidate, Placer
 from federation.config import load_antenna
 from federation.errors import ConfigError
 from federation.model import JobSpec, JobState
-from tests.conftest import running_federation
+from federation.config import PartitionConfig
+from tests.conftest import eventually, running_federation
 from tests.test_allocations import antenna_toml
 
 
@@ -163,3 +164,59 @@ async def test_hubs_advertise_their_partitions_energy_efficiency(test_pki, tmp_p
     async with running_federation(test_pki, tmp_path, {"leonardo": {"partitions": parts}}, antenna={}) as f:
         advert = f.antennas["antenna-a"].core.sites["leonardo"].advert
         assert [(p.name, p.gflops_per_watt) for p in advert.partitions] == [("booster", pytest.approx(52.3))]
+
+
+# -- the user's preferred and excluded hubs ---------------------------------------------------------------------
+
+def test_the_first_preferred_hub_that_would_start_the_job_in_time_goes_first_else_the_policy_decides():
+    p = Placer()
+    ranked = p.order([A, B, C], gpus=1, walltime_s=600, now=0)  # b, c (0 s), then a (100 s)
+    assert sites(p.preferred_first(ranked, ("a", "b"), overflow_after_s=100, now=0))[0] == "a"
+    assert sites(p.preferred_first(ranked, ("a", "b"), overflow_after_s=99, now=0))[0] == "b"  # a overflows to b
+    assert sites(p.preferred_first(ranked, ("a",), overflow_after_s=99, now=0)) == sites(ranked)  # the policy's
+    assert sites(p.preferred_first(ranked, ("gone", "c"), overflow_after_s=0, now=0))[0] == "c"  # not a candidate
+    # What this antenna just sent to a counts: 8 GPUs x 100 s over its 8 GPUs is 100 s more, beyond 150 s.
+    p.sent("a", "j1", gpus=8, walltime_s=100, now=0)
+    assert sites(p.preferred_first(ranked, ("a",), overflow_after_s=150, now=1))[0] != "a"
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"prefer": ("lumi",), "exclude": ("lumi",)}, "site lumi is both preferred and excluded"),
+    ({"prefer": ("lumi",), "site": "lumi"}, "a job pinned to a site (--site) takes no preferred or excluded"),
+    ({"exclude": ("Lumi!",)}, "excluded site 'Lumi!' is not a site name"),
+    ({"prefer": ("lumi", "lumi")}, "a site is listed twice among the preferred sites"),
+    ({"prefer": tuple(f"s{i}" for i in range(17))}, "at most 16 preferred sites"),
+])
+def test_preferred_and_excluded_sites_are_checked(changes, says):
+    from federation.errors import InvalidArgument
+    with pytest.raises(InvalidArgument, match=says.replace("(", r"\(").replace(")", r"\)")):
+        JobSpec(argv=("true",), **changes).validate()
+
+
+async def test_preferred_sites_with_overflow_and_excluded_sites_through_daemons(test_pki, tmp_path):
+    import grpc
+    parts = (PartitionConfig("booster", "A100", 4, 7200),)
+    async with running_federation(test_pki, tmp_path, {"leonardo": {"partitions": parts}, "lumi": {"partitions": parts}},
+                                  antenna={}) as f:
+        alice = f.client("alice")
+        # Both idle: leonardo wins the tie by name, unless lumi is preferred, or leonardo excluded.
+        plain = await alice.wait((await alice.submit(JobSpec(argv=("true",)))).id)
+        preferred = await alice.wait((await alice.submit(JobSpec(argv=("true",), prefer=("lumi",)))).id)
+        excluded = await alice.wait((await alice.submit(JobSpec(argv=("true",), exclude=("leonardo",)))).id)
+        assert [j.site for j in (plain, preferred, excluded)] == ["leonardo", "lumi", "lumi"]
+        assert f.hubs["lumi"].core.journal.get(excluded.id).alternatives == ()  # never moved to leonardo either
+        assert f.hubs["lumi"].core.journal.get(preferred.id).alternatives == ("leonardo",)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await alice.submit(JobSpec(argv=("true",), exclude=("leonardo", "lumi")))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "leonardo is excluded by the job's owner (--exclude)" in err.value.details()
+        # lumi full for two hours: a job preferring it overflows to leonardo unless it would wait that long.
+        busy = await alice.submit(JobSpec(argv=("sleep", "60"), gpus=4, walltime_s=7200, site="lumi"))
+        await eventually(lambda: f.hubs["lumi"].core.journal.state(busy.id) is JobState.RUNNING)
+        await eventually(lambda: f.antennas["antenna-a"].core.sites["lumi"].advert.partitions[0].gpus_free == 0)
+        overflow = await alice.submit(JobSpec(argv=("true",), gpus=4, prefer=("lumi",), overflow_after_s=600))
+        patient = await alice.submit(JobSpec(argv=("true",), gpus=4, prefer=("lumi",), overflow_after_s=7200))
+        assert (await alice.wait(overflow.id)).site == "leonardo"
+        assert (await alice.get(patient.id)).site == "lumi"
+        await alice.cancel(patient.id)
+        await alice.cancel(busy.id)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from federation.config import BalanceConfig
 from federation.placement import POLICIES
 from federation import cli
 from federation.simulate import BOUND_S, TraceJob, Workload, _Site, read_trace, run, simulate, workload
@@ -374,6 +375,23 @@ def test_earliest_start_never_does_worse_than_home_only_on_an_imbalanced_workloa
     assert home["mean_wait_s"] > 0  # the home site alone is overloaded
     assert best["mean_wait_s"] <= home["mean_wait_s"]
     assert best["mean_bounded_slowdown"] <= home["mean_bounded_slowdown"]
+
+
+def test_sites_hand_long_waiting_jobs_to_an_idle_peer_once_and_never_under_home_only():
+    # Round-robin sends every other job of 2 GPUs for 1000 s to the 2-GPU site: its queue grows by 1000 s a job,
+    # while the 16-GPU site (8 at a time) never fills. Past the threshold (600 s of expected wait), the small
+    # site hands its waiting jobs to the big one, which starts them at once.
+    jobs = [(10 * k, 1000, 2) for k in range(12)]
+    still = simulate(hand_workload(jobs), [2, 16], "round-robin", balance=BalanceConfig(enabled=False)).summary()
+    moving = simulate(hand_workload(jobs), [2, 16], "round-robin").summary()
+    assert still["moved"] == 0 and still["mean_wait_s"] > 1000
+    assert moving["jobs"] == still["jobs"] == 12  # every job ran, once
+    # Jobs 2, 4, 6 and 8 are moved one round (10 s) after they arrive; job 10 would wait as long at the big site,
+    # full by then (8 jobs of 2 GPUs running, 1 waiting), so it stays.
+    assert moving["moved"] == 4
+    assert moving["mean_wait_s"] < still["mean_wait_s"] / 3
+    home = simulate(hand_workload(jobs, antenna=[0] * 12), [2, 16], "home-only").summary()
+    assert home["moved"] == 0  # no federation, no balancing
 
 
 def test_home_only_rejects_the_jobs_its_home_site_is_too_small_for():

@@ -63,7 +63,7 @@ LOG_STREAM_STDOUT: LogStream
 LOG_STREAM_STDERR: LogStream
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "argv", "script", "script_args", "env", "gpus", "cpus", "memory_mb", "walltime_s", "partition", "access_mode", "project", "site", "array_job", "array_task", "sector", "sector_required")
+    __slots__ = ("name", "argv", "script", "script_args", "env", "gpus", "cpus", "memory_mb", "walltime_s", "partition", "access_mode", "project", "site", "array_job", "array_task", "sector", "sector_required", "prefer", "exclude", "overflow_after_s")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,9 @@ class JobSpec(_message.Message):
     ARRAY_TASK_FIELD_NUMBER: _ClassVar[int]
     SECTOR_FIELD_NUMBER: _ClassVar[int]
     SECTOR_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    PREFER_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     script: str
@@ -105,7 +108,10 @@ class JobSpec(_message.Message):
     array_task: int
     sector: str
     sector_required: bool
-    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., script: _Optional[str] = ..., script_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpus: _Optional[int] = ..., cpus: _Optional[int] = ..., memory_mb: _Optional[int] = ..., walltime_s: _Optional[int] = ..., partition: _Optional[str] = ..., access_mode: _Optional[_Union[AccessMode, str]] = ..., project: _Optional[str] = ..., site: _Optional[str] = ..., array_job: _Optional[str] = ..., array_task: _Optional[int] = ..., sector: _Optional[str] = ..., sector_required: _Optional[bool] = ...) -> None: ...
+    prefer: _containers.RepeatedScalarFieldContainer[str]
+    exclude: _containers.RepeatedScalarFieldContainer[str]
+    overflow_after_s: int
+    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., script: _Optional[str] = ..., script_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpus: _Optional[int] = ..., cpus: _Optional[int] = ..., memory_mb: _Optional[int] = ..., walltime_s: _Optional[int] = ..., partition: _Optional[str] = ..., access_mode: _Optional[_Union[AccessMode, str]] = ..., project: _Optional[str] = ..., site: _Optional[str] = ..., array_job: _Optional[str] = ..., array_task: _Optional[int] = ..., sector: _Optional[str] = ..., sector_required: _Optional[bool] = ..., prefer: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., overflow_after_s: _Optional[int] = ...) -> None: ...
 
 class Transition(_message.Message):
     __slots__ = ("state", "at", "reason")
