@@ -398,9 +398,11 @@ class AntennaCore:
         return Job(id="", spec=spec, state=JobState.PENDING, owner=who.uri, antenna=self.config.site, site=site,
                    reason=reason, created_at=now, updated_at=now, country=country)
 
-    async def explain(self, who: Identity, job_id: str) -> tuple[Job, str, list[tuple[Verdict, int]], str, str]:
+    async def explain(self, who: Identity, job_id: str
+                      ) -> tuple[Job, str, list[tuple[Verdict, int]], str, str, Transition | None]:
         """Why a job is where it is: (the job, its status in words, each hub's verdict for it now with its rank
-        in placement's order (0: not a candidate), why it is pinned to one hub, its allocation)."""
+        in placement's order (0: not a candidate), why it is pinned to one hub, its allocation, and the
+        placement decision recorded when it was placed, if it was)."""
         job = self.get(who, job_id)
         spec = replace(job.spec, site="")
         verdicts = await self.verdicts(spec, job.country, estimates=True) if self.sites else []
@@ -417,7 +419,9 @@ class AntennaCore:
                     pinned = f"pinned to {a.hub}: its allocation ({a.window}) is for that hub only"
         if job.spec.site and not pinned:
             pinned = f"pinned to {job.spec.site} when it was submitted (--site)"
-        return job, self._status(job, {v.site: v for v in verdicts}), ranked, pinned, allocation
+        placed = next((t for t in reversed(job.history) if t.state is JobState.PENDING and t.reason.startswith(PLACED)),
+                      None)
+        return job, self._status(job, {v.site: v for v in verdicts}), ranked, pinned, allocation, placed
 
     def _status(self, job: Job, verdicts: dict[str, Verdict]) -> str:
         """The job's situation in words, for `aifed explain`."""
@@ -649,15 +653,14 @@ class AntennaCore:
                 continue
             s = job.spec
             groups[(s.gpus, s.cpus, s.walltime_s, s.partition, s.access_mode, s.site, s.sector, s.prefer, s.exclude,
-                    s.overflow_after_s,
-                    s.sector_required, job.country)].append(job)
-        decisions: list[tuple[str, JobState, str, str]] = []  # (job id, state, site, reason)
+                    s.overflow_after_s, s.sector_required, job.country)].append(job)
+        decisions: list[tuple[str, JobState, str, str, str]] = []  # (job id, state, site, reason, decision)
         waiting: list[str] = []
         for group in groups.values():
             verdicts = await self.verdicts(group[0].spec, group[0].country)
             if verdicts and not any(v.fits or v.transient for v in verdicts):
                 reason = "no hub can run this job: " + "; ".join(f"{v.site} {v.reason}" for v in verdicts)
-                decisions += [(job.id, JobState.FAILED, "", reason) for job in group]
+                decisions += [(job.id, JobState.FAILED, "", reason, "") for job in group]
                 continue
             spec = group[0].spec
             candidates = self._candidates(verdicts, spec)
@@ -665,20 +668,25 @@ class AntennaCore:
                 waiting += [job.id for job in group]
                 continue
             for job in group:  # one by one: what this antenna just sent counts against each hub (no herding)
-                chosen = self._rank(candidates, spec)[0]
+                ranked = self._rank(candidates, spec)
+                chosen = ranked[0]
                 self.placer.sent(chosen.site, job.id, spec.gpus, spec.walltime_s)
                 self.metrics.placements.labels(chosen.site).inc()
-                decisions.append((job.id, JobState.PENDING, chosen.site,
-                                  f"forwarding to {chosen.site} ({self._why_chosen(chosen)})"))
+                why = self._why_chosen(chosen)
+                decisions.append((job.id, JobState.PENDING, chosen.site, f"forwarding to {chosen.site} ({why})",
+                                  _decision(chosen, why, ranked, verdicts, spec)))
 
         def apply(tx: Tx) -> list[Job]:
             out = []
-            for job_id, state, site, reason in decisions:
+            now = time.time()
+            for job_id, state, site, reason, decision in decisions:
                 current = tx.get(job_id)
                 if current is None or current.final or current.site:
                     continue  # cancelled (or placed) meanwhile
+                # The decision is kept in the job's history, for `aifed explain` and `aifed status` later.
                 job = current.moved(state, reason) if state is JobState.FAILED else \
-                    replace(current, site=site, reason=reason, updated_at=time.time())
+                    replace(current, site=site, reason=reason, updated_at=now,
+                            history=(*current.history, Transition(JobState.PENDING, now, decision)))
                 tx.update(job)
                 out.append(job)
             return out
@@ -971,6 +979,24 @@ class AntennaCore:
                 pass  # its hub was removed from the configuration
             self.journal.write(lambda tx: tx.set_ref(job_id, ""))
             return
+
+
+PLACED = "placed on "  # how a placement decision in a job's history begins
+MAX_DECISION_SITES = 8  # other hubs named in a recorded decision
+
+
+def _decision(chosen: Scored, why: str, ranked: list[Scored], verdicts: list[Verdict], spec: JobSpec) -> str:
+    """A placement decision in words, recorded in the job's history: the hub chosen and why, then the others
+    in rank order with their estimated wait, then those filtered out with the reason."""
+    parts = [f"{PLACED}{chosen.site} ({why})"]
+    if spec.prefer:
+        parts[0] += f", preferred: {', '.join(spec.prefer)}"
+    others = [f"{s.site} #{i} (wait {s.candidate.wait_s:.0f}s)" for i, s in enumerate(ranked[1:], 2)]
+    others += [f"{v.site} {v.reason}" for v in verdicts if not v.fits]
+    if others:
+        parts.append("; ".join(others[:MAX_DECISION_SITES])
+                     + (f"; {len(others) - MAX_DECISION_SITES} more" if len(others) > MAX_DECISION_SITES else ""))
+    return " | ".join(parts)
 
 
 def _batch(outbox: dict[str, Job], most: int, most_bytes: int) -> list[Job]:

@@ -115,9 +115,10 @@ class AntennaService(antenna_pb2_grpc.AntennaServicer):
 
 
     async def ExplainJob(self, request, context):
-        job, status, ranked, pinned, allocation = await self.core.explain(caller(), request.job_id)
+        job, status, ranked, pinned, allocation, placed = await self.core.explain(caller(), request.job_id)
         return antenna_pb2.Explanation(
             job=convert.job_to_pb(job), status=status, pinned=pinned, allocation=allocation,
+            placed=placed.reason if placed else "", placed_at=convert.ts(placed.at) if placed else None,
             sites=[antenna_pb2.SiteVerdict(site=v.site, reason=v.reason, transient=v.transient,
                                            has_wait=v.wait_s is not None, wait_s=v.wait_s or 0.0, rank=r)
                    for v, r in ranked])

@@ -243,6 +243,8 @@ def explanation_text(e: antenna_pb2.Explanation) -> str:
         lines.append(f"It is {e.pinned}.")
     if e.allocation:
         lines.append(f"Allocation: {e.allocation}.")
+    if e.placed:
+        lines.append(f"Placed {when(convert.from_ts(e.placed_at))}: {e.placed}")
     rows = [[str(v.rank) if v.rank else "-", v.site,
              _verdict(v) + ("   <- the job is here" if v.site == job.site else "")] for v in e.sites]
     lines += ["", table(["RANK", "HUB", "VERDICT NOW"], rows) if rows else "(no hub known to this antenna)"]
@@ -251,6 +253,7 @@ def explanation_text(e: antenna_pb2.Explanation) -> str:
 
 def explanation_dict(e: antenna_pb2.Explanation) -> dict:
     return {"job": job_dict(convert.job_from_pb(e.job)), "status": e.status, "pinned": e.pinned,
-            "allocation": e.allocation,
+            "allocation": e.allocation, "placed": e.placed or None,
+            "placed_at": convert.from_ts(e.placed_at) if e.placed else None,
             "sites": [{"site": v.site, "fits": not v.reason, "reason": v.reason, "transient": v.transient,
                        "wait_s": v.wait_s if v.has_wait else None, "rank": v.rank or None} for v in e.sites]}

@@ -126,22 +126,7 @@ class QueueView:
     def _tail_start(self, gpus: int) -> float:
         """When a job of `gpus` GPUs behind the whole queue would start (first come, first served)."""
         if self._replayed is None:
-            ends = list(self._ends)  # sorted: a valid heap
-            free, clock, backlog = self.free, self.at, 0.0
-            for n, entry in enumerate(self._pending):
-                g, w = entry.gpus, entry.walltime_s
-                if g > self.capacity:
-                    continue  # never runs here
-                if n >= MODELLED:
-                    backlog += g * w
-                    continue
-                while free < g and ends:
-                    end, _, released = heapq.heappop(ends)
-                    clock, free = max(clock, end), free + released
-                free -= g
-                if g:
-                    heapq.heappush(ends, (clock + w, "", g))
-            self._replayed = (clock, free, sorted(ends), backlog / max(self.capacity, 1))
+            self._replayed = self._replay()
         clock, free, ends, backlog_s = self._replayed
         return _reservation(free, ends, gpus, clock)[0] + backlog_s
 
@@ -150,24 +135,33 @@ class QueueView:
         estimate for a new job is made; past the first `MODELLED` jobs, what is ahead is averaged over the
         partition. Jobs that can never run here are left out. The hub's load balancer reads this."""
         out: dict[str, float] = {}
-        ends = list(self._ends)
+        self._replayed = self._replay(out)
+        return out
+
+    def _replay(self, starts: dict[str, float] | None = None) -> tuple[float, int, list, float]:
+        """Replay the waiting jobs in arrival order, each lasting its walltime (the first `MODELLED` one by one,
+        the GPU-seconds of the rest averaged over the partition), noting each one's start in `starts`. Return
+        the last start, the GPUs then free, the ends then in time order, and the averaged backlog in seconds."""
+        ends = list(self._ends)  # sorted: a valid heap
         free, clock, backlog = self.free, self.at, 0.0
         for n, entry in enumerate(self._pending):
             g, w = entry.gpus, entry.walltime_s
             if g > self.capacity:
-                continue
+                continue  # never runs here
             if n >= MODELLED:
-                out[entry.key] = clock + backlog / max(self.capacity, 1)
+                if starts is not None:
+                    starts[entry.key] = clock + backlog / max(self.capacity, 1)
                 backlog += g * w
                 continue
             while free < g and ends:
                 end, _, released = heapq.heappop(ends)
                 clock, free = max(clock, end), free + released
             free -= g
-            out[entry.key] = clock
+            if starts is not None:
+                starts[entry.key] = clock
             if g:
                 heapq.heappush(ends, (clock + w, "", g))
-        return out
+        return clock, free, sorted(ends), backlog / max(self.capacity, 1)
 
 
 def _reservation(free: int, ends: Iterable[tuple[float, str, int]], gpus: int, now: float) -> tuple[float, int]:

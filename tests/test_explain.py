@@ -38,11 +38,16 @@ async def test_a_queued_job_is_explained_hub_by_hub(fed):
     assert all(not v.reason and v.has_wait and v.wait_s > 0 for v in e.sites)
     assert sorted(v.rank for v in e.sites) == [1, 2] and e.sites[0].rank == 1
     assert not e.pinned and not e.allocation
+    # The decision made when it was placed is kept: the hub chosen and why, the other with its estimated wait.
+    other = ({"leonardo", "lumi"} - {placed}).pop()
+    assert e.placed.startswith(f"placed on {placed} (estimated wait ") and f"{other} #2 (wait " in e.placed
+    assert e.placed_at.seconds > 0
 
     # The command line shows the same, and marks where the job is.
     out = await _cli(fed, "explain", job.id)
     assert f"Job {job.id} is QUEUED: waiting in {placed}'s queue" in out
     assert "RANK" in out and "<- the job is here" in out and "would start in about" in out
+    assert f"placed on {placed} (estimated wait" in out
     for f in fillers:
         await client.cancel(f.id)
 

@@ -31,8 +31,10 @@ async def test_completed_with_output_and_full_history(fed):
     assert job.state is JobState.PENDING and job.id.startswith("antenna-a-")
     done = await client.wait(job.id)
     assert done.state is JobState.COMPLETED and done.exit_code == 0
-    assert states(done) == [JobState.PENDING, JobState.FORWARDED, JobState.QUEUED, JobState.RUNNING,
-                            JobState.COMPLETED]
+    # Accepted by the antenna, placed by it (two hubs: a choice, recorded), then the hub's states.
+    assert states(done) == [JobState.PENDING, JobState.PENDING, JobState.FORWARDED, JobState.QUEUED,
+                            JobState.RUNNING, JobState.COMPLETED]
+    assert done.history[1].reason.startswith(f"placed on {done.site} (estimated wait ")
     stamps = [t.at for t in done.history]
     assert stamps == sorted(stamps) and stamps[0] > 0
     assert done.site in ("leonardo", "lumi") and done.partition
@@ -177,7 +179,8 @@ async def test_antenna_restart_finishes_jobs_it_acknowledged(fed):
     client = fed.client("alice")
     done_running, done_pending = await client.wait(running.id), await client.wait(pending.id)
     assert done_running.state is JobState.COMPLETED and done_pending.state is JobState.COMPLETED
-    assert states(done_pending)[:2] == [JobState.PENDING, JobState.FORWARDED]
+    # accepted, placed after the restart (a choice between two hubs, recorded), then forwarded
+    assert states(done_pending)[:3] == [JobState.PENDING, JobState.PENDING, JobState.FORWARDED]
     hub_jobs = [fed.hubs[s].core.journal.get(pending.id) for s in ("leonardo", "lumi")]
     assert sum(j is not None for j in hub_jobs) == 1  # forwarded exactly once
 

@@ -856,3 +856,13 @@ def test_a_first_job_too_large_for_the_partition_is_not_counted_as_a_competitor(
     q.add("big", 5, 10, 0)
     q.add("P", 4, 50, 0)
     assert q.wait(2, 200, now=0) == 100
+
+
+def test_each_waiting_job_has_its_expected_start_in_arrival_order():
+    """What the hub's load balancer reads: 4 GPUs, all busy until 100. A (2 GPUs, 50 s) starts at 100; B (4 GPUs)
+    needs A's GPUs back: 150; C (2 GPUs) waits behind B: 180. D (8 GPUs) can never run here and is left out."""
+    q = PartitionQueue(4)
+    q.claim(Entry("r", 4, 100, 0.0), 0.0)
+    for key, gpus, wall in (("A", 2, 50), ("B", 4, 30), ("D", 8, 10), ("C", 2, 10)):
+        q.add(key, gpus, wall, 1.0)
+    assert q.snapshot(10.0).starts() == {"A": 100.0, "B": 150.0, "C": 180.0}

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from federation.pb import jobs_pb2 as aifed_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61ifed/v1/antenna.proto\x12\x08\x61ifed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13\x61ifed/v1/jobs.proto\"n\n\x0bSiteVerdict\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\ttransient\x18\x03 \x01(\x08\x12\x10\n\x08has_wait\x18\x04 \x01(\x08\x12\x0e\n\x06wait_s\x18\x05 \x01(\x01\x12\x0c\n\x04rank\x18\x06 \x01(\x05\"\x83\x01\n\x0b\x45xplanation\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.aifed.v1.Job\x12\x0e\n\x06status\x18\x02 \x01(\t\x12$\n\x05sites\x18\x03 \x03(\x0b\x32\x15.aifed.v1.SiteVerdict\x12\x0e\n\x06pinned\x18\x04 \x01(\t\x12\x12\n\nallocation\x18\x05 \x01(\t\"g\n\x10SubmitJobRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.aifed.v1.JobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05\x61rray\x18\x03 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"=\n\x11SubmitJobsRequest\x12(\n\x04jobs\x18\x01 \x03(\x0b\x32\x1a.aifed.v1.SubmitJobRequest\"h\n\x0cSubmitResult\x12(\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x14.aifed.v1.JobReceiptH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.aifed.v1.JobErrorH\x00\x42\t\n\x07outcome\"=\n\x12SubmitJobsResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.aifed.v1.SubmitResult\"D\n\x0fListJobsRequest\x12\"\n\x06states\x18\x01 \x03(\x0e\x32\x12.aifed.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\r\"/\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.aifed.v1.Job\"\x12\n\x10ListSitesRequest\"\xb0\x01\n\x04Site\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x11\n\treachable\x18\x03 \x01(\x08\x12 \n\x06\x61\x64vert\x18\x04 \x01(\x0b\x32\x10.aifed.v1.Advert\x12\x36\n\x12\x61\x64vert_received_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0c\n\x04left\x18\x07 \x01(\x08\"\x96\x01\n\x11ListSitesResponse\x12\x1d\n\x05sites\x18\x01 \x03(\x0b\x32\x0e.aifed.v1.Site\x12\x33\n\x0f\x63\x65rt_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tdiscovery\x18\x03 \x01(\t\x12\x1a\n\x12\x64iscovery_degraded\x18\x04 \x01(\t\"\x0e\n\x0cUsageRequest\"\x9a\x02\n\x0f\x41llocationUsage\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0b\n\x03hub\x18\x02 \x01(\t\x12#\n\x05modes\x18\x03 \x03(\x0e\x32\x14.aifed.v1.AccessMode\x12)\n\x05start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tgpu_hours\x18\x06 \x01(\x01\x12\x16\n\x0eused_gpu_hours\x18\x07 \x01(\x01\x12\x1a\n\x12reserved_gpu_hours\x18\x08 \x01(\x01\x12\x1b\n\x13remaining_gpu_hours\x18\t \x01(\x01\x12\x0c\n\x04jobs\x18\n \x01(\r\"m\n\tUserUsage\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x16\n\x0eused_gpu_hours\x18\x03 \x01(\x01\x12\x1a\n\x12reserved_gpu_hours\x18\x04 \x01(\x01\x12\x0c\n\x04jobs\x18\x05 \x01(\r\"c\n\rUsageResponse\x12.\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x19.aifed.v1.AllocationUsage\x12\"\n\x05users\x18\x02 \x03(\x0b\x32\x13.aifed.v1.UserUsage2\xca\x04\n\x07\x41ntenna\x12\x36\n\tSubmitJob\x12\x1a.aifed.v1.SubmitJobRequest\x1a\r.aifed.v1.Job\x12G\n\nSubmitJobs\x12\x1b.aifed.v1.SubmitJobsRequest\x1a\x1c.aifed.v1.SubmitJobsResponse\x12)\n\x06GetJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job\x12\x41\n\x08ListJobs\x12\x19.aifed.v1.ListJobsRequest\x1a\x1a.aifed.v1.ListJobsResponse\x12-\n\x08WatchJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job0\x01\x12,\n\tCancelJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job\x12\x39\n\nStreamLogs\x12\x15.aifed.v1.LogsRequest\x1a\x12.aifed.v1.LogChunk0\x01\x12\x44\n\tListSites\x12\x1a.aifed.v1.ListSitesRequest\x1a\x1b.aifed.v1.ListSitesResponse\x12;\n\x08GetUsage\x12\x16.aifed.v1.UsageRequest\x1a\x17.aifed.v1.UsageResponse\x12\x35\n\nExplainJob\x12\x10.aifed.v1.JobRef\x1a\x15.aifed.v1.Explanationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61ifed/v1/antenna.proto\x12\x08\x61ifed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13\x61ifed/v1/jobs.proto\"n\n\x0bSiteVerdict\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\ttransient\x18\x03 \x01(\x08\x12\x10\n\x08has_wait\x18\x04 \x01(\x08\x12\x0e\n\x06wait_s\x18\x05 \x01(\x01\x12\x0c\n\x04rank\x18\x06 \x01(\x05\"\xc2\x01\n\x0b\x45xplanation\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.aifed.v1.Job\x12\x0e\n\x06status\x18\x02 \x01(\t\x12$\n\x05sites\x18\x03 \x03(\x0b\x32\x15.aifed.v1.SiteVerdict\x12\x0e\n\x06pinned\x18\x04 \x01(\t\x12\x12\n\nallocation\x18\x05 \x01(\t\x12\x0e\n\x06placed\x18\x06 \x01(\t\x12-\n\tplaced_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"g\n\x10SubmitJobRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.aifed.v1.JobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05\x61rray\x18\x03 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"=\n\x11SubmitJobsRequest\x12(\n\x04jobs\x18\x01 \x03(\x0b\x32\x1a.aifed.v1.SubmitJobRequest\"h\n\x0cSubmitResult\x12(\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x14.aifed.v1.JobReceiptH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.aifed.v1.JobErrorH\x00\x42\t\n\x07outcome\"=\n\x12SubmitJobsResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.aifed.v1.SubmitResult\"D\n\x0fListJobsRequest\x12\"\n\x06states\x18\x01 \x03(\x0e\x32\x12.aifed.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\r\"/\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.aifed.v1.Job\"\x12\n\x10ListSitesRequest\"\xb0\x01\n\x04Site\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x11\n\treachable\x18\x03 \x01(\x08\x12 \n\x06\x61\x64vert\x18\x04 \x01(\x0b\x32\x10.aifed.v1.Advert\x12\x36\n\x12\x61\x64vert_received_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0c\n\x04left\x18\x07 \x01(\x08\"\x96\x01\n\x11ListSitesResponse\x12\x1d\n\x05sites\x18\x01 \x03(\x0b\x32\x0e.aifed.v1.Site\x12\x33\n\x0f\x63\x65rt_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tdiscovery\x18\x03 \x01(\t\x12\x1a\n\x12\x64iscovery_degraded\x18\x04 \x01(\t\"\x0e\n\x0cUsageRequest\"\x9a\x02\n\x0f\x41llocationUsage\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0b\n\x03hub\x18\x02 \x01(\t\x12#\n\x05modes\x18\x03 \x03(\x0e\x32\x14.aifed.v1.AccessMode\x12)\n\x05start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tgpu_hours\x18\x06 \x01(\x01\x12\x16\n\x0eused_gpu_hours\x18\x07 \x01(\x01\x12\x1a\n\x12reserved_gpu_hours\x18\x08 \x01(\x01\x12\x1b\n\x13remaining_gpu_hours\x18\t \x01(\x01\x12\x0c\n\x04jobs\x18\n \x01(\r\"m\n\tUserUsage\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x16\n\x0eused_gpu_hours\x18\x03 \x01(\x01\x12\x1a\n\x12reserved_gpu_hours\x18\x04 \x01(\x01\x12\x0c\n\x04jobs\x18\x05 \x01(\r\"c\n\rUsageResponse\x12.\n\x0b\x61llocations\x18\x01 \x03(\x0b\x32\x19.aifed.v1.AllocationUsage\x12\"\n\x05users\x18\x02 \x03(\x0b\x32\x13.aifed.v1.UserUsage2\xca\x04\n\x07\x41ntenna\x12\x36\n\tSubmitJob\x12\x1a.aifed.v1.SubmitJobRequest\x1a\r.aifed.v1.Job\x12G\n\nSubmitJobs\x12\x1b.aifed.v1.SubmitJobsRequest\x1a\x1c.aifed.v1.SubmitJobsResponse\x12)\n\x06GetJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job\x12\x41\n\x08ListJobs\x12\x19.aifed.v1.ListJobsRequest\x1a\x1a.aifed.v1.ListJobsResponse\x12-\n\x08WatchJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job0\x01\x12,\n\tCancelJob\x12\x10.aifed.v1.JobRef\x1a\r.aifed.v1.Job\x12\x39\n\nStreamLogs\x12\x15.aifed.v1.LogsRequest\x1a\x12.aifed.v1.LogChunk0\x01\x12\x44\n\tListSites\x12\x1a.aifed.v1.ListSitesRequest\x1a\x1b.aifed.v1.ListSitesResponse\x12;\n\x08GetUsage\x12\x16.aifed.v1.UsageRequest\x1a\x17.aifed.v1.UsageResponse\x12\x35\n\nExplainJob\x12\x10.aifed.v1.JobRef\x1a\x15.aifed.v1.Explanationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,33 +37,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SITEVERDICT']._serialized_start=90
   _globals['_SITEVERDICT']._serialized_end=200
   _globals['_EXPLANATION']._serialized_start=203
-  _globals['_EXPLANATION']._serialized_end=334
-  _globals['_SUBMITJOBREQUEST']._serialized_start=336
-  _globals['_SUBMITJOBREQUEST']._serialized_end=439
-  _globals['_SUBMITJOBSREQUEST']._serialized_start=441
-  _globals['_SUBMITJOBSREQUEST']._serialized_end=502
-  _globals['_SUBMITRESULT']._serialized_start=504
-  _globals['_SUBMITRESULT']._serialized_end=608
-  _globals['_SUBMITJOBSRESPONSE']._serialized_start=610
-  _globals['_SUBMITJOBSRESPONSE']._serialized_end=671
-  _globals['_LISTJOBSREQUEST']._serialized_start=673
-  _globals['_LISTJOBSREQUEST']._serialized_end=741
-  _globals['_LISTJOBSRESPONSE']._serialized_start=743
-  _globals['_LISTJOBSRESPONSE']._serialized_end=790
-  _globals['_LISTSITESREQUEST']._serialized_start=792
-  _globals['_LISTSITESREQUEST']._serialized_end=810
-  _globals['_SITE']._serialized_start=813
-  _globals['_SITE']._serialized_end=989
-  _globals['_LISTSITESRESPONSE']._serialized_start=992
-  _globals['_LISTSITESRESPONSE']._serialized_end=1142
-  _globals['_USAGEREQUEST']._serialized_start=1144
-  _globals['_USAGEREQUEST']._serialized_end=1158
-  _globals['_ALLOCATIONUSAGE']._serialized_start=1161
-  _globals['_ALLOCATIONUSAGE']._serialized_end=1443
-  _globals['_USERUSAGE']._serialized_start=1445
-  _globals['_USERUSAGE']._serialized_end=1554
-  _globals['_USAGERESPONSE']._serialized_start=1556
-  _globals['_USAGERESPONSE']._serialized_end=1655
-  _globals['_ANTENNA']._serialized_start=1658
-  _globals['_ANTENNA']._serialized_end=2244
+  _globals['_EXPLANATION']._serialized_end=397
+  _globals['_SUBMITJOBREQUEST']._serialized_start=399
+  _globals['_SUBMITJOBREQUEST']._serialized_end=502
+  _globals['_SUBMITJOBSREQUEST']._serialized_start=504
+  _globals['_SUBMITJOBSREQUEST']._serialized_end=565
+  _globals['_SUBMITRESULT']._serialized_start=567
+  _globals['_SUBMITRESULT']._serialized_end=671
+  _globals['_SUBMITJOBSRESPONSE']._serialized_start=673
+  _globals['_SUBMITJOBSRESPONSE']._serialized_end=734
+  _globals['_LISTJOBSREQUEST']._serialized_start=736
+  _globals['_LISTJOBSREQUEST']._serialized_end=804
+  _globals['_LISTJOBSRESPONSE']._serialized_start=806
+  _globals['_LISTJOBSRESPONSE']._serialized_end=853
+  _globals['_LISTSITESREQUEST']._serialized_start=855
+  _globals['_LISTSITESREQUEST']._serialized_end=873
+  _globals['_SITE']._serialized_start=876
+  _globals['_SITE']._serialized_end=1052
+  _globals['_LISTSITESRESPONSE']._serialized_start=1055
+  _globals['_LISTSITESRESPONSE']._serialized_end=1205
+  _globals['_USAGEREQUEST']._serialized_start=1207
+  _globals['_USAGEREQUEST']._serialized_end=1221
+  _globals['_ALLOCATIONUSAGE']._serialized_start=1224
+  _globals['_ALLOCATIONUSAGE']._serialized_end=1506
+  _globals['_USERUSAGE']._serialized_start=1508
+  _globals['_USERUSAGE']._serialized_end=1617
+  _globals['_USAGERESPONSE']._serialized_start=1619
+  _globals['_USAGERESPONSE']._serialized_end=1718
+  _globals['_ANTENNA']._serialized_start=1721
+  _globals['_ANTENNA']._serialized_end=2307
 # @@protoc_insertion_point(module_scope)

@@ -28,18 +28,22 @@ class SiteVerdict(_message.Message):
     def __init__(self, site: _Optional[str] = ..., reason: _Optional[str] = ..., transient: _Optional[bool] = ..., has_wait: _Optional[bool] = ..., wait_s: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("job", "status", "sites", "pinned", "allocation")
+    __slots__ = ("job", "status", "sites", "pinned", "allocation", "placed", "placed_at")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_FIELD_NUMBER: _ClassVar[int]
+    PLACED_FIELD_NUMBER: _ClassVar[int]
+    PLACED_AT_FIELD_NUMBER: _ClassVar[int]
     job: _jobs_pb2.Job
     status: str
     sites: _containers.RepeatedCompositeFieldContainer[SiteVerdict]
     pinned: str
     allocation: str
-    def __init__(self, job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ..., status: _Optional[str] = ..., sites: _Optional[_Iterable[_Union[SiteVerdict, _Mapping]]] = ..., pinned: _Optional[str] = ..., allocation: _Optional[str] = ...) -> None: ...
+    placed: str
+    placed_at: _timestamp_pb2.Timestamp
+    def __init__(self, job: _Optional[_Union[_jobs_pb2.Job, _Mapping]] = ..., status: _Optional[str] = ..., sites: _Optional[_Iterable[_Union[SiteVerdict, _Mapping]]] = ..., pinned: _Optional[str] = ..., allocation: _Optional[str] = ..., placed: _Optional[str] = ..., placed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec", "request_id", "array", "dry_run")
