@@ -79,14 +79,19 @@ class Breaker:
 
 
 def plan(waiting: Iterable[Waiting], estimate: Callable[[str, Waiting], Candidate | None], settings: BalanceConfig,
-         placer: Placer, breaker: Breaker, now: float, clock: float | None = None) -> list[Move]:
+         placer: Placer, breaker: Breaker, now: float, clock: float | None = None,
+         soonest: Callable[[str, int], float] | None = None) -> list[Move]:
     """The moves of one round. `estimate(peer, job)`: the peer as a placement candidate for the job (its
     estimated wait for the job's shape), or None if it cannot take it now. `now`: the wall clock the placer's
-    correction uses; `clock`: the breaker's (monotonic) clock."""
+    correction uses; `clock`: the breaker's (monotonic) clock. `soonest(peer, gpus)`, if given: a wait no job of
+    that many GPUs can beat there (a lower bound), which spares estimating jobs no peer could take in time."""
     moves: list[Move] = []
     sent: dict[str, int] = {}
     eligible = (w for w in waiting if w.alternatives and w.wait_s > settings.threshold_s)
     for job in heapq.nsmallest(MAX_LOOKED_AT, eligible, key=lambda w: (-w.wait_s, w.key)):
+        if soonest is not None and not any(settings.worth_moving(job.wait_s, soonest(peer, job.gpus))
+                                           for peer in job.alternatives):
+            continue
         candidates = []
         for peer in job.alternatives:
             room = breaker.allows(peer, clock)

@@ -279,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--delay", type=float, default=0.5, help="seconds before antennas see an advert (default 0.5)")
     bp.add_argument("--seed", type=int, default=1, help="seed of the split into antennas and of random choices")
     bp.add_argument("--policies", help="comma-separated policies to run (default: all)")
-    bp.add_argument("--no-balance", action="store_true",
-                    help="hubs do not balance load between them (placement alone); default: they do, with the "
-                         "hub's default [balance] settings, under every policy but home-only")
+    bp.add_argument("--balance", action="store_true",
+                    help="hubs also balance load between them, with the hub's default [balance] settings, under "
+                         "every policy but home-only (default: placement alone; much slower on long queues)")
     bp.add_argument("--plot", help="draw the wait-time CDF of every policy into this PNG file (needs matplotlib)")
     bp.add_argument("--json", action="store_true", help="one JSON object on the last line")
 

@@ -6,8 +6,8 @@ A discrete-event simulation that runs the daemons' own code, not copies of it:
   phase), which antennas see `delay_s` later;
 - every antenna places with `federation.placement.Placer`, under each policy in turn, on candidates made from the
   adverts it can see: estimated waits from the advert's queue model, corrected for what it sent since;
-- every site balances load with `federation.balance.plan` and the hub's default `[balance]` settings, under
-  every policy but `home-only` (no federation): every `interval_s` while jobs wait in its queue (skipping a
+- with `balance` (`--balance`), every site balances load with `federation.balance.plan` and the hub's default
+  `[balance]` settings, under every policy but `home-only` (no federation): every `interval_s` while jobs wait in its queue (skipping a
   round when nothing changed at any site since its last one), the jobs waiting in its own queue longer than the
   threshold are handed to the peer whose advert (as the site sees it, `delay_s` late) promises a clearly
   earlier start; they join the peer's queue at once, never move twice, and are counted in `moved`.
@@ -220,8 +220,8 @@ class Result:
 def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s: float = 10.0,
              delay_s: float = 0.5, seed: int = 1, balance: BalanceConfig | None = None) -> Result:
     """Run the workload; `policy` None is the pooled bound (one site of all the capacity, no placement).
-    `balance`: the hubs' load-balancing settings (default: the hub's defaults, enabled); not under home-only."""
-    settings = balance or BalanceConfig(enabled=True)
+    `balance`: the hubs' load-balancing settings (None: no balancing); never under home-only."""
+    settings = balance or BalanceConfig(enabled=False)
     balancing = policy not in (None, "home-only") and settings.enabled and len(sites) > 1
     rng = random.Random(seed)
     if policy is None:
@@ -288,7 +288,16 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
             return Candidate(peer, view.wait(job.gpus, job.walltime_s, t), view.free, view.capacity,
                              view.pending_jobs)
 
-        moves = plan(waiting, estimate, settings, placer, breaker, now=t, clock=t)
+        bounds: dict[tuple[str, int], float] = {}
+
+        def soonest(peer: str, gpus: int) -> float:
+            """A job of one second starts no later than any longer one of as many GPUs (it backfills wherever
+            they would)."""
+            if (peer, gpus) not in bounds:
+                bounds[peer, gpus] = views[peer].wait(gpus, 1.0, t)
+            return bounds[peer, gpus]
+
+        moves = plan(waiting, estimate, settings, placer, breaker, now=t, clock=t, soonest=soonest)
         if not moves:
             return
         hub.before_change(t, next_arrival(i))
@@ -375,7 +384,7 @@ def _place(placer: Placer, hubs: list[_Site], job: TraceJob, t: float) -> int:
 
 def run(trace_path: str | Path, sites: list[int], load: float = 0.85, advert_period_s: float = 10.0,
         delay_s: float = 0.5, seed: int = 1, policies: tuple[str, ...] = POLICIES, antennas: int = 0,
-        keep_waits: bool = False, balance: bool = True) -> tuple[dict, dict[str, list[float]]]:
+        keep_waits: bool = False, balance: bool = False) -> tuple[dict, dict[str, list[float]]]:
     """Every policy and the pooled bound over one trace: the figures `aifed bench placement` prints, and (with
     `keep_waits`) every job's wait per policy."""
     import time
@@ -428,7 +437,7 @@ def run_bench(args) -> int:
     if not Path(args.trace).is_file():
         raise UsageError(f"--trace {args.trace}: no such file")
     out, waits = run(args.trace, sites, args.load, args.advert_period, args.delay, args.seed, policies,
-                     keep_waits=bool(args.plot), balance=not args.no_balance)
+                     keep_waits=bool(args.plot), balance=args.balance)
     print(f"{out['trace']} ({out['format']}): {out['jobs']} jobs, {out['malformed']} malformed line(s) skipped"
           + (f" (e.g. {out['examples'][0]})" if out["examples"] else "")
           + f", {out['skipped']} without runtime or size, {out['too_large']} larger than every site")

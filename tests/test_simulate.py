@@ -383,14 +383,15 @@ def test_sites_hand_long_waiting_jobs_to_an_idle_peer_once_and_never_under_home_
     # site hands its waiting jobs to the big one, which starts them at once.
     jobs = [(10 * k, 1000, 2) for k in range(12)]
     still = simulate(hand_workload(jobs), [2, 16], "round-robin", balance=BalanceConfig(enabled=False)).summary()
-    moving = simulate(hand_workload(jobs), [2, 16], "round-robin").summary()
+    moving = simulate(hand_workload(jobs), [2, 16], "round-robin", balance=BalanceConfig(enabled=True)).summary()
     assert still["moved"] == 0 and still["mean_wait_s"] > 1000
     assert moving["jobs"] == still["jobs"] == 12  # every job ran, once
     # Jobs 2, 4, 6 and 8 are moved one round (10 s) after they arrive; job 10 would wait as long at the big site,
     # full by then (8 jobs of 2 GPUs running, 1 waiting), so it stays.
     assert moving["moved"] == 4
     assert moving["mean_wait_s"] < still["mean_wait_s"] / 3
-    home = simulate(hand_workload(jobs, antenna=[0] * 12), [2, 16], "home-only").summary()
+    home = simulate(hand_workload(jobs, antenna=[0] * 12), [2, 16], "home-only",
+                    balance=BalanceConfig(enabled=True)).summary()
     assert home["moved"] == 0  # no federation, no balancing
 
 
