@@ -20,6 +20,7 @@ A job moves one hop at most (a peer never offers a job handed to it), and only t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -201,11 +202,9 @@ class Balancer:
     async def _move(self, peer: str, moves: list[tuple[Job, Move]]) -> None:
         """Withdraw the jobs from the scheduler, journal them MOVING, hand them over, journal the answer."""
         core = self.core
-        events = {}
         withdrawn: list[tuple[Job, Move]] = []
-        try:
+        with self._handing([job.id for job, _ in moves]):
             for job, move in moves:
-                events[job.id] = self.handing[job.id] = asyncio.Event()
                 if await core.backend.withdraw(job.id):
                     withdrawn.append((job, move))
             if not withdrawn:
@@ -235,6 +234,14 @@ class Balancer:
             core._publish(marked)
             if marked:
                 await self._hand_off(peer, marked, wait_here)
+
+    @contextlib.contextmanager
+    def _handing(self, job_ids: list[str]):
+        """While the block runs, these jobs are being handed over: a cancel waits for the answer."""
+        events = {job_id: asyncio.Event() for job_id in job_ids}
+        self.handing.update(events)
+        try:
+            yield
         finally:
             for job_id, event in events.items():
                 self.handing.pop(job_id, None)
@@ -313,14 +320,8 @@ class Balancer:
         for job in left:
             by_peer[job.moved_to].append(job)
         for peer, jobs in by_peer.items():
-            events = {j.id: asyncio.Event() for j in jobs}
-            self.handing.update(events)
-            try:
+            with self._handing([j.id for j in jobs]):
                 await self._hand_off(peer, jobs)
-            finally:
-                for job_id, event in events.items():
-                    self.handing.pop(job_id, None)
-                    event.set()
 
     # -- cancels ---------------------------------------------------------------------------------------
 
