@@ -31,6 +31,7 @@ from federation import __version__
 from federation.errors import AifedError, FailedPrecondition, PermissionDenied, ResourceExhausted, Unauthenticated
 from federation.identity import Identity, Role, article, parse_identity
 from federation.tls import TlsFiles
+from federation.watch import bounded, stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +329,7 @@ class SecureServer:
     certificate or the CA is near expiry, and flushes the audit log."""
 
     AUDIT_FLUSH_S = 0.25
+    STOP_SLACK_S = 10.0  # a stop waits this long past the grace period for gRPC to let go of its calls
 
     def __init__(self, federation: str, tls: TlsFiles, rules: Mapping[str, Rule], audit: AuditLog | None = None,
                  max_streams: int = MAX_STREAMS_PER_CALLER, revocations: Revocations | None = None, metrics=None):
@@ -366,10 +368,10 @@ class SecureServer:
 
     async def stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await bounded(self.server.stop(grace), (grace or 0) + self.STOP_SLACK_S, "stopping the gRPC server")
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)
         if self.audit is not None:
             self.audit.close()
 

@@ -95,3 +95,16 @@ async def stop_tasks(tasks, timeout: float = 5.0) -> None:
     if pending:
         logging.getLogger(__name__).warning("%d task(s) did not stop within %g s: %s", len(pending), timeout,
                                             ", ".join(sorted(t.get_name() for t in pending)))
+
+
+async def bounded(awaitable, timeout: float, what: str) -> bool:
+    """Await a step of a stop for at most `timeout` seconds; if it takes longer, say so and go on (a stop that
+    hangs helps nobody: systemd would kill the daemon anyway, without the steps after this one). True if done."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait([task], timeout=timeout)
+    if done:
+        task.result()
+        return True
+    task.cancel()
+    logging.getLogger(__name__).warning("%s did not finish within %g s; stopping without it", what, timeout)
+    return False

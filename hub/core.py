@@ -20,7 +20,7 @@ from federation.metrics import Metrics, register_journal_gauges
 from federation.model import FINAL_STATES, Job, JobSpec, JobState
 from federation.rpc import peer
 from federation.timefmt import format_duration
-from federation.watch import Signal, Topics
+from federation.watch import Signal, Topics, bounded
 from hub.backend import Backend, Change
 from hub.local import LocalBackend
 from hub.quota import AntennaUsage, Quotas, consumption
@@ -34,6 +34,7 @@ MAX_USAGE_DAYS = 3660
 MAX_BATCH = 5000
 MAX_HISTORY = 32       # transitions a job handed over by a peer hub brings along
 MAX_ALTERNATIVES = 64  # hubs an antenna may allow a job to be moved to
+SETTLE_LIMIT_S = 10.0  # at a stop, the wait for the last job changes to be journaled
 # Job ids name folders: only `<antenna>-<token>`, lower-case letters, digits and dashes, never a path.
 JOB_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}[a-z0-9]-[a-z0-9]{1,64}")
 
@@ -103,7 +104,7 @@ class HubCore:
     async def close(self) -> None:
         if self.balancer is not None:
             await self.balancer.close()
-        await self.settle()
+        await bounded(self.settle(), SETTLE_LIMIT_S, "journaling the last job changes")
         if self._purger is not None:
             self._purger.cancel()
             await asyncio.gather(self._purger, return_exceptions=True)

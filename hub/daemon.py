@@ -15,6 +15,7 @@ from federation.discovery import Discovery, Member, make_discovery
 from federation.lifecycle import Daemon
 from federation.pb import hub_pb2, hub_pb2_grpc
 from federation.rpc import SecureServer
+from federation.watch import stop_tasks
 from hub.core import HubCore
 from hub.service import HubService, access_rules
 
@@ -138,7 +139,7 @@ class HubDaemon(Daemon):
         self._tasks.clear()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(tasks)
         # Leave the membership first, so that antennas place nothing new here while the last calls are answered;
         # hand the leadership over last of all, once the journal is closed.
         discovery, self.discovery = self.discovery, None

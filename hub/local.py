@@ -27,6 +27,7 @@ import orjson
 from federation.config import PartitionConfig
 from federation.model import Job, JobState
 from federation.queue import Entry, PartitionQueue
+from federation.watch import stop_tasks
 from hub.backend import Backend, Change, OnChange, PartitionUsage
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ class LocalBackend(Backend):
         waiters = [t.waiter for t in self._running.values() if t.waiter]
         for w in waiters:
             w.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
+        await stop_tasks(waiters)
 
     # -- scheduling ------------------------------------------------------------------------------
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -128,7 +130,24 @@ class Federation:
         for c in self.clients:
             await c.close()
         for d in [*self.antennas.values(), *self.hubs.values()]:
-            await d.stop(grace=0.5)
+            await stopped(d.stop(grace=0.5), f"{type(d).__name__} {d.config.site}")
+
+
+STOP_LIMIT_S = 60.0  # a daemon's stop is bounded (each wait in it is): far past this, it hangs
+
+
+async def stopped(stop, what: str) -> None:
+    """Await a daemon's stop; if it hangs, fail with what every task of the loop was waiting for."""
+    task = asyncio.ensure_future(stop)
+    done, _ = await asyncio.wait([task], timeout=STOP_LIMIT_S)
+    if done:
+        return task.result()
+    stacks = io.StringIO()
+    for t in asyncio.all_tasks():
+        print(f"--- task {t.get_name()}: {t.get_coro()!r}", file=stacks)
+        t.print_stack(limit=25, file=stacks)
+    task.cancel()
+    raise AssertionError(f"{what} did not stop within {STOP_LIMIT_S:g} s; the loop's tasks:\n{stacks.getvalue()}")
 
 
 @contextlib.asynccontextmanager
@@ -228,7 +247,33 @@ def pytest_runtest_logreport(report):
         _attack_results[report.nodeid] = _attack_results.get(report.nodeid, True) and report.passed
 
 
+# -- stops that needed their bounds (federation.watch warns): shown at the end, so that a slow stop is noticed ---
+
+_slow_stops: list[str] = []
+
+
+class _SlowStops(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if " within " in message and not _current_test.startswith("tests/test_watch.py"):  # that one hangs on purpose
+            _slow_stops.append(f"{_current_test}: {message}")
+
+
+_current_test = ""
+
+
+def pytest_configure(config):
+    logging.getLogger("federation.watch").addHandler(_SlowStops(logging.WARNING))
+
+
+def pytest_runtest_setup(item):
+    global _current_test
+    _current_test = item.nodeid
+
+
 def pytest_terminal_summary(terminalreporter):
+    for line in _slow_stops:
+        terminalreporter.write_line(f"slow stop: {line}")
     if _attack_results:
         ran, refused = len(_attack_results), sum(_attack_results.values())
         terminalreporter.write_line(f"attack suite: {ran} attacks, {refused} refused")

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from federation.watch import stop_tasks, stopping
+from federation.watch import bounded, stop_tasks, stopping
 
 
 async def test_stop_tasks_is_bounded_even_if_a_task_swallows_its_cancellation(caplog):
@@ -72,3 +72,28 @@ async def test_a_failing_tap_does_not_stop_a_change_from_being_published(caplog)
             topics.publish("job-1", 7)
         assert updates.get_nowait() == 7
     assert seen == [("job-1", 7)] and "a tap on job-1 failed" in caplog.text
+
+
+async def test_bounded_gives_up_on_a_hanging_step_and_says_so(caplog):
+    never = asyncio.get_running_loop().create_future()  # a step waiting for what never comes
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        assert await bounded(never, 0.2, "stopping the gRPC server") is False
+    assert 0.15 <= time.monotonic() - started < 2
+    assert "stopping the gRPC server did not finish within 0.2 s; stopping without it" in caplog.text
+
+
+async def test_bounded_returns_at_once_for_a_step_that_ends_and_raises_its_error():
+    async def quick():
+        await asyncio.sleep(0)
+
+    async def broken():
+        raise OSError("journal gone")
+
+    assert await bounded(quick(), 5, "x") is True
+    try:
+        await bounded(broken(), 5, "x")
+    except OSError as exc:
+        assert str(exc) == "journal gone"
+    else:
+        raise AssertionError("the step's error was swallowed")
