@@ -49,6 +49,7 @@ import orjson
 from federation.errors import Unavailable
 from federation.identity import check_federation_name, check_site_name
 from federation.tls import TlsFiles
+from federation.watch import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +353,7 @@ class EventPublisher:
             if self._stop.is_set():  # closing with events left: keep trying until close() gives up
                 await asyncio.sleep(delay)
             else:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
+                await wait_event(self._stop, delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
 
     def _finished(self) -> bool:

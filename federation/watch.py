@@ -58,11 +58,20 @@ class Signal:
     async def wait_past(self, version: int, timeout: float) -> int:
         """Wait until the version moves past `version` or `timeout` passes; return the version now."""
         if self.version <= version:
-            try:
-                await asyncio.wait_for(self._event.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._event, timeout)
         return self.version
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait at most `timeout` seconds for `event`; True if it is set. Not `asyncio.wait_for`: on Python 3.11 that
+    swallows a cancellation that arrives as the event is set, and a loop around it then never stops (a daemon's
+    stop hung on exactly that). `asyncio.timeout` tells its own timeout from a cancellation."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        pass
+    return event.is_set()
 
 
 async def follow(topics: Topics, key: str, current) -> AsyncIterator:

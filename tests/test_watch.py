@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from federation.watch import bounded, stop_tasks, stopping
+from federation.watch import Signal, bounded, stop_tasks, stopping, wait_event
 
 
 async def test_stop_tasks_is_bounded_even_if_a_task_swallows_its_cancellation(caplog):
@@ -97,3 +97,31 @@ async def test_bounded_returns_at_once_for_a_step_that_ends_and_raises_its_error
         assert str(exc) == "journal gone"
     else:
         raise AssertionError("the step's error was swallowed")
+
+
+async def test_a_loop_on_a_signal_stops_even_when_cancelled_as_the_signal_fires():
+    """The race that hung a hub's stop: cancelled while the signal fires, the wait must still end the loop (on
+    Python 3.11, asyncio.wait_for returned normally then, and a `while True` around it never stopped)."""
+    signal = Signal()
+    rounds = 0
+
+    async def follow():
+        nonlocal rounds
+        while True:
+            rounds += 1
+            await signal.wait_past(signal.version, 30)
+
+    for _ in range(50):
+        task = asyncio.create_task(follow())
+        await asyncio.sleep(0)
+        signal.notify()  # the waiter is woken...
+        task.cancel()  # ...and cancelled in the same turn of the loop
+        done, _ = await asyncio.wait([task], timeout=1)
+        assert done and task.cancelled(), "the cancellation was swallowed: the loop runs on"
+
+
+async def test_wait_event_times_out_or_sees_the_event():
+    event = asyncio.Event()
+    assert await wait_event(event, 0.05) is False
+    asyncio.get_running_loop().call_later(0.01, event.set)
+    assert await wait_event(event, 5) is True
