@@ -24,6 +24,7 @@ import grpc
 from federation import __version__, convert
 from federation.config import AntennaConfig, HubEndpoint
 from federation.audit import AuditLog
+from federation.blobs import BlobStore, blob_chunks
 from federation.errors import AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from federation.identity import Identity, Role
 from federation.journal import Journal, Tx, purge_forever
@@ -57,6 +58,8 @@ FORWARD_BYTES = 4 << 20   # and at most this much of job specs per call (gRPC me
 FORWARD_IN_FLIGHT = 2     # ForwardJobs calls in flight per hub
 FORWARD_LINGER_S = 0.05   # how long a small batch waits for company before it goes
 PLACE_BATCH = 2000
+BLOB_TIMEOUT_S = 60.0     # a transfer of an input to a hub may take this long,
+BLOB_MIN_RATE = 1 << 20   # plus a second per MiB
 CANCEL_OWED = "cancel-owed"  # backend_ref of a job cancelled here whose hub may have it: the hub must be told
 
 
@@ -89,6 +92,7 @@ class AntennaCore:
     def __init__(self, config: AntennaConfig):
         self.config = config
         self.journal = Journal(config.state_dir / "antenna.sqlite")
+        self.blobs = BlobStore(config.state_dir / "blobs")  # users' input files, by SHA-256
         self.sites_changed = Signal()
         self.revocations = Revocations(config.tls)  # the daemon's server shares it, and refreshes it
         self.revocations.refresh()
@@ -341,6 +345,7 @@ class AntennaCore:
             except ValueError as exc:
                 raise InvalidArgument(f"array {entry.array[:80]!r}: {exc}") from None
         spec.validate()
+        self._check_uploaded(who, spec)
         self.allocations.check_member(spec, who)
         country = self.allocations.country_of(spec, who, self.config.country)
         site = self._precheck_once(spec, country, sites)  # what no hub could run is refused first, allocation or not
@@ -363,6 +368,14 @@ class AntennaCore:
                              reason=f"forwarding to {site}" if site else "waiting to be forwarded",
                              history=(Transition(JobState.PENDING, now, "accepted by the antenna"),)), key))
         return jobs, (allocation, pinned)
+
+    def _check_uploaded(self, who: Identity, spec: JobSpec) -> None:
+        if missing := self.blobs.missing(who.uri, spec.inputs):
+            raise FailedPrecondition(
+                f"input {missing[0].name!r} ({missing[0].size} bytes, sha256 {missing[0].sha256[:12]}...) has not "
+                f"been uploaded to antenna {self.config.site} by you"
+                + (f", nor {len(missing) - 1} other input(s)" if len(missing) > 1 else "")
+                + ": upload inputs first (aifed submit --input does)")
 
     def _precheck_once(self, spec: JobSpec, country: str, sites: dict[tuple, str]) -> str:
         shape = (spec.site, spec.partition, spec.gpus, spec.cpus, spec.walltime_s, spec.access_mode, spec.sector,
@@ -794,6 +807,7 @@ class AntennaCore:
                                   s.sector_required, s.exclude, job.country)
             if key not in alternatives:
                 alternatives[key] = self._alternatives(job, site.site)
+        await self._stage(site, jobs)
         request = hub_pb2.ForwardJobsRequest(jobs=[hub_pb2.ForwardJobRequest(
             idempotency_key=job.id, job=jobs_pb2.Job(
                 id=job.id, spec=convert.spec_to_pb(job.spec), owner=job.owner, antenna=job.antenna,
@@ -843,6 +857,24 @@ class AntennaCore:
             log.info("hub %s refused %d job(s), for example %s: %s", site.site, len(refusals),
                      *next(iter(refusals.items())))
         log.debug("hub %s acknowledged %d job(s)", site.site, len(jobs) - len(refusals))
+
+    async def _stage(self, site: HubSite, jobs: list[Job]) -> None:
+        """Before forwarding: every input of these jobs is at the hub, each content sent once (an array's shared
+        inputs too), an interrupted transfer resumed where the hub says it stopped."""
+        needed = {f.sha256: f.size for job in jobs for f in job.spec.inputs}
+        for sha, size in needed.items():
+            held = await site.stub.StatBlob(jobs_pb2.BlobRef(sha256=sha), timeout=30)
+            if held.complete:
+                continue
+            started = time.monotonic()
+            answer = await site.stub.PutBlob(blob_chunks(self.blobs.path(sha), sha, size, held.held),
+                                             timeout=BLOB_TIMEOUT_S + size / BLOB_MIN_RATE)
+            if not answer.complete:
+                raise Unavailable(f"hub {site.site} holds {answer.held} of the {size} bytes of input {sha[:12]}...; "
+                                  "the rest goes on the next try")
+            self.metrics.staged_bytes.labels(site.site).inc(size - held.held)
+            log.info("hub %s: staged input %s... (%d bytes) in %.2fs", site.site, sha[:12], size - held.held,
+                     time.monotonic() - started)
 
     def _alternatives(self, job: Job, chosen: str) -> list[str]:
         """The other hubs the job may be moved to by its hub's load balancing: those that pass this antenna's

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from federation import convert
+from federation import blobs, convert
 from federation.errors import AifedError, InvalidArgument, PermissionDenied
 from federation.identity import Identity, Role, article
 from federation.model import JobState
@@ -122,6 +122,13 @@ class AntennaService(antenna_pb2_grpc.AntennaServicer):
             sites=[antenna_pb2.SiteVerdict(site=v.site, reason=v.reason, transient=v.transient,
                                            has_wait=v.wait_s is not None, wait_s=v.wait_s or 0.0, rank=r)
                    for v, r in ranked])
+
+    async def PutBlob(self, request_iterator, context):
+        return await blobs.put_rpc(self.core.blobs, caller().uri, request_iterator,
+                                   self.core.metrics.uploaded_bytes.inc)
+
+    async def StatBlob(self, request, context):
+        return blobs.stat_rpc(self.core.blobs, caller().uri, request)
 
     async def GetUsage(self, request, context):
         allocations, users = self.core.usage(caller())

@@ -12,6 +12,8 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -185,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--env", type=_env_pair, action="append", default=[], help="NAME=VALUE for the job (repeatable)")
     s.add_argument("-a", "--array", help="a job array, as in sbatch: 0-999, 1,3,5-7, 0-98:2 (each task gets "
                                          "AIFED_ARRAY_TASK_ID and SLURM_ARRAY_TASK_ID)")
+    s.add_argument("-i", "--input", action="append", default=[], metavar="FILE_OR_DIR",
+                   help="a file or folder the job finds in its working directory (repeatable): uploaded to the "
+                        "antenna first (resuming an interrupted upload), each content once")
     s.add_argument("--request-id", default="", help="a token that makes a retried submit return the first job")
     s.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its exit code")
     s.add_argument("--dry-run", action="store_true",
@@ -247,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--clients", type=int, default=16, help="concurrent clients, unbatched run (default 16; the "
                                                             "batched run uses a quarter as many)")
     bf.add_argument("--batch", type=int, default=500, help="jobs per SubmitJobs call, batched run (default 500)")
+    bd = bench_parser("data", "input staging throughput, user to antenna to hub (mTLS, checksums), against cp",
+                      "configs, state and logs")
+    bd.add_argument("--mb", type=int, default=1024, help="size of the file, MiB (default 1024)")
+    bd.add_argument("--runs", type=int, default=3, help="runs, each with new content (default 3); medians")
     bm = bench_parser("scale", "a hub holding a million finished jobs: memory and status query latency",
                       "the journal, configs and logs")
     bm.add_argument("--finished", type=int, default=1_000_000, help="finished jobs in the journal (default 1000000)")
@@ -379,6 +388,11 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
     from federation.client import AntennaClient, resolve_client_config
 
     spec, array = _spec_from_args(args, command) if args.command == "submit" else (None, "")
+    sources: dict[str, Path] = {}
+    if spec is not None and args.input:
+        from federation.blobs import collect_inputs, describe_inputs
+        inputs, sources = await asyncio.to_thread(lambda: describe_inputs(collect_inputs(args.input)))
+        spec = replace(spec, inputs=inputs)
     if spec is not None:
         spec.validate()  # the same checks the antenna makes, before anything is sent
     config = resolve_client_config(args.config, args.antenna, args.ca, args.cert, args.key)
@@ -396,6 +410,8 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
             else:
                 print(job.reason + (f" (each of the {count} array tasks)" if array else ""))
             return EXIT_OK
+        if args.command == "submit" and sources:
+            await _upload(client, spec, sources)
         if args.command == "submit" and array:
             return await _submit_array(client, spec, array, args)
         if args.command == "submit":
@@ -456,6 +472,24 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
                     out.flush()
             return EXIT_OK
     raise AssertionError(args.command)
+
+
+async def _upload(client, spec: JobSpec, sources: dict[str, Path]) -> None:
+    """Upload each input's content the antenna does not hold from this user yet (resuming a partial upload)."""
+    sizes = {f.sha256: f.size for f in spec.inputs}
+    names = {f.sha256: f.name for f in spec.inputs}
+    for sha, local in sources.items():
+        started = time.monotonic()
+        try:
+            info = await client.upload(local, sha, sizes[sha])
+        except OSError as exc:
+            raise UsageError(f"input {local}: {exc.strerror or exc}") from None
+        if not info.complete:
+            raise UsageError(f"the upload of {local} stopped at byte {info.held} of {sizes[sha]}; run the same "
+                             "command again to resume it")
+        took = time.monotonic() - started
+        if took > 0.5:
+            print(f"uploaded {names[sha]} ({sizes[sha] / 1e6:.1f} MB) in {took:.1f} s", file=sys.stderr)
 
 
 async def _submit_array(client, spec: JobSpec, array: str, args: argparse.Namespace) -> int:
@@ -729,6 +763,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.bench_cmd == "placement":
                 from federation.simulate import run_bench
                 return run_bench(args)
+            if args.bench_cmd == "data":
+                from federation.bench_data import run_data_bench
+                return run_data_bench(args.mb, args.runs, args.json, keep)
             if args.bench_cmd == "forward":
                 return bench.run_forward_bench(args.seconds, args.clients, args.batch, args.json, keep)
             return bench.run_slurm_bench(args.jobs, args.json, keep)

@@ -74,6 +74,15 @@ class AntennaClient:
         return [Receipt(r.accepted.id, JobState(r.accepted.state), r.accepted.array_job, r.accepted.array_task)
                 if r.HasField("accepted") else error_from_status(r.error.code, r.error.message) for r in msg.results]
 
+    async def upload(self, path: Path, sha256: str, size: int, timeout: float = 600) -> jobs_pb2.BlobInfo:
+        """Upload one file's content, or the rest of an interrupted upload of it; nothing if the antenna holds it
+        from you already. Returns what the antenna holds afterwards."""
+        from federation.blobs import blob_chunks
+        held = await self.stub.StatBlob(jobs_pb2.BlobRef(sha256=sha256), timeout=30)
+        if held.complete:
+            return held
+        return await self.stub.PutBlob(blob_chunks(path, sha256, size, held.held), timeout=timeout)
+
     async def get(self, job_id: str) -> Job:
         return convert.job_from_pb(await self.stub.GetJob(jobs_pb2.JobRef(job_id=job_id), timeout=30))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from federation.errors import AifedError, InvalidArgument
-from federation.model import AccessMode, Job, JobSpec, JobState, Transition
+from federation.model import AccessMode, InputFile, Job, JobSpec, JobState, Transition
 from federation.pb import jobs_pb2
 
 
@@ -27,7 +27,8 @@ def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
         partition=spec.partition, access_mode=int(spec.access_mode), project=spec.project, site=spec.site,
         array_job=spec.array_job, array_task=spec.array_task, sector=spec.sector,
         sector_required=spec.sector_required, prefer=spec.prefer, exclude=spec.exclude,
-        overflow_after_s=spec.overflow_after_s)
+        overflow_after_s=spec.overflow_after_s,
+        inputs=[jobs_pb2.InputFile(name=f.name, sha256=f.sha256, size=f.size) for f in spec.inputs])
 
 
 def spec_from_pb(msg: jobs_pb2.JobSpec) -> JobSpec:
@@ -42,7 +43,8 @@ def spec_from_pb(msg: jobs_pb2.JobSpec) -> JobSpec:
         walltime_s=msg.walltime_s or JobSpec.walltime_s, partition=msg.partition, access_mode=mode,
         project=msg.project, site=msg.site, array_job=msg.array_job, array_task=msg.array_task,
         sector=msg.sector, sector_required=msg.sector_required, prefer=tuple(msg.prefer), exclude=tuple(msg.exclude),
-        overflow_after_s=msg.overflow_after_s if msg.prefer else JobSpec.overflow_after_s)
+        overflow_after_s=msg.overflow_after_s if msg.prefer else JobSpec.overflow_after_s,
+        inputs=tuple(InputFile(f.name, f.sha256, f.size) for f in msg.inputs))
 
 
 def job_to_pb(job: Job, spec: bool = True) -> jobs_pb2.Job:

@@ -55,6 +55,10 @@ class Metrics:
         self.forward_latency = Histogram("aifed_forward_latency_seconds", "duration of one ForwardJobs call, "
                                          "by hub", ["site"], registry=self.registry,
                                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.staged_bytes = Counter("aifed_staged_bytes", "bytes of jobs' input files sent to a hub (antenna), by "
+                                    "hub", ["site"], registry=self.registry)
+        self.uploaded_bytes = Counter("aifed_uploaded_bytes", "bytes of input files received and checked",
+                                      registry=self.registry)
         self.dropped = Counter("aifed_dropped_events", "records that could not be written (audit log) or "
                                "published, by sink", ["sink"], registry=self.registry)
         self._sources: list[GaugeSource] = [

@@ -73,6 +73,42 @@ _NAME = re.compile(r"^[\w.+-]{0,128}$")
 _SECTOR = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 _SITE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 MAX_SITE_CHOICES = 16
+MAX_INPUTS = 1000                 # input files of one job
+MAX_INPUT_NAME = 1024             # characters of an input's path in the job's working directory
+MAX_JOB_INPUT_BYTES = 100 << 30   # all of one job's inputs together
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_RESERVED_INPUT_NAMES = {"stdout", "stderr", "script", "job.sh", "job.env", "exit", "exit.tmp", "launched",
+                         "cancelled", "submitting"}  # files the backends keep in a job's folder
+
+
+def check_input_name(name: str) -> str:
+    """An input's path inside the job's working directory, or InvalidArgument saying what is wrong with it:
+    relative, normalised, no '..', no control characters, not one of the files aifed keeps there."""
+    shown = repr(name[:80])
+    if not name or len(name) > MAX_INPUT_NAME:
+        raise InvalidArgument(f"input name {shown} must be 1 to {MAX_INPUT_NAME} characters")
+    if any(ord(c) < 0x20 or c in "\x7f\\" for c in name):
+        raise InvalidArgument(f"input name {shown} contains a control character or a backslash")
+    if name.startswith("/"):
+        raise InvalidArgument(f"input name {shown} is an absolute path; it must be relative to the job's "
+                              "working directory")
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise InvalidArgument(f"input name {shown} must be a plain relative path: no '..', '.' or empty parts")
+    if any(len(part.encode()) > 255 for part in parts):
+        raise InvalidArgument(f"input name {shown} has a part longer than 255 bytes")
+    if parts[0] in _RESERVED_INPUT_NAMES:
+        raise InvalidArgument(f"input name {shown} is taken by a file aifed keeps in the job's folder")
+    return name
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input of a job: its path in the working directory, and its content by SHA-256."""
+
+    name: str
+    sha256: str
+    size: int
 _ARRAY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}[a-z0-9]-[a-z0-9]{1,64}")  # a job id
 
 
@@ -100,6 +136,7 @@ class JobSpec:
     prefer: tuple[str, ...] = ()   # hubs the user prefers, in order (placement takes the first that would start
     overflow_after_s: int = 3600   # the job within this long; else the policy chooses among all)
     exclude: tuple[str, ...] = ()  # hubs the job must never go to
+    inputs: tuple[InputFile, ...] = ()  # files staged into the job's working directory before it starts
 
     def array_env(self) -> dict[str, str]:
         """What a task of a job array finds in its environment (also under Slurm's names, so that existing
@@ -152,10 +189,32 @@ class JobSpec:
         if self.sector_required and not self.sector:
             raise InvalidArgument("a required sector needs a sector")
         _check_sites(self)
+        _check_inputs(self.inputs)
         if self.array_job and not _ARRAY_ID.fullmatch(self.array_job):
             raise InvalidArgument(f"array id {self.array_job[:80]!r} is not valid")
         if self.access_mode not in AccessMode.__members__.values():
             raise InvalidArgument(f"unknown access mode {self.access_mode}")
+
+
+def _check_inputs(inputs: tuple[InputFile, ...]) -> None:
+    if len(inputs) > MAX_INPUTS:
+        raise InvalidArgument(f"at most {MAX_INPUTS} input files per job, not {len(inputs)}")
+    names: set[str] = set()
+    for f in inputs:
+        check_input_name(f.name)
+        if not SHA256_HEX.fullmatch(f.sha256):
+            raise InvalidArgument(f"input {f.name!r}: its SHA-256 must be 64 lower-case hex digits")
+        if f.name in names:
+            raise InvalidArgument(f"input {f.name!r} is given twice")
+        names.add(f.name)
+    for name in names:  # "a" and "a/b" cannot both be files
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in names:
+                raise InvalidArgument(f"input {'/'.join(parts[:i])!r} is a file, and also a folder of {name!r}")
+    total = sum(f.size for f in inputs)
+    if total > MAX_JOB_INPUT_BYTES:
+        raise InvalidArgument(f"the job's inputs come to {total} bytes; at most {MAX_JOB_INPUT_BYTES} per job")
 
 
 def _check_sites(spec: JobSpec) -> None:

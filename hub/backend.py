@@ -60,6 +60,9 @@ class Backend(abc.ABC):
         self.on_change = on_change
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # Puts a job's input files into its folder before it starts (the hub core sets it; raises OSError or
+        # AifedError if it cannot: the job fails with that reason).
+        self.stage_inputs: Callable[[Job, Path], None] = lambda job, folder: None
 
     async def start(self) -> None:
         """Begin following the scheduler, after every unfinished job was handed to `recover`."""

@@ -40,7 +40,7 @@ from federation.pb import hub_pb2, jobs_pb2
 from federation.placement import Candidate, Placer, maintenance_in_the_way, why_not
 from federation.sites import HubSite
 from federation.timefmt import format_duration
-from federation.watch import Signal, stop_tasks
+from federation.watch import Signal, stop_tasks, wait_event
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ class Balancer:
             return []
         jobs = {job_id: job for job_id, job in core.journal.get_many(list(over)).items()
                 if job.state is JobState.QUEUED and not job.moved_from and job.alternatives and not job.spec.site
+                and not job.spec.inputs  # its inputs were staged here, not at the peers
                 and job_id not in self.handing}
         if not jobs:
             return []
@@ -328,10 +329,7 @@ class Balancer:
     async def cancel(self, who: Identity, job: Job) -> Job:
         """Cancel a job this hub is handing on or has handed on: here if the peer did not take it, else there."""
         if (event := self.handing.get(job.id)) is not None:
-            try:
-                await asyncio.wait_for(event.wait(), HAND_OFF_TIMEOUT_S + 5)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(event, HAND_OFF_TIMEOUT_S + 5)
         job = self.core.journal.get(job.id) or job
         if job.state is JobState.MOVING:
             raise Unavailable(f"job {job.id} is being moved to hub {job.moved_to}, which has not answered yet; "

@@ -10,6 +10,7 @@ import time
 
 from federation import __version__
 from federation.audit import AuditLog
+from federation.blobs import BlobStore
 from federation.config import HubConfig, PartitionConfig
 from federation.errors import (AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                                PermissionDenied, Unavailable)
@@ -47,6 +48,8 @@ class HubCore:
         self.changes = Signal()  # the journal committed something: WatchChanges streams wake up
         self.journal = Journal(config.state_dir / "hub.sqlite", on_commit=self.changes.notify)
         self.backend: Backend = make_backend(config, self._on_change)
+        self.blobs = BlobStore(config.state_dir / "blobs")  # input files antennas staged here, by SHA-256
+        self.backend.stage_inputs = lambda job, folder: self.blobs.stage(job.spec.inputs, folder)
         self.jobs: Topics[Job] = Topics()
         self.capacity = Signal()
         self.metrics = Metrics("hub", config.site, __version__)
@@ -297,6 +300,10 @@ class HubCore:
                                    f"(as antenna {antenna} vouches)")
         account = self.user_map.account(antenna, owner.name, job.spec.project) if self.user_map else ""
         job.spec.validate()
+        if missing := self.blobs.missing(antenna, job.spec.inputs):
+            raise FailedPrecondition(f"input {missing[0].name!r} (sha256 {missing[0].sha256[:12]}...) of job "
+                                     f"{job.id} was not staged at hub {self.config.site} by antenna {antenna}: "
+                                     "an antenna sends a job's inputs (PutBlob) before the job")
         now = time.time()
         for window in self.config.maintenance:
             if window.overlaps(now, now + job.spec.walltime_s):

@@ -25,9 +25,10 @@ from pathlib import Path
 import orjson
 
 from federation.config import PartitionConfig
+from federation.errors import AifedError
 from federation.model import Job, JobState
 from federation.queue import Entry, PartitionQueue
-from federation.watch import stop_tasks
+from federation.watch import stop_tasks, wait_event
 from hub.backend import Backend, Change, OnChange, PartitionUsage
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,7 @@ class LocalBackend(Backend):
             if folder.exists():
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
+            self.stage_inputs(job, folder)
             if spec.script:
                 script = folder / "script"
                 script.write_text(spec.script)
@@ -246,7 +248,7 @@ class LocalBackend(Backend):
                 child = subprocess.Popen(
                     ["/bin/sh", "-c", _WRAPPER, "aifed-job", *argv], cwd=folder, env=env,
                     stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
-        except OSError as exc:
+        except (OSError, AifedError) as exc:
             self._release(task)
             self.on_change(Change(job.id, JobState.FAILED, reason=f"could not start the job: {exc}"))
             return
@@ -294,10 +296,7 @@ class LocalBackend(Backend):
         task.wake.clear()
         if self._exited(task, child):
             return True
-        try:
-            await asyncio.wait_for(task.wake.wait(), max(0.0, min(timeout, self.poll_s)))
-        except asyncio.TimeoutError:
-            pass
+        await wait_event(task.wake, max(0.0, min(timeout, self.poll_s)))
         return self._exited(task, child)
 
     @staticmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from federation import convert
+from federation import blobs, convert
 from federation.errors import AifedError, InvalidArgument, PermissionDenied
 from federation.journal import job_from_json
 from federation.identity import Identity, Role
@@ -167,6 +167,13 @@ class HubService(hub_pb2_grpc.HubServicer):
         return hub_pb2.DrainState(draining=self.core.draining, reason=self.core.drain_now(),
                                   jobs_running=counts.get(JobState.RUNNING, 0),
                                   jobs_queued=counts.get(JobState.QUEUED, 0))
+
+    async def PutBlob(self, request_iterator, context):
+        return await blobs.put_rpc(self.core.blobs, caller().site, request_iterator,
+                                   self.core.metrics.uploaded_bytes.inc)
+
+    async def StatBlob(self, request, context):
+        return blobs.stat_rpc(self.core.blobs, caller().site, request)
 
     async def GetUsage(self, request, context):
         since, rows = await self.core.usage(caller(), request.days or 30)

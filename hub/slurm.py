@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import orjson
 
 from federation.config import PartitionConfig
+from federation.errors import AifedError
 from federation.model import Job, JobState
 from federation.timefmt import format_duration
 from hub.backend import Backend, Change, Health, OnChange, PartitionUsage
@@ -191,6 +192,11 @@ class SlurmBackend(Backend):
                 return
         if not self._health.ok:
             self._waiting.append(job)  # the controller is down: it goes out at the first poll after it returns
+            return
+        try:
+            self.stage_inputs(job, folder)
+        except (OSError, AifedError) as exc:
+            self.on_change(Change(job.id, JobState.FAILED, reason=f"could not stage the job's inputs: {exc}"))
             return
         mark.write_bytes(b"")  # from here on, a restart must look in Slurm before resubmitting
         script = folder / "job.sh"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import secrets
 import time
 from dataclasses import replace
@@ -30,7 +31,7 @@ from certs import pki
 from federation import audit, convert
 from federation.config import ANTENNA_LIMITS, HUB_LIMITS, Limits
 from federation.identity import Identity, Role
-from federation.model import Job, JobSpec, JobState
+from federation.model import InputFile, Job, JobSpec, JobState
 from federation.pb import antenna_pb2, antenna_pb2_grpc, hub_pb2, hub_pb2_grpc, jobs_pb2
 from federation.rpc import MAX_MESSAGE_BYTES, secure_channel
 from federation.tls import TlsFiles
@@ -186,10 +187,28 @@ def request(service: str, method: str, job_id: str = SOME_ID):
                 "HandOffJobs": hub_pb2.ForwardJobsRequest(jobs=[forward_request("k", forwarded())]),
                 "WatchChanges": hub_pb2.WatchChangesRequest(), "GetJob": ref, "WatchJob": ref, "CancelJob": ref,
                 "StreamLogs": logs, "SetDrain": hub_pb2.SetDrainRequest(drain=True),
-                "GetUsage": hub_pb2.HubUsageRequest()}[method]
+                "GetUsage": hub_pb2.HubUsageRequest(), "PutBlob": upload(b"x"),
+                "StatBlob": jobs_pb2.BlobRef(sha256=sha(b"x"))}[method]
     return {"SubmitJob": submit_request(), "SubmitJobs": antenna_pb2.SubmitJobsRequest(jobs=[submit_request()]),
             "GetJob": ref, "ListJobs": antenna_pb2.ListJobsRequest(), "WatchJob": ref, "CancelJob": ref,
-            "StreamLogs": logs, "ListSites": antenna_pb2.ListSitesRequest()}[method]
+            "StreamLogs": logs, "ListSites": antenna_pb2.ListSitesRequest(), "PutBlob": upload(b"x"),
+            "StatBlob": jobs_pb2.BlobRef(sha256=sha(b"x"))}[method]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def upload(data: bytes, claimed: str | None = None):
+    """The messages of an upload of `data` in one piece, under its own SHA-256 or a `claimed` one."""
+    return iter([jobs_pb2.BlobChunk(sha256=claimed or sha(data), size=len(data), offset=0, data=data)])
+
+
+def stored_content(fed: Federation) -> dict[str, list[str]]:
+    """Every content (and partial upload) every daemon holds."""
+    return {site: sorted(str(p.relative_to(d.core.blobs.root)) for sub in ("sha256", "partial")
+                         for p in (d.core.blobs.root / sub).iterdir())
+            for site, d in [*fed.hubs.items(), *fed.antennas.items()]}
 
 
 async def call(channel: grpc.aio.Channel, service: str, method: str, message, timeout: float = 5):
@@ -407,6 +426,11 @@ ROLE_ATTACKS = [
     ("antenna/antenna-b", "antenna-a", "ListSites"),
     ("antenna/antenna-b", "antenna-a", "GetJob"),
     ("antenna/antenna-a", "antenna-a", "SubmitJob"),
+    # input files: users upload to their antenna only; only antennas stage them at hubs
+    ("user/antenna-a/alice", "leonardo", "PutBlob"),
+    ("hub/lumi", "leonardo", "PutBlob"),
+    ("antenna/antenna-b", "antenna-a", "PutBlob"),
+    ("hub/leonardo", "antenna-a", "StatBlob"),
     # a user vouched for by another antenna
     ("user/antenna-b/carol", "antenna-a", "SubmitJob"),
     ("user/antenna-b/carol", "antenna-a", "GetJob"),
@@ -911,3 +935,40 @@ async def test_antenna_whose_name_prefixes_another_cannot_claim_its_job_ids(afed
         forward_request("k", forwarded(target, uri("user/antenna/mallory"))), timeout=5))
     a = hub_pb2_grpc.HubStub(connect(afed, "leonardo", tls_of(test_pki, "antenna/antenna-a")))
     assert not (await a.ForwardJob(forward_request(target, forwarded(target)), timeout=5)).duplicate
+
+
+# == input files: nobody uses or learns of content another uploaded; names stay in the working directory ==========
+
+@attack
+async def test_user_cannot_use_or_learn_of_content_another_user_uploaded(afed):
+    secret = b"carol's health records"
+    assert (await afed.client("bob").stub.PutBlob(upload(secret))).complete
+    alice = afed.client("alice")
+    before = snapshot(afed)
+    held = await alice.stub.StatBlob(jobs_pb2.BlobRef(sha256=sha(secret)), timeout=5)
+    assert (held.held, held.complete) == (0, False)  # as for content nobody uploaded
+    spec = JobSpec(argv=("cat", "x"), inputs=(InputFile("x", sha(secret), len(secret)),))
+    await refused(C.FAILED_PRECONDITION, alice.submit(spec), "has not been uploaded")
+    assert snapshot(afed) == before
+
+
+@attack
+@pytest.mark.parametrize("name", ["../../../etc/cron.d/x", "/etc/passwd", "data/../../x"])
+async def test_input_name_escaping_the_working_directory_is_refused(afed, name):
+    client = afed.client("alice")
+    assert (await client.stub.PutBlob(upload(b"payload"))).complete
+    before = snapshot(afed)
+    spec = JobSpec(argv=("true",), inputs=(InputFile(name, sha(b"payload"), 7),))
+    await refused(C.INVALID_ARGUMENT, client.stub.SubmitJob(submit_request(spec), timeout=5), "input name")
+    assert snapshot(afed) == before
+
+
+@attack
+@pytest.mark.parametrize("who,site", [("user/antenna-a/alice", "antenna-a"), ("antenna/antenna-a", "leonardo")])
+async def test_content_under_a_false_hash_is_refused_and_nothing_kept(afed, test_pki, who, site):
+    before = stored_content(afed)
+    service = "hub" if site in afed.hubs else "antenna"
+    channel = connect(afed, site, tls_of(test_pki, who))
+    await refused(C.INVALID_ARGUMENT, call(channel, service, "PutBlob", upload(b"malware", claimed=sha(b"model"))),
+                  "checksum mismatch")
+    assert stored_content(afed) == before

@@ -86,6 +86,16 @@ class AntennaStub:
                 request_serializer=aifed_dot_v1_dot_jobs__pb2.JobRef.SerializeToString,
                 response_deserializer=aifed_dot_v1_dot_antenna__pb2.Explanation.FromString,
                 _registered_method=True)
+        self.PutBlob = channel.stream_unary(
+                '/aifed.v1.Antenna/PutBlob',
+                request_serializer=aifed_dot_v1_dot_jobs__pb2.BlobChunk.SerializeToString,
+                response_deserializer=aifed_dot_v1_dot_jobs__pb2.BlobInfo.FromString,
+                _registered_method=True)
+        self.StatBlob = channel.unary_unary(
+                '/aifed.v1.Antenna/StatBlob',
+                request_serializer=aifed_dot_v1_dot_jobs__pb2.BlobRef.SerializeToString,
+                response_deserializer=aifed_dot_v1_dot_jobs__pb2.BlobInfo.FromString,
+                _registered_method=True)
 
 
 class AntennaServicer:
@@ -156,6 +166,20 @@ class AntennaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutBlob(self, request_iterator, context):
+        """A job's input files, uploaded before the job is submitted: stored by their SHA-256 (checked), once per user
+        however many jobs use them. StatBlob says how much of an interrupted upload arrived, to resume it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatBlob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AntennaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +232,16 @@ def add_AntennaServicer_to_server(servicer, server):
                     servicer.ExplainJob,
                     request_deserializer=aifed_dot_v1_dot_jobs__pb2.JobRef.FromString,
                     response_serializer=aifed_dot_v1_dot_antenna__pb2.Explanation.SerializeToString,
+            ),
+            'PutBlob': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutBlob,
+                    request_deserializer=aifed_dot_v1_dot_jobs__pb2.BlobChunk.FromString,
+                    response_serializer=aifed_dot_v1_dot_jobs__pb2.BlobInfo.SerializeToString,
+            ),
+            'StatBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatBlob,
+                    request_deserializer=aifed_dot_v1_dot_jobs__pb2.BlobRef.FromString,
+                    response_serializer=aifed_dot_v1_dot_jobs__pb2.BlobInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +514,60 @@ class Antenna:
             '/aifed.v1.Antenna/ExplainJob',
             aifed_dot_v1_dot_jobs__pb2.JobRef.SerializeToString,
             aifed_dot_v1_dot_antenna__pb2.Explanation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutBlob(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/aifed.v1.Antenna/PutBlob',
+            aifed_dot_v1_dot_jobs__pb2.BlobChunk.SerializeToString,
+            aifed_dot_v1_dot_jobs__pb2.BlobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aifed.v1.Antenna/StatBlob',
+            aifed_dot_v1_dot_jobs__pb2.BlobRef.SerializeToString,
+            aifed_dot_v1_dot_jobs__pb2.BlobInfo.FromString,
             options,
             channel_credentials,
             insecure,

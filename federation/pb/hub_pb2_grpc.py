@@ -96,6 +96,16 @@ class HubStub:
                 request_serializer=aifed_dot_v1_dot_hub__pb2.ForwardJobsRequest.SerializeToString,
                 response_deserializer=aifed_dot_v1_dot_hub__pb2.ForwardJobsResponse.FromString,
                 _registered_method=True)
+        self.PutBlob = channel.stream_unary(
+                '/aifed.v1.Hub/PutBlob',
+                request_serializer=aifed_dot_v1_dot_jobs__pb2.BlobChunk.SerializeToString,
+                response_deserializer=aifed_dot_v1_dot_jobs__pb2.BlobInfo.FromString,
+                _registered_method=True)
+        self.StatBlob = channel.unary_unary(
+                '/aifed.v1.Hub/StatBlob',
+                request_serializer=aifed_dot_v1_dot_jobs__pb2.BlobRef.SerializeToString,
+                response_deserializer=aifed_dot_v1_dot_jobs__pb2.BlobInfo.FromString,
+                _registered_method=True)
 
 
 class HubServicer:
@@ -186,6 +196,20 @@ class HubServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutBlob(self, request_iterator, context):
+        """An antenna stages the input files of the jobs it forwards here, before forwarding them (resumable, stored by
+        SHA-256 once per antenna).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatBlob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -248,6 +272,16 @@ def add_HubServicer_to_server(servicer, server):
                     servicer.HandOffJobs,
                     request_deserializer=aifed_dot_v1_dot_hub__pb2.ForwardJobsRequest.FromString,
                     response_serializer=aifed_dot_v1_dot_hub__pb2.ForwardJobsResponse.SerializeToString,
+            ),
+            'PutBlob': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutBlob,
+                    request_deserializer=aifed_dot_v1_dot_jobs__pb2.BlobChunk.FromString,
+                    response_serializer=aifed_dot_v1_dot_jobs__pb2.BlobInfo.SerializeToString,
+            ),
+            'StatBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatBlob,
+                    request_deserializer=aifed_dot_v1_dot_jobs__pb2.BlobRef.FromString,
+                    response_serializer=aifed_dot_v1_dot_jobs__pb2.BlobInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -574,6 +608,60 @@ class Hub:
             '/aifed.v1.Hub/HandOffJobs',
             aifed_dot_v1_dot_hub__pb2.ForwardJobsRequest.SerializeToString,
             aifed_dot_v1_dot_hub__pb2.ForwardJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutBlob(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/aifed.v1.Hub/PutBlob',
+            aifed_dot_v1_dot_jobs__pb2.BlobChunk.SerializeToString,
+            aifed_dot_v1_dot_jobs__pb2.BlobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aifed.v1.Hub/StatBlob',
+            aifed_dot_v1_dot_jobs__pb2.BlobRef.SerializeToString,
+            aifed_dot_v1_dot_jobs__pb2.BlobInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,7 +63,7 @@ LOG_STREAM_STDOUT: LogStream
 LOG_STREAM_STDERR: LogStream
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "argv", "script", "script_args", "env", "gpus", "cpus", "memory_mb", "walltime_s", "partition", "access_mode", "project", "site", "array_job", "array_task", "sector", "sector_required", "prefer", "exclude", "overflow_after_s")
+    __slots__ = ("name", "argv", "script", "script_args", "env", "gpus", "cpus", "memory_mb", "walltime_s", "partition", "access_mode", "project", "site", "array_job", "array_task", "sector", "sector_required", "prefer", "exclude", "overflow_after_s", "inputs")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class JobSpec(_message.Message):
     PREFER_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     OVERFLOW_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     script: str
@@ -111,7 +112,48 @@ class JobSpec(_message.Message):
     prefer: _containers.RepeatedScalarFieldContainer[str]
     exclude: _containers.RepeatedScalarFieldContainer[str]
     overflow_after_s: int
-    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., script: _Optional[str] = ..., script_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpus: _Optional[int] = ..., cpus: _Optional[int] = ..., memory_mb: _Optional[int] = ..., walltime_s: _Optional[int] = ..., partition: _Optional[str] = ..., access_mode: _Optional[_Union[AccessMode, str]] = ..., project: _Optional[str] = ..., site: _Optional[str] = ..., array_job: _Optional[str] = ..., array_task: _Optional[int] = ..., sector: _Optional[str] = ..., sector_required: _Optional[bool] = ..., prefer: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., overflow_after_s: _Optional[int] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[InputFile]
+    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., script: _Optional[str] = ..., script_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpus: _Optional[int] = ..., cpus: _Optional[int] = ..., memory_mb: _Optional[int] = ..., walltime_s: _Optional[int] = ..., partition: _Optional[str] = ..., access_mode: _Optional[_Union[AccessMode, str]] = ..., project: _Optional[str] = ..., site: _Optional[str] = ..., array_job: _Optional[str] = ..., array_task: _Optional[int] = ..., sector: _Optional[str] = ..., sector_required: _Optional[bool] = ..., prefer: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., overflow_after_s: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[InputFile, _Mapping]]] = ...) -> None: ...
+
+class InputFile(_message.Message):
+    __slots__ = ("name", "sha256", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sha256: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class BlobChunk(_message.Message):
+    __slots__ = ("sha256", "size", "offset", "data")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size: int
+    offset: int
+    data: bytes
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class BlobRef(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+
+class BlobInfo(_message.Message):
+    __slots__ = ("sha256", "size", "held", "complete")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size: int
+    held: int
+    complete: bool
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., held: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
 
 class Transition(_message.Message):
     __slots__ = ("state", "at", "reason")

@@ -1,0 +1,342 @@
+"""Content-addressed storage of jobs' input files, at antennas and hubs (docs/data.md).
+
+Content is stored once under its SHA-256, checked when the last byte arrives: `<root>/sha256/<hex>`. An upload
+in progress lives in `<root>/partial/<hex>` and resumes at its current length after an interruption; it becomes
+visible only once complete and checked, by a rename, so nothing partial is ever used as if complete.
+
+Who may use what: content is shared on disk, but each uploader (a user at an antenna, an antenna at a hub) may
+use, and learn about, only content it uploaded itself (`<root>/owners/<hex>/<owner digest>`): asking for a hash
+tells nobody whether someone else holds that content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from federation.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from federation.model import SHA256_HEX, InputFile, check_input_name
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20                 # what one upload message carries at most
+MAX_BLOB_BYTES = 64 << 30             # one input file
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    sha256: str
+    size: int = 0       # known once the upload began
+    held: int = 0       # bytes received
+    complete: bool = False
+
+
+@dataclass(frozen=True)
+class Chunk:
+    sha256: str
+    size: int
+    offset: int
+    data: bytes
+
+
+def check_sha(sha256: str) -> str:
+    if not SHA256_HEX.fullmatch(sha256):
+        raise InvalidArgument(f"{sha256[:80]!r} is not a SHA-256: 64 lower-case hex digits")
+    return sha256
+
+
+def _owner_key(owner: str) -> str:
+    return hashlib.sha256(owner.encode()).hexdigest()[:32]
+
+
+class BlobStore:
+    """Blobs under `root`; `max_blob_bytes` bounds one file."""
+
+    def __init__(self, root: Path, max_blob_bytes: int = MAX_BLOB_BYTES):
+        self.root = Path(root)
+        self.max_blob_bytes = max_blob_bytes
+        for sub in ("sha256", "partial", "owners"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def path(self, sha256: str) -> Path:
+        return self.root / "sha256" / check_sha(sha256)
+
+    def _partial(self, sha256: str, owner: str) -> Path:
+        return self.root / "partial" / f"{sha256}.{_owner_key(owner)}"
+
+    def _owner_mark(self, sha256: str, owner: str) -> Path:
+        return self.root / "owners" / sha256 / _owner_key(owner)
+
+    def owns(self, owner: str, sha256: str) -> bool:
+        return self._owner_mark(sha256, owner).exists() and self.path(sha256).exists()
+
+    def stat(self, owner: str, sha256: str) -> BlobInfo:
+        """What `owner` holds of this content: complete (its own upload, checked), partial, or nothing."""
+        check_sha(sha256)
+        if self.owns(owner, sha256):
+            size = self.path(sha256).stat().st_size
+            return BlobInfo(sha256, size, size, True)
+        partial = self._partial(sha256, owner)
+        try:
+            return BlobInfo(sha256, int(partial.with_suffix(partial.suffix + ".size").read_text()),
+                            partial.stat().st_size, False)
+        except (FileNotFoundError, ValueError):
+            return BlobInfo(sha256)
+
+    async def put(self, owner: str, chunks: AsyncIterator[Chunk]) -> BlobInfo:
+        """Receive an upload (or the rest of one). The first chunk names the content and its size; each chunk's
+        offset must be where the upload stands. Returns what is held afterwards: complete once every byte arrived
+        and the SHA-256 matched; a stream that ends early leaves a partial upload to resume."""
+        first = None
+        async for chunk in chunks:
+            first = chunk
+            break
+        if first is None:
+            raise InvalidArgument("the upload is empty: its first message must name the content (sha256, size)")
+        sha = check_sha(first.sha256)
+        if first.size > self.max_blob_bytes:
+            raise ResourceExhausted(f"an input file may be at most {self.max_blob_bytes} bytes, not {first.size}")
+        key = (sha, owner)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                return await self._receive(owner, sha, first, chunks)
+        finally:
+            if not lock.locked() and self._locks.get(key) is lock:
+                self._locks.pop(key, None)
+
+    async def _receive(self, owner: str, sha: str, first: Chunk, chunks: AsyncIterator[Chunk]) -> BlobInfo:
+        size = first.size
+        if self.owns(owner, sha):
+            if self.path(sha).stat().st_size != size:
+                raise InvalidArgument(f"content {sha} is {self.path(sha).stat().st_size} bytes, not {size}")
+            return BlobInfo(sha, size, size, True)  # nothing more to send
+        partial = self._partial(sha, owner)
+        size_file = partial.with_suffix(partial.suffix + ".size")
+        try:
+            announced = int(size_file.read_text())
+            held = partial.stat().st_size
+        except (FileNotFoundError, ValueError):
+            announced, held = -1, 0
+        if announced != size or first.offset == 0:  # a new upload, or one started over from its first byte
+            size_file.write_text(str(size))
+            partial.write_bytes(b"")
+            held = 0
+        digest = hashlib.sha256()  # over every byte as it is written: no second pass over the file
+        if held:
+            await asyncio.to_thread(_hash_into, digest, partial, held)
+        try:
+            with open(partial, "r+b") as f:  # noqa: ASYNC230 - page-cache writes of 1 MiB; fsynced once at the end
+                f.seek(held)
+                try:
+                    async for chunk in _with_first(first, chunks):
+                        if chunk.offset != held:
+                            raise FailedPrecondition(f"the upload of {sha} stands at byte {held}, not "
+                                                     f"{chunk.offset}: resume it there")
+                        if held + len(chunk.data) > size:
+                            raise InvalidArgument(f"the upload of {sha} sent more than the {size} bytes it "
+                                                  "announced")
+                        f.write(chunk.data)
+                        digest.update(chunk.data)
+                        held += len(chunk.data)
+                finally:
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"no space left to store uploads here ({exc.strerror}); the upload stands "
+                                        f"at byte {partial.stat().st_size} and can resume later") from None
+            raise
+        if held < size:
+            return BlobInfo(sha, size, held, False)
+        actual = digest.hexdigest()
+        size_file.unlink(missing_ok=True)
+        if actual != sha:
+            partial.unlink(missing_ok=True)
+            raise InvalidArgument(f"checksum mismatch: the bytes uploaded hash to {actual}, not {sha}; nothing was "
+                                  "kept")
+        if self.path(sha).exists():
+            partial.unlink()  # the same content, uploaded by someone else too: stored once
+        else:
+            os.replace(partial, self.path(sha))
+            _fsync_dir(self.root / "sha256")
+        mark = self._owner_mark(sha, owner)
+        mark.parent.mkdir(exist_ok=True)
+        mark.touch()
+        return BlobInfo(sha, size, size, True)
+
+    def missing(self, owner: str, inputs: Iterable[InputFile]) -> list[InputFile]:
+        """The inputs `owner` has not uploaded completely (or whose size differs from what was uploaded)."""
+        out = []
+        for f in inputs:
+            path = self.path(f.sha256)
+            if not self.owns(owner, f.sha256) or path.stat().st_size != f.size:
+                out.append(f)
+        return out
+
+    def stage(self, inputs: Iterable[InputFile], folder: Path) -> None:
+        """Copy each input to its name under `folder` (a copy, not a link: a job that writes to its input must
+        not change the content other jobs use). Names are checked again here: nothing is written outside
+        `folder`, not even through a symbolic link left there."""
+        folder = Path(folder)
+        for f in inputs:
+            check_input_name(f.name)
+            target = folder / f.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.parent.resolve().is_relative_to(folder.resolve()):
+                raise InvalidArgument(f"input {f.name!r} would be placed outside the job's working directory")
+            if target.is_symlink() or target.exists():
+                target.unlink()
+            shutil.copyfile(self.path(f.sha256), target)
+
+    def purge(self, older_than_s: float, now: float | None = None) -> int:
+        """Remove stored content and abandoned partial uploads not touched for `older_than_s`; return how many."""
+        now = time.time() if now is None else now
+        removed = 0
+        for sub in ("sha256", "partial"):
+            for path in (self.root / sub).iterdir():
+                try:
+                    if now - path.stat().st_mtime > older_than_s:
+                        path.unlink()
+                        removed += 1
+                        if sub == "sha256":
+                            shutil.rmtree(self.root / "owners" / path.name, ignore_errors=True)
+                except FileNotFoundError:
+                    pass
+        return removed
+
+
+async def _with_first(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+    yield first
+    async for chunk in rest:
+        if chunk.sha256 and chunk.sha256 != first.sha256:
+            raise InvalidArgument("one upload carries one content: a later message names another SHA-256")
+        yield chunk
+
+
+def _hash_into(digest, path: Path, length: int) -> None:
+    with open(path, "rb") as f:
+        while length > 0 and (block := f.read(min(CHUNK_BYTES, length))):
+            digest.update(block)
+            length -= len(block)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    return _sha256_of(path)
+
+
+def blob_chunks(path: Path, sha256: str, size: int, offset: int = 0):
+    """The upload messages (aifed.v1.BlobChunk) of the file at `path`, from `offset` on. The file is opened
+    here, so that a missing file is an OSError for the caller, not a broken call; one that shrinks while it is
+    read ends the upload short (the receiver keeps what came, and says how much)."""
+    from federation.pb import jobs_pb2
+    f = open(path, "rb")  # noqa: SIM115 - closed by the generator
+    f.seek(offset)
+
+    async def chunks():
+        nonlocal offset
+        with f:
+            first = True
+            while True:
+                data = f.read(CHUNK_BYTES)
+                if data or first:
+                    yield jobs_pb2.BlobChunk(sha256=sha256 if first else "", size=size if first else 0,
+                                             offset=offset, data=data)
+                if not data or offset + len(data) >= size:
+                    return
+                first = False
+                offset += len(data)
+    return chunks()
+
+
+# -- the PutBlob and StatBlob RPCs, the same at antennas (for users) and hubs (for antennas) -----------------------
+
+def info_pb(info: BlobInfo):
+    from federation.pb import jobs_pb2
+    return jobs_pb2.BlobInfo(sha256=info.sha256, size=info.size, held=info.held, complete=info.complete)
+
+
+async def put_rpc(store: BlobStore, owner: str, requests, on_bytes=None):
+    """Serve PutBlob: the request stream into `store` for `owner`; the BlobInfo message to answer."""
+    async def chunks() -> AsyncIterator[Chunk]:
+        async for msg in requests:
+            yield Chunk(msg.sha256, msg.size, msg.offset, msg.data)
+
+    info = await store.put(owner, chunks())
+    if on_bytes is not None and info.complete:
+        on_bytes(info.size)
+    return info_pb(info)
+
+
+def stat_rpc(store: BlobStore, owner: str, request):
+    return info_pb(store.stat(owner, request.sha256))
+
+
+# -- the client's side: which files, under which names --------------------------------------------------------------
+
+def collect_inputs(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
+    """(name in the job's working directory, local file) for each --input: a file goes in under its own name, a
+    folder with everything below it under the folder's name. A symbolic link is followed only if it stays inside
+    the folder given; anything but regular files (devices, sockets) is refused."""
+    out: list[tuple[str, Path]] = []
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise InvalidArgument(f"input {str(given)!r} does not exist")
+        if path.is_dir():
+            top = path.resolve()
+            for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+                dirnames.sort()
+                for entry in (*sorted(filenames), *[d for d in dirnames if Path(dirpath, d).is_symlink()]):
+                    local = Path(dirpath, entry)
+                    if not local.resolve().is_relative_to(top):
+                        raise InvalidArgument(f"input {str(local)!r} is a symbolic link out of {str(given)!r}: "
+                                              "give its target as an input of its own if the job needs it")
+                    if local.is_dir():
+                        raise InvalidArgument(f"input {str(local)!r} is a symbolic link to a folder: give the "
+                                              "folder itself")
+                    if not local.is_file():
+                        raise InvalidArgument(f"input {str(local)!r} is not a regular file")
+                    name = "/".join((top.name, *local.relative_to(path).parts))
+                    out.append((check_input_name(name), local))
+        elif path.is_file():
+            out.append((check_input_name(path.resolve().name), path))
+        else:
+            raise InvalidArgument(f"input {str(given)!r} is not a regular file or a folder")
+    return out
+
+
+def describe_inputs(files: list[tuple[str, Path]]) -> tuple[tuple[InputFile, ...], dict[str, Path]]:
+    """The job's inputs (hashing each file), and a local file per content to upload."""
+    inputs, sources = [], {}
+    for name, local in files:
+        size = local.stat().st_size
+        sha = _sha256_of(local)
+        inputs.append(InputFile(name, sha, size))
+        sources.setdefault(sha, local)
+    return tuple(inputs), sources

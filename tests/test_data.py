@@ -1,0 +1,309 @@
+"""Data staging, inputs: content-addressed uploads (resumable, checked), staging to the hub, the job's working
+directory, and every way a name or an upload can be wrong. Through real daemons, and through a real Slurm."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+
+from federation.blobs import BlobStore, Chunk, blob_chunks, collect_inputs, describe_inputs
+from federation.cli import main
+from federation.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from federation.identity import Role
+from federation.model import InputFile, JobSpec, JobState
+from federation.pb import hub_pb2_grpc, jobs_pb2
+from federation.rpc import secure_channel
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def chunks(*items: Chunk):
+    for item in items:
+        yield item
+
+
+# -- the store ------------------------------------------------------------------------------------------------
+
+async def test_an_interrupted_upload_resumes_where_it_stopped_and_is_checked(tmp_path):
+    store = BlobStore(tmp_path)
+    data = os.urandom(3 << 20)
+    h = sha(data)
+    first = await store.put("alice", chunks(Chunk(h, len(data), 0, data[:1 << 20])))
+    assert (first.held, first.complete) == (1 << 20, False)
+    assert not store.path(h).exists()  # nothing partial is visible as content
+    assert store.stat("alice", h).held == 1 << 20
+    rest = await store.put("alice", chunks(Chunk(h, len(data), 1 << 20, data[1 << 20:2 << 20]),
+                                           Chunk("", 0, 2 << 20, data[2 << 20:])))
+    assert rest.complete and store.path(h).read_bytes() == data
+    assert store.stat("alice", h).complete
+
+
+async def test_a_resume_at_the_wrong_offset_is_refused_and_says_where_to_resume(tmp_path):
+    store = BlobStore(tmp_path)
+    data = b"x" * 1000
+    await store.put("alice", chunks(Chunk(sha(data), 1000, 0, data[:400])))
+    with pytest.raises(FailedPrecondition, match="stands at byte 400, not 600"):
+        await store.put("alice", chunks(Chunk(sha(data), 1000, 600, data[600:])))
+    assert store.stat("alice", sha(data)).held == 400
+
+
+async def test_a_checksum_mismatch_keeps_nothing(tmp_path):
+    store = BlobStore(tmp_path)
+    claimed = sha(b"the real thing")
+    with pytest.raises(InvalidArgument, match="checksum mismatch"):
+        await store.put("alice", chunks(Chunk(claimed, 14, 0, b"something else")))
+    assert not store.path(claimed).exists() and store.stat("alice", claimed).held == 0
+    assert not list((tmp_path / "partial").iterdir())
+
+
+async def test_more_bytes_than_announced_and_oversized_uploads_are_refused(tmp_path):
+    store = BlobStore(tmp_path, max_blob_bytes=100)
+    with pytest.raises(InvalidArgument, match="more than the 3 bytes"):
+        await store.put("alice", chunks(Chunk(sha(b"abc"), 3, 0, b"abcd")))
+    with pytest.raises(ResourceExhausted, match="at most 100 bytes"):
+        await store.put("alice", chunks(Chunk(sha(b"a"), 101, 0, b"a")))
+    with pytest.raises(InvalidArgument, match="not a SHA-256"):
+        await store.put("alice", chunks(Chunk("../../etc/passwd", 1, 0, b"a")))
+    with pytest.raises(InvalidArgument, match="the upload is empty"):
+        await store.put("alice", chunks())
+
+
+async def test_nobody_learns_or_uses_content_another_uploaded(tmp_path):
+    store = BlobStore(tmp_path)
+    data = b"health records"
+    assert (await store.put("alice", chunks(Chunk(sha(data), len(data), 0, data)))).complete
+    assert store.stat("carol", sha(data)).held == 0 and not store.stat("carol", sha(data)).complete
+    assert store.missing("carol", [InputFile("x", sha(data), len(data))])
+    assert not store.missing("alice", [InputFile("x", sha(data), len(data))])
+    # Carol may use it once she proved she has it, by uploading it; it is stored once.
+    assert (await store.put("carol", chunks(Chunk(sha(data), len(data), 0, data)))).complete
+    assert not store.missing("carol", [InputFile("x", sha(data), len(data))])
+    assert len(list((tmp_path / "sha256").iterdir())) == 1
+
+
+async def test_staging_copies_inputs_into_the_folder_and_a_job_cannot_change_the_stored_content(tmp_path):
+    store = BlobStore(tmp_path / "blobs")
+    data = b"weights"
+    await store.put("a", chunks(Chunk(sha(data), len(data), 0, data)))
+    job = tmp_path / "job"
+    job.mkdir()
+    store.stage([InputFile("model/w.bin", sha(data), len(data))], job)
+    (job / "model" / "w.bin").write_bytes(b"changed by the job")
+    assert store.path(sha(data)).read_bytes() == data
+
+
+def test_a_symbolic_link_in_the_folder_cannot_send_staging_outside(tmp_path):
+    store = BlobStore(tmp_path / "blobs")
+    job, outside = tmp_path / "job", tmp_path / "outside"
+    job.mkdir()
+    outside.mkdir()
+    (job / "data").symlink_to(outside)
+    with pytest.raises(InvalidArgument, match="outside the job's working directory"):
+        store.stage([InputFile("data/x", "0" * 64, 1)], job)
+    assert not list(outside.iterdir())
+
+
+@pytest.mark.parametrize("name,why", [
+    ("../etc/passwd", "no '..'"), ("a/../../b", "no '..'"), ("/etc/passwd", "absolute path"), ("a//b", "plain"),
+    ("./a", "plain"), ("a\x00b", "control character"), ("a\\..\\b", "backslash"), ("", "1 to 1024"),
+    ("stdout", "aifed keeps"), ("exit", "aifed keeps"), ("x" * 256, "longer than 255"),
+])
+def test_bad_input_names_are_refused_with_the_reason(name, why):
+    spec = JobSpec(argv=("true",), inputs=(InputFile(name, "0" * 64, 1),))
+    with pytest.raises(InvalidArgument, match=why):
+        spec.validate()
+
+
+def test_inputs_that_collide_or_are_not_content_are_refused():
+    ok = "0" * 64
+    with pytest.raises(InvalidArgument, match="given twice"):
+        JobSpec(argv=("true",), inputs=(InputFile("a", ok, 1), InputFile("a", ok, 1))).validate()
+    with pytest.raises(InvalidArgument, match="is a file, and also a folder"):
+        JobSpec(argv=("true",), inputs=(InputFile("a", ok, 1), InputFile("a/b", ok, 1))).validate()
+    with pytest.raises(InvalidArgument, match="64 lower-case hex"):
+        JobSpec(argv=("true",), inputs=(InputFile("a", "ABC", 1),)).validate()
+
+
+def test_collecting_a_folder_names_files_under_it_and_refuses_links_out(tmp_path):
+    top = tmp_path / "dataset"
+    (top / "train").mkdir(parents=True)
+    (top / "train" / "a.csv").write_text("1,2\n")
+    (top / "README").write_text("hi")
+    (top / "again").symlink_to(top / "README")  # inside: followed
+    names = sorted(name for name, _ in collect_inputs([top]))
+    assert names == ["dataset/README", "dataset/again", "dataset/train/a.csv"]
+    (tmp_path / "secret").write_text("x")
+    (top / "leak").symlink_to(tmp_path / "secret")
+    with pytest.raises(InvalidArgument, match="symbolic link out of"):
+        collect_inputs([top])
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        collect_inputs([tmp_path / "nope"])
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(InvalidArgument, match="not a regular file"):
+        collect_inputs([tmp_path / "pipe"])
+
+
+# -- through the daemons ------------------------------------------------------------------------------------------
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+async def _upload_and_submit(client, files: dict[str, Path], script: str, **kw):
+    inputs, sources = describe_inputs(list(files.items()))
+    for h, local in sources.items():
+        info = await client.upload(local, h, local.stat().st_size)
+        assert info.complete
+    return await client.submit(JobSpec(argv=("sh", "-c", script), walltime_s=120, inputs=inputs, **kw))
+
+
+async def test_inputs_reach_the_job_through_antenna_and_hub(fed, tmp_path):
+    client = fed.client("alice")
+    data = os.urandom(2_500_000)  # three upload messages
+    files = {"data/blob.bin": _write(tmp_path / "blob.bin", data),
+             "config.txt": _write(tmp_path / "c.txt", b"lr=0.1\n")}
+    job = await _upload_and_submit(client, files, "sha256sum data/blob.bin; cat config.txt")
+    done = await client.wait(job.id)
+    assert done.state is JobState.COMPLETED, done
+    out = b"".join([c.data async for c in client.logs(job.id, jobs_pb2.LOG_STREAM_STDOUT)]).decode()
+    assert sha(data) in out and "lr=0.1" in out
+    hub = fed.hubs[done.site].core
+    assert hub.blobs.owns("antenna-a", sha(data))  # staged at the hub, once
+    assert fed.antennas["antenna-a"].core.metrics.staged_bytes.labels(done.site)._value.get() >= len(data)
+
+
+async def test_an_array_s_shared_input_travels_to_the_hub_once(fed, tmp_path):
+    client = fed.client("alice")
+    shared = _write(tmp_path / "shared.txt", b"same for every task\n")
+    inputs, _ = describe_inputs([("shared.txt", shared)])
+    await client.upload(shared, inputs[0].sha256, inputs[0].size)
+    results = await client.submit_many([(JobSpec(argv=("cat", "shared.txt"), walltime_s=60, site="leonardo",
+                                                 inputs=inputs), "", "0-5")])
+    for r in results:
+        assert (await client.wait(r.id)).state is JobState.COMPLETED
+    staged = fed.antennas["antenna-a"].core.metrics.staged_bytes.labels("leonardo")._value.get()
+    assert staged == inputs[0].size
+
+
+async def test_a_job_whose_inputs_were_not_uploaded_is_refused_and_nothing_is_stored(fed, tmp_path):
+    client = fed.client("alice")
+    spec = JobSpec(argv=("true",), inputs=(InputFile("x", sha(b"never sent"), 10),))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await client.submit(spec)
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "has not been uploaded to antenna antenna-a by you" in refused.value.details()
+    assert await client.list() == []
+    # Bob's upload does not let Alice use the content.
+    bob = fed.client("bob")
+    path = _write(tmp_path / "b", b"bob's data")
+    await bob.upload(path, sha(b"bob's data"), 10)
+    with pytest.raises(grpc.aio.AioRpcError, match="has not been uploaded"):
+        await client.submit(JobSpec(argv=("true",), inputs=(InputFile("x", sha(b"bob's data"), 10),)))
+    assert (await client.stub.StatBlob(jobs_pb2.BlobRef(sha256=sha(b"bob's data")))).held == 0
+
+
+async def test_a_hub_refuses_a_job_whose_inputs_were_not_staged(fed, test_pki):
+    async with secure_channel(f"127.0.0.1:{fed.hubs['leonardo'].port}", test_pki.tls(Role.ANTENNA, "antenna-a")) \
+            as ch:
+        from federation.pb import hub_pb2
+        answer = await hub_pb2_grpc.HubStub(ch).ForwardJobs(hub_pb2.ForwardJobsRequest(jobs=[
+            hub_pb2.ForwardJobRequest(idempotency_key="k", job=jobs_pb2.Job(
+                id="antenna-a-0123abcd", owner="spiffe://eurohpc.test/user/antenna-a/alice", state=1,
+                spec=jobs_pb2.JobSpec(argv=["true"], inputs=[jobs_pb2.InputFile(name="x", sha256="0" * 64,
+                                                                                size=1)])))]))
+    error = answer.results[0].error
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "was not staged at hub leonardo" in \
+        error.message
+    assert fed.hubs["leonardo"].core.journal.get("antenna-a-0123abcd") is None
+
+
+async def test_an_interrupted_upload_through_the_antenna_resumes(fed, tmp_path):
+    client = fed.client("alice")
+    data = os.urandom(3 << 20)
+    path = _write(tmp_path / "big", data)
+    h = sha(data)
+
+    async def first_two_chunks():
+        n = 0
+        async for msg in blob_chunks(path, h, len(data)):
+            yield msg
+            n += 1
+            if n == 2:
+                return  # the client goes away after 2 MiB
+
+    partial = await client.stub.PutBlob(first_two_chunks())
+    assert (partial.held, partial.complete) == (2 << 20, False)
+    held = await client.stub.StatBlob(jobs_pb2.BlobRef(sha256=h))
+    assert held.held == 2 << 20
+    done = await client.upload(path, h, len(data))  # sends the last MiB only
+    assert done.complete and done.held == len(data)
+    assert fed.antennas["antenna-a"].core.blobs.path(h).read_bytes() == data
+
+
+async def test_cli_submit_with_input_files_and_a_folder(fed, tmp_path):
+    folder = tmp_path / "dataset"
+    _write(folder / "a.txt", b"alpha\n")
+    _write(folder / "sub" / "b.txt", b"beta\n")
+    single = _write(tmp_path / "notes.md", b"# notes\n")
+    out = await _cli(fed, "submit", "--wait", "--input", str(folder), "-i", str(single), "--",
+                     "sh", "-c", "cat dataset/a.txt dataset/sub/b.txt notes.md")
+    assert "COMPLETED" in out
+    job_id = out.split("Job ")[1].split()[0] if "Job " in out else None
+    client = fed.client("alice")
+    jobs = await client.list()
+    logs = b"".join([c.data async for c in client.logs(jobs[0].id, jobs_pb2.LOG_STREAM_STDOUT)])
+    assert logs == b"alpha\nbeta\n# notes\n", (job_id, logs)
+
+
+async def test_cli_refuses_a_link_out_of_an_input_folder_before_sending_anything(fed, tmp_path):
+    folder = tmp_path / "dataset"
+    _write(folder / "a.txt", b"alpha\n")
+    (folder / "escape").symlink_to("/etc/passwd")
+    code, err = await _cli_code(fed, "submit", "--input", str(folder), "--", "true")
+    assert code != 0 and "symbolic link out of" in err
+    assert await fed.client("alice").list() == []
+    assert not list((fed.antennas["antenna-a"].core.blobs.root / "sha256").iterdir())
+
+
+async def _cli_code(fed, *args: str) -> tuple[int, str]:
+    tls = fed.test_pki.user("antenna-a", "alice")
+    argv = [*args[:1], "--antenna", f"127.0.0.1:{fed.antennas['antenna-a'].port}", "--ca", str(tls.ca),
+            "--cert", str(tls.cert), "--key", str(tls.key), *args[1:]]
+    out, err = io.StringIO(), io.StringIO()
+
+    def run() -> int:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            return main(argv)
+
+    code = await asyncio.to_thread(run)
+    return code, out.getvalue() + err.getvalue()
+
+
+async def _cli(fed, *args: str) -> str:
+    code, text = await _cli_code(fed, *args)
+    assert code == 0, text
+    return text
+
+
+# -- through a real Slurm ---------------------------------------------------------------------------------------
+
+async def test_inputs_reach_a_slurm_job(slurm_fed, tmp_path):
+    client = slurm_fed.client("alice")
+    data = os.urandom(1_200_000)
+    job = await _upload_and_submit(client, {"in/data.bin": _write(tmp_path / "d", data)},
+                                   "sha256sum in/data.bin; pwd")
+    done = await client.wait(job.id)
+    assert done.state is JobState.COMPLETED, done
+    out = b"".join([c.data async for c in client.logs(job.id, jobs_pb2.LOG_STREAM_STDOUT)]).decode()
+    assert sha(data) in out
