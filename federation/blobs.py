@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20                 # what one upload message carries at most
 MAX_BLOB_BYTES = 64 << 30             # one input file
+SYNC_EVERY_BYTES = 64 << 20           # an upload is flushed to disk as it arrives, this much at a time
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,13 @@ class BlobStore:
         if held:
             await asyncio.to_thread(_hash_into, digest, partial, held)
         try:
-            with open(partial, "r+b") as f:  # noqa: ASYNC230 - page-cache writes of 1 MiB; fsynced once at the end
+            # Writing and hashing run in a worker thread (both let go of the GIL), one chunk behind the receiving:
+            # the next message arrives while the last is written. Written data is flushed to disk as it goes, so
+            # that the final fsync has little left to do.
+            with open(partial, "r+b") as f:  # noqa: ASYNC230 - opened once; the writes run in a thread
                 f.seek(held)
+                writing: asyncio.Future | None = None
+                unsynced = 0
                 try:
                     async for chunk in _with_first(first, chunks):
                         if chunk.offset != held:
@@ -145,12 +151,17 @@ class BlobStore:
                         if held + len(chunk.data) > size:
                             raise InvalidArgument(f"the upload of {sha} sent more than the {size} bytes it "
                                                   "announced")
-                        f.write(chunk.data)
-                        digest.update(chunk.data)
+                        if writing is not None:
+                            await writing
+                        unsynced += len(chunk.data)
+                        flush = unsynced >= SYNC_EVERY_BYTES
+                        unsynced = 0 if flush else unsynced
+                        writing = asyncio.ensure_future(asyncio.to_thread(_write_chunk, f, digest, chunk.data, flush))
                         held += len(chunk.data)
                 finally:
-                    f.flush()
-                    os.fsync(f.fileno())
+                    if writing is not None:
+                        await asyncio.shield(writing)
+                    await asyncio.to_thread(_sync, f)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(f"no space left to store uploads here ({exc.strerror}); the upload stands "
@@ -221,6 +232,19 @@ async def _with_first(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator
         if chunk.sha256 and chunk.sha256 != first.sha256:
             raise InvalidArgument("one upload carries one content: a later message names another SHA-256")
         yield chunk
+
+
+def _write_chunk(f, digest, data: bytes, flush: bool) -> None:
+    f.write(data)
+    digest.update(data)
+    if flush:
+        f.flush()
+        os.fdatasync(f.fileno())
+
+
+def _sync(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _hash_into(digest, path: Path, length: int) -> None:
