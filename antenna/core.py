@@ -60,6 +60,7 @@ FORWARD_LINGER_S = 0.05   # how long a small batch waits for company before it g
 PLACE_BATCH = 2000
 BLOB_TIMEOUT_S = 60.0     # a transfer of an input to a hub may take this long,
 BLOB_MIN_RATE = 1 << 20   # plus a second per MiB
+LINK_SAMPLE_BYTES = 8 << 20  # a transfer of at least this much measures the link to a hub
 CANCEL_OWED = "cancel-owed"  # backend_ref of a job cancelled here whose hub may have it: the hub must be told
 
 
@@ -125,6 +126,7 @@ class AntennaCore:
         self._awaiting_hub: dict[str, list[Job]] = {}  # placed on a hub not in the membership when we started
         self._tasks: list[asyncio.Task] = []
         self._cancels: dict[str, asyncio.Task] = {}
+        self._link_rates: dict[str, float] = {}  # per hub: bytes/s measured by transfers of inputs (moving average)
 
     async def start(self) -> None:
         await self.discovery.start()
@@ -379,7 +381,7 @@ class AntennaCore:
 
     def _precheck_once(self, spec: JobSpec, country: str, sites: dict[tuple, str]) -> str:
         shape = (spec.site, spec.partition, spec.gpus, spec.cpus, spec.walltime_s, spec.access_mode, spec.sector,
-                 spec.sector_required, spec.exclude, country)
+                 spec.sector_required, spec.exclude, country, spec.residency())
         if shape not in sites:
             sites[shape] = self.precheck(spec, country)
         return sites[shape]
@@ -479,8 +481,13 @@ class AntennaCore:
             out.append(Candidate(v.site, v.wait_s, free_gpus=max((p.gpus_free for p in parts), default=0),
                                  total_gpus=sum(p.gpus_total for p in parts),
                                  pending_jobs=sum(p.pending_jobs for p in parts), specialised=v.site in specialised,
-                                 gflops_per_watt=max((p.gflops_per_watt for p in parts), default=0.0)))
+                                 gflops_per_watt=max((p.gflops_per_watt for p in parts), default=0.0),
+                                 transfer_s=spec.input_bytes / self.link_rate(v.site) if spec.inputs else 0.0))
         return out
+
+    def link_rate(self, site: str) -> float:
+        """Bytes per second to `site`: measured by the last transfers of inputs there, else as configured."""
+        return self._link_rates.get(site) or self.config.link_rate_mb_s * 1e6
 
     def _order(self, verdicts: list[Verdict], spec: JobSpec, turn: bool = True) -> list[Scored]:
         return self._rank(self._candidates(verdicts, spec), spec, turn)
@@ -666,7 +673,7 @@ class AntennaCore:
                 continue
             s = job.spec
             groups[(s.gpus, s.cpus, s.walltime_s, s.partition, s.access_mode, s.site, s.sector, s.prefer, s.exclude,
-                    s.overflow_after_s, s.sector_required, job.country)].append(job)
+                    s.overflow_after_s, s.sector_required, job.country, s.residency(), s.input_bytes)].append(job)
         decisions: list[tuple[str, JobState, str, str, str]] = []  # (job id, state, site, reason, decision)
         waiting: list[str] = []
         for group in groups.values():
@@ -804,7 +811,7 @@ class AntennaCore:
         for job in jobs:
             s = job.spec
             keys[job.id] = key = (s.gpus, s.cpus, s.walltime_s, s.partition, s.access_mode, s.site, s.sector,
-                                  s.sector_required, s.exclude, job.country)
+                                  s.sector_required, s.exclude, job.country, s.residency())
             if key not in alternatives:
                 alternatives[key] = self._alternatives(job, site.site)
         await self._stage(site, jobs)
@@ -873,6 +880,11 @@ class AntennaCore:
                 raise Unavailable(f"hub {site.site} holds {answer.held} of the {size} bytes of input {sha[:12]}...; "
                                   "the rest goes on the next try")
             self.metrics.staged_bytes.labels(site.site).inc(size - held.held)
+            took = time.monotonic() - started
+            if size - held.held >= LINK_SAMPLE_BYTES and took > 0:  # a transfer long enough to measure the link by
+                rate = (size - held.held) / took
+                old = self._link_rates.get(site.site)
+                self._link_rates[site.site] = rate if old is None else 0.7 * old + 0.3 * rate
             log.info("hub %s: staged input %s... (%d bytes) in %.2fs", site.site, sha[:12], size - held.held,
                      time.monotonic() - started)
 

@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-i", "--input", action="append", default=[], metavar="FILE_OR_DIR",
                    help="a file or folder the job finds in its working directory (repeatable): uploaded to the "
                         "antenna first (resuming an interrupted upload), each content once")
+    s.add_argument("--residency", default="", metavar="PLACES",
+                   help="data residency of every --input: the countries (ISO 3166 alpha-2, IT) or hub sites "
+                        "(leonardo) it may go to, comma-separated; placement sends the job nowhere else")
     s.add_argument("--request-id", default="", help="a token that makes a retried submit return the first job")
     s.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its exit code")
     s.add_argument("--dry-run", action="store_true",
@@ -392,7 +395,10 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
     if spec is not None and args.input:
         from federation.blobs import collect_inputs, describe_inputs
         inputs, sources = await asyncio.to_thread(lambda: describe_inputs(collect_inputs(args.input)))
-        spec = replace(spec, inputs=inputs)
+        places = tuple(p.strip() for p in args.residency.split(",") if p.strip())
+        spec = replace(spec, inputs=tuple(replace(f, residency=places) for f in inputs))
+    elif spec is not None and args.residency:
+        raise UsageError("--residency binds input files: give them with --input")
     if spec is not None:
         spec.validate()  # the same checks the antenna makes, before anything is sent
     config = resolve_client_config(args.config, args.antenna, args.ca, args.cert, args.key)

@@ -166,6 +166,7 @@ class HubConfig:
     maintenance: tuple[Maintenance, ...] = ()
     mode_limits: tuple[ModeLimits, ...] = ()
     countries: tuple[str, ...] = ()  # users' countries served (ISO 3166 alpha-2); empty: all
+    location: str = ""  # the country the hub's machines and storage are in (ISO 3166 alpha-2), for data residency
     user_map: Path | None = None  # (antenna, user, project) -> local account; None: the hub's own account
     advertise: str = ""  # HOST:PORT antennas dial, registered in discovery; "" is the listen address
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
@@ -198,6 +199,7 @@ class AntennaConfig:
     events: EventsConfig = field(default_factory=EventsConfig)
     allocations: Path | None = None  # a TOML file of [[allocation]] GPU-hour budgets (antenna/allocations.py)
     placement: str = "earliest-start"  # the placement policy (federation/placement.py)
+    link_rate_mb_s: float = 100.0  # MB/s to each hub, for the transfer time of inputs until transfers measure it
     home: str = ""  # the home hub site, for the home-only policy
 
 
@@ -533,6 +535,7 @@ def load_hub(path: str | Path) -> HubConfig:
             raise ConfigError(p, "hub.user_map", str(exc)) from None
     services, sectors = h.strings("services"), h.strings("sectors")
     countries = _countries(h)
+    location = h.checked("location", country_code, "") if "location" in h.data else ""
     modes = []
     for m in h.strings("access_modes"):
         try:
@@ -618,7 +621,7 @@ def load_hub(path: str | Path) -> HubConfig:
                      slurm_conf=slurm_conf, poll_interval_s=poll, capacity_interval_s=capacity,
                      command_timeout_s=command_timeout, accounts=accounts, retention_s=retention, limits=limits,
                      audit_log=audit_log, user_map=user_map, metrics_listen=metrics_listen,
-                     maintenance=maintenance, mode_limits=mode_limits, countries=countries, advertise=advertise,
+                     maintenance=maintenance, mode_limits=mode_limits, countries=countries, location=location, advertise=advertise,
                      discovery=discovery, events=events, ha_instance=ha_instance, balance=balance)
 
 
@@ -686,6 +689,9 @@ def load_antenna(path: str | Path) -> AntennaConfig:
     if placement == "home-only" and not home:
         raise ConfigError(p, "antenna.home", "is required with placement = \"home-only\": the hub this antenna's "
                           "jobs all go to")
+    link_rate = a.get("link_rate_mb_s", (int, float), 100.0)
+    if isinstance(link_rate, bool) or not 0.001 <= link_rate <= 1e6:
+        raise ConfigError(p, "antenna.link_rate_mb_s", "must be a number of MB/s between 0.001 and 1000000")
     a.done()
     discovery = _discovery(root, federation, is_hub=False)
     root.seen.add("hubs")
@@ -717,7 +723,8 @@ def load_antenna(path: str | Path) -> AntennaConfig:
     return AntennaConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
                          hubs=tuple(hubs), retention_s=retention, limits=limits, audit_log=audit_log, country=country,
                          metrics_listen=metrics_listen, discovery=discovery, events=events,
-                         allocations=allocations, placement=placement, home=home)
+                         allocations=allocations, placement=placement, home=home,
+                         link_rate_mb_s=float(link_rate))
 
 
 def load_client(path: str | Path) -> ClientConfig:

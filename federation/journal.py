@@ -62,7 +62,8 @@ def job_to_json(job: Job) -> bytes:
                  "project": s.project, "site": s.site, "array_job": s.array_job, "array_task": s.array_task,
                  "sector": s.sector, "sector_required": s.sector_required, "prefer": list(s.prefer),
                  "exclude": list(s.exclude), "overflow_after_s": s.overflow_after_s,
-                 **({"inputs": [[f.name, f.sha256, f.size] for f in s.inputs]} if s.inputs else {})},
+                 **({"inputs": [[f.name, f.sha256, f.size, *([list(f.residency)] if f.residency else [])]
+                                for f in s.inputs]} if s.inputs else {})},
     })
 
 
@@ -76,7 +77,8 @@ def job_from_json(data: bytes) -> Job:
                    array_task=s.get("array_task", 0), sector=s.get("sector", ""),
                    sector_required=s.get("sector_required", False), prefer=tuple(s.get("prefer", ())),
                    exclude=tuple(s.get("exclude", ())), overflow_after_s=s.get("overflow_after_s", 3600),
-                   inputs=tuple(InputFile(n, h, z) for n, h, z in s.get("inputs", ())))
+                   inputs=tuple(InputFile(f[0], f[1], f[2], tuple(f[3]) if len(f) > 3 else ())
+                                for f in s.get("inputs", ())))
     return Job(id=d["id"], spec=spec, state=JobState(d["state"]), owner=d["owner"], antenna=d["antenna"],
                site=d["site"], partition=d["partition"], exit_code=d["exit_code"], reason=d["reason"],
                history=tuple(Transition(JobState(st), at, r) for st, at, r in d["history"]),

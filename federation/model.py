@@ -73,6 +73,7 @@ _NAME = re.compile(r"^[\w.+-]{0,128}$")
 _SECTOR = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 _SITE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 MAX_SITE_CHOICES = 16
+_COUNTRY = re.compile(r"[A-Z]{2}")
 MAX_INPUTS = 1000                 # input files of one job
 MAX_INPUT_NAME = 1024             # characters of an input's path in the job's working directory
 MAX_JOB_INPUT_BYTES = 100 << 30   # all of one job's inputs together
@@ -109,6 +110,11 @@ class InputFile:
     name: str
     sha256: str
     size: int
+    residency: tuple[str, ...] = ()  # data residency: countries ("IT") or sites ("leonardo") it may go to
+
+    def allows(self, site: str, location: str) -> bool:
+        """Whether this input may go to hub `site`, located in country `location` ("" if it declares none)."""
+        return not self.residency or site in self.residency or (bool(location) and location in self.residency)
 _ARRAY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}[a-z0-9]-[a-z0-9]{1,64}")  # a job id
 
 
@@ -137,6 +143,14 @@ class JobSpec:
     overflow_after_s: int = 3600   # the job within this long; else the policy chooses among all)
     exclude: tuple[str, ...] = ()  # hubs the job must never go to
     inputs: tuple[InputFile, ...] = ()  # files staged into the job's working directory before it starts
+
+    def residency(self) -> tuple[tuple[str, ...], ...]:
+        """The data-residency sets of the job's inputs (a key for grouping jobs the filters judge alike)."""
+        return tuple(sorted({f.residency for f in self.inputs if f.residency}))
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(f.size for f in self.inputs)
 
     def array_env(self) -> dict[str, str]:
         """What a task of a job array finds in its environment (also under Slurm's names, so that existing
@@ -206,6 +220,12 @@ def _check_inputs(inputs: tuple[InputFile, ...]) -> None:
             raise InvalidArgument(f"input {f.name!r}: its SHA-256 must be 64 lower-case hex digits")
         if f.name in names:
             raise InvalidArgument(f"input {f.name!r} is given twice")
+        if len(f.residency) > MAX_SITE_CHOICES * 2:
+            raise InvalidArgument(f"input {f.name!r}: at most {MAX_SITE_CHOICES * 2} countries or sites it may go to")
+        for place in f.residency:
+            if not (_COUNTRY.fullmatch(place) or _SITE.fullmatch(place)):
+                raise InvalidArgument(f"input {f.name!r}: {place[:40]!r} is neither a country (ISO 3166 alpha-2, "
+                                      "such as IT) nor a site name (such as leonardo)")
         names.add(f.name)
     for name in names:  # "a" and "a/b" cannot both be files
         parts = name.split("/")

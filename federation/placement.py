@@ -50,6 +50,10 @@ def why_not(spec: JobSpec, advert: jobs_pb2.Advert, country: str = "") -> str:
     `Verdict.transient` in the antenna)."""
     if spec.sector_required and spec.sector not in advert.sectors:
         return f"does not specialise in sector {spec.sector}"
+    for f in spec.inputs:
+        if not f.allows(advert.site, advert.location):
+            return (f"is in {advert.location or 'no declared country'}, and input {f.name!r} must stay in "
+                    f"{', '.join(f.residency)} (data residency)")
     if advert.countries and country not in advert.countries:
         return (f"serves users from {', '.join(advert.countries)} only, and this job is from "
                 + (country or "no declared country (antenna.country, or its project's or user's country in the "
@@ -109,6 +113,7 @@ class Candidate:
     pending_jobs: int = 0      # waiting there (advert)
     specialised: bool = False  # in the job's strategic sector
     gflops_per_watt: float = 0.0  # energy efficiency (advert; 0: not given)
+    transfer_s: float = 0.0    # time to send the job's inputs there (their size / the link rate to the hub)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +157,7 @@ class Placer:
             return []
         now = time.time() if now is None else now
         if self.policy == "earliest-start":
-            scored = [Scored(c, c.wait_s + self.unseen_gpu_s(c.site, now) / max(c.total_gpus, 1)) for c in candidates]
+            scored = [Scored(c, self.expected_wait(c, now)) for c in candidates]
             ranked = sorted(scored, key=lambda s: (round(s.score), -s.candidate.free_gpus,
                                                    -s.candidate.gflops_per_watt, s.site))
         elif self.policy == "least-queue":
@@ -174,9 +179,11 @@ class Placer:
         return sorted(ranked, key=lambda s: not s.candidate.specialised)
 
     def expected_wait(self, candidate: Candidate, now: float | None = None) -> float:
-        """The hub's estimate for the job, plus what this antenna sent there that the hub does not show yet."""
+        """The hub's estimate for the job, plus what this antenna sent there that the hub does not show yet, plus
+        the time its inputs take to get there (the job cannot start before)."""
         now = time.time() if now is None else now
-        return candidate.wait_s + self.unseen_gpu_s(candidate.site, now) / max(candidate.total_gpus, 1)
+        return (candidate.transfer_s + candidate.wait_s
+                + self.unseen_gpu_s(candidate.site, now) / max(candidate.total_gpus, 1))
 
     def preferred_first(self, ranked: list[Scored], prefer: tuple[str, ...], overflow_after_s: float,
                         now: float | None = None) -> list[Scored]:

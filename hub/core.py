@@ -300,6 +300,11 @@ class HubCore:
                                    f"(as antenna {antenna} vouches)")
         account = self.user_map.account(antenna, owner.name, job.spec.project) if self.user_map else ""
         job.spec.validate()
+        for f in job.spec.inputs:
+            if not f.allows(self.config.site, self.config.location):
+                raise FailedPrecondition(f"input {f.name!r} of job {job.id} must stay in {', '.join(f.residency)} "
+                                         f"(data residency); hub {self.config.site} is in "
+                                         f"{self.config.location or 'no declared country (hub.location)'}")
         if missing := self.blobs.missing(antenna, job.spec.inputs):
             raise FailedPrecondition(f"input {missing[0].name!r} (sha256 {missing[0].sha256[:12]}...) of job "
                                      f"{job.id} was not staged at hub {self.config.site} by antenna {antenna}: "

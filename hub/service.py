@@ -82,7 +82,7 @@ class HubService(hub_pb2_grpc.HubServicer):
             drain_reason=drain,
             maintenance=[jobs_pb2.Maintenance(start=convert.ts(w.start), end=convert.ts(w.end), reason=w.reason)
                          for w in core.maintenance_ahead(now)],
-            countries=cfg.countries,
+            countries=cfg.countries, location=cfg.location,
             mode_limits=[jobs_pb2.ModeLimits(mode=int(m.mode), max_gpus=m.max_gpus, max_walltime_s=m.max_walltime_s,
                                              max_gpu_hours=m.max_gpu_hours, period_s=m.period_s)
                          for m in cfg.mode_limits],

@@ -307,3 +307,90 @@ async def test_inputs_reach_a_slurm_job(slurm_fed, tmp_path):
     assert done.state is JobState.COMPLETED, done
     out = b"".join([c.data async for c in client.logs(job.id, jobs_pb2.LOG_STREAM_STDOUT)]).decode()
     assert sha(data) in out
+
+
+# -- data residency and transfer time in placement ----------------------------------------------------------------
+
+async def test_data_residency_keeps_a_job_in_the_countries_or_sites_its_inputs_are_bound_to(test_pki, tmp_path):
+    from tests.conftest import running_federation
+    hubs = {"leonardo": {"location": "IT"}, "lumi": {"location": "FI"}}
+    async with running_federation(test_pki, tmp_path, hubs, antenna={}) as f:
+        client = f.client("alice")
+        path = _write(tmp_path / "records.csv", b"patient,value\n")
+        (plain,), _ = describe_inputs([("records.csv", path)])
+        await client.upload(path, plain.sha256, plain.size)
+        placed = {}
+        for places in (("FI",), ("IT",), ("lumi",), ("leonardo", "DE")):
+            spec = JobSpec(argv=("cat", "records.csv"), walltime_s=60,
+                           inputs=(InputFile(plain.name, plain.sha256, plain.size, places),))
+            job = await client.wait((await client.submit(spec)).id)
+            assert job.state is JobState.COMPLETED, job
+            placed[places] = job.site
+        assert placed == {("FI",): "lumi", ("IT",): "leonardo", ("lumi",): "lumi", ("leonardo", "DE"): "leonardo"}
+        # Bound to a country no hub is in: refused at submission, with the reason per hub; nothing stored.
+        before = await client.list()
+        bound = JobSpec(argv=("true",), inputs=(InputFile(plain.name, plain.sha256, plain.size, ("DE",)),))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.submit(bound)
+        assert "must stay in DE (data residency)" in refused.value.details()
+        assert len(await client.list()) == len(before)
+        # aifed explain names the rule for the hub it excluded.
+        job = await client.submit(JobSpec(argv=("sleep", "5"), walltime_s=60,
+                                          inputs=(InputFile(plain.name, plain.sha256, plain.size, ("FI",)),)))
+        explanation = await client.stub.ExplainJob(jobs_pb2.JobRef(job_id=job.id))
+        reasons = {v.site: v.reason for v in explanation.sites}
+        assert reasons["leonardo"] == "is in IT, and input 'records.csv' must stay in FI (data residency)"
+        assert reasons["lumi"] == ""
+
+
+async def test_a_hub_refuses_a_job_whose_inputs_must_stay_elsewhere(test_pki, tmp_path):
+    from federation.pb import hub_pb2
+    from tests.conftest import running_federation
+    async with running_federation(test_pki, tmp_path, {"leonardo": {"location": "IT"}}) as f:
+        async with secure_channel(f"127.0.0.1:{f.hubs['leonardo'].port}",
+                                  test_pki.tls(Role.ANTENNA, "antenna-a")) as ch:
+            answer = await hub_pb2_grpc.HubStub(ch).ForwardJobs(hub_pb2.ForwardJobsRequest(jobs=[
+                hub_pb2.ForwardJobRequest(idempotency_key="k", job=jobs_pb2.Job(
+                    id="antenna-a-0123abcd", owner="spiffe://eurohpc.test/user/antenna-a/alice", state=1,
+                    spec=jobs_pb2.JobSpec(argv=["true"], inputs=[jobs_pb2.InputFile(
+                        name="x", sha256="0" * 64, size=1, residency=["FI", "lumi"])])))]))
+        assert "must stay in FI, lumi (data residency); hub leonardo is in IT" in answer.results[0].error.message
+        assert f.hubs["leonardo"].core.journal.get("antenna-a-0123abcd") is None
+
+
+def test_placement_counts_the_transfer_of_inputs():
+    from federation.placement import Candidate, Placer
+    placer = Placer("earliest-start")
+    # An idle hub behind a slow link, and a busy one behind a fast link: the job starts first at the second.
+    near = Candidate("near", wait_s=50, total_gpus=8, transfer_s=10)
+    far = Candidate("far", wait_s=0, total_gpus=8, transfer_s=100)
+    assert [s.site for s in placer.order([far, near], 1, 60, now=0)] == ["near", "far"]
+    assert [s.site for s in placer.order([Candidate("far", 0, total_gpus=8), near], 1, 60, now=0)] == ["far", "near"]
+
+
+async def test_transfers_measure_the_link_to_each_hub(fed, tmp_path):
+    core = fed.antennas["antenna-a"].core
+    assert core.link_rate("leonardo") == core.config.link_rate_mb_s * 1e6  # configured, until measured
+    client = fed.client("alice")
+    big = _write(tmp_path / "big", os.urandom(10 << 20))
+    job = await _upload_and_submit(client, {"big": big}, "true", site="leonardo")
+    assert (await client.wait(job.id)).state is JobState.COMPLETED
+    measured = core.link_rate("leonardo")
+    assert measured != core.config.link_rate_mb_s * 1e6 and measured > 1e6
+
+
+def test_residency_survives_the_journal_and_the_wire():
+    from federation import convert
+    from federation.journal import job_from_json, job_to_json
+    from federation.model import Job
+    spec = JobSpec(argv=("true",), inputs=(InputFile("a", "0" * 64, 3, ("IT", "lumi")), InputFile("b", "1" * 64, 4)))
+    job = Job(id="antenna-a-1", spec=spec, state=JobState.PENDING, owner="o", antenna="antenna-a")
+    assert job_from_json(job_to_json(job)).spec == spec
+    assert convert.spec_from_pb(convert.spec_to_pb(spec)) == spec
+    with pytest.raises(InvalidArgument, match="neither a country"):
+        JobSpec(argv=("true",), inputs=(InputFile("a", "0" * 64, 3, ("Italy",)),)).validate()
+
+
+async def test_cli_residency_without_inputs_is_a_usage_error(fed):
+    code, err = await _cli_code(fed, "submit", "--residency", "IT", "--", "true")
+    assert code == 2 and "--residency binds input files" in err

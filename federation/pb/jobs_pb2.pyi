@@ -116,14 +116,16 @@ class JobSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., script: _Optional[str] = ..., script_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpus: _Optional[int] = ..., cpus: _Optional[int] = ..., memory_mb: _Optional[int] = ..., walltime_s: _Optional[int] = ..., partition: _Optional[str] = ..., access_mode: _Optional[_Union[AccessMode, str]] = ..., project: _Optional[str] = ..., site: _Optional[str] = ..., array_job: _Optional[str] = ..., array_task: _Optional[int] = ..., sector: _Optional[str] = ..., sector_required: _Optional[bool] = ..., prefer: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., overflow_after_s: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[InputFile, _Mapping]]] = ...) -> None: ...
 
 class InputFile(_message.Message):
-    __slots__ = ("name", "sha256", "size")
+    __slots__ = ("name", "sha256", "size", "residency")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    RESIDENCY_FIELD_NUMBER: _ClassVar[int]
     name: str
     sha256: str
     size: int
-    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+    residency: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., residency: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BlobChunk(_message.Message):
     __slots__ = ("sha256", "size", "offset", "data")
@@ -250,7 +252,7 @@ class PartitionAdvert(_message.Message):
     def __init__(self, name: _Optional[str] = ..., gpu_model: _Optional[str] = ..., gpus_total: _Optional[int] = ..., gpus_free: _Optional[int] = ..., running_jobs: _Optional[int] = ..., pending_jobs: _Optional[int] = ..., pending_gpu_seconds: _Optional[float] = ..., max_walltime_s: _Optional[int] = ..., max_cpus: _Optional[int] = ..., gflops_per_watt: _Optional[float] = ...) -> None: ...
 
 class Advert(_message.Message):
-    __slots__ = ("site", "federation", "partitions", "services", "sectors", "access_modes", "sequence", "issued_at", "ttl_s", "estimates", "degraded", "status_message", "cert_expires_at", "draining", "drain_reason", "maintenance", "mode_limits", "countries")
+    __slots__ = ("site", "federation", "partitions", "services", "sectors", "access_modes", "sequence", "issued_at", "ttl_s", "estimates", "degraded", "status_message", "cert_expires_at", "draining", "drain_reason", "maintenance", "mode_limits", "countries", "location")
     SITE_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_FIELD_NUMBER: _ClassVar[int]
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +271,7 @@ class Advert(_message.Message):
     MAINTENANCE_FIELD_NUMBER: _ClassVar[int]
     MODE_LIMITS_FIELD_NUMBER: _ClassVar[int]
     COUNTRIES_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
     site: str
     federation: str
     partitions: _containers.RepeatedCompositeFieldContainer[PartitionAdvert]
@@ -287,7 +290,8 @@ class Advert(_message.Message):
     maintenance: _containers.RepeatedCompositeFieldContainer[Maintenance]
     mode_limits: _containers.RepeatedCompositeFieldContainer[ModeLimits]
     countries: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, site: _Optional[str] = ..., federation: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionAdvert, _Mapping]]] = ..., services: _Optional[_Iterable[str]] = ..., sectors: _Optional[_Iterable[str]] = ..., access_modes: _Optional[_Iterable[_Union[AccessMode, str]]] = ..., sequence: _Optional[int] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl_s: _Optional[int] = ..., estimates: _Optional[_Iterable[_Union[StartEstimate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., status_message: _Optional[str] = ..., cert_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., draining: _Optional[bool] = ..., drain_reason: _Optional[str] = ..., maintenance: _Optional[_Iterable[_Union[Maintenance, _Mapping]]] = ..., mode_limits: _Optional[_Iterable[_Union[ModeLimits, _Mapping]]] = ..., countries: _Optional[_Iterable[str]] = ...) -> None: ...
+    location: str
+    def __init__(self, site: _Optional[str] = ..., federation: _Optional[str] = ..., partitions: _Optional[_Iterable[_Union[PartitionAdvert, _Mapping]]] = ..., services: _Optional[_Iterable[str]] = ..., sectors: _Optional[_Iterable[str]] = ..., access_modes: _Optional[_Iterable[_Union[AccessMode, str]]] = ..., sequence: _Optional[int] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl_s: _Optional[int] = ..., estimates: _Optional[_Iterable[_Union[StartEstimate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., status_message: _Optional[str] = ..., cert_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., draining: _Optional[bool] = ..., drain_reason: _Optional[str] = ..., maintenance: _Optional[_Iterable[_Union[Maintenance, _Mapping]]] = ..., mode_limits: _Optional[_Iterable[_Union[ModeLimits, _Mapping]]] = ..., countries: _Optional[_Iterable[str]] = ..., location: _Optional[str] = ...) -> None: ...
 
 class ModeLimits(_message.Message):
     __slots__ = ("mode", "max_gpus", "max_walltime_s", "max_gpu_hours", "period_s")
