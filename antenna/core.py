@@ -606,6 +606,37 @@ class AntennaCore:
                                   f"{exc.code().name}: {exc.details()}") from None
             return
 
+    async def list_outputs(self, who: Identity, job_id: str) -> jobs_pb2.OutputList:
+        """The job's outputs as its hub collected them (not ready until the job ended there and they were copied)."""
+        job = self.get(who, job_id)
+        if not job.spec.outputs:
+            raise FailedPrecondition(f"job {job.id} declared no outputs (aifed submit --output PATH)")
+        if not job.site or job.state is JobState.PENDING:
+            return jobs_pb2.OutputList(ready=False, error="" if not job.final else "the job never reached a hub")
+        try:
+            return await self._site_of(job).stub.ListOutputs(jobs_pb2.JobRef(job_id=job.id), timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"the outputs of {job.id} are at hub {job.site}, which answered "
+                              f"{exc.code().name}: {exc.details()}") from None
+
+    async def fetch_output(self, who: Identity, request: jobs_pb2.FetchRequest
+                           ) -> AsyncIterator[jobs_pb2.BlobChunk]:
+        """One output file of the job, from `offset` on, relayed from its hub."""
+        job = self.get(who, request.job_id)
+        if not job.site:
+            raise FailedPrecondition(f"job {job.id} never reached a hub: it has no outputs")
+        call = self._site_of(job).stub.FetchOutput(request, timeout=None)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                raise (NotFound if exc.code() == grpc.StatusCode.NOT_FOUND else FailedPrecondition)(
+                    exc.details()) from None
+            raise Unavailable(f"output of {job.id} at hub {job.site}: {exc.code().name}: {exc.details()}") from None
+        finally:
+            call.cancel()
+
     def _site_of(self, job: Job) -> HubSite:
         site = self.sites.get(job.site)
         if site is None:

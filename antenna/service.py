@@ -130,6 +130,13 @@ class AntennaService(antenna_pb2_grpc.AntennaServicer):
     async def StatBlob(self, request, context):
         return blobs.stat_rpc(self.core.blobs, caller().uri, request)
 
+    async def ListOutputs(self, request, context):
+        return await self.core.list_outputs(caller(), request.job_id)
+
+    async def FetchOutput(self, request, context):
+        async for chunk in self.core.fetch_output(caller(), request):
+            yield chunk
+
     async def GetUsage(self, request, context):
         allocations, users = self.core.usage(caller())
         return antenna_pb2.UsageResponse(allocations=[_allocation_pb(u) for u in allocations],

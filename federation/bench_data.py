@@ -1,15 +1,18 @@
-"""`aifed bench data`: input staging throughput, user -> antenna -> hub over mutual TLS, against `cp`.
+"""`aifed bench data`: staging throughput, user -> antenna -> hub and back (aifed fetch), mTLS, against `cp`.
 
 Each run writes a fresh file of `mb` MiB (new content, so nothing is held already), times `cp` of it (the
 ceiling: the same bytes through the same disk, no network, no checks), then times the federation path: the
 client's upload to the antenna (PutBlob, SHA-256 checked there) and the antenna's transfer to the hub before the
-job is forwarded (checked again there), until the hub holds the job. The client's own hashing of the file is
-timed apart (it is the same work `sha256sum` does)."""
+job is forwarded (checked again there), until the hub holds the job. The job (local executor) collects its own
+input as its output, and `aifed fetch` brings it back through the antenna (checked against its SHA-256). The
+client's own hashing of the file is timed apart (it is the same work `sha256sum` does)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import io
 import os
 import statistics
 import subprocess
@@ -20,6 +23,7 @@ from pathlib import Path
 import orjson
 
 from federation.bench import BenchFederation, workdir
+from federation.cli import _fetch
 
 
 def _write_file(path: Path, mb: int, seed: int) -> None:
@@ -39,16 +43,28 @@ async def _federation_run(fed: BenchFederation, client, path: Path) -> dict:
     info = await client.upload(path, inputs[0].sha256, inputs[0].size, timeout=3600)
     assert info.complete, info
     uploaded = time.perf_counter()
-    job = await client.submit(JobSpec(argv=("true",), walltime_s=60, site="hub1", inputs=inputs))
+    # The job collects its own input as its output: the same bytes come back for the fetch.
+    job = await client.submit(JobSpec(argv=("true",), walltime_s=60, site="hub1", inputs=inputs,
+                                      outputs=(path.name,)))
     while (job := await client.get(job.id)).state is JobState.PENDING:
         await asyncio.sleep(0.01)
-    assert job.state is JobState.QUEUED, f"{job.state.name}: {job.reason}"
+    assert not job.final or job.state is JobState.COMPLETED, f"{job.state.name}: {job.reason}"
     staged = time.perf_counter()
-    return {"hash_s": hashed - started, "upload_s": uploaded - hashed, "stage_s": staged - uploaded}
+    while not (await client.list_outputs(job.id)).ready:
+        await asyncio.sleep(0.05)
+    to = path.parent / "fetched"
+    started_fetch = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        await _fetch(client, job.id, to, as_json=False)
+    fetched = time.perf_counter()
+    assert (to / path.name).stat().st_size == inputs[0].size
+    (to / path.name).unlink()
+    return {"hash_s": hashed - started, "upload_s": uploaded - hashed, "stage_s": staged - uploaded,
+            "fetch_s": fetched - started_fetch}
 
 
 async def _runs(root: Path, mb: int, runs: int) -> list[dict]:
-    fed = BenchFederation(root, "hold")
+    fed = BenchFederation(root, "local")
     fed.start_all()
     out = []
     try:
@@ -68,7 +84,7 @@ async def _runs(root: Path, mb: int, runs: int) -> list[dict]:
                 path.unlink()
                 print(f"run {run + 1}: cp {mb / cp_s:7.0f} MiB/s; client hash {mb / r['hash_s']:6.0f} MiB/s; upload "
                       f"to the antenna {mb / r['upload_s']:6.0f} MiB/s; antenna to hub {mb / r['stage_s']:6.0f} "
-                      "MiB/s", file=sys.stderr)
+                      f"MiB/s; fetch {mb / r['fetch_s']:6.0f} MiB/s", file=sys.stderr)
     finally:
         fed.stop()
     return out
@@ -85,10 +101,13 @@ def run_data_bench(mb: int, runs: int, as_json: bool, keep: Path | None = None) 
     summary = {"mb": mb, "runs": runs, "cp_mb_per_s": round(cp, 1), "hash_mb_per_s": round(mb / med["hash_s"], 1),
                "upload_mb_per_s": round(upload, 1), "stage_mb_per_s": round(stage, 1),
                "user_to_hub_mb_per_s": round(through, 1), "upload_ratio": round(upload / cp, 3),
+               "fetch_mb_per_s": round(mb / med["fetch_s"], 1), "fetch_ratio": round(mb / med["fetch_s"] / cp, 3),
                "user_to_hub_ratio": round(through / cp, 3)}
     print(f"medians of {runs} runs of {mb} MiB: cp {cp:.0f} MiB/s; upload to the antenna {upload:.0f} MiB/s "
           f"({upload / cp:.2f} of cp); antenna to hub {stage:.0f} MiB/s; user to hub, both hops "
-          f"{through:.0f} MiB/s ({through / cp:.2f} of cp); client hashing {summary['hash_mb_per_s']:.0f} MiB/s")
+          f"{through:.0f} MiB/s ({through / cp:.2f} of cp); fetch, hub to user through the antenna "
+          f"{summary['fetch_mb_per_s']:.0f} MiB/s ({summary['fetch_ratio']:.2f} of cp); client hashing "
+          f"{summary['hash_mb_per_s']:.0f} MiB/s")
     if as_json:
         print(orjson.dumps(summary).decode())
     return 0

@@ -20,7 +20,7 @@ import grpc
 import orjson
 
 from federation import output, sbatch
-from federation.errors import AifedError, ConfigError
+from federation.errors import AifedError, ConfigError, FailedPrecondition
 from federation.model import AccessMode, JobSpec, JobState
 from federation.pb import jobs_pb2
 from federation.timefmt import parse_duration
@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-i", "--input", action="append", default=[], metavar="FILE_OR_DIR",
                    help="a file or folder the job finds in its working directory (repeatable): uploaded to the "
                         "antenna first (resuming an interrupted upload), each content once")
+    s.add_argument("--collect", action="append", default=[], metavar="PATH",
+                   help="a file or folder in the job's working directory that the hub collects when the job "
+                        "ends, for aifed fetch (repeatable)")
     s.add_argument("--residency", default="", metavar="PLACES",
                    help="data residency of every --input: the countries (ISO 3166 alpha-2, IT) or hub sites "
                         "(leonardo) it may go to, comma-separated; placement sends the job nowhere else")
@@ -212,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     which = lg.add_mutually_exclusive_group()
     which.add_argument("--stdout", action="store_true", help="only stdout")
     which.add_argument("--stderr", action="store_true", help="only stderr")
+    fe = sub.add_parser("fetch", help="download a job's collected outputs (submit --collect PATH)",
+                        description="download a job's outputs, checked by SHA-256; an interrupted fetch resumes")
+    client_opts(fe)
+    fe.add_argument("job_id")
+    fe.add_argument("--to", default=".", help="the folder to write them into (default: the current one)")
     ls = sub.add_parser("list", help="list your jobs, newest first")
     client_opts(ls)
     ls.add_argument("--state", action="append", choices=[s.name for s in JobState], help="filter (repeatable)")
@@ -399,6 +407,8 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
         spec = replace(spec, inputs=tuple(replace(f, residency=places) for f in inputs))
     elif spec is not None and args.residency:
         raise UsageError("--residency binds input files: give them with --input")
+    if spec is not None and args.collect:
+        spec = replace(spec, outputs=tuple(p.rstrip("/") or p for p in args.collect))
     if spec is not None:
         spec.validate()  # the same checks the antenna makes, before anything is sent
     config = resolve_client_config(args.config, args.antenna, args.ca, args.cert, args.key)
@@ -465,6 +475,8 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
             usage = await client.usage()
             _print_json(output.usage_dict(usage)) if args.json else print(output.usage_rows(usage))
             return EXIT_OK
+        if args.command == "fetch":
+            return await _fetch(client, args.job_id, Path(args.to), args.json)
         if args.command == "logs":
             stream = (jobs_pb2.LOG_STREAM_STDOUT if args.stdout else
                       jobs_pb2.LOG_STREAM_STDERR if args.stderr else jobs_pb2.LOG_STREAM_UNSPECIFIED)
@@ -478,6 +490,56 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
                     out.flush()
             return EXIT_OK
     raise AssertionError(args.command)
+
+
+async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
+    """Download each collected output into `to` under its name: into `NAME.aifed-part` first (resumed if it is
+    there from an interrupted fetch), checked against its SHA-256, then renamed."""
+    import hashlib
+
+    from federation.model import check_input_name
+    listing = await client.list_outputs(job_id)
+    if not listing.ready:
+        job = await client.get(job_id)
+        raise FailedPrecondition(listing.error or (f"job {job_id} is {job.state.name}: its outputs are collected when it ends"
+                                           if not job.final else f"the outputs of job {job_id} are being collected; "
+                                           "try again in a moment"))
+    tty = sys.stderr.isatty()
+    fetched = []
+    for f in listing.files:
+        name = check_input_name(f.name, "output")  # never written outside `to`, whatever the hub says
+        target = to / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(target.name + ".aifed-part")
+        offset = part.stat().st_size if part.exists() else 0
+        if offset > f.size:
+            part.unlink()
+            offset = 0
+        started = time.monotonic()
+        with open(part, "ab") as out:
+            async for chunk in client.fetch_output(job_id, f.name, offset):
+                out.write(chunk.data)
+                offset += len(chunk.data)
+                if tty:
+                    rate = offset / max(time.monotonic() - started, 1e-6) / 1e6
+                    print(f"\r{name}: {100 * offset / max(f.size, 1):3.0f}% of {f.size / 1e6:.1f} MB, "
+                          f"{rate:.0f} MB/s", end="", file=sys.stderr, flush=True)
+        if tty:
+            print(file=sys.stderr)
+        digest = await asyncio.to_thread(lambda: hashlib.file_digest(open(part, "rb"), "sha256").hexdigest())
+        if digest != f.sha256:
+            part.unlink()
+            raise FailedPrecondition(f"output {name}: the bytes received do not match its SHA-256 (removed); fetch again")
+        part.replace(target)
+        fetched.append({"name": name, "size": f.size, "sha256": f.sha256, "path": str(target)})
+    if as_json:
+        _print_json({"job": job_id, "files": fetched, "error": listing.error})
+    else:
+        for item in fetched:
+            print(f"{item['path']} ({item['size']} bytes, sha256 {item['sha256'][:12]}...)")
+        if listing.error:
+            print(f"warning: {listing.error}", file=sys.stderr)
+    return EXIT_OK
 
 
 async def _upload(client, spec: JobSpec, sources: dict[str, Path]) -> None:

@@ -83,6 +83,13 @@ class AntennaClient:
             return held
         return await self.stub.PutBlob(blob_chunks(path, sha256, size, held.held), timeout=timeout)
 
+    async def list_outputs(self, job_id: str) -> jobs_pb2.OutputList:
+        return await self.stub.ListOutputs(jobs_pb2.JobRef(job_id=job_id), timeout=30)
+
+    async def fetch_output(self, job_id: str, name: str, offset: int = 0) -> AsyncIterator[jobs_pb2.BlobChunk]:
+        async for chunk in self.stub.FetchOutput(jobs_pb2.FetchRequest(job_id=job_id, name=name, offset=offset)):
+            yield chunk
+
     async def get(self, job_id: str) -> Job:
         return convert.job_from_pb(await self.stub.GetJob(jobs_pb2.JobRef(job_id=job_id), timeout=30))
 

@@ -29,7 +29,8 @@ def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
         sector_required=spec.sector_required, prefer=spec.prefer, exclude=spec.exclude,
         overflow_after_s=spec.overflow_after_s,
         inputs=[jobs_pb2.InputFile(name=f.name, sha256=f.sha256, size=f.size, residency=f.residency)
-                for f in spec.inputs])
+                for f in spec.inputs],
+        outputs=spec.outputs)
 
 
 def spec_from_pb(msg: jobs_pb2.JobSpec) -> JobSpec:
@@ -45,7 +46,8 @@ def spec_from_pb(msg: jobs_pb2.JobSpec) -> JobSpec:
         project=msg.project, site=msg.site, array_job=msg.array_job, array_task=msg.array_task,
         sector=msg.sector, sector_required=msg.sector_required, prefer=tuple(msg.prefer), exclude=tuple(msg.exclude),
         overflow_after_s=msg.overflow_after_s if msg.prefer else JobSpec.overflow_after_s,
-        inputs=tuple(InputFile(f.name, f.sha256, f.size, tuple(f.residency)) for f in msg.inputs))
+        inputs=tuple(InputFile(f.name, f.sha256, f.size, tuple(f.residency)) for f in msg.inputs),
+        outputs=tuple(msg.outputs))
 
 
 def job_to_pb(job: Job, spec: bool = True) -> jobs_pb2.Job:

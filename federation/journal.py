@@ -63,7 +63,8 @@ def job_to_json(job: Job) -> bytes:
                  "sector": s.sector, "sector_required": s.sector_required, "prefer": list(s.prefer),
                  "exclude": list(s.exclude), "overflow_after_s": s.overflow_after_s,
                  **({"inputs": [[f.name, f.sha256, f.size, *([list(f.residency)] if f.residency else [])]
-                                for f in s.inputs]} if s.inputs else {})},
+                                for f in s.inputs]} if s.inputs else {}),
+                 **({"outputs": list(s.outputs)} if s.outputs else {})},
     })
 
 
@@ -78,7 +79,8 @@ def job_from_json(data: bytes) -> Job:
                    sector_required=s.get("sector_required", False), prefer=tuple(s.get("prefer", ())),
                    exclude=tuple(s.get("exclude", ())), overflow_after_s=s.get("overflow_after_s", 3600),
                    inputs=tuple(InputFile(f[0], f[1], f[2], tuple(f[3]) if len(f) > 3 else ())
-                                for f in s.get("inputs", ())))
+                                for f in s.get("inputs", ())),
+                   outputs=tuple(s.get("outputs", ())))
     return Job(id=d["id"], spec=spec, state=JobState(d["state"]), owner=d["owner"], antenna=d["antenna"],
                site=d["site"], partition=d["partition"], exit_code=d["exit_code"], reason=d["reason"],
                history=tuple(Transition(JobState(st), at, r) for st, at, r in d["history"]),

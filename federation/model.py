@@ -75,6 +75,7 @@ _SITE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 MAX_SITE_CHOICES = 16
 _COUNTRY = re.compile(r"[A-Z]{2}")
 MAX_INPUTS = 1000                 # input files of one job
+MAX_OUTPUTS = 100                 # output paths a job declares
 MAX_INPUT_NAME = 1024             # characters of an input's path in the job's working directory
 MAX_JOB_INPUT_BYTES = 100 << 30   # all of one job's inputs together
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -82,24 +83,24 @@ _RESERVED_INPUT_NAMES = {"stdout", "stderr", "script", "job.sh", "job.env", "exi
                          "cancelled", "submitting"}  # files the backends keep in a job's folder
 
 
-def check_input_name(name: str) -> str:
+def check_input_name(name: str, kind: str = "input") -> str:
     """An input's path inside the job's working directory, or InvalidArgument saying what is wrong with it:
     relative, normalised, no '..', no control characters, not one of the files aifed keeps there."""
     shown = repr(name[:80])
     if not name or len(name) > MAX_INPUT_NAME:
-        raise InvalidArgument(f"input name {shown} must be 1 to {MAX_INPUT_NAME} characters")
+        raise InvalidArgument(f"{kind} name {shown} must be 1 to {MAX_INPUT_NAME} characters")
     if any(ord(c) < 0x20 or c in "\x7f\\" for c in name):
-        raise InvalidArgument(f"input name {shown} contains a control character or a backslash")
+        raise InvalidArgument(f"{kind} name {shown} contains a control character or a backslash")
     if name.startswith("/"):
-        raise InvalidArgument(f"input name {shown} is an absolute path; it must be relative to the job's "
+        raise InvalidArgument(f"{kind} name {shown} is an absolute path; it must be relative to the job's "
                               "working directory")
     parts = name.split("/")
     if any(part in ("", ".", "..") for part in parts):
-        raise InvalidArgument(f"input name {shown} must be a plain relative path: no '..', '.' or empty parts")
+        raise InvalidArgument(f"{kind} name {shown} must be a plain relative path: no '..', '.' or empty parts")
     if any(len(part.encode()) > 255 for part in parts):
-        raise InvalidArgument(f"input name {shown} has a part longer than 255 bytes")
+        raise InvalidArgument(f"{kind} name {shown} has a part longer than 255 bytes")
     if parts[0] in _RESERVED_INPUT_NAMES:
-        raise InvalidArgument(f"input name {shown} is taken by a file aifed keeps in the job's folder")
+        raise InvalidArgument(f"{kind} name {shown} is taken by a file aifed keeps in the job's folder")
     return name
 
 
@@ -143,6 +144,7 @@ class JobSpec:
     overflow_after_s: int = 3600   # the job within this long; else the policy chooses among all)
     exclude: tuple[str, ...] = ()  # hubs the job must never go to
     inputs: tuple[InputFile, ...] = ()  # files staged into the job's working directory before it starts
+    outputs: tuple[str, ...] = ()  # paths in the working directory collected when the job ends (aifed fetch)
 
     def residency(self) -> tuple[tuple[str, ...], ...]:
         """The data-residency sets of the job's inputs (a key for grouping jobs the filters judge alike)."""
@@ -204,6 +206,10 @@ class JobSpec:
             raise InvalidArgument("a required sector needs a sector")
         _check_sites(self)
         _check_inputs(self.inputs)
+        if len(self.outputs) > MAX_OUTPUTS:
+            raise InvalidArgument(f"at most {MAX_OUTPUTS} output paths per job, not {len(self.outputs)}")
+        for name in self.outputs:
+            check_input_name(name, "output")
         if self.array_job and not _ARRAY_ID.fullmatch(self.array_job):
             raise InvalidArgument(f"array id {self.array_job[:80]!r} is not valid")
         if self.access_mode not in AccessMode.__members__.values():

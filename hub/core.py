@@ -24,6 +24,7 @@ from federation.timefmt import format_duration
 from federation.watch import Signal, Topics, bounded
 from hub.backend import Backend, Change
 from hub.local import LocalBackend
+from hub.outputs import Outputs
 from hub.quota import AntennaUsage, Quotas, consumption
 from hub.usermap import UserMap
 
@@ -49,6 +50,8 @@ class HubCore:
         self.journal = Journal(config.state_dir / "hub.sqlite", on_commit=self.changes.notify)
         self.backend: Backend = make_backend(config, self._on_change)
         self.blobs = BlobStore(config.state_dir / "blobs")  # input files antennas staged here, by SHA-256
+        self.outputs = Outputs(config.state_dir / "outputs")  # what jobs left behind, collected when they end
+        self._collecting: dict[str, asyncio.Task] = {}
         self.backend.stage_inputs = lambda job, folder: self.blobs.stage(job.spec.inputs, folder)
         self.jobs: Topics[Job] = Topics()
         self.capacity = Signal()
@@ -60,6 +63,7 @@ class HubCore:
         self.quotas = Quotas(config.mode_limits, config.site)  # GPU-hours per project and period, per mode
         if self.quotas:
             self.jobs.taps.append(lambda _, job: self.quotas.observe(job))
+        self.jobs.taps.append(lambda _, job: self._collect_when_ended(job))
         self.drain_reason = self.journal.meta(DRAIN_META)  # non-empty: draining; kept across restarts
         self._register_gauges()
         self._purger: asyncio.Task | None = None
@@ -93,12 +97,33 @@ class HubCore:
             if change is not None:
                 self._on_change(change)
         await self.backend.start()
+        for job_id in self.outputs.pending():  # outputs a crash left uncollected (or jobs never stored)
+            job = self.journal.get(job_id)
+            if job is None:
+                self.outputs.forget(job_id)
+            else:
+                self._collect_when_ended(job)
         self.capacity.notify()
         self._purger = asyncio.create_task(purge_forever(self.journal, self.config.retention_s), name="purge")
 
     def _count_quotas(self) -> None:
         """Count the GPU-hours per project and period again from the journal (only jobs that can matter)."""
         self.quotas.rebuild(self.journal.list(limit=2**62, since=time.time() - self.quotas.longest_s))
+
+    def _collect_when_ended(self, job: Job) -> None:
+        if job.final and job.spec.outputs and job.id not in self._collecting and job.state is not JobState.MOVED:
+            self._collecting[job.id] = asyncio.get_running_loop().create_task(self._collect(job),
+                                                                              name=f"outputs {job.id}")
+
+    async def _collect(self, job: Job) -> None:
+        try:
+            manifest = await asyncio.to_thread(self.outputs.collect, job, self.backend.folder(job.id))
+            log.info("job %s: collected %d output file(s)%s", job.id, len(manifest["files"]),
+                     f"; {manifest['error']}" if manifest["error"] else "")
+        except Exception:  # noqa: BLE001 - left pending: collected again at the next start
+            log.exception("job %s: collecting its outputs failed", job.id)
+        finally:
+            self._collecting.pop(job.id, None)
 
     def moving_jobs(self) -> bool:
         """Whether a hand-off to a peer hub was left without an answer (a balancer must settle it)."""
@@ -108,6 +133,9 @@ class HubCore:
         if self.balancer is not None:
             await self.balancer.close()
         await bounded(self.settle(), SETTLE_LIMIT_S, "journaling the last job changes")
+        if self._collecting:  # copies under way finish (a copy cut short is made again at the next start)
+            await bounded(asyncio.gather(*self._collecting.values(), return_exceptions=True), SETTLE_LIMIT_S,
+                          "collecting jobs' outputs")
         if self._purger is not None:
             self._purger.cancel()
             await asyncio.gather(self._purger, return_exceptions=True)
@@ -300,6 +328,8 @@ class HubCore:
                                    f"(as antenna {antenna} vouches)")
         account = self.user_map.account(antenna, owner.name, job.spec.project) if self.user_map else ""
         job.spec.validate()
+        if job.spec.outputs:
+            self.outputs.expect(job.id)  # collected when it ends (a job that is not stored is forgotten at start)
         for f in job.spec.inputs:
             if not f.allows(self.config.site, self.config.location):
                 raise FailedPrecondition(f"input {f.name!r} of job {job.id} must stay in {', '.join(f.residency)} "

@@ -175,6 +175,24 @@ class HubService(hub_pb2_grpc.HubServicer):
     async def StatBlob(self, request, context):
         return blobs.stat_rpc(self.core.blobs, caller().site, request)
 
+    async def ListOutputs(self, request, context):
+        job = self.core.get(caller(), request.job_id)
+        ready, files, error = self.core.outputs.listing(job)
+        return jobs_pb2.OutputList(ready=ready, error=error, files=[
+            jobs_pb2.InputFile(name=f.name, sha256=f.sha256, size=f.size) for f in files])
+
+    async def FetchOutput(self, request, context):
+        job = self.core.get(caller(), request.job_id)
+        f = self.core.outputs.open(job, request.name, request.offset)
+        offset = request.offset
+        with f:
+            while True:
+                data = await asyncio.to_thread(f.read, blobs.CHUNK_BYTES)
+                if not data:
+                    return
+                yield jobs_pb2.BlobChunk(offset=offset, data=data)
+                offset += len(data)
+
     async def GetUsage(self, request, context):
         since, rows = await self.core.usage(caller(), request.days or 30)
         reply = hub_pb2.HubUsageResponse(site=self.core.config.site, rows=[

@@ -40,7 +40,7 @@ from tests.conftest import FEDERATION, Federation, antenna_config, eventually, h
 C = grpc.StatusCode
 attack = pytest.mark.attack
 
-STREAMING = {"WatchAdverts", "WatchChanges", "WatchJob", "StreamLogs"}
+STREAMING = {"WatchAdverts", "WatchChanges", "WatchJob", "StreamLogs", "FetchOutput"}
 SOME_ID = "antenna-a-0123456789ab"  # well formed, never stored
 OPERATORS = {"antenna-a": "atk-olga", "antenna-b": "atk-oscar", "leonardo": "atk-leo", "lumi": "atk-luna"}
 
@@ -188,11 +188,13 @@ def request(service: str, method: str, job_id: str = SOME_ID):
                 "WatchChanges": hub_pb2.WatchChangesRequest(), "GetJob": ref, "WatchJob": ref, "CancelJob": ref,
                 "StreamLogs": logs, "SetDrain": hub_pb2.SetDrainRequest(drain=True),
                 "GetUsage": hub_pb2.HubUsageRequest(), "PutBlob": upload(b"x"),
-                "StatBlob": jobs_pb2.BlobRef(sha256=sha(b"x"))}[method]
+                "StatBlob": jobs_pb2.BlobRef(sha256=sha(b"x")), "ListOutputs": ref,
+                "FetchOutput": jobs_pb2.FetchRequest(job_id=job_id, name="x")}[method]
     return {"SubmitJob": submit_request(), "SubmitJobs": antenna_pb2.SubmitJobsRequest(jobs=[submit_request()]),
             "GetJob": ref, "ListJobs": antenna_pb2.ListJobsRequest(), "WatchJob": ref, "CancelJob": ref,
             "StreamLogs": logs, "ListSites": antenna_pb2.ListSitesRequest(), "PutBlob": upload(b"x"),
-            "StatBlob": jobs_pb2.BlobRef(sha256=sha(b"x"))}[method]
+            "StatBlob": jobs_pb2.BlobRef(sha256=sha(b"x")), "ListOutputs": ref,
+            "FetchOutput": jobs_pb2.FetchRequest(job_id=job_id, name="x")}[method]
 
 
 def sha(data: bytes) -> str:
@@ -431,6 +433,8 @@ ROLE_ATTACKS = [
     ("hub/lumi", "leonardo", "PutBlob"),
     ("antenna/antenna-b", "antenna-a", "PutBlob"),
     ("hub/leonardo", "antenna-a", "StatBlob"),
+    ("user/antenna-a/alice", "leonardo", "FetchOutput"),
+    ("hub/lumi", "leonardo", "ListOutputs"),
     # a user vouched for by another antenna
     ("user/antenna-b/carol", "antenna-a", "SubmitJob"),
     ("user/antenna-b/carol", "antenna-a", "GetJob"),
@@ -476,7 +480,7 @@ async def _b_job(fed: Federation) -> Job:
 
 
 @attack
-@pytest.mark.parametrize("method", ["GetJob", "WatchJob", "StreamLogs", "CancelJob"])
+@pytest.mark.parametrize("method", ["GetJob", "WatchJob", "StreamLogs", "CancelJob", "ListOutputs", "FetchOutput"])
 async def test_antenna_cannot_touch_jobs_another_antenna_forwarded(lfed, test_pki, method):
     job = await _b_job(lfed)
     before = snapshot(lfed)
@@ -527,7 +531,7 @@ async def test_antenna_cannot_cancel_another_antennas_job_before_it_arrives(afed
 # == 9: a user and another user's jobs at the antenna ===========================================================
 
 @attack
-@pytest.mark.parametrize("method", ["GetJob", "WatchJob", "StreamLogs", "CancelJob"])
+@pytest.mark.parametrize("method", ["GetJob", "WatchJob", "StreamLogs", "CancelJob", "ListOutputs", "FetchOutput"])
 async def test_user_cannot_touch_another_users_job(lfed, test_pki, method):
     job = await held_job(lfed, "alice", argv=("sleep", "30"))
     before = snapshot(lfed)

@@ -394,3 +394,105 @@ def test_residency_survives_the_journal_and_the_wire():
 async def test_cli_residency_without_inputs_is_a_usage_error(fed):
     code, err = await _cli_code(fed, "submit", "--residency", "IT", "--", "true")
     assert code == 2 and "--residency binds input files" in err
+
+
+# -- outputs: collected when the job ends, fetched back through the antenna ----------------------------------------
+
+PRODUCE = ("mkdir -p results/deep && echo alpha > results/a.txt && echo beta > results/deep/b.txt && "
+           "head -c 2500000 /dev/urandom > model.bin")
+
+
+async def _ended_with_outputs(fed, script: str, collect=("results", "model.bin"), **kw):
+    client = fed.client("alice")
+    job = await client.submit(JobSpec(argv=("sh", "-c", script), walltime_s=120, outputs=tuple(collect), **kw))
+    done = await client.wait(job.id)
+    listing = await eventually_ready(client, job.id)
+    return done, listing
+
+
+async def eventually_ready(client, job_id: str, timeout: float = 15):
+    from tests.conftest import eventually
+    return await eventually(lambda: _ready(client, job_id), timeout)
+
+
+async def _ready(client, job_id):
+    listing = await client.list_outputs(job_id)
+    return listing if listing.ready else None
+
+
+async def test_outputs_come_back_byte_for_byte_with_aifed_fetch(fed, tmp_path):
+    done, listing = await _ended_with_outputs(fed, PRODUCE)
+    assert done.state is JobState.COMPLETED, done
+    assert sorted(f.name for f in listing.files) == ["model.bin", "results/a.txt", "results/deep/b.txt"]
+    assert listing.error == ""
+    out = await _cli(fed, "fetch", done.id, "--to", str(tmp_path / "got"))
+    assert "model.bin" in out
+    hub_folder = fed.hubs[done.site].core.backend.folder(done.id)
+    for name in ("model.bin", "results/a.txt", "results/deep/b.txt"):
+        assert (tmp_path / "got" / name).read_bytes() == (hub_folder / name).read_bytes(), name
+    assert not list((tmp_path / "got").rglob("*.aifed-part"))
+
+
+async def test_an_interrupted_fetch_resumes_and_a_corrupt_one_is_thrown_away(fed, tmp_path):
+    done, _ = await _ended_with_outputs(fed, PRODUCE, collect=("model.bin",))
+    truth = (fed.hubs[done.site].core.backend.folder(done.id) / "model.bin").read_bytes()
+    to = tmp_path / "got"
+    to.mkdir()
+    (to / "model.bin.aifed-part").write_bytes(truth[:1_000_000])  # what an interrupted fetch left
+    await _cli(fed, "fetch", done.id, "--to", str(to))
+    assert (to / "model.bin").read_bytes() == truth
+    (to / "model.bin").unlink()
+    (to / "model.bin.aifed-part").write_bytes(b"x" * 1_000_000)  # not the file's first bytes
+    code, err = await _cli_code(fed, "fetch", done.id, "--to", str(to))
+    assert code != 0 and "do not match its SHA-256" in err
+    assert not (to / "model.bin").exists() and not (to / "model.bin.aifed-part").exists()
+
+
+async def test_outputs_over_the_limit_or_leading_out_are_not_collected_and_say_why(fed, tmp_path):
+    fed.hubs["leonardo"].core.outputs.max_bytes = 1000
+    done, listing = await _ended_with_outputs(fed, "head -c 5000 /dev/zero > big.bin", collect=("big.bin",),
+                                              site="leonardo")
+    assert listing.files == [] and "over this hub's limit of 1000 bytes" in listing.error
+    done, listing = await _ended_with_outputs(fed, "ln -s /etc/passwd leak; echo ok > fine.txt",
+                                              collect=("leak", "fine.txt", "missing.txt"), site="leonardo")
+    assert [f.name for f in listing.files] == ["fine.txt"]
+    assert "leak: leads out of the job's folder" in listing.error and "missing.txt: not found" in listing.error
+
+
+async def test_outputs_are_only_for_the_job_owner_and_only_once_the_job_ended(fed):
+    client = fed.client("alice")
+    job = await client.submit(JobSpec(argv=("sleep", "30"), walltime_s=60, outputs=("x",)))
+    code, err = await _cli_code(fed, "fetch", job.id, "--to", "/tmp/never")
+    assert code != 0 and "its outputs are collected when it ends" in err
+    with pytest.raises(grpc.aio.AioRpcError) as other:
+        await fed.client("bob").list_outputs(job.id)
+    assert other.value.code() is grpc.StatusCode.NOT_FOUND
+    await client.cancel(job.id)
+    with pytest.raises(InvalidArgument, match="output name"):
+        JobSpec(argv=("true",), outputs=("../../etc",)).validate()
+
+
+async def test_outputs_left_uncollected_by_a_crash_are_collected_at_the_next_start(fed):
+    client = fed.client("alice")
+    job = await client.wait((await client.submit(JobSpec(argv=("sh", "-c", "echo kept > r.txt"), walltime_s=60,
+                                                         outputs=("r.txt",), site="leonardo"))).id)
+    await eventually_ready(client, job.id)
+    hub = fed.hubs["leonardo"].core
+    hub.outputs.forget(job.id)
+    hub.outputs.expect(job.id)  # as if the hub had died between the job's end and the copy
+    await fed.hubs["leonardo"].stop()
+    await fed.start_hub("leonardo")
+    listing = await eventually_ready(client, job.id)
+    assert [f.name for f in listing.files] == ["r.txt"]
+
+
+async def test_outputs_of_a_slurm_job_come_back(slurm_fed, tmp_path):
+    client = slurm_fed.client("alice")
+    job = await client.submit(JobSpec(argv=("sh", "-c", "head -c 1500000 /dev/urandom > out.bin"), walltime_s=120,
+                                      outputs=("out.bin",)))
+    done = await client.wait(job.id)
+    assert done.state is JobState.COMPLETED, done
+    await eventually_ready(client, job.id)
+    await _cli(slurm_fed, "fetch", job.id, "--to", str(tmp_path))
+    truth = (slurm_fed.hubs["leonardo"].core.backend.folder(job.id) / "out.bin").read_bytes()
+    assert (tmp_path / "out.bin").read_bytes() == truth and len(truth) == 1_500_000

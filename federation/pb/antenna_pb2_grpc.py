@@ -96,6 +96,16 @@ class AntennaStub:
                 request_serializer=aifed_dot_v1_dot_jobs__pb2.BlobRef.SerializeToString,
                 response_deserializer=aifed_dot_v1_dot_jobs__pb2.BlobInfo.FromString,
                 _registered_method=True)
+        self.ListOutputs = channel.unary_unary(
+                '/aifed.v1.Antenna/ListOutputs',
+                request_serializer=aifed_dot_v1_dot_jobs__pb2.JobRef.SerializeToString,
+                response_deserializer=aifed_dot_v1_dot_jobs__pb2.OutputList.FromString,
+                _registered_method=True)
+        self.FetchOutput = channel.unary_stream(
+                '/aifed.v1.Antenna/FetchOutput',
+                request_serializer=aifed_dot_v1_dot_jobs__pb2.FetchRequest.SerializeToString,
+                response_deserializer=aifed_dot_v1_dot_jobs__pb2.BlobChunk.FromString,
+                _registered_method=True)
 
 
 class AntennaServicer:
@@ -180,6 +190,19 @@ class AntennaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListOutputs(self, request, context):
+        """A job's outputs, collected by its hub when it ended, streamed back through the antenna (aifed fetch).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchOutput(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AntennaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -242,6 +265,16 @@ def add_AntennaServicer_to_server(servicer, server):
                     servicer.StatBlob,
                     request_deserializer=aifed_dot_v1_dot_jobs__pb2.BlobRef.FromString,
                     response_serializer=aifed_dot_v1_dot_jobs__pb2.BlobInfo.SerializeToString,
+            ),
+            'ListOutputs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOutputs,
+                    request_deserializer=aifed_dot_v1_dot_jobs__pb2.JobRef.FromString,
+                    response_serializer=aifed_dot_v1_dot_jobs__pb2.OutputList.SerializeToString,
+            ),
+            'FetchOutput': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchOutput,
+                    request_deserializer=aifed_dot_v1_dot_jobs__pb2.FetchRequest.FromString,
+                    response_serializer=aifed_dot_v1_dot_jobs__pb2.BlobChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -568,6 +601,60 @@ class Antenna:
             '/aifed.v1.Antenna/StatBlob',
             aifed_dot_v1_dot_jobs__pb2.BlobRef.SerializeToString,
             aifed_dot_v1_dot_jobs__pb2.BlobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOutputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aifed.v1.Antenna/ListOutputs',
+            aifed_dot_v1_dot_jobs__pb2.JobRef.SerializeToString,
+            aifed_dot_v1_dot_jobs__pb2.OutputList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aifed.v1.Antenna/FetchOutput',
+            aifed_dot_v1_dot_jobs__pb2.FetchRequest.SerializeToString,
+            aifed_dot_v1_dot_jobs__pb2.BlobChunk.FromString,
             options,
             channel_credentials,
             insecure,

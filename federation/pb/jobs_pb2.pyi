@@ -63,7 +63,7 @@ LOG_STREAM_STDOUT: LogStream
 LOG_STREAM_STDERR: LogStream
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "argv", "script", "script_args", "env", "gpus", "cpus", "memory_mb", "walltime_s", "partition", "access_mode", "project", "site", "array_job", "array_task", "sector", "sector_required", "prefer", "exclude", "overflow_after_s", "inputs")
+    __slots__ = ("name", "argv", "script", "script_args", "env", "gpus", "cpus", "memory_mb", "walltime_s", "partition", "access_mode", "project", "site", "array_job", "array_task", "sector", "sector_required", "prefer", "exclude", "overflow_after_s", "inputs", "outputs")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class JobSpec(_message.Message):
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     OVERFLOW_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     script: str
@@ -113,7 +114,8 @@ class JobSpec(_message.Message):
     exclude: _containers.RepeatedScalarFieldContainer[str]
     overflow_after_s: int
     inputs: _containers.RepeatedCompositeFieldContainer[InputFile]
-    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., script: _Optional[str] = ..., script_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpus: _Optional[int] = ..., cpus: _Optional[int] = ..., memory_mb: _Optional[int] = ..., walltime_s: _Optional[int] = ..., partition: _Optional[str] = ..., access_mode: _Optional[_Union[AccessMode, str]] = ..., project: _Optional[str] = ..., site: _Optional[str] = ..., array_job: _Optional[str] = ..., array_task: _Optional[int] = ..., sector: _Optional[str] = ..., sector_required: _Optional[bool] = ..., prefer: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., overflow_after_s: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[InputFile, _Mapping]]] = ...) -> None: ...
+    outputs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., script: _Optional[str] = ..., script_args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., gpus: _Optional[int] = ..., cpus: _Optional[int] = ..., memory_mb: _Optional[int] = ..., walltime_s: _Optional[int] = ..., partition: _Optional[str] = ..., access_mode: _Optional[_Union[AccessMode, str]] = ..., project: _Optional[str] = ..., site: _Optional[str] = ..., array_job: _Optional[str] = ..., array_task: _Optional[int] = ..., sector: _Optional[str] = ..., sector_required: _Optional[bool] = ..., prefer: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., overflow_after_s: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[InputFile, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InputFile(_message.Message):
     __slots__ = ("name", "sha256", "size", "residency")
@@ -138,6 +140,26 @@ class BlobChunk(_message.Message):
     offset: int
     data: bytes
     def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class OutputList(_message.Message):
+    __slots__ = ("ready", "files", "error")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    files: _containers.RepeatedCompositeFieldContainer[InputFile]
+    error: str
+    def __init__(self, ready: _Optional[bool] = ..., files: _Optional[_Iterable[_Union[InputFile, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("job_id", "name", "offset")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    name: str
+    offset: int
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class BlobRef(_message.Message):
     __slots__ = ("sha256",)
