@@ -516,9 +516,15 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
             part.unlink()
             offset = 0
         started = time.monotonic()
+        digest = hashlib.sha256()  # over what an interrupted fetch left, then each chunk as it arrives
+        if offset:
+            with open(part, "rb") as held:
+                while block := held.read(1 << 20):
+                    digest.update(block)
         with open(part, "ab") as out:
             async for chunk in client.fetch_output(job_id, f.name, offset):
                 out.write(chunk.data)
+                digest.update(chunk.data)
                 offset += len(chunk.data)
                 if tty:
                     rate = offset / max(time.monotonic() - started, 1e-6) / 1e6
@@ -526,8 +532,7 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
                           f"{rate:.0f} MB/s", end="", file=sys.stderr, flush=True)
         if tty:
             print(file=sys.stderr)
-        digest = await asyncio.to_thread(lambda: hashlib.file_digest(open(part, "rb"), "sha256").hexdigest())
-        if digest != f.sha256:
+        if digest.hexdigest() != f.sha256:
             part.unlink()
             raise FailedPrecondition(f"output {name}: the bytes received do not match its SHA-256 (removed); fetch again")
         part.replace(target)
