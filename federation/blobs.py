@@ -66,7 +66,7 @@ class BlobStore:
         self.max_blob_bytes = max_blob_bytes
         for sub in ("sha256", "partial", "owners"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[tuple[str, str], list] = {}  # (sha, owner) -> [lock, uploads holding or awaiting it]
 
     def path(self, sha256: str) -> Path:
         return self.root / "sha256" / check_sha(sha256)
@@ -106,14 +106,16 @@ class BlobStore:
         sha = check_sha(first.sha256)
         if first.size > self.max_blob_bytes:
             raise ResourceExhausted(f"an input file may be at most {self.max_blob_bytes} bytes, not {first.size}")
-        key = (sha, owner)
-        lock = self._locks.setdefault(key, asyncio.Lock())
+        key = (sha, owner)  # one upload at a time per content and uploader: they share the partial file
+        entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
+        entry[1] += 1
         try:
-            async with lock:
+            async with entry[0]:
                 return await self._receive(owner, sha, first, chunks)
         finally:
-            if not lock.locked() and self._locks.get(key) is lock:
-                self._locks.pop(key, None)
+            entry[1] -= 1
+            if not entry[1]:
+                del self._locks[key]
 
     async def _receive(self, owner: str, sha: str, first: Chunk, chunks: AsyncIterator[Chunk]) -> BlobInfo:
         size = first.size

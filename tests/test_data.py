@@ -496,3 +496,18 @@ async def test_outputs_of_a_slurm_job_come_back(slurm_fed, tmp_path):
     await _cli(slurm_fed, "fetch", job.id, "--to", str(tmp_path))
     truth = (slurm_fed.hubs["leonardo"].core.backend.folder(job.id) / "out.bin").read_bytes()
     assert (tmp_path / "out.bin").read_bytes() == truth and len(truth) == 1_500_000
+
+
+async def test_the_same_upload_twice_at_once_is_stored_once_and_whole(tmp_path):
+    store = BlobStore(tmp_path)
+    data = os.urandom(3 << 20)
+    h = sha(data)
+
+    async def slow_upload():
+        for i in range(3):
+            await asyncio.sleep(0.01)
+            yield Chunk(h if i == 0 else "", len(data), i << 20, data[i << 20:(i + 1) << 20])
+
+    results = await asyncio.gather(*(store.put("alice", slow_upload()) for _ in range(3)))
+    assert all(r.complete for r in results) and store.path(h).read_bytes() == data
+    assert not store._locks  # noqa: SLF001 - nothing left behind
