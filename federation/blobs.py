@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20                 # what one upload message carries at most
 MAX_BLOB_BYTES = 64 << 30             # one input file
+RESERVE_BYTES = 512_000_000           # free space an upload must leave on the disk
 SYNC_EVERY_BYTES = 64 << 20           # an upload is flushed to disk as it arrives, this much at a time
 
 
@@ -61,9 +62,10 @@ def _owner_key(owner: str) -> str:
 class BlobStore:
     """Blobs under `root`; `max_blob_bytes` bounds one file."""
 
-    def __init__(self, root: Path, max_blob_bytes: int = MAX_BLOB_BYTES):
+    def __init__(self, root: Path, max_blob_bytes: int = MAX_BLOB_BYTES, reserve_bytes: int = RESERVE_BYTES):
         self.root = Path(root)
         self.max_blob_bytes = max_blob_bytes
+        self.reserve_bytes = reserve_bytes  # an upload that would leave less free space than this is refused
         for sub in ("sha256", "partial", "owners"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._locks: dict[tuple[str, str], list] = {}  # (sha, owner) -> [lock, uploads holding or awaiting it]
@@ -125,6 +127,10 @@ class BlobStore:
             return BlobInfo(sha, size, size, True)  # nothing more to send
         partial = self._partial(sha, owner)
         size_file = partial.with_suffix(partial.suffix + ".size")
+        free = shutil.disk_usage(self.root).free
+        if free - size < self.reserve_bytes:  # refused before a byte is written, not failed half way
+            raise ResourceExhausted(f"no space for {size} bytes here: {free / 1e6:.0f} MB free, and "
+                                    f"{self.reserve_bytes / 1e6:.0f} MB are kept free; try later or elsewhere")
         try:
             announced = int(size_file.read_text())
             held = partial.stat().st_size

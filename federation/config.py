@@ -167,6 +167,7 @@ class HubConfig:
     mode_limits: tuple[ModeLimits, ...] = ()
     countries: tuple[str, ...] = ()  # users' countries served (ISO 3166 alpha-2); empty: all
     location: str = ""  # the country the hub's machines and storage are in (ISO 3166 alpha-2), for data residency
+    min_free_disk_mb: int = 512  # below this much free space in state_dir, the hub takes no new jobs or inputs
     user_map: Path | None = None  # (antenna, user, project) -> local account; None: the hub's own account
     advertise: str = ""  # HOST:PORT antennas dial, registered in discovery; "" is the listen address
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
@@ -536,6 +537,9 @@ def load_hub(path: str | Path) -> HubConfig:
     services, sectors = h.strings("services"), h.strings("sectors")
     countries = _countries(h)
     location = h.checked("location", country_code, "") if "location" in h.data else ""
+    min_free_disk_mb = h.get("min_free_disk_mb", int, 512)
+    if isinstance(min_free_disk_mb, bool) or min_free_disk_mb < 0:
+        raise ConfigError(h.path, h.key("min_free_disk_mb"), "must be a whole number of megabytes, 0 or more")
     modes = []
     for m in h.strings("access_modes"):
         try:
@@ -621,7 +625,7 @@ def load_hub(path: str | Path) -> HubConfig:
                      slurm_conf=slurm_conf, poll_interval_s=poll, capacity_interval_s=capacity,
                      command_timeout_s=command_timeout, accounts=accounts, retention_s=retention, limits=limits,
                      audit_log=audit_log, user_map=user_map, metrics_listen=metrics_listen,
-                     maintenance=maintenance, mode_limits=mode_limits, countries=countries, location=location, advertise=advertise,
+                     maintenance=maintenance, mode_limits=mode_limits, countries=countries, location=location, min_free_disk_mb=min_free_disk_mb, advertise=advertise,
                      discovery=discovery, events=events, ha_instance=ha_instance, balance=balance)
 
 

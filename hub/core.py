@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import shutil
 import re
 import time
 
@@ -49,7 +50,8 @@ class HubCore:
         self.changes = Signal()  # the journal committed something: WatchChanges streams wake up
         self.journal = Journal(config.state_dir / "hub.sqlite", on_commit=self.changes.notify)
         self.backend: Backend = make_backend(config, self._on_change)
-        self.blobs = BlobStore(config.state_dir / "blobs")  # input files antennas staged here, by SHA-256
+        self.blobs = BlobStore(config.state_dir / "blobs",  # input files antennas staged here, by SHA-256
+                               reserve_bytes=config.min_free_disk_mb * 1_000_000)
         self.outputs = Outputs(config.state_dir / "outputs")  # what jobs left behind, collected when they end
         self._collecting: dict[str, asyncio.Task] = {}
         self.backend.stage_inputs = lambda job, folder: self.blobs.stage(job.spec.inputs, folder)
@@ -227,14 +229,30 @@ class HubCore:
         return bool(self.drain_now())
 
     def drain_now(self, now: float | None = None) -> str:
-        """Why the site takes no new jobs now: an operator's drain or a maintenance window; "" if it does."""
+        """Why the site takes no new jobs now: an operator's drain, a maintenance window, or a disk too full to
+        hold more jobs' data; "" if it does."""
         if self.drain_reason:
             return self.drain_reason
+        if short := self.short_of_disk():
+            return short
         now = time.time() if now is None else now
         for window in self.config.maintenance:
             if window.start <= now < window.end:
                 until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(window.end))
                 return f"maintenance until {until}" + (f": {window.reason}" if window.reason else "")
+        return ""
+
+    def short_of_disk(self) -> str:
+        """Why the state folder's disk cannot take more jobs' inputs, outputs and logs now; "" if it can. The hub
+        says so in its advert (as a drain) and refuses new jobs, rather than failing them later."""
+        try:
+            free = shutil.disk_usage(self.config.state_dir).free
+        except OSError as exc:
+            return f"its state folder cannot be read ({exc.strerror})"
+        keep = self.config.min_free_disk_mb * 1_000_000
+        if free < keep:
+            return (f"its disk is nearly full ({free / 1e6:.0f} MB free in its state folder; it keeps "
+                    f"{self.config.min_free_disk_mb} MB free)")
         return ""
 
     def maintenance_ahead(self, now: float | None = None) -> list:

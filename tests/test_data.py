@@ -511,3 +511,32 @@ async def test_the_same_upload_twice_at_once_is_stored_once_and_whole(tmp_path):
     results = await asyncio.gather(*(store.put("alice", slow_upload()) for _ in range(3)))
     assert all(r.complete for r in results) and store.path(h).read_bytes() == data
     assert not store._locks  # noqa: SLF001 - nothing left behind
+
+
+# -- a full disk: refused up front, not failed later ---------------------------------------------------------------
+
+async def test_an_upload_that_would_fill_the_disk_is_refused_before_a_byte_is_written(tmp_path):
+    store = BlobStore(tmp_path, reserve_bytes=10**18)  # more than any disk: "full"
+    with pytest.raises(ResourceExhausted, match="no space for 3 bytes here"):
+        await store.put("alice", chunks(Chunk(sha(b"abc"), 3, 0, b"abc")))
+    assert not list((tmp_path / "partial").iterdir())
+
+
+async def test_a_hub_short_of_disk_takes_no_new_jobs_and_placement_goes_elsewhere(test_pki, tmp_path):
+    from federation.pb import hub_pb2
+    from tests.conftest import running_federation
+    hubs = {"leonardo": {"min_free_disk_mb": 10**12}, "lumi": {}}  # leonardo's disk "nearly full"
+    async with running_federation(test_pki, tmp_path, hubs, antenna={}) as f:
+        client = f.client("alice")
+        job = await client.wait((await client.submit(JobSpec(argv=("true",), walltime_s=60))).id)
+        assert job.state is JobState.COMPLETED and job.site == "lumi", job
+        sites = {s.site: s for s in await client.sites()}
+        assert sites["leonardo"].advert.draining and "disk is nearly full" in sites["leonardo"].advert.drain_reason
+        async with secure_channel(f"127.0.0.1:{f.hubs['leonardo'].port}",
+                                  test_pki.tls(Role.ANTENNA, "antenna-a")) as ch:
+            answer = await hub_pb2_grpc.HubStub(ch).ForwardJobs(hub_pb2.ForwardJobsRequest(jobs=[
+                hub_pb2.ForwardJobRequest(idempotency_key="k", job=jobs_pb2.Job(
+                    id="antenna-a-0123abcd", owner="spiffe://eurohpc.test/user/antenna-a/alice", state=1,
+                    spec=jobs_pb2.JobSpec(argv=["true"])))]))
+        error = answer.results[0].error
+        assert error.code == grpc.StatusCode.UNAVAILABLE.value[0] and "disk is nearly full" in error.message
