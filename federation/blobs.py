@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import shutil
-import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +141,7 @@ class BlobStore:
             held = 0
         digest = hashlib.sha256()  # over every byte as it is written: no second pass over the file
         if held:
-            await asyncio.to_thread(_hash_into, digest, partial, held)
+            await asyncio.to_thread(hash_into, digest, partial, held)
         try:
             # Writing and hashing run in a worker thread (both let go of the GIL), one chunk behind the receiving:
             # the next message arrives while the last is written. Written data is flushed to disk as it goes, so
@@ -217,22 +216,6 @@ class BlobStore:
                 target.unlink()
             shutil.copyfile(self.path(f.sha256), target)
 
-    def purge(self, older_than_s: float, now: float | None = None) -> int:
-        """Remove stored content and abandoned partial uploads not touched for `older_than_s`; return how many."""
-        now = time.time() if now is None else now
-        removed = 0
-        for sub in ("sha256", "partial"):
-            for path in (self.root / sub).iterdir():
-                try:
-                    if now - path.stat().st_mtime > older_than_s:
-                        path.unlink()
-                        removed += 1
-                        if sub == "sha256":
-                            shutil.rmtree(self.root / "owners" / path.name, ignore_errors=True)
-                except FileNotFoundError:
-                    pass
-        return removed
-
 
 async def _with_first(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
     yield first
@@ -255,7 +238,7 @@ def _sync(f) -> None:
     os.fsync(f.fileno())
 
 
-def _hash_into(digest, path: Path, length: int) -> None:
+def hash_into(digest, path: Path, length: int) -> None:
     with open(path, "rb") as f:
         while length > 0 and (block := f.read(min(CHUNK_BYTES, length))):
             digest.update(block)
@@ -276,10 +259,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    return _sha256_of(path)
 
 
 def blob_chunks(path: Path, sha256: str, size: int, offset: int = 0):

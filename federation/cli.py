@@ -497,6 +497,7 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
     there from an interrupted fetch), checked against its SHA-256, then renamed."""
     import hashlib
 
+    from federation.blobs import hash_into
     from federation.model import check_input_name
     listing = await client.list_outputs(job_id)
     if not listing.ready:
@@ -518,9 +519,7 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
         started = time.monotonic()
         digest = hashlib.sha256()  # over what an interrupted fetch left, then each chunk as it arrives
         if offset:
-            with open(part, "rb") as held:
-                while block := held.read(1 << 20):
-                    digest.update(block)
+            hash_into(digest, part, offset)
         with open(part, "ab") as out:
             async for chunk in client.fetch_output(job_id, f.name, offset):
                 out.write(chunk.data)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import orjson
 
+from federation.blobs import CHUNK_BYTES
 from federation.errors import FailedPrecondition, NotFound
 from federation.model import InputFile, Job, check_input_name
 
@@ -23,7 +24,6 @@ log = logging.getLogger(__name__)
 
 MAX_OUTPUT_BYTES = 10 << 30   # all outputs of one job
 MAX_OUTPUT_FILES = 10_000
-CHUNK_BYTES = 1 << 20
 
 
 class Outputs:

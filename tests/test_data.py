@@ -213,16 +213,20 @@ async def test_a_job_whose_inputs_were_not_uploaded_is_refused_and_nothing_is_st
     assert (await client.stub.StatBlob(jobs_pb2.BlobRef(sha256=sha(b"bob's data")))).held == 0
 
 
-async def test_a_hub_refuses_a_job_whose_inputs_were_not_staged(fed, test_pki):
+async def forward_one(fed, test_pki, spec: jobs_pb2.JobSpec, job_id: str = "antenna-a-0123abcd"):
+    """antenna-a forwards one job of alice's straight to hub leonardo; the error it gets back (empty if none)."""
+    from federation.pb import hub_pb2
     async with secure_channel(f"127.0.0.1:{fed.hubs['leonardo'].port}", test_pki.tls(Role.ANTENNA, "antenna-a")) \
             as ch:
-        from federation.pb import hub_pb2
         answer = await hub_pb2_grpc.HubStub(ch).ForwardJobs(hub_pb2.ForwardJobsRequest(jobs=[
             hub_pb2.ForwardJobRequest(idempotency_key="k", job=jobs_pb2.Job(
-                id="antenna-a-0123abcd", owner="spiffe://eurohpc.test/user/antenna-a/alice", state=1,
-                spec=jobs_pb2.JobSpec(argv=["true"], inputs=[jobs_pb2.InputFile(name="x", sha256="0" * 64,
-                                                                                size=1)])))]))
-    error = answer.results[0].error
+                id=job_id, owner="spiffe://eurohpc.test/user/antenna-a/alice", state=1, spec=spec))]))
+    return answer.results[0].error
+
+
+async def test_a_hub_refuses_a_job_whose_inputs_were_not_staged(fed, test_pki):
+    error = await forward_one(fed, test_pki, jobs_pb2.JobSpec(argv=["true"], inputs=[
+        jobs_pb2.InputFile(name="x", sha256="0" * 64, size=1)]))
     assert error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "was not staged at hub leonardo" in \
         error.message
     assert fed.hubs["leonardo"].core.journal.get("antenna-a-0123abcd") is None
@@ -344,17 +348,11 @@ async def test_data_residency_keeps_a_job_in_the_countries_or_sites_its_inputs_a
 
 
 async def test_a_hub_refuses_a_job_whose_inputs_must_stay_elsewhere(test_pki, tmp_path):
-    from federation.pb import hub_pb2
     from tests.conftest import running_federation
     async with running_federation(test_pki, tmp_path, {"leonardo": {"location": "IT"}}) as f:
-        async with secure_channel(f"127.0.0.1:{f.hubs['leonardo'].port}",
-                                  test_pki.tls(Role.ANTENNA, "antenna-a")) as ch:
-            answer = await hub_pb2_grpc.HubStub(ch).ForwardJobs(hub_pb2.ForwardJobsRequest(jobs=[
-                hub_pb2.ForwardJobRequest(idempotency_key="k", job=jobs_pb2.Job(
-                    id="antenna-a-0123abcd", owner="spiffe://eurohpc.test/user/antenna-a/alice", state=1,
-                    spec=jobs_pb2.JobSpec(argv=["true"], inputs=[jobs_pb2.InputFile(
-                        name="x", sha256="0" * 64, size=1, residency=["FI", "lumi"])])))]))
-        assert "must stay in FI, lumi (data residency); hub leonardo is in IT" in answer.results[0].error.message
+        error = await forward_one(f, test_pki, jobs_pb2.JobSpec(argv=["true"], inputs=[jobs_pb2.InputFile(
+            name="x", sha256="0" * 64, size=1, residency=["FI", "lumi"])]))
+        assert "must stay in FI, lumi (data residency); hub leonardo is in IT" in error.message
         assert f.hubs["leonardo"].core.journal.get("antenna-a-0123abcd") is None
 
 
@@ -523,7 +521,6 @@ async def test_an_upload_that_would_fill_the_disk_is_refused_before_a_byte_is_wr
 
 
 async def test_a_hub_short_of_disk_takes_no_new_jobs_and_placement_goes_elsewhere(test_pki, tmp_path):
-    from federation.pb import hub_pb2
     from tests.conftest import running_federation
     hubs = {"leonardo": {"min_free_disk_mb": 10**12}, "lumi": {}}  # leonardo's disk "nearly full"
     async with running_federation(test_pki, tmp_path, hubs, antenna={}) as f:
@@ -532,11 +529,5 @@ async def test_a_hub_short_of_disk_takes_no_new_jobs_and_placement_goes_elsewher
         assert job.state is JobState.COMPLETED and job.site == "lumi", job
         sites = {s.site: s for s in await client.sites()}
         assert sites["leonardo"].advert.draining and "disk is nearly full" in sites["leonardo"].advert.drain_reason
-        async with secure_channel(f"127.0.0.1:{f.hubs['leonardo'].port}",
-                                  test_pki.tls(Role.ANTENNA, "antenna-a")) as ch:
-            answer = await hub_pb2_grpc.HubStub(ch).ForwardJobs(hub_pb2.ForwardJobsRequest(jobs=[
-                hub_pb2.ForwardJobRequest(idempotency_key="k", job=jobs_pb2.Job(
-                    id="antenna-a-0123abcd", owner="spiffe://eurohpc.test/user/antenna-a/alice", state=1,
-                    spec=jobs_pb2.JobSpec(argv=["true"])))]))
-        error = answer.results[0].error
+        error = await forward_one(f, test_pki, jobs_pb2.JobSpec(argv=["true"]))
         assert error.code == grpc.StatusCode.UNAVAILABLE.value[0] and "disk is nearly full" in error.message
