@@ -25,7 +25,8 @@ from federation import __version__, convert
 from federation.config import AntennaConfig, HubEndpoint
 from federation.audit import AuditLog
 from federation.blobs import BlobStore, blob_chunks
-from federation.errors import AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from federation.errors import (AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
+                              ResourceExhausted, Unavailable)
 from federation.identity import Identity, Role
 from federation.journal import Journal, Tx, purge_forever
 from federation.crl import Revocations
@@ -52,6 +53,7 @@ HUB_STATES = tuple(s for s in JobState if s is not JobState.PENDING and s not in
 MAX_REQUEST_ID = 200
 MAX_SUBMIT = 10_000       # jobs per SubmitJobs call, arrays expanded
 MAX_SUBMIT_BYTES = 64 << 20  # scripts and commands per SubmitJobs call, arrays expanded
+SWEEP_EVERY_S = 600.0     # how often uploads past their retention are looked for
 ESTIMATE_TIMEOUT_S = 3.0
 FORWARD_BATCH = 1000      # jobs per ForwardJobs call
 FORWARD_BYTES = 4 << 20   # and at most this much of job specs per call (gRPC messages are limited to 16 MiB)
@@ -93,7 +95,8 @@ class AntennaCore:
     def __init__(self, config: AntennaConfig):
         self.config = config
         self.journal = Journal(config.state_dir / "antenna.sqlite")
-        self.blobs = BlobStore(config.state_dir / "blobs")  # users' input files, by SHA-256
+        self.blobs = BlobStore(config.state_dir / "blobs",  # users' input files, by SHA-256
+                               quota_bytes=config.data.quota_mb * 1_000_000, retention_s=config.data.retention_s)
         self.sites_changed = Signal()
         self.revocations = Revocations(config.tls)  # the daemon's server shares it, and refreshes it
         self.revocations.refresh()
@@ -155,6 +158,22 @@ class AntennaCore:
             log.info("finished jobs are kept %d days (not %d): as long as the longest allocation lasts, so that "
                      "its charges are not forgotten", retention // 86400, self.config.retention_s // 86400)
         self._spawn(purge_forever(self.journal, retention), "purge")
+        self._spawn(self._sweep_forever(), "sweep data")
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep_data()
+            except Exception:  # tried again at the next round
+                log.exception("deleting staged inputs past their retention failed")
+            await asyncio.sleep(SWEEP_EVERY_S)
+
+    async def sweep_data(self, now: float | None = None) -> int:
+        """Delete users' uploads unused for [data] retention that no unfinished job needs; how many went."""
+        deleted, _ = await self.blobs.sweep(
+            self.config.data.retention_s,
+            lambda: {f.sha256 for job, _ in self.journal.unfinished() for f in job.spec.inputs}, now)
+        return deleted
 
     def _add_site(self, member: Member) -> HubSite:
         """Start using a hub: follow its adverts and its change feed, forward the jobs placed on it."""
@@ -347,6 +366,7 @@ class AntennaCore:
             except ValueError as exc:
                 raise InvalidArgument(f"array {entry.array[:80]!r}: {exc}") from None
         spec.validate()
+        self._check_input_size(spec)
         self._check_uploaded(who, spec)
         self.allocations.check_member(spec, who)
         country = self.allocations.country_of(spec, who, self.config.country)
@@ -371,6 +391,12 @@ class AntennaCore:
                              history=(Transition(JobState.PENDING, now, "accepted by the antenna"),)), key))
         return jobs, (allocation, pinned)
 
+    def _check_input_size(self, spec: JobSpec) -> None:
+        total, limit = sum(f.size for f in spec.inputs), self.config.data.max_job_input_mb * 1_000_000
+        if total > limit:
+            raise ResourceExhausted(f"the job's inputs come to {total / 1e6:.0f} MB; antenna {self.config.site} "
+                                    f"takes at most {limit / 1e6:.0f} MB of inputs per job")
+
     def _check_uploaded(self, who: Identity, spec: JobSpec) -> None:
         if missing := self.blobs.missing(who.uri, spec.inputs):
             raise FailedPrecondition(
@@ -391,6 +417,7 @@ class AntennaCore:
         if spec.array_job or spec.array_task:
             raise InvalidArgument("array_job and array_task are set by the antenna; ask for an array instead")
         spec.validate()
+        self._check_input_size(spec)
         self.allocations.check_member(spec, who)
         country = self.allocations.country_of(spec, who, self.config.country)
         self.precheck(spec, country)  # refuses what no hub could ever run
@@ -610,12 +637,14 @@ class AntennaCore:
         """The job's outputs as its hub collected them (not ready until the job ended there and they were copied)."""
         job = self.get(who, job_id)
         if not job.spec.outputs:
-            raise FailedPrecondition(f"job {job.id} declared no outputs (aifed submit --output PATH)")
+            raise FailedPrecondition(f"job {job.id} declared no outputs (aifed submit --collect PATH)")
         if not job.site or job.state is JobState.PENDING:
             return jobs_pb2.OutputList(ready=False, error="" if not job.final else "the job never reached a hub")
         try:
             return await self._site_of(job).stub.ListOutputs(jobs_pb2.JobRef(job_id=job.id), timeout=30)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # such as outputs deleted after their retention
+                raise FailedPrecondition(f"hub {job.site}: {exc.details()}") from None
             raise Unavailable(f"the outputs of {job.id} are at hub {job.site}, which answered "
                               f"{exc.code().name}: {exc.details()}") from None
 

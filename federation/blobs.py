@@ -7,17 +7,24 @@ visible only once complete and checked, by a rename, so nothing partial is ever 
 Who may use what: content is shared on disk, but each uploader (a user at an antenna, an antenna at a hub) may
 use, and learn about, only content it uploaded itself (`<root>/owners/<hex>/<owner digest>`): asking for a hash
 tells nobody whether someone else holds that content.
+
+Quota and retention: an uploader may hold at most `quota_bytes` here, complete and partial uploads together.
+Each use of content (an upload, a job naming it) marks it used by that uploader; `sweep` deletes an uploader's
+hold on content it has not used for the retention period, unless an unfinished job needs that content, and the
+content itself once nobody holds it. Partial uploads untouched for the retention period go too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,13 +68,36 @@ def _owner_key(owner: str) -> str:
 class BlobStore:
     """Blobs under `root`; `max_blob_bytes` bounds one file."""
 
-    def __init__(self, root: Path, max_blob_bytes: int = MAX_BLOB_BYTES, reserve_bytes: int = RESERVE_BYTES):
+    def __init__(self, root: Path, max_blob_bytes: int = MAX_BLOB_BYTES, reserve_bytes: int = RESERVE_BYTES,
+                 quota_bytes: int = 0, retention_s: int = 7 * 86400):
         self.root = Path(root)
         self.max_blob_bytes = max_blob_bytes
         self.reserve_bytes = reserve_bytes  # an upload that would leave less free space than this is refused
+        self.quota_bytes = quota_bytes  # what one uploader may hold here; 0: no quota
+        self.retention_s = retention_s  # for the messages; `sweep` is given its own
         for sub in ("sha256", "partial", "owners"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._locks: dict[tuple[str, str], list] = {}  # (sha, owner) -> [lock, uploads holding or awaiting it]
+        self._held = self._count_held()  # owner digest -> {sha: bytes} of its complete and partial uploads
+
+    def _count_held(self) -> dict[str, dict[str, int]]:
+        held: dict[str, dict[str, int]] = {}
+        for content in (self.root / "owners").iterdir():
+            try:
+                size = (self.root / "sha256" / content.name).stat().st_size
+            except FileNotFoundError:
+                continue
+            for mark in content.iterdir():
+                held.setdefault(mark.name, {})[content.name] = size
+        for partial in (self.root / "partial").iterdir():
+            if partial.suffix != ".size":
+                sha, _, key = partial.name.partition(".")
+                held.setdefault(key, {})[sha] = max(_announced(partial), partial.stat().st_size)
+        return held
+
+    def held_bytes(self, owner: str) -> int:
+        """What `owner` holds here, complete and partial uploads together (what its quota counts)."""
+        return sum(self._held.get(_owner_key(owner), {}).values())
 
     def path(self, sha256: str) -> Path:
         return self.root / "sha256" / check_sha(sha256)
@@ -126,6 +156,15 @@ class BlobStore:
             return BlobInfo(sha, size, size, True)  # nothing more to send
         partial = self._partial(sha, owner)
         size_file = partial.with_suffix(partial.suffix + ".size")
+        mine = self._held.setdefault(_owner_key(owner), {})
+        if self.quota_bytes:
+            others = sum(n for s, n in mine.items() if s != sha)
+            if others + size > self.quota_bytes:
+                raise ResourceExhausted(
+                    f"over your quota here: you hold {others / 1e6:.0f} MB of uploaded files, and this one's "
+                    f"{size / 1e6:.0f} MB would pass your quota of {self.quota_bytes / 1e6:.0f} MB. Files no "
+                    f"unfinished job needs are deleted after {self.retention_s // 86400} day(s) unused; ask the "
+                    "operator for a larger quota if you need one")
         free = shutil.disk_usage(self.root).free
         if free - size < self.reserve_bytes:  # refused before a byte is written, not failed half way
             raise ResourceExhausted(f"no space for {size} bytes here: {free / 1e6:.0f} MB free, and "
@@ -139,6 +178,7 @@ class BlobStore:
             size_file.write_text(str(size))
             partial.write_bytes(b"")
             held = 0
+        mine[sha] = size
         digest = hashlib.sha256()  # over every byte as it is written: no second pass over the file
         if held:
             await asyncio.to_thread(hash_into, digest, partial, held)
@@ -180,6 +220,7 @@ class BlobStore:
         size_file.unlink(missing_ok=True)
         if actual != sha:
             partial.unlink(missing_ok=True)
+            mine.pop(sha, None)
             raise InvalidArgument(f"checksum mismatch: the bytes uploaded hash to {actual}, not {sha}; nothing was "
                                   "kept")
         if self.path(sha).exists():
@@ -193,13 +234,73 @@ class BlobStore:
         return BlobInfo(sha, size, size, True)
 
     def missing(self, owner: str, inputs: Iterable[InputFile]) -> list[InputFile]:
-        """The inputs `owner` has not uploaded completely (or whose size differs from what was uploaded)."""
-        out = []
+        """The inputs `owner` has not uploaded completely (or whose size differs from what was uploaded). Those
+        it has are marked used now: retention counts from here."""
+        out, used = [], set()
         for f in inputs:
             path = self.path(f.sha256)
             if not self.owns(owner, f.sha256) or path.stat().st_size != f.size:
                 out.append(f)
+            elif f.sha256 not in used:
+                used.add(f.sha256)
+                os.utime(self._owner_mark(f.sha256, owner))
         return out
+
+    # -- retention ---------------------------------------------------------------------------------
+
+    async def sweep(self, retention_s: float, in_use: Callable[[], set[str]], now: float | None = None
+                    ) -> tuple[int, int]:
+        """Delete holds on content unused for `retention_s` (unless `in_use()`, the contents unfinished jobs
+        need, names it), content nobody holds any more, and partial uploads untouched that long. The directories
+        are read in a worker thread; what is deleted is checked again and deleted here, on the event loop, so
+        that an upload or a job that uses the content meanwhile keeps it. Returns (contents deleted, bytes
+        freed)."""
+        cutoff = (time.time() if now is None else now) - retention_s
+        marks, partials = await asyncio.to_thread(self._stale, cutoff)
+        if not marks and not partials:
+            return 0, 0
+        needed, deleted, freed = in_use(), 0, 0
+        for mark in marks:
+            sha = mark.parent.name
+            if sha in needed or not _older(mark, cutoff):
+                continue
+            mark.unlink(missing_ok=True)
+            self._held.get(mark.name, {}).pop(sha, None)
+            if mark.parent.exists() and not any(mark.parent.iterdir()):
+                mark.parent.rmdir()
+                content = self.root / "sha256" / sha
+                try:
+                    freed += content.stat().st_size
+                    content.unlink()
+                    deleted += 1
+                except FileNotFoundError:
+                    pass
+        busy = {(sha, _owner_key(owner)) for sha, owner in self._locks}
+        for partial in partials:
+            sha, _, key = partial.name.partition(".")
+            if (sha, key) in busy or not _older(partial, cutoff):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                freed += partial.stat().st_size
+                partial.unlink()
+            partial.with_suffix(partial.suffix + ".size").unlink(missing_ok=True)
+            self._held.get(key, {}).pop(sha, None)
+        if deleted or freed:
+            log.info("retention: deleted %d stored file(s) and stale partial uploads, %d bytes", deleted, freed)
+        return deleted, freed
+
+    def _stale(self, cutoff: float) -> tuple[list[Path], list[Path]]:
+        """Holds (owner marks) and partial uploads not touched since `cutoff`; content without any mark (a
+        crash between storing it and marking it) is given a mark to age by."""
+        marks = []
+        for content in (self.root / "owners").iterdir():
+            marks.extend(m for m in content.iterdir() if _older(m, cutoff))
+        for content in (self.root / "sha256").iterdir():
+            if not (self.root / "owners" / content.name).exists():
+                (self.root / "owners" / content.name).mkdir(exist_ok=True)
+                (self.root / "owners" / content.name / "unowned").touch()
+        partials = [p for p in (self.root / "partial").iterdir() if p.suffix != ".size" and _older(p, cutoff)]
+        return marks, partials
 
     def stage(self, inputs: Iterable[InputFile], folder: Path) -> None:
         """Copy each input to its name under `folder` (a copy, not a link: a job that writes to its input must
@@ -215,6 +316,20 @@ class BlobStore:
             if target.is_symlink() or target.exists():
                 target.unlink()
             shutil.copyfile(self.path(f.sha256), target)
+
+
+def _older(path: Path, cutoff: float) -> bool:
+    try:
+        return path.stat().st_mtime < cutoff
+    except FileNotFoundError:
+        return False
+
+
+def _announced(partial: Path) -> int:
+    try:
+        return int(partial.with_suffix(partial.suffix + ".size").read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 async def _with_first(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:

@@ -427,6 +427,8 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
                 print(job.reason + (f" (each of the {count} array tasks)" if array else ""))
             return EXIT_OK
         if args.command == "submit" and sources:
+            if sum(f.size for f in spec.inputs) >= CHECK_BEFORE_UPLOAD_BYTES:
+                await client.submit(spec, dry_run=True)  # refused now (quota, no hub), not after a long upload
             await _upload(client, spec, sources)
         if args.command == "submit" and array:
             return await _submit_array(client, spec, array, args)
@@ -544,6 +546,9 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
         if listing.error:
             print(f"warning: {listing.error}", file=sys.stderr)
     return EXIT_OK
+
+
+CHECK_BEFORE_UPLOAD_BYTES = 100_000_000  # inputs this large are checked by a dry run before they are uploaded
 
 
 async def _upload(client, spec: JobSpec, sources: dict[str, Path]) -> None:

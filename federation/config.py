@@ -18,7 +18,7 @@ from typing import Any
 
 from federation.errors import ConfigError
 from federation.identity import check_federation_name, check_site_name
-from federation.model import AccessMode, MAX_GPUS
+from federation.model import MAX_GPUS, MAX_JOB_INPUT_BYTES, AccessMode
 from federation.timefmt import parse_duration
 from federation.tls import TlsFiles
 
@@ -117,6 +117,20 @@ class EventsConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """`[data]`: quotas and retention of staged input files and collected outputs (docs/data.md)."""
+
+    retention_s: int = 7 * 86400         # staged content no unfinished job uses, unused this long, is deleted;
+                                         # so are partial uploads untouched this long, and (hub) a finished job's
+                                         # working folder, all but its logs, this long after the job ended
+    outputs_retention_s: int = 30 * 86400  # (hub) collected outputs, kept this long after the job ended
+    quota_mb: int = 0                    # what one uploader may hold here (a user at an antenna, an antenna at a
+                                         # hub), complete and partial; 0: no quota but the disk's
+    max_job_input_mb: int = 100_000      # (antenna) all inputs of one job
+    max_output_mb: int = 10_240          # (hub) all collected outputs of one job
+
+
+@dataclass(frozen=True)
 class BalanceConfig:
     """`[balance]`: hub-to-hub load balancing (hub/balance.py). A job expected to wait here longer than
     `threshold_s` is handed to a peer hub its antenna allowed, if the peer would start it within `gain` times
@@ -174,6 +188,7 @@ class HubConfig:
     events: EventsConfig = field(default_factory=EventsConfig)
     ha_instance: str = ""  # non-empty: one of several processes for this site; only the elected leader serves
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 @dataclass(frozen=True)
@@ -202,6 +217,7 @@ class AntennaConfig:
     placement: str = "earliest-start"  # the placement policy (federation/placement.py)
     link_rate_mb_s: float = 100.0  # MB/s to each hub, for the transfer time of inputs until transfers measure it
     home: str = ""  # the home hub site, for the home-only policy
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 @dataclass(frozen=True)
@@ -613,6 +629,7 @@ def load_hub(path: str | Path) -> HubConfig:
     if ha_instance and discovery.backend != "etcd":
         raise ConfigError(p, "ha.instance", "needs [discovery] backend = \"etcd\": the leader is elected there")
     balance = _balance(root, discovery, site)
+    data = _data(root, hub=True)
     if not advertise:
         host = listen.rpartition(":")[0].strip("[]")
         if discovery.backend == "etcd" and host in ("0.0.0.0", "::", ""):
@@ -626,7 +643,34 @@ def load_hub(path: str | Path) -> HubConfig:
                      command_timeout_s=command_timeout, accounts=accounts, retention_s=retention, limits=limits,
                      audit_log=audit_log, user_map=user_map, metrics_listen=metrics_listen,
                      maintenance=maintenance, mode_limits=mode_limits, countries=countries, location=location, min_free_disk_mb=min_free_disk_mb, advertise=advertise,
-                     discovery=discovery, events=events, ha_instance=ha_instance, balance=balance)
+                     discovery=discovery, events=events, ha_instance=ha_instance, balance=balance, data=data)
+
+
+def _data(root: _Table, hub: bool) -> DataConfig:
+    """`[data]`: the keys of the other kind of daemon are refused, so that a misplaced key does not go unnoticed."""
+    p, d = root.path, root.table("data")
+    only = ("outputs_retention", "max_output_mb") if not hub else ("max_job_input_mb",)
+    for key in only:
+        if key in d.data:
+            raise ConfigError(p, f"data.{key}", "is an antenna setting; this is a hub configuration" if hub
+                              else "is a hub setting; this is an antenna configuration")
+    retention = d.duration("retention", "7d")
+    outputs_retention = d.duration("outputs_retention", "30d") if hub else DataConfig.outputs_retention_s
+    for key, value in (("retention", retention), ("outputs_retention", outputs_retention)):
+        if value < 3600:
+            raise ConfigError(p, f"data.{key}", "must be at least 1h: jobs must find their inputs, and users their "
+                              "outputs, for longer than that")
+    sizes = {}
+    for key, default, low, high in (("quota_mb", 0, 0, 10**9), ("max_job_input_mb", 100_000, 1, MAX_JOB_INPUT_BYTES // 1_000_000),
+                                    ("max_output_mb", 10_240, 1, 1 << 20)):
+        value = d.get(key, int, default)
+        if isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError(p, f"data.{key}", f"must be a whole number of megabytes from {low} to {high}, not "
+                              f"{value!r}")
+        sizes[key] = value
+    d.done()
+    return DataConfig(retention, outputs_retention, sizes["quota_mb"], sizes["max_job_input_mb"],
+                      sizes["max_output_mb"])
 
 
 def _balance(root: _Table, discovery: DiscoveryConfig, site: str) -> BalanceConfig:
@@ -723,12 +767,13 @@ def load_antenna(path: str | Path) -> AntennaConfig:
     limits = _limits(root, ANTENNA_LIMITS)
     metrics_listen = _metrics(root)
     events = _events(root)
+    data = _data(root, hub=False)
     root.done()
     return AntennaConfig(path=p, site=site, federation=federation, listen=listen, state_dir=state_dir, tls=tls,
                          hubs=tuple(hubs), retention_s=retention, limits=limits, audit_log=audit_log, country=country,
                          metrics_listen=metrics_listen, discovery=discovery, events=events,
                          allocations=allocations, placement=placement, home=home,
-                         link_rate_mb_s=float(link_rate))
+                         link_rate_mb_s=float(link_rate), data=data)
 
 
 def load_client(path: str | Path) -> ClientConfig:

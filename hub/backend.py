@@ -10,12 +10,18 @@ its `stdout` and `stderr`.
 from __future__ import annotations
 
 import abc
+import errno
+import logging
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from federation.config import PartitionConfig
 from federation.model import Job, JobState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,13 +113,24 @@ class Backend(abc.ABC):
         return self.workdir / job_id
 
     def read_log(self, job_id: str, stream: str, offset: int, limit: int) -> bytes:
-        """Up to `limit` bytes of the job's `stdout` or `stderr` from `offset`."""
+        """Up to `limit` bytes of the job's `stdout` or `stderr` from `offset`. A log the job replaced by a
+        symbolic link (to a file it cannot read itself, but the hub can), or by anything but a regular file (a
+        pipe would block the read), is not followed: nothing is served."""
         try:
-            with open(self.folder(job_id) / stream, "rb") as f:
-                f.seek(offset)
-                return f.read(limit)
+            fd = os.open(self.folder(job_id) / stream, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return b""
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            log.warning("job %s: its %s is a symbolic link; not followed", job_id, stream)
+            return b""
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                log.warning("job %s: its %s is not a regular file; not read", job_id, stream)
+                return b""
+            f.seek(offset)
+            return f.read(limit)
 
     async def close(self) -> None:
         """Stop following jobs. Running jobs are left to the scheduler."""

@@ -8,6 +8,7 @@ import math
 import shutil
 import re
 import time
+from pathlib import Path
 
 from federation import __version__
 from federation.audit import AuditLog
@@ -37,6 +38,8 @@ MAX_USAGE_DAYS = 3660
 MAX_BATCH = 5000
 MAX_HISTORY = 32       # transitions a job handed over by a peer hub brings along
 MAX_ALTERNATIVES = 64  # hubs an antenna may allow a job to be moved to
+SWEEP_EVERY_S = 600.0  # how often data past its retention is looked for
+LOGS = ("stdout", "stderr")  # what of a finished job's folder is kept as long as its record
 SETTLE_LIMIT_S = 10.0  # at a stop, the wait for the last job changes to be journaled
 # Job ids name folders: only `<antenna>-<token>`, lower-case letters, digits and dashes, never a path.
 JOB_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}[a-z0-9]-[a-z0-9]{1,64}")
@@ -51,8 +54,11 @@ class HubCore:
         self.journal = Journal(config.state_dir / "hub.sqlite", on_commit=self.changes.notify)
         self.backend: Backend = make_backend(config, self._on_change)
         self.blobs = BlobStore(config.state_dir / "blobs",  # input files antennas staged here, by SHA-256
-                               reserve_bytes=config.min_free_disk_mb * 1_000_000)
-        self.outputs = Outputs(config.state_dir / "outputs")  # what jobs left behind, collected when they end
+                               reserve_bytes=config.min_free_disk_mb * 1_000_000,
+                               quota_bytes=config.data.quota_mb * 1_000_000, retention_s=config.data.retention_s)
+        # What jobs left behind, collected when they end
+        self.outputs = Outputs(config.state_dir / "outputs", max_bytes=config.data.max_output_mb * 1_000_000,
+                               retention_s=config.data.outputs_retention_s)
         self._collecting: dict[str, asyncio.Task] = {}
         self.backend.stage_inputs = lambda job, folder: self.blobs.stage(job.spec.inputs, folder)
         self.jobs: Topics[Job] = Topics()
@@ -69,6 +75,7 @@ class HubCore:
         self.drain_reason = self.journal.meta(DRAIN_META)  # non-empty: draining; kept across restarts
         self._register_gauges()
         self._purger: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
         self._changes: list[Change] = []  # reported by the backend, not yet journaled
         self._flusher: asyncio.Task | None = None
         self.balancer = None  # hub.balance.Balancer, when the daemon starts one
@@ -107,6 +114,50 @@ class HubCore:
                 self._collect_when_ended(job)
         self.capacity.notify()
         self._purger = asyncio.create_task(purge_forever(self.journal, self.config.retention_s), name="purge")
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="sweep data")
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep_data()
+            except Exception:  # tried again at the next round
+                log.exception("deleting data past its retention failed")
+            await asyncio.sleep(SWEEP_EVERY_S)
+
+    async def sweep_data(self, now: float | None = None) -> dict[str, int]:
+        """Delete what retention lets go ([data] in the configuration, docs/data.md): staged inputs no
+        unfinished job needs, unused for `retention`; collected outputs `outputs_retention` after their job
+        ended; a finished job's working folder, all but its logs, `retention` after it ended; and the whole
+        folder (logs too) once the job's record is gone. Returns what was deleted, by kind."""
+        now = time.time() if now is None else now
+        data = self.config.data
+
+        def in_use() -> set[str]:
+            return {f.sha256 for job, _ in self.journal.unfinished() for f in job.spec.inputs}
+
+        blobs, _ = await self.blobs.sweep(data.retention_s, in_use, now)
+        outputs = trimmed = removed = 0
+        for job_id in await asyncio.to_thread(self.outputs.collected):
+            job = self.journal.get(job_id)
+            if job_id not in self._collecting and (
+                    job is None or job.final and job.updated_at < now - data.outputs_retention_s):
+                await asyncio.to_thread(self.outputs.forget, job_id)
+                outputs += 1
+        pending = set(self.outputs.pending())
+        for folder in await asyncio.to_thread(lambda: sorted(self.backend.workdir.iterdir())):
+            if not JOB_ID.fullmatch(folder.name) or folder.name in self._collecting:
+                continue
+            job = self.journal.get(folder.name)
+            if job is None:  # its record expired (or it was never stored): nothing of it is served any more
+                if folder.stat().st_mtime < now - data.retention_s:
+                    await asyncio.to_thread(shutil.rmtree, folder, True)
+                    removed += 1
+            elif job.final and job.updated_at < now - data.retention_s and folder.name not in pending:
+                trimmed += await asyncio.to_thread(_keep_logs_only, folder)
+        if outputs or trimmed or removed:
+            log.info("retention: deleted the outputs of %d job(s), the working files of %d and the folders of %d",
+                     outputs, trimmed, removed)
+        return {"blobs": blobs, "outputs": outputs, "trimmed": trimmed, "folders": removed}
 
     def _count_quotas(self) -> None:
         """Count the GPU-hours per project and period again from the journal (only jobs that can matter)."""
@@ -138,9 +189,10 @@ class HubCore:
         if self._collecting:  # copies under way finish (a copy cut short is made again at the next start)
             await bounded(asyncio.gather(*self._collecting.values(), return_exceptions=True), SETTLE_LIMIT_S,
                           "collecting jobs' outputs")
-        if self._purger is not None:
-            self._purger.cancel()
-            await asyncio.gather(self._purger, return_exceptions=True)
+        for task in (self._purger, self._sweeper):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.backend.close()
         self.journal.close()
         self.audit.close()
@@ -581,3 +633,14 @@ def _check_fits(gpus: int, walltime_s: int, part: PartitionConfig) -> None:
         raise FailedPrecondition(
             f"walltime {format_duration(walltime_s)} exceeds partition {part.name}'s maximum of "
             f"{format_duration(part.max_walltime_s)}")
+
+
+def _keep_logs_only(folder: Path) -> int:
+    """Delete everything in a finished job's folder but its logs; 1 if anything was deleted."""
+    doomed = [entry for entry in folder.iterdir() if entry.name not in LOGS]
+    for entry in doomed:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return int(bool(doomed))

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import orjson
@@ -27,14 +28,19 @@ MAX_OUTPUT_FILES = 10_000
 
 
 class Outputs:
-    def __init__(self, root: Path, max_bytes: int = MAX_OUTPUT_BYTES):
+    def __init__(self, root: Path, max_bytes: int = MAX_OUTPUT_BYTES, retention_s: int = 30 * 86400):
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.retention_s = retention_s  # how long after its job ended collected outputs are kept
         (self.root / "pending").mkdir(parents=True, exist_ok=True)
 
     def expect(self, job_id: str) -> None:
         """The job declares outputs: collect them when it ends, even after a restart."""
         (self.root / "pending" / job_id).touch()
+
+    def collected(self) -> list[str]:
+        """The jobs whose outputs are kept here (collected or being collected)."""
+        return sorted(p.name for p in self.root.iterdir() if p.name != "pending")
 
     def pending(self) -> list[str]:
         return sorted(p.name for p in (self.root / "pending").iterdir())
@@ -104,6 +110,11 @@ class Outputs:
         try:
             manifest = orjson.loads(self._manifest(job.id).read_bytes())
         except FileNotFoundError:
+            if job.final and job.updated_at < time.time() - self.retention_s:
+                raise FailedPrecondition(
+                    f"the outputs of job {job.id} were deleted: this hub keeps outputs "
+                    f"{self.retention_s / 86400:g} day(s) after a job ends, and it ended on "
+                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(job.updated_at))}") from None
             return False, [], ""
         return True, [InputFile(n, h, z) for n, h, z in manifest["files"]], manifest["error"]
 

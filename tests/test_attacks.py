@@ -976,3 +976,19 @@ async def test_content_under_a_false_hash_is_refused_and_nothing_kept(afed, test
     await refused(C.INVALID_ARGUMENT, call(channel, service, "PutBlob", upload(b"malware", claimed=sha(b"model"))),
                   "checksum mismatch")
     assert stored_content(afed) == before
+
+
+# == job folders: a job cannot make the hub read files outside its folder for it ===================================
+
+@attack
+@pytest.mark.parametrize("swap", ["ln -s {secret} stdout", "mkfifo stdout"])
+async def test_a_job_cannot_turn_its_log_into_a_window_on_the_hubs_files(lfed, swap):
+    secret = lfed.state / "hub-secret.txt"
+    secret.write_text("the hub's private key\n")
+    client = lfed.client("alice")
+    script = f"echo before; rm stdout; {swap.format(secret=secret)}; echo after >&2"
+    job = await client.submit(JobSpec(argv=("sh", "-c", script), site="leonardo", walltime_s=60))
+    assert (await client.wait(job.id)).state is JobState.COMPLETED
+    out = b"".join([c.data async for c in client.logs(job.id, jobs_pb2.LOG_STREAM_STDOUT)])
+    err = b"".join([c.data async for c in client.logs(job.id, jobs_pb2.LOG_STREAM_STDERR)])
+    assert b"private key" not in out and out == b"" and err == b"after\n"  # served nothing, and did not hang

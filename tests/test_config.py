@@ -581,3 +581,27 @@ def test_partition_energy_efficiency_is_read_and_checked(folder):
         with pytest.raises(ConfigError) as err:
             load_hub(path)
         assert err.value.key == "partitions[0].gflops_per_watt", value
+
+
+def test_data_quotas_and_retention_are_parsed_and_checked(folder):
+    from federation.config import DataConfig
+    assert load_hub(write(folder, HUB)).data == DataConfig()
+    hub = load_hub(write(folder, HUB + '\n[data]\nretention = "2d"\noutputs_retention = "60d"\nquota_mb = 500000\n'
+                                       'max_output_mb = 2048\n'))
+    assert hub.data == DataConfig(2 * 86400, 60 * 86400, 500_000, 100_000, 2048)
+    antenna = load_antenna(write(folder, ANTENNA + '\n[data]\nquota_mb = 200000\nmax_job_input_mb = 50000\n',
+                                 "antenna.toml"))
+    assert (antenna.data.quota_mb, antenna.data.max_job_input_mb, antenna.data.retention_s) == (200_000, 50_000,
+                                                                                                7 * 86400)
+    for loader, base, name, text, key, says in [
+        (load_hub, HUB, "hub.toml", 'retention = "10m"', "data.retention", "at least 1h"),
+        (load_hub, HUB, "hub.toml", "quota_mb = -1", "data.quota_mb", "from 0 to"),
+        (load_hub, HUB, "hub.toml", "max_output_mb = 0", "data.max_output_mb", "from 1 to"),
+        (load_hub, HUB, "hub.toml", "max_job_input_mb = 5", "data.max_job_input_mb", "is an antenna setting"),
+        (load_antenna, ANTENNA, "antenna.toml", "max_output_mb = 5", "data.max_output_mb", "is a hub setting"),
+        (load_antenna, ANTENNA, "antenna.toml", "max_job_input_mb = 200000", "data.max_job_input_mb", "to 107374"),
+        (load_antenna, ANTENNA, "antenna.toml", "quota = 5", "data.quota", "not a known setting"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            loader(write(folder, base + "\n[data]\n" + text + "\n", name))
+        assert err.value.key == key and says in err.value.problem, (text, err.value)

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import io
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -531,3 +532,130 @@ async def test_a_hub_short_of_disk_takes_no_new_jobs_and_placement_goes_elsewher
         assert sites["leonardo"].advert.draining and "disk is nearly full" in sites["leonardo"].advert.drain_reason
         error = await forward_one(f, test_pki, jobs_pb2.JobSpec(argv=["true"]))
         assert error.code == grpc.StatusCode.UNAVAILABLE.value[0] and "disk is nearly full" in error.message
+
+
+# -- quotas and retention -------------------------------------------------------------------------------------------
+
+def _age(path: Path, seconds: float) -> None:
+    then = path.stat().st_mtime - seconds
+    os.utime(path, (then, then))
+
+
+async def test_an_uploader_over_its_quota_is_refused_before_a_byte_is_written(tmp_path):
+    store = BlobStore(tmp_path, quota_bytes=5000, retention_s=7 * 86400)
+    first, second = os.urandom(3000), os.urandom(3000)
+    await store.put("alice", chunks(Chunk(sha(first), 3000, 0, first[:1000])))  # partial uploads count too
+    assert store.held_bytes("alice") == 3000
+    with pytest.raises(ResourceExhausted, match="you hold 0 MB .* would pass your quota of 0 MB") as refused:
+        await store.put("alice", chunks(Chunk(sha(second), 3000, 0, second)))
+    assert "deleted after 7 day(s) unused" in str(refused.value)
+    assert not store.stat("alice", sha(second)).held  # nothing of it written
+    done = await store.put("alice", chunks(Chunk(sha(first), 3000, 1000, first[1000:])))  # a resume is no more
+    assert done.complete and store.held_bytes("alice") == 3000
+    assert (await store.put("bob", chunks(Chunk(sha(second), 3000, 0, second)))).complete  # quotas are per uploader
+    assert BlobStore(tmp_path).held_bytes("alice") == 3000  # counted again from disk after a restart
+
+
+async def test_retention_deletes_unused_content_but_not_what_a_job_needs_or_another_uploader_still_holds(tmp_path):
+    store = BlobStore(tmp_path)
+    old, needed, shared, fresh = (os.urandom(2000) for _ in range(4))
+    for owner, data in (("alice", old), ("alice", needed), ("alice", shared), ("bob", shared), ("alice", fresh)):
+        await store.put(owner, chunks(Chunk(sha(data), len(data), 0, data)))
+    stale = os.urandom(2000)
+    await store.put("carol", chunks(Chunk(sha(stale), 2000, 0, stale[:500])))  # an upload given up half way
+    week = 7 * 86400
+    for data in (old, needed, shared):  # Alice has not used these for two weeks; Bob used `shared` lately
+        _age(store._owner_mark(sha(data), "alice"), 2 * week)
+    for partial in (tmp_path / "partial").iterdir():
+        _age(partial, 2 * week)
+    deleted, freed = await store.sweep(week, lambda: {sha(needed)})
+    assert deleted == 1 and freed >= 2000
+    assert not store.path(sha(old)).exists() and not store.stat("alice", sha(old)).held
+    assert store.stat("alice", sha(needed)).complete  # an unfinished job needs it
+    assert store.path(sha(shared)).exists() and store.stat("bob", sha(shared)).complete
+    assert store.stat("alice", sha(fresh)).complete
+    assert store.stat("carol", sha(stale)).held == 0 and store.held_bytes("carol") == 0
+
+
+async def test_a_job_naming_content_counts_as_using_it(tmp_path):
+    store = BlobStore(tmp_path)
+    data = os.urandom(100)
+    await store.put("alice", chunks(Chunk(sha(data), 100, 0, data)))
+    _age(store._owner_mark(sha(data), "alice"), 30 * 86400)
+    assert store.missing("alice", [InputFile("x", sha(data), 100)]) == []  # a submission names it: used now
+    assert await store.sweep(7 * 86400, set) == (0, 0)
+    assert store.stat("alice", sha(data)).complete
+    assert await store.sweep(7 * 86400, set, now=time.time() + 8 * 86400) == (1, 100)
+
+
+async def test_antenna_quotas_per_user_and_per_job_are_refused_with_clear_errors(test_pki, tmp_path):
+    from federation.config import DataConfig
+    from tests.conftest import running_federation
+    limits = DataConfig(quota_mb=3, max_job_input_mb=1)
+    async with running_federation(test_pki, tmp_path, {"leonardo": {}}, antenna={"data": limits}) as f:
+        client = f.client("alice")
+        big = _write(tmp_path / "big.bin", os.urandom(1_500_000))
+        inputs, _ = describe_inputs([("big.bin", big)])
+        assert (await client.upload(big, inputs[0].sha256, inputs[0].size)).complete
+        with pytest.raises(grpc.aio.AioRpcError) as per_job:
+            await client.submit(JobSpec(argv=("true",), inputs=inputs))
+        assert per_job.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "inputs come to 2 MB; antenna antenna-a takes at most 1 MB of inputs per job" in per_job.value.details()
+        assert await client.list() == []
+        other = _write(tmp_path / "other.bin", os.urandom(2_000_000))
+        code, text = await _cli_code(f, "submit", "--input", str(other), "--", "true")
+        assert code != 0 and "over your quota here: you hold 2 MB" in text and "quota of 3 MB" in text, text
+        assert f.antennas["antenna-a"].core.blobs.held_bytes(
+            "spiffe://eurohpc.test/user/antenna-a/alice") == 1_500_000  # nothing of the refused file kept
+        # Bob has a quota of his own.
+        assert (await f.client("bob").upload(other, sha(other.read_bytes()), 2_000_000)).complete
+
+
+async def test_a_large_input_over_the_job_limit_is_refused_before_it_is_uploaded(test_pki, tmp_path):
+    from federation.config import DataConfig
+    from tests.conftest import running_federation
+    async with running_federation(test_pki, tmp_path, {"leonardo": {}},
+                                  antenna={"data": DataConfig(max_job_input_mb=50)}) as f:
+        huge = tmp_path / "huge.bin"
+        huge.touch()
+        os.truncate(huge, 120_000_000)  # sparse: 120 MB to hash, nothing to write
+        code, text = await _cli_code(f, "submit", "--input", str(huge), "--", "true")
+        assert code != 0 and "takes at most 50 MB of inputs per job" in text, text
+        core = f.antennas["antenna-a"].core
+        assert core.blobs.held_bytes("spiffe://eurohpc.test/user/antenna-a/alice") == 0  # not a byte sent
+
+
+async def test_hub_retention_trims_folders_then_deletes_outputs_inputs_and_logs(fed, tmp_path):
+    client = fed.client("alice")
+    data = os.urandom(50_000)
+    inputs, _ = describe_inputs([("in.bin", _write(tmp_path / "in.bin", data))])
+    assert (await client.upload(tmp_path / "in.bin", inputs[0].sha256, inputs[0].size)).complete
+    job = await client.submit(JobSpec(argv=("sh", "-c", "cp in.bin out.bin; echo done"), walltime_s=60,
+                                      site="leonardo", inputs=inputs, outputs=("out.bin",)))
+    assert (await client.wait(job.id)).state is JobState.COMPLETED
+    await eventually_ready(client, job.id)
+    hub = fed.hubs["leonardo"].core
+    folder = hub.backend.folder(job.id)
+    assert (folder / "in.bin").exists() and (folder / "out.bin").exists()
+    day = 86400
+    assert await hub.sweep_data(now=time.time() + day) == {"blobs": 0, "outputs": 0, "trimmed": 0, "folders": 0}
+    # A week on: the job's working files and the staged input go; its outputs and logs stay.
+    swept = await hub.sweep_data(now=time.time() + 8 * day)
+    assert swept == {"blobs": 1, "outputs": 0, "trimmed": 1, "folders": 0}, swept
+    assert sorted(p.name for p in folder.iterdir()) == ["stderr", "stdout"]
+    assert not hub.blobs.path(sha(data)).exists()
+    logs = b"".join([c.data async for c in client.logs(job.id, jobs_pb2.LOG_STREAM_STDOUT)])
+    assert logs == b"done\n"
+    assert [f.name for f in (await client.list_outputs(job.id)).files] == ["out.bin"]
+    # A month on: the outputs go, and saying so.
+    swept = await hub.sweep_data(now=time.time() + 31 * day)
+    assert swept["outputs"] == 1 and not (hub.outputs.root / job.id).exists()
+    hub.outputs.retention_s = 0  # as if the month had passed: the job ended longer ago than outputs are kept
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await client.list_outputs(job.id)
+    assert gone.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "were deleted: this hub keeps outputs 0 day(s) after a job ends" in gone.value.details()
+    # Its record expires (`retention`, 90 days by default): the folder and logs go with it.
+    assert hub.journal.purge(time.time() + 1) == 1
+    _age(folder, 8 * day)
+    assert (await hub.sweep_data())["folders"] == 1 and not folder.exists()
