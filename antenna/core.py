@@ -173,6 +173,7 @@ class AntennaCore:
         deleted, _ = await self.blobs.sweep(
             self.config.data.retention_s,
             lambda: {f.sha256 for job, _ in self.journal.unfinished() for f in job.spec.inputs}, now)
+        self.metrics.deleted.labels("inputs").inc(deleted)
         return deleted
 
     def _add_site(self, member: Member) -> HubSite:

@@ -59,6 +59,9 @@ class Metrics:
                                     "hub", ["site"], registry=self.registry)
         self.uploaded_bytes = Counter("aifed_uploaded_bytes", "bytes of input files received and checked",
                                       registry=self.registry)
+        self.deleted = Counter("aifed_data_deleted", "data deleted after its retention, by kind: inputs (stored "
+                               "files), outputs (a job's), working_files (a finished job's folder but its logs), "
+                               "folders (with their logs)", ["kind"], registry=self.registry)
         self.dropped = Counter("aifed_dropped_events", "records that could not be written (audit log) or "
                                "published, by sink", ["sink"], registry=self.registry)
         self._sources: list[GaugeSource] = [

@@ -157,7 +157,11 @@ class HubCore:
         if outputs or trimmed or removed:
             log.info("retention: deleted the outputs of %d job(s), the working files of %d and the folders of %d",
                      outputs, trimmed, removed)
-        return {"blobs": blobs, "outputs": outputs, "trimmed": trimmed, "folders": removed}
+        swept = {"blobs": blobs, "outputs": outputs, "trimmed": trimmed, "folders": removed}
+        for kind, label in (("blobs", "inputs"), ("outputs", "outputs"), ("trimmed", "working_files"),
+                            ("folders", "folders")):
+            self.metrics.deleted.labels(label).inc(swept[kind])
+        return swept
 
     def _count_quotas(self) -> None:
         """Count the GPU-hours per project and period again from the journal (only jobs that can matter)."""

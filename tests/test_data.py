@@ -659,3 +659,6 @@ async def test_hub_retention_trims_folders_then_deletes_outputs_inputs_and_logs(
     assert hub.journal.purge(time.time() + 1) == 1
     _age(folder, 8 * day)
     assert (await hub.sweep_data())["folders"] == 1 and not folder.exists()
+    assert {kind: hub.metrics.deleted.labels(kind)._value.get() for kind in
+            ("inputs", "outputs", "working_files", "folders")} == {"inputs": 1, "outputs": 1, "working_files": 1,
+                                                                   "folders": 1}
