@@ -24,7 +24,7 @@ import grpc
 from federation import __version__, convert
 from federation.config import AntennaConfig, HubEndpoint
 from federation.audit import AuditLog
-from federation.blobs import BlobStore, blob_chunks
+from federation.blobs import BlobStore, send
 from federation.errors import (AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                               ResourceExhausted, Unavailable)
 from federation.identity import Identity, Role
@@ -60,8 +60,6 @@ FORWARD_BYTES = 4 << 20   # and at most this much of job specs per call (gRPC me
 FORWARD_IN_FLIGHT = 2     # ForwardJobs calls in flight per hub
 FORWARD_LINGER_S = 0.05   # how long a small batch waits for company before it goes
 PLACE_BATCH = 2000
-BLOB_TIMEOUT_S = 60.0     # a transfer of an input to a hub may take this long,
-BLOB_MIN_RATE = 1 << 20   # plus a second per MiB
 LINK_SAMPLE_BYTES = 8 << 20  # a transfer of at least this much measures the link to a hub
 CANCEL_OWED = "cancel-owed"  # backend_ref of a job cancelled here whose hub may have it: the hub must be told
 
@@ -931,23 +929,16 @@ class AntennaCore:
         inputs too), an interrupted transfer resumed where the hub says it stopped."""
         needed = {f.sha256: f.size for job in jobs for f in job.spec.inputs}
         for sha, size in needed.items():
-            held = await site.stub.StatBlob(jobs_pb2.BlobRef(sha256=sha), timeout=30)
-            if held.complete:
-                continue
             started = time.monotonic()
-            answer = await site.stub.PutBlob(blob_chunks(self.blobs.path(sha), sha, size, held.held),
-                                             timeout=BLOB_TIMEOUT_S + size / BLOB_MIN_RATE)
-            if not answer.complete:
-                raise Unavailable(f"hub {site.site} holds {answer.held} of the {size} bytes of input {sha[:12]}...; "
-                                  "the rest goes on the next try")
-            self.metrics.staged_bytes.labels(site.site).inc(size - held.held)
+            sent = await send(site.stub, self.blobs, sha, size, f"hub {site.site}")
+            if not sent:
+                continue
+            self.metrics.staged_bytes.labels(site.site).inc(sent)
             took = time.monotonic() - started
-            if size - held.held >= LINK_SAMPLE_BYTES and took > 0:  # a transfer long enough to measure the link by
-                rate = (size - held.held) / took
+            if sent >= LINK_SAMPLE_BYTES and took > 0:  # a transfer long enough to measure the link by
                 old = self._link_rates.get(site.site)
-                self._link_rates[site.site] = rate if old is None else 0.7 * old + 0.3 * rate
-            log.info("hub %s: staged input %s... (%d bytes) in %.2fs", site.site, sha[:12], size - held.held,
-                     time.monotonic() - started)
+                self._link_rates[site.site] = sent / took if old is None else 0.7 * old + 0.3 * sent / took
+            log.info("hub %s: staged input %s... (%d bytes) in %.2fs", site.site, sha[:12], sent, took)
 
     def _alternatives(self, job: Job, chosen: str) -> list[str]:
         """The other hubs the job may be moved to by its hub's load balancing: those that pass this antenna's

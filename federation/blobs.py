@@ -37,6 +37,8 @@ CHUNK_BYTES = 1 << 20                 # what one upload message carries at most
 MAX_BLOB_BYTES = 64 << 30             # one input file
 RESERVE_BYTES = 512_000_000           # free space an upload must leave on the disk
 SYNC_EVERY_BYTES = 64 << 20           # an upload is flushed to disk as it arrives, this much at a time
+SEND_TIMEOUT_S = 60.0                 # a transfer to another daemon may take this long,
+SEND_MIN_RATE = 1 << 20               # plus a second per MiB
 
 
 @dataclass(frozen=True)
@@ -398,6 +400,23 @@ def blob_chunks(path: Path, sha256: str, size: int, offset: int = 0):
                 first = False
                 offset += len(data)
     return chunks()
+
+
+async def send(stub, store: BlobStore, sha256: str, size: int, to: str) -> int:
+    """Make sure the daemon behind `stub` (a hub) holds this content from us: nothing if it does, else the upload,
+    resumed where an interrupted one stopped. Returns the bytes sent; raises Unavailable if the transfer ended
+    short (it resumes on the next try) and grpc.aio.AioRpcError if the daemon refused it."""
+    from federation.errors import Unavailable
+    from federation.pb import jobs_pb2
+    held = await stub.StatBlob(jobs_pb2.BlobRef(sha256=sha256), timeout=30)
+    if held.complete:
+        return 0
+    answer = await stub.PutBlob(blob_chunks(store.path(sha256), sha256, size, held.held),
+                                timeout=SEND_TIMEOUT_S + size / SEND_MIN_RATE)
+    if not answer.complete:
+        raise Unavailable(f"{to} holds {answer.held} of the {size} bytes of input {sha256[:12]}...; the rest goes "
+                          "on the next try")
+    return size - held.held
 
 
 # -- the PutBlob and StatBlob RPCs, the same at antennas (for users) and hubs (for antennas) -----------------------

@@ -32,7 +32,8 @@ from federation import convert
 from federation.balance import Breaker, Move, Waiting, plan
 from federation.config import HubEndpoint
 from federation.discovery import Change, ChangeKind, Discovery, Member
-from federation.errors import Unavailable, error_from_status
+from federation.blobs import send
+from federation.errors import AifedError, Unavailable, error_from_status
 from federation.identity import Identity
 from federation.journal import Tx
 from federation.model import Job, JobState
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 HAND_OFF_TIMEOUT_S = 30.0
 ESTIMATE_TIMEOUT_S = 3.0
 MAX_SHAPES = 64  # per GetAdvert call (the peer's limit)
+PEER_LINK_RATE = 100e6  # bytes/s to a peer hub, for the transfer time of a job's inputs, until transfers measure it
+LINK_SAMPLE_BYTES = 8 << 20  # a transfer of at least this much measures the link to a peer
 
 
 class Balancer:
@@ -61,6 +64,7 @@ class Balancer:
         self.peers: dict[str, HubSite] = {}
         self.placer = Placer("earliest-start")
         self.breaker = Breaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s)
+        self.link_rates: dict[str, float] = {}  # per peer: bytes/s measured by transfers of inputs (moving average)
         self.changed = Signal()
         self.handing: dict[str, asyncio.Event] = {}  # job id -> set when its hand-off call has an answer
         self._task: asyncio.Task | None = None
@@ -139,7 +143,6 @@ class Balancer:
             return []
         jobs = {job_id: job for job_id, job in core.journal.get_many(list(over)).items()
                 if job.state is JobState.QUEUED and not job.moved_from and job.alternatives and not job.spec.site
-                and not job.spec.inputs  # its inputs were staged here, not at the peers
                 and job_id not in self.handing}
         if not jobs:
             return []
@@ -193,7 +196,8 @@ class Balancer:
                 for job in shapes[key]:
                     out[(name, job.id)] = Candidate(
                         name, waits[key], free, total, pending,
-                        specialised=bool(job.spec.sector) and job.spec.sector in advert.sectors)
+                        specialised=bool(job.spec.sector) and job.spec.sector in advert.sectors,
+                        transfer_s=sum(f.size for f in job.spec.inputs) / self.link_rates.get(name, PEER_LINK_RATE))
 
         await asyncio.gather(*(ask(name, shapes) for name, shapes in wanted.items()))
         return out
@@ -205,6 +209,7 @@ class Balancer:
         core = self.core
         withdrawn: list[tuple[Job, Move]] = []
         with self._handing([job.id for job, _ in moves]):
+            moves = await self._send_inputs(peer, moves)
             for job, move in moves:
                 if await core.backend.withdraw(job.id):
                     withdrawn.append((job, move))
@@ -235,6 +240,30 @@ class Balancer:
             core._publish(marked)
             if marked:
                 await self._hand_off(peer, marked, wait_here)
+
+    async def _send_inputs(self, peer: str, moves: list[tuple[Job, Move]]) -> list[tuple[Job, Move]]:
+        """Send the peer the inputs of the jobs to move (each content once, resumed if a transfer was cut), while
+        they still wait here; the moves whose inputs are there. A job whose inputs could not be sent stays here
+        this round."""
+        site, sent, failed = self.peers[peer], 0, set()
+        needed: dict[str, int] = {}
+        for job, _ in moves:
+            needed.update((f.sha256, f.size) for f in job.spec.inputs)
+        started = time.monotonic()
+        for sha, size in needed.items():
+            try:
+                sent += await send(site.stub, self.core.blobs, sha, size, f"hub {peer}")
+            except (grpc.aio.AioRpcError, AifedError, OSError) as exc:
+                failed.add(sha)
+                log.warning("hub %s: sending input %s... for a hand-off failed (%s); those jobs stay here this "
+                            "round", peer, sha[:12], exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc)
+        took = time.monotonic() - started
+        if sent >= LINK_SAMPLE_BYTES and took > 0:
+            old = self.link_rates.get(peer)
+            self.link_rates[peer] = sent / took if old is None else 0.7 * old + 0.3 * sent / took
+        if failed:
+            self.breaker.failed(peer)
+        return [(job, move) for job, move in moves if not any(f.sha256 in failed for f in job.spec.inputs)]
 
     @contextlib.contextmanager
     def _handing(self, job_ids: list[str]):

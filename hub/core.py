@@ -409,10 +409,12 @@ class HubCore:
                 raise FailedPrecondition(f"input {f.name!r} of job {job.id} must stay in {', '.join(f.residency)} "
                                          f"(data residency); hub {self.config.site} is in "
                                          f"{self.config.location or 'no declared country (hub.location)'}")
-        if missing := self.blobs.missing(antenna, job.spec.inputs):
+        sender = f"hub/{moved_from}" if moved_from else antenna  # who sent the inputs (service.blob_owner)
+        if missing := self.blobs.missing(sender, job.spec.inputs):
             raise FailedPrecondition(f"input {missing[0].name!r} (sha256 {missing[0].sha256[:12]}...) of job "
-                                     f"{job.id} was not staged at hub {self.config.site} by antenna {antenna}: "
-                                     "an antenna sends a job's inputs (PutBlob) before the job")
+                                     f"{job.id} was not staged at hub {self.config.site} by "
+                                     f"{'hub ' + moved_from if moved_from else 'antenna ' + antenna}: the sender "
+                                     "of a job sends its inputs (PutBlob) before the job")
         now = time.time()
         for window in self.config.maintenance:
             if window.overlaps(now, now + job.spec.walltime_s):

@@ -28,9 +28,16 @@ STREAM_ENUM = {"stdout": jobs_pb2.LOG_STREAM_STDOUT, "stderr": jobs_pb2.LOG_STRE
 OPERATOR_METHODS = ("GetAdvert", "WatchAdverts", "GetJob", "WatchJob", "CancelJob", "StreamLogs", "SetDrain",
                     "GetUsage")
 OPERATOR_ONLY = ("SetDrain",)
-# Peer hubs (load balancing): read adverts, hand jobs over, and look at or cancel the jobs they handed here.
-PEER_METHODS = ("GetAdvert", "WatchAdverts", "HandOffJobs", "GetJob", "CancelJob")
+# Peer hubs (load balancing): read adverts, send the inputs of jobs they hand over, hand jobs over, and look at or
+# cancel the jobs they handed here.
+PEER_METHODS = ("GetAdvert", "WatchAdverts", "PutBlob", "StatBlob", "HandOffJobs", "GetJob", "CancelJob")
 PEER_ONLY = ("HandOffJobs",)
+
+
+def blob_owner(who: Identity) -> str:
+    """Whose upload it is at a hub: an antenna's (by its site name, what its jobs' inputs are checked against) or a
+    peer hub's, for a job it hands over (`hub/<site>`: never an antenna's name)."""
+    return f"hub/{who.site}" if who.role is Role.HUB else who.site
 
 
 def access_rules(site: str) -> dict[str, Rule]:
@@ -169,11 +176,11 @@ class HubService(hub_pb2_grpc.HubServicer):
                                   jobs_queued=counts.get(JobState.QUEUED, 0))
 
     async def PutBlob(self, request_iterator, context):
-        return await blobs.put_rpc(self.core.blobs, caller().site, request_iterator,
+        return await blobs.put_rpc(self.core.blobs, blob_owner(caller()), request_iterator,
                                    self.core.metrics.uploaded_bytes.inc)
 
     async def StatBlob(self, request, context):
-        return blobs.stat_rpc(self.core.blobs, caller().site, request)
+        return blobs.stat_rpc(self.core.blobs, blob_owner(caller()), request)
 
     async def ListOutputs(self, request, context):
         job = self.core.get(caller(), request.job_id)

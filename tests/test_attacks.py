@@ -428,9 +428,10 @@ ROLE_ATTACKS = [
     ("antenna/antenna-b", "antenna-a", "ListSites"),
     ("antenna/antenna-b", "antenna-a", "GetJob"),
     ("antenna/antenna-a", "antenna-a", "SubmitJob"),
-    # input files: users upload to their antenna only; only antennas stage them at hubs
+    # input files: users upload to their antenna only; antennas (and peer hubs, for jobs they hand over) stage
+    # them at hubs
     ("user/antenna-a/alice", "leonardo", "PutBlob"),
-    ("hub/lumi", "leonardo", "PutBlob"),
+    ("hub/leonardo", "leonardo", "PutBlob"),
     ("antenna/antenna-b", "antenna-a", "PutBlob"),
     ("hub/leonardo", "antenna-a", "StatBlob"),
     ("user/antenna-a/alice", "leonardo", "FetchOutput"),

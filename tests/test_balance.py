@@ -6,6 +6,7 @@ breaker, and who may call the hub-to-hub RPC."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import replace
 
 import grpc
@@ -104,6 +105,58 @@ async def test_a_waiting_job_moves_to_the_idle_peer_and_the_antenna_follows_it(c
         await alice.cancel(job.id)
 
 
+async def test_a_job_with_inputs_moves_with_them(crowded, tmp_path):
+    from federation.blobs import describe_inputs
+    f = crowded
+    alice = f.client("alice")
+    data = b"weights " * 100_000
+    (tmp_path / "w.bin").write_bytes(data)
+    inputs, _ = describe_inputs([("w.bin", tmp_path / "w.bin")])
+    assert (await alice.upload(tmp_path / "w.bin", inputs[0].sha256, inputs[0].size)).complete
+    jobs = [await alice.submit(JobSpec(argv=("sh", "-c", "sha256sum w.bin; sleep 30"), gpus=4, walltime_s=HOUR,
+                                       inputs=inputs)) for _ in range(3)]
+    leonardo, lumi = f.hubs["leonardo"].core, f.hubs["lumi"].core
+    await eventually(lambda: all(leonardo.journal.state(j.id) in (JobState.QUEUED, JobState.RUNNING) for j in jobs))
+    lumi.set_drain(operator("lumi"), False)
+    await eventually(lambda: not leonardo.balancer.peers["lumi"].advert.draining)
+    moves = await leonardo.balancer.round()
+    assert [(m.job.key, m.peer) for m in moves] == [(jobs[2].id, "lumi")]
+    # The inputs went first, from leonardo (not from the antenna), and the job finds them at lumi.
+    assert lumi.blobs.owns("hub/leonardo", inputs[0].sha256) and not lumi.blobs.owns("antenna-a", inputs[0].sha256)
+    await eventually(lambda: _at(alice, jobs[2].id, "lumi", JobState.RUNNING))
+    out = await eventually(lambda: _stdout(alice, jobs[2].id))
+    assert inputs[0].sha256.encode() in out
+    for job in jobs:
+        await alice.cancel(job.id)
+
+
+async def test_a_job_whose_inputs_cannot_reach_the_peer_stays(crowded, tmp_path):
+    from federation.blobs import describe_inputs
+    f = crowded
+    lumi = f.hubs["lumi"].core
+    lumi.blobs.quota_bytes = 1000  # too small for the input: lumi refuses the upload
+    alice = f.client("alice")
+    (tmp_path / "w.bin").write_bytes(b"x" * 50_000)
+    inputs, _ = describe_inputs([("w.bin", tmp_path / "w.bin")])
+    assert (await alice.upload(tmp_path / "w.bin", inputs[0].sha256, inputs[0].size)).complete
+    jobs = [await alice.submit(JobSpec(argv=("sleep", "30"), gpus=4, walltime_s=HOUR, inputs=inputs))
+            for _ in range(3)]
+    leonardo = f.hubs["leonardo"].core
+    await eventually(lambda: all(leonardo.journal.state(j.id) in (JobState.QUEUED, JobState.RUNNING) for j in jobs))
+    lumi.set_drain(operator("lumi"), False)
+    await eventually(lambda: not leonardo.balancer.peers["lumi"].advert.draining)
+    await leonardo.balancer.round()
+    assert leonardo.journal.state(jobs[2].id) is JobState.QUEUED  # not withdrawn: it still waits here
+    assert jobs[2].id in dict(await leonardo.backend.waiting())
+    assert lumi.journal.get(jobs[2].id) is None
+    for job in jobs:
+        await alice.cancel(job.id)
+
+
+async def _stdout(client, job_id):
+    return b"".join([c.data async for c in client.logs(job_id, jobs_pb2.LOG_STREAM_STDOUT)])
+
+
 async def _at(client, job_id, site, state):
     job = await client.get(job_id)
     return job if (job.site, job.state) == (site, state) else None
@@ -180,17 +233,31 @@ async def test_hand_offs_are_for_peer_hubs_only_and_move_one_hop(crowded, test_p
             await call(tls, request(job))
         assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
     hub = test_pki.tls(Role.HUB, "leonardo")
+    # Content the antenna staged at lumi is the antenna's: a peer handing a job over must send its inputs itself.
+    from federation.blobs import Chunk
+    from federation.model import InputFile
+    content = b"the antenna's upload"
+    digest = hashlib.sha256(content).hexdigest()
+
+    async def one_chunk():
+        yield Chunk(digest, len(content), 0, content)
+
+    assert (await f.hubs["lumi"].core.blobs.put("antenna-a", one_chunk())).complete
     refused = {
         "not allowed by its antenna": replace(job, alternatives=("somewhere",)),
         "already moved once": replace(job, moved_from="elsewhere"),
         "another antenna's user": replace(job, antenna="antenna-b"),
+        "inputs it did not send": replace(job, spec=replace(job.spec, inputs=(
+            InputFile("x", digest, len(content)),))),
     }
     for what, bad in refused.items():
         result = (await call(hub, request(bad))).results[0]
         assert result.HasField("error"), what
     codes = [(await call(hub, request(bad))).results[0].error.code for bad in refused.values()]
     assert codes == [grpc.StatusCode.PERMISSION_DENIED.value[0], grpc.StatusCode.FAILED_PRECONDITION.value[0],
-                     grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+                     grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.FAILED_PRECONDITION.value[0]]
+    assert "was not staged at hub lumi by hub leonardo" in (await call(hub, request(
+        refused["inputs it did not send"]))).results[0].error.message
     assert f.hubs["lumi"].core.journal.get(job.id) is None  # nothing stored
     for j in jobs:
         await f.client("alice").cancel(j.id)
