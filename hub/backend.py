@@ -106,6 +106,13 @@ class Backend(abc.ABC):
         known here."""
         return False
 
+    async def discard(self, job_id: str) -> None:
+        """A withdrawn job was handed to a peer hub for good: drop what is left of it in the scheduler."""
+
+    def adopt_withdrawn(self, job: Job, ref: str) -> None:
+        """After a restart, a job the journal says is MOVING (withdrawn, its hand-off unsettled): remember it, so
+        that `submit` (the peer refused it) or `discard` (the peer took it) can finish with it."""
+
     def health(self) -> Health:
         return Health()
 

@@ -298,6 +298,8 @@ class Balancer:
         refused = {j.id: results[j.id].error.message if j.id in results else "no answer for this job"
                    for j in jobs if j not in accepted}
         self.placer.landed(peer, list(refused))  # what was refused will not show in its adverts
+        for job in accepted:  # gone for good from this hub's scheduler (Slurm: the held job is cancelled)
+            await self.core.backend.discard(job.id)
         if accepted:
             self.breaker.succeeded(peer)
             self.moved.labels(peer, "moved").inc(len(accepted))

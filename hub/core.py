@@ -100,8 +100,9 @@ class HubCore:
         if self.quotas:
             self._count_quotas()
         for job, ref in self.journal.unfinished():
-            if job.state is JobState.MOVING:
-                continue  # withdrawn from the scheduler; its hand-off to a peer is settled by the balancer
+            if job.state is JobState.MOVING:  # withdrawn from the scheduler; its hand-off is settled by the balancer
+                self.backend.adopt_withdrawn(job, ref)
+                continue
             change = await self.backend.recover(job, ref)
             if change is not None:
                 self._on_change(change)

@@ -47,6 +47,8 @@ TAG = "aifed:"
 NEVER_FITS = ("Requested node configuration is not available", "Invalid partition", "invalid partition",
               "Requested time limit is invalid", "More processors requested than permitted",
               "Invalid generic resource", "Invalid Trackable RESource")
+WITHDRAWING = "withdrawn"  # in a job's folder: aifed holds the job in Slurm to hand it to a peer hub
+OFFERABLE = ("Priority", "Resources")  # pending only for its turn: a job held or blocked otherwise is not offered
 DEGRADED_WAIT_S = 3600.0  # the start estimate of a site whose controller is down: it queues, but prefer others
 _START_AT = re.compile(r"to start at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)")
 _GRES_GPU = re.compile(r"gpu(?::[^:(,]+)?:(\d+)")
@@ -123,6 +125,7 @@ class SlurmBackend(Backend):
         self._uncertain: set[str] = set()             # an sbatch for it may have reached Slurm unanswered
         self._submitting: set[str] = set()            # its sbatch is running now
         self._cancel_when_submitted: set[str] = set()
+        self._withdrawn: dict[str, _Tracked] = {}     # held in Slurm, being handed to a peer hub
         self._wake = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -176,7 +179,81 @@ class SlurmBackend(Backend):
     # -- jobs ------------------------------------------------------------------------------------
 
     async def submit(self, job: Job) -> None:
+        withdrawn = self._withdrawn.pop(job.id, None)
+        if withdrawn is not None:  # a peer refused it: the held job goes back in line, no second sbatch
+            await self._release(withdrawn)
+            return
         await self._sbatch(job)
+
+    # -- handing jobs to peer hubs (hub/balance.py) ------------------------------------------------------
+    #
+    # Withdrawing a pending job: `scontrol hold` (it cannot start from then on), then a look at squeue to be sure
+    # it was still pending (a hold does not stop a job that started). The job's folder is marked first: a hub that
+    # restarts before the job is journaled MOVING finds the mark on a QUEUED job and releases the hold. A refused
+    # hand-off releases it (`submit`); an accepted one cancels it (`discard`). A held job never runs, so the job
+    # never runs at both hubs.
+
+    async def waiting(self) -> list[tuple[str, float]]:
+        """Each of this hub's jobs pending in Slurm for its turn, with the start Slurm's backfill scheduler expects
+        for it (squeue's start_time). A job Slurm has no estimate for yet is not offered."""
+        if not self._health.ok:
+            return []
+        mine = {t.slurm_id: job_id for job_id, t in self._tracked.items() if t.state is JobState.QUEUED}
+        if not mine:
+            return []
+        now, out = time.time(), []
+        for entry in await self._squeue():
+            job_id = mine.get(str(entry.get("job_id")))
+            start = int(entry.get("start_time") or 0)
+            if job_id and entry.get("job_state") == "PENDING" and entry.get("state_reason") in OFFERABLE \
+                    and start > 0:
+                out.append((job_id, max(0.0, start - now)))
+        return out
+
+    async def withdraw(self, job_id: str) -> bool:
+        t = self._tracked.get(job_id)
+        if t is None or t.state is not JobState.QUEUED:
+            return False
+        mark = self.folder(job_id) / WITHDRAWING
+        mark.write_bytes(b"")
+        try:
+            await self.runner.run(["scontrol", "hold", t.slurm_id])
+            entry = next((e for e in await self._squeue() if str(e.get("job_id")) == t.slurm_id), None)
+        except CommandError as exc:
+            log.info("job %s: Slurm would not hold it (%s); it stays here", job_id, exc.stderr)
+            await self.runner.run(["scontrol", "release", t.slurm_id], check=False)
+            mark.unlink(missing_ok=True)
+            return False
+        if entry is None or entry.get("job_state") != "PENDING":  # it started (or ended) meanwhile: undo the hold
+            await self.runner.run(["scontrol", "release", t.slurm_id], check=False)
+            mark.unlink(missing_ok=True)
+            return False
+        if self._tracked.get(job_id) is t:
+            del self._tracked[job_id]
+        self._withdrawn[job_id] = t
+        return True
+
+    async def discard(self, job_id: str) -> None:
+        t = self._withdrawn.pop(job_id, None)
+        if t is not None:
+            await self._scancel(t.slurm_id)
+            (self.folder(job_id) / WITHDRAWING).unlink(missing_ok=True)
+
+    def adopt_withdrawn(self, job: Job, ref: str) -> None:
+        if ref:
+            self._withdrawn[job.id] = _Tracked(job, ref, JobState.QUEUED)
+
+    async def _release(self, t: _Tracked) -> None:
+        """Back in line: the hold lifted, the job followed again (if it was cancelled in Slurm meanwhile, the next
+        poll reports that)."""
+        try:
+            await self.runner.run(["scontrol", "release", t.slurm_id])
+        except CommandError as exc:
+            log.warning("job %s: releasing Slurm job %s: %s", t.job.id, t.slurm_id, exc.stderr)
+        t.state = JobState.QUEUED
+        self._tracked[t.job.id] = t
+        (self.folder(t.job.id) / WITHDRAWING).unlink(missing_ok=True)
+        self._wake.set()
 
     async def _sbatch(self, job: Job) -> None:
         """Submit one job. Every outcome is reported, or the job waits (controller down) to be sent again."""
@@ -274,7 +351,12 @@ class SlurmBackend(Backend):
         """Follow a job with a Slurm id; one whose sbatch may have run is looked up by its tag before it is
         sent again (at the first poll, when slurmctld answers); one that never reached sbatch is sent again."""
         if ref:
-            self._tracked[job.id] = _Tracked(job, ref, job.state)
+            tracked = _Tracked(job, ref, job.state)
+            if (self.folder(job.id) / WITHDRAWING).exists():  # held to be handed over, but never journaled MOVING
+                log.info("job %s: releasing the hold a hand-off left on Slurm job %s", job.id, ref)
+                await self._release(tracked)
+            else:
+                self._tracked[job.id] = tracked
             return None
         if (self.folder(job.id) / "submitting").exists():
             self._uncertain.add(job.id)

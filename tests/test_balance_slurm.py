@@ -1,0 +1,160 @@
+"""A hub on real Slurm hands its waiting jobs to a peer: Slurm's own start estimates (squeue's start_time) say
+which jobs wait too long; a job is held in Slurm (`scontrol hold`) before it is handed over, cancelled there once
+the peer took it, released when the peer refuses it, and released after a restart that came before its move was
+journaled. It never runs at both hubs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import replace
+
+import pytest
+
+from federation.balance import Move, Waiting
+from federation.model import JobSpec, JobState
+from tests.conftest import Federation, eventually, slurm_hub_config
+from tests.test_balance import HOUR, _at, balance, operator
+
+
+def squeue(lab) -> dict[str, dict]:
+    return _squeue_env(lab.env)
+
+
+def _squeue_env(env) -> dict[str, dict]:
+    out = subprocess.run(["squeue", "--json"], env={**env}, capture_output=True, check=True, text=True)
+    return {str(j["job_id"]): j for j in json.loads(out.stdout)["jobs"]}
+
+
+@pytest.fixture
+async def slurm_crowded(test_pki, tmp_path, slurm_lab):
+    """leonardo on the private Slurm (8 GPUs), balancing towards lumi (local, 8 GPUs, draining at first so that
+    the antenna places everything on leonardo), and antenna-a."""
+    from federation.config import PartitionConfig
+    f = Federation(test_pki, tmp_path)
+    try:
+        await f.start_hub("lumi", partitions=(PartitionConfig("gpu", "A100", 8, 7200),))
+        f.hubs["lumi"].core.set_drain(operator("lumi"), True, "not yet")
+        config = slurm_hub_config(test_pki, tmp_path, slurm_lab)
+        await f.start_hub("leonardo", config=replace(config, balance=balance(f.hubs["lumi"].port)))
+        await f.start_antenna("antenna-a")
+        await f.wait_sites()
+        await eventually(lambda: f.antennas["antenna-a"].core.sites["lumi"].advert.draining)
+        yield f
+    finally:
+        await f.close()
+
+
+async def _fill(f: Federation, n: int = 3) -> list:
+    """`n` jobs of 8 GPUs for an hour on leonardo: one runs, the others wait, with Slurm's estimates. Returns
+    them in the order Slurm will run them (the hub submits concurrently: not necessarily the order sent)."""
+    alice = f.client("alice")
+    jobs = [await alice.submit(JobSpec(argv=("sh", "-c", "echo ran at $AIFED_SITE; sleep 60"), gpus=8,
+                                       walltime_s=HOUR)) for _ in range(n)]
+    leonardo = f.hubs["leonardo"].core
+
+    def running():
+        return [j for j in jobs if leonardo.journal.state(j.id) is JobState.RUNNING]
+
+    first = (await eventually(running, 30))[0]
+    waiting = await eventually(lambda: _waits(leonardo, {j.id for j in jobs} - {first.id}), 30)
+    assert all(wait > HOUR / 2 for wait in waiting.values()), waiting  # behind an hour-long job
+    return [first, *sorted((j for j in jobs if j.id in waiting), key=lambda j: waiting[j.id])]
+
+
+async def _waits(core, ids):
+    waits = dict(await core.backend.waiting())
+    return waits if ids <= set(waits) else None
+
+
+async def test_a_job_waiting_in_slurm_moves_to_the_idle_peer_and_runs_only_there(slurm_crowded, slurm_lab):
+    f = slurm_crowded
+    jobs = await _fill(f)
+    leonardo, lumi = f.hubs["leonardo"].core, f.hubs["lumi"].core
+    slurm_id = leonardo.backend._tracked[jobs[2].id].slurm_id
+    lumi.set_drain(operator("lumi"), False)
+    await eventually(lambda: not leonardo.balancer.peers["lumi"].advert.draining)
+    moves = await leonardo.balancer.round()
+    assert [m.job.key for m in moves] == [jobs[2].id]  # the longest wait
+    assert leonardo.journal.get(jobs[2].id).state is JobState.MOVED
+    alice = f.client("alice")
+    await eventually(lambda: _at(alice, jobs[2].id, "lumi", JobState.RUNNING))
+    # In Slurm it was held, then cancelled: it can never start there.
+    queue = squeue(slurm_lab)
+    assert queue[slurm_id]["job_state"] == "CANCELLED", queue[slurm_id]
+    assert [e["job_id"] for e in queue.values() if e.get("name") == jobs[2].id] == [int(slurm_id)]  # one sbatch
+    assert not (leonardo.backend.folder(jobs[2].id) / "withdrawn").exists()
+    # The other waiting job is still Slurm's, pending and not held.
+    assert queue[leonardo.backend._tracked[jobs[1].id].slurm_id]["state_reason"] != "JobHeldAdmin"
+    for job in jobs:
+        await alice.cancel(job.id)
+
+
+async def test_a_refused_hand_off_releases_the_held_slurm_job(slurm_crowded, slurm_lab):
+    f = slurm_crowded
+    jobs = await _fill(f, 2)
+    leonardo = f.hubs["leonardo"].core
+    slurm_id = leonardo.backend._tracked[jobs[1].id].slurm_id
+    job = leonardo.journal.get(jobs[1].id)
+    # lumi still drains: it refuses the job per job (UNAVAILABLE), a definite no.
+    await leonardo.balancer._move("lumi", [(job, Move(Waiting(job.id, 8, HOUR, HOUR, ("lumi",)), "lumi", 0.0))])
+    back = leonardo.journal.get(job.id)
+    assert back.state is JobState.QUEUED and "did not take it" in back.reason
+    entry = squeue(slurm_lab)[slurm_id]  # the same Slurm job, released: no second sbatch
+    assert entry["job_state"] == "PENDING" and entry["state_reason"] != "JobHeldAdmin", entry
+    assert [e["job_id"] for e in squeue(slurm_lab).values() if e.get("name") == job.id] == [int(slurm_id)]
+    assert job.id in dict(await eventually(lambda: _waits(leonardo, {job.id}), 30))
+    for j in jobs:
+        await f.client("alice").cancel(j.id)
+
+
+async def test_a_hold_left_by_a_crash_before_the_move_was_journaled_is_released(slurm_crowded, slurm_lab,
+                                                                                 test_pki, tmp_path):
+    f = slurm_crowded
+    jobs = await _fill(f, 2)
+    leonardo = f.hubs["leonardo"].core
+    slurm_id = leonardo.backend._tracked[jobs[1].id].slurm_id
+    assert await leonardo.backend.withdraw(jobs[1].id)  # held in Slurm; the hub "dies" before journaling MOVING
+    assert squeue(slurm_lab)[slurm_id]["state_reason"] == "JobHeldAdmin"
+    assert not await leonardo.backend.withdraw(jobs[0].id)  # a running job cannot be withdrawn (and is not held)
+    assert squeue(slurm_lab)[leonardo.backend._tracked[jobs[0].id].slurm_id]["job_state"] == "RUNNING"
+    await f.hubs["leonardo"].stop(grace=0)
+    config = slurm_hub_config(test_pki, tmp_path, slurm_lab)
+    await f.start_hub("leonardo", config=replace(config, balance=balance(f.hubs["lumi"].port)))
+    leonardo = f.hubs["leonardo"].core
+    assert leonardo.journal.get(jobs[1].id).state is JobState.QUEUED
+    entry = squeue(slurm_lab)[slurm_id]
+    assert entry["job_state"] == "PENDING" and entry["state_reason"] != "JobHeldAdmin", entry
+    assert not (leonardo.backend.folder(jobs[1].id) / "withdrawn").exists()
+    for j in jobs:
+        await f.client("alice").cancel(j.id)
+
+
+async def test_a_hand_off_left_unanswered_by_a_restart_ends_with_the_slurm_job_cancelled(slurm_crowded, slurm_lab,
+                                                                                         test_pki, tmp_path):
+    from federation.config import PartitionConfig
+    f = slurm_crowded
+    jobs = await _fill(f, 2)
+    leonardo = f.hubs["leonardo"].core
+    slurm_id = leonardo.backend._tracked[jobs[1].id].slurm_id
+    job = leonardo.journal.get(jobs[1].id)
+    lumi_port = f.hubs["lumi"].port
+    await f.hubs["lumi"].stop(grace=0)  # lumi dies before the hand-off reaches it: no answer
+    await leonardo.balancer._move("lumi", [(job, Move(Waiting(job.id, 8, HOUR, HOUR, ("lumi",)), "lumi", 0.0))])
+    assert leonardo.journal.get(job.id).state is JobState.MOVING
+    assert squeue(slurm_lab)[slurm_id]["state_reason"] == "JobHeldAdmin"  # held meanwhile: it cannot start here
+    await f.hubs["leonardo"].stop(grace=0)
+    config = slurm_hub_config(test_pki, tmp_path, slurm_lab)
+    await f.start_hub("leonardo", config=replace(config, balance=balance(lumi_port)))
+    leonardo = f.hubs["leonardo"].core
+    assert squeue(slurm_lab)[slurm_id]["state_reason"] == "JobHeldAdmin"  # still held after the restart
+    await f.start_hub("lumi", partitions=(PartitionConfig("gpu", "A100", 8, 7200),))
+    f.hubs["lumi"].core.set_drain(operator("lumi"), False)
+    await eventually(lambda: leonardo.balancer.peers["lumi"].fresh)
+    await leonardo.balancer.settle_unknown()  # offered again: lumi takes it, and the held Slurm job is cancelled
+    assert leonardo.journal.get(job.id).state is JobState.MOVED
+    assert squeue(slurm_lab)[slurm_id]["job_state"] == "CANCELLED"
+    alice = f.client("alice")
+    await eventually(lambda: _at(alice, job.id, "lumi", JobState.RUNNING))
+    for j in jobs:
+        await alice.cancel(j.id)
