@@ -95,6 +95,11 @@ def neutralize_directives(script: str) -> str:
 _DIRECTIVES = ("#SBATCH", "#PBS", "#BSUB")
 
 
+def _wait(start: float, now: float) -> float:
+    """Seconds until `start`, a time Slurm gives to the second: less than a second is now."""
+    return 0.0 if start - now < 1.0 else start - now
+
+
 @dataclass
 class _Tracked:
     job: Job
@@ -496,7 +501,7 @@ class SlurmBackend(Backend):
         cached = self._estimates.get(key)
         now = time.time()
         if cached and now - cached[0] < self.capacity_s:
-            return max(0.0, cached[1] - now)
+            return _wait(cached[1], now)
         if not self._health.ok:
             return DEGRADED_WAIT_S
         argv = ["sbatch", "--test-only", f"--partition={partition}", f"--time={format_duration(walltime_s)}",
@@ -516,4 +521,4 @@ class SlurmBackend(Backend):
         m = _START_AT.search(out.stderr + out.stdout)
         start = dt.datetime.fromisoformat(m.group(1)).timestamp() if m else now
         self._estimates[key] = (now, start)
-        return max(0.0, start - now) if math.isfinite(start) else start
+        return _wait(start, now) if math.isfinite(start) else start
