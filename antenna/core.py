@@ -647,13 +647,16 @@ class AntennaCore:
             raise Unavailable(f"the outputs of {job.id} are at hub {job.site}, which answered "
                               f"{exc.code().name}: {exc.details()}") from None
 
-    async def fetch_output(self, who: Identity, request: jobs_pb2.FetchRequest
-                           ) -> AsyncIterator[jobs_pb2.BlobChunk]:
+    async def fetch_output(self, who: Identity, request: jobs_pb2.FetchRequest) -> AsyncIterator[bytes]:
         """One output file of the job, from `offset` on, relayed from its hub."""
         job = self.get(who, request.job_id)
         if not job.site:
             raise FailedPrecondition(f"job {job.id} never reached a hub: it has no outputs")
-        call = self._site_of(job).stub.FetchOutput(request, timeout=None)
+        # Relayed as the hub serialized them: neither parsed nor serialized again here (the user checks the
+        # SHA-256).
+        call = self._site_of(job).channel.unary_stream(
+            "/aifed.v1.Hub/FetchOutput", request_serializer=jobs_pb2.FetchRequest.SerializeToString,
+            response_deserializer=None)(request, timeout=None)
         try:
             async for chunk in call:
                 yield chunk

@@ -497,7 +497,9 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
 async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
     """Download each collected output into `to` under its name: into `NAME.aifed-part` first (resumed if it is
     there from an interrupted fetch), checked against its SHA-256, then renamed."""
+    import collections
     import hashlib
+    from concurrent.futures import ThreadPoolExecutor
 
     from federation.blobs import hash_into
     from federation.model import check_input_name
@@ -522,15 +524,30 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
         digest = hashlib.sha256()  # over what an interrupted fetch left, then each chunk as it arrives
         if offset:
             hash_into(digest, part, offset)
-        with open(part, "ab") as out:
-            async for chunk in client.fetch_output(job_id, f.name, offset):
-                out.write(chunk.data)
-                digest.update(chunk.data)
-                offset += len(chunk.data)
-                if tty:
-                    rate = offset / max(time.monotonic() - started, 1e-6) / 1e6
-                    print(f"\r{name}: {100 * offset / max(f.size, 1):3.0f}% of {f.size / 1e6:.1f} MB, "
-                          f"{rate:.0f} MB/s", end="", file=sys.stderr, flush=True)
+
+        def write(out, digest, data: bytes) -> None:
+            out.write(data)
+            digest.update(data)
+
+        # Writing and hashing run in a thread of their own (both let go of the GIL), in order, a few chunks
+        # behind the receiving.
+        loop = asyncio.get_running_loop()
+        with open(part, "ab") as out, ThreadPoolExecutor(1, thread_name_prefix="fetch-write") as writer:  # noqa: ASYNC230
+            writing: collections.deque[asyncio.Future] = collections.deque()
+            try:
+                async for chunk in client.fetch_output(job_id, f.name, offset):
+                    while writing and (writing[0].done() or len(writing) >= 16):
+                        await writing.popleft()
+                    data = chunk.data
+                    writing.append(loop.run_in_executor(writer, write, out, digest, data))
+                    offset += len(data)
+                    if tty:
+                        rate = offset / max(time.monotonic() - started, 1e-6) / 1e6
+                        print(f"\r{name}: {100 * offset / max(f.size, 1):3.0f}% of {f.size / 1e6:.1f} MB, "
+                              f"{rate:.0f} MB/s", end="", file=sys.stderr, flush=True)
+            finally:
+                while writing:
+                    await asyncio.shield(writing.popleft())
         if tty:
             print(file=sys.stderr)
         if digest.hexdigest() != f.sha256:

@@ -11,6 +11,7 @@ from federation import convert
 from federation.config import ClientConfig, load_client
 from federation.errors import AifedError, ConfigError, error_from_status
 from federation.model import Job, JobSpec, JobState
+from federation.blobs import Chunk
 from federation.pb import antenna_pb2, antenna_pb2_grpc, jobs_pb2
 from federation.rpc import secure_channel
 from federation.tls import TlsFiles
@@ -86,8 +87,13 @@ class AntennaClient:
     async def list_outputs(self, job_id: str) -> jobs_pb2.OutputList:
         return await self.stub.ListOutputs(jobs_pb2.JobRef(job_id=job_id), timeout=30)
 
-    async def fetch_output(self, job_id: str, name: str, offset: int = 0) -> AsyncIterator[jobs_pb2.BlobChunk]:
-        async for chunk in self.stub.FetchOutput(jobs_pb2.FetchRequest(job_id=job_id, name=name, offset=offset)):
+    async def fetch_output(self, job_id: str, name: str, offset: int = 0) -> AsyncIterator[Chunk]:
+        """The output's chunks (offset, data), the data a view of the received message (not copied out)."""
+        from federation.blobs import parse_chunk
+        fetch = self.channel.unary_stream("/aifed.v1.Antenna/FetchOutput",
+                                          request_serializer=jobs_pb2.FetchRequest.SerializeToString,
+                                          response_deserializer=parse_chunk)
+        async for chunk in fetch(jobs_pb2.FetchRequest(job_id=job_id, name=name, offset=offset)):
             yield chunk
 
     async def get(self, job_id: str) -> Job:

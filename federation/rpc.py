@@ -240,8 +240,15 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                     await self._abort(context, method, exc)
 
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
-        return factory(wrapped, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        deserializer = handler.request_deserializer
+        if method.endswith("/PutBlob"):  # uploads: the data is not copied out of the received message
+            from federation.blobs import parse_chunk
+            deserializer = parse_chunk
+        serializer = handler.response_serializer
+        if method.endswith("/FetchOutput"):  # outputs: chunks built or relayed already serialized
+            from federation.blobs import pass_serialized
+            serializer = pass_serialized
+        return factory(wrapped, request_deserializer=deserializer, response_serializer=serializer)
 
     @contextlib.contextmanager
     def _stream_slot(self, who: Identity, serial: int):

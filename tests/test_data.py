@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from federation.blobs import BlobStore, Chunk, blob_chunks, collect_inputs, describe_inputs
+from federation.blobs import CHUNK_BYTES, BlobStore, Chunk, blob_chunks, collect_inputs, describe_inputs
 from federation.cli import main
 from federation.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from federation.identity import Role
@@ -235,7 +235,7 @@ async def test_a_hub_refuses_a_job_whose_inputs_were_not_staged(fed, test_pki):
 
 async def test_an_interrupted_upload_through_the_antenna_resumes(fed, tmp_path):
     client = fed.client("alice")
-    data = os.urandom(3 << 20)
+    data = os.urandom(3 * CHUNK_BYTES)
     path = _write(tmp_path / "big", data)
     h = sha(data)
 
@@ -245,13 +245,13 @@ async def test_an_interrupted_upload_through_the_antenna_resumes(fed, tmp_path):
             yield msg
             n += 1
             if n == 2:
-                return  # the client goes away after 2 MiB
+                return  # the client goes away after 2 chunks
 
     partial = await client.stub.PutBlob(first_two_chunks())
-    assert (partial.held, partial.complete) == (2 << 20, False)
+    assert (partial.held, partial.complete) == (2 * CHUNK_BYTES, False)
     held = await client.stub.StatBlob(jobs_pb2.BlobRef(sha256=h))
-    assert held.held == 2 << 20
-    done = await client.upload(path, h, len(data))  # sends the last MiB only
+    assert held.held == 2 * CHUNK_BYTES
+    done = await client.upload(path, h, len(data))  # sends the last chunk only
     assert done.complete and done.held == len(data)
     assert fed.antennas["antenna-a"].core.blobs.path(h).read_bytes() == data
 
@@ -662,3 +662,38 @@ async def test_hub_retention_trims_folders_then_deletes_outputs_inputs_and_logs(
     assert {kind: hub.metrics.deleted.labels(kind)._value.get() for kind in
             ("inputs", "outputs", "working_files", "folders")} == {"inputs": 1, "outputs": 1, "working_files": 1,
                                                                    "folders": 1}
+
+
+# -- the upload and fetch messages, encoded and decoded without copying their data ------------------------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(st.text(max_size=70), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=300))
+def test_upload_messages_decode_as_protobuf_does(sha256, size, offset, data):
+    from federation.blobs import parse_chunk
+    raw = jobs_pb2.BlobChunk(sha256=sha256, size=size, offset=offset, data=data).SerializeToString()
+    chunk = parse_chunk(raw)
+    assert (chunk.sha256, chunk.size, chunk.offset, bytes(chunk.data)) == (sha256, size, offset, data)
+
+
+@given(st.integers(0, 2**64 - 1), st.binary(max_size=300))
+def test_fetch_messages_encode_as_protobuf_does(offset, data):
+    from federation.blobs import chunk_bytes
+    assert chunk_bytes(offset, data) == jobs_pb2.BlobChunk(offset=offset, data=data).SerializeToString()
+
+
+@given(st.binary(max_size=60))
+def test_a_malformed_upload_message_is_refused_as_protobuf_refuses_it(raw):
+    from google.protobuf.message import DecodeError
+
+    from federation.blobs import parse_chunk
+    try:
+        want = jobs_pb2.BlobChunk.FromString(raw)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            parse_chunk(raw)
+        return
+    chunk = parse_chunk(raw)
+    assert (chunk.sha256, chunk.size, chunk.offset, bytes(chunk.data)) == (want.sha256, want.size, want.offset,
+                                                                          want.data)
