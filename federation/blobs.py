@@ -532,13 +532,17 @@ def info_pb(info: BlobInfo):
 
 async def put_rpc(store: BlobStore, owner: str, requests, on_bytes=None):
     """Serve PutBlob: the request stream into `store` for `owner`; the BlobInfo message to answer."""
+    received = 0
+
     async def chunks() -> AsyncIterator[Chunk]:
+        nonlocal received
         async for msg in requests:  # already a Chunk where the server deserializes with parse_chunk
+            received += len(msg.data)
             yield msg if isinstance(msg, Chunk) else Chunk(msg.sha256, msg.size, msg.offset, msg.data)
 
     info = await store.put(owner, chunks())
-    if on_bytes is not None and info.complete:
-        on_bytes(info.size)
+    if on_bytes is not None and received:  # kept: complete and checked, or a partial upload to resume
+        on_bytes(received)
     return info_pb(info)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 from dataclasses import replace
@@ -548,12 +549,14 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
             finally:
                 while writing:
                     await asyncio.shield(writing.popleft())
+            await loop.run_in_executor(writer, _to_disk, out)  # on disk before it is renamed into place
         if tty:
             print(file=sys.stderr)
         if digest.hexdigest() != f.sha256:
             part.unlink()
             raise FailedPrecondition(f"output {name}: the bytes received do not match its SHA-256 (removed); fetch again")
         part.replace(target)
+        _sync_folder(target.parent)
         fetched.append({"name": name, "size": f.size, "sha256": f.sha256, "path": str(target)})
     if as_json:
         _print_json({"job": job_id, "files": fetched, "error": listing.error})
@@ -563,6 +566,19 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
         if listing.error:
             print(f"warning: {listing.error}", file=sys.stderr)
     return EXIT_OK
+
+
+def _to_disk(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _sync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 CHECK_BEFORE_UPLOAD_BYTES = 100_000_000  # inputs this large are checked by a dry run before they are uploaded

@@ -57,7 +57,8 @@ class Metrics:
                                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.staged_bytes = Counter("aifed_staged_bytes", "bytes of jobs' input files sent to a hub (antenna), by "
                                     "hub", ["site"], registry=self.registry)
-        self.uploaded_bytes = Counter("aifed_uploaded_bytes", "bytes of input files received and checked",
+        self.uploaded_bytes = Counter("aifed_uploaded_bytes", "bytes of input files received and kept (an upload "
+                                      "refused, such as a checksum mismatch, is not counted)",
                                       registry=self.registry)
         self.deleted = Counter("aifed_data_deleted", "data deleted after its retention, by kind: inputs (stored "
                                "files), outputs (a job's), working_files (a finished job's folder but its logs), "

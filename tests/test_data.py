@@ -254,6 +254,8 @@ async def test_an_interrupted_upload_through_the_antenna_resumes(fed, tmp_path):
     done = await client.upload(path, h, len(data))  # sends the last chunk only
     assert done.complete and done.held == len(data)
     assert fed.antennas["antenna-a"].core.blobs.path(h).read_bytes() == data
+    # Each byte counted once, although the upload came in two calls.
+    assert fed.antennas["antenna-a"].core.metrics.uploaded_bytes._value.get() == len(data)
 
 
 async def test_cli_submit_with_input_files_and_a_folder(fed, tmp_path):
