@@ -43,7 +43,9 @@ RESERVE_BYTES = 512_000_000           # free space an upload must leave on the d
 SEND_TIMEOUT_S = 60.0                 # a transfer to another daemon may take this long,
 SEND_MIN_RATE = 1 << 20               # plus a second per MiB
 SYNC_EVERY_BYTES = 16 << 20           # an upload is handed to the disk as it arrives, this much at a time
-WRITE_AHEAD = 8                       # chunks received but not yet written, per upload
+WRITE_AHEAD = 4                       # chunks received but not yet written, per upload (16 MiB)
+MAX_UPLOADS = 32                      # uploads received at once by one daemon; more wait their turn
+MAX_UPLOADS_PER_OWNER = 4             # uploads one uploader may run at once; more are refused
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class BlobStore:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._locks: dict[tuple[str, str], list] = {}  # (sha, owner) -> [lock, uploads holding or awaiting it]
         self._held = self._count_held()  # owner digest -> {sha: bytes} of its complete and partial uploads
+        self._active: dict[str, int] = {}  # owner -> uploads in progress
+        self._slots = asyncio.Semaphore(MAX_UPLOADS)  # bounds the threads and buffers of uploads in progress
 
     def _count_held(self) -> dict[str, dict[str, int]]:
         held: dict[str, dict[str, int]] = {}
@@ -123,6 +127,7 @@ class BlobStore:
         check_sha(sha256)
         if self.owns(owner, sha256):
             size = self.path(sha256).stat().st_size
+            self._used(owner, sha256)  # a sender that hears "complete" sends nothing and counts on it: a use
             return BlobInfo(sha256, size, size, True)
         partial = self._partial(sha256, owner)
         try:
@@ -144,22 +149,30 @@ class BlobStore:
         sha = check_sha(first.sha256)
         if first.size > self.max_blob_bytes:
             raise ResourceExhausted(f"an input file may be at most {self.max_blob_bytes} bytes, not {first.size}")
+        if self._active.get(owner, 0) >= MAX_UPLOADS_PER_OWNER:
+            raise ResourceExhausted(f"at most {MAX_UPLOADS_PER_OWNER} uploads at once per uploader: let one finish "
+                                    "first")
+        self._active[owner] = self._active.get(owner, 0) + 1
         key = (sha, owner)  # one upload at a time per content and uploader: they share the partial file
         entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
         entry[1] += 1
         try:
-            async with entry[0]:
+            async with entry[0], self._slots:
                 return await self._receive(owner, sha, first, chunks)
         finally:
             entry[1] -= 1
             if not entry[1]:
                 del self._locks[key]
+            self._active[owner] -= 1
+            if not self._active[owner]:
+                del self._active[owner]
 
     async def _receive(self, owner: str, sha: str, first: Chunk, chunks: AsyncIterator[Chunk]) -> BlobInfo:
         size = first.size
         if self.owns(owner, sha):
             if self.path(sha).stat().st_size != size:
                 raise InvalidArgument(f"content {sha} is {self.path(sha).stat().st_size} bytes, not {size}")
+            self._used(owner, sha)
             return BlobInfo(sha, size, size, True)  # nothing more to send
         partial = self._partial(sha, owner)
         size_file = partial.with_suffix(partial.suffix + ".size")
@@ -199,6 +212,7 @@ class BlobStore:
                     concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="blob-write") as writer:  # noqa: ASYNC230
                 f.seek(held)
                 writing: collections.deque[asyncio.Future] = collections.deque()
+                failed: list[BaseException] = []  # the first failed write: later chunks are not written
                 unsynced = 0
                 try:
                     async for chunk in _with_first(first, chunks):
@@ -213,12 +227,15 @@ class BlobStore:
                         unsynced += len(chunk.data)
                         flush = unsynced >= SYNC_EVERY_BYTES
                         unsynced = 0 if flush else unsynced
-                        writing.append(loop.run_in_executor(writer, _write_chunk, f, digest, chunk.data, flush))
+                        writing.append(loop.run_in_executor(writer, _write_chunk, f, digest, chunk.data, flush,
+                                                            failed))
                         held += len(chunk.data)
                 finally:
-                    while writing:
-                        await asyncio.shield(writing.popleft())
-                    await loop.run_in_executor(writer, _sync, f)
+                    await asyncio.shield(asyncio.gather(*writing, return_exceptions=True))
+                    if not failed:
+                        await loop.run_in_executor(writer, _sync, f)
+                if failed:
+                    raise failed[0]
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(f"no space left to store uploads here ({exc.strerror}); the upload stands "
@@ -253,8 +270,13 @@ class BlobStore:
                 out.append(f)
             elif f.sha256 not in used:
                 used.add(f.sha256)
-                os.utime(self._owner_mark(f.sha256, owner))
+                self._used(owner, f.sha256)
         return out
+
+    def _used(self, owner: str, sha256: str) -> None:
+        """Retention counts from now for `owner`'s hold on this content."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self._owner_mark(sha256, owner))
 
     # -- retention ---------------------------------------------------------------------------------
 
@@ -350,12 +372,20 @@ async def _with_first(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator
         yield chunk
 
 
-def _write_chunk(f, digest, data: bytes, flush: bool) -> None:
-    f.write(data)
-    digest.update(data)
-    if flush:
-        f.flush()
-        _start_writeback(f.fileno())
+def _write_chunk(f, digest, data: bytes, flush: bool, failed: list) -> None:
+    """Write and hash one chunk, in order. After a write failed, the chunks queued behind it are not written:
+    the partial file keeps only bytes at their right offsets, and the upload resumes where it really stands."""
+    if failed:
+        return
+    try:
+        f.write(data)
+        digest.update(data)
+        if flush:
+            f.flush()
+            _start_writeback(f.fileno())
+    except BaseException as exc:
+        failed.append(exc)
+        raise
 
 
 try:

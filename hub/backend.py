@@ -133,8 +133,9 @@ class Backend(abc.ABC):
             log.warning("job %s: its %s is a symbolic link; not followed", job_id, stream)
             return b""
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                log.warning("job %s: its %s is not a regular file; not read", job_id, stream)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a pipe, or a hard link to another file
+                log.warning("job %s: its %s is not a regular file of its own; not read", job_id, stream)
                 return b""
             f.seek(offset)
             return f.read(limit)

@@ -210,9 +210,14 @@ class Balancer:
         withdrawn: list[tuple[Job, Move]] = []
         with self._handing([job.id for job, _ in moves]):
             moves = await self._send_inputs(peer, moves)
-            for job, move in moves:
-                if await core.backend.withdraw(job.id):
-                    withdrawn.append((job, move))
+            try:
+                for job, move in moves:
+                    if await core.backend.withdraw(job.id):
+                        withdrawn.append((job, move))
+            except BaseException:
+                for job, _ in withdrawn:  # not journaled: the jobs stay here
+                    await core.backend.submit(job)
+                raise
             if not withdrawn:
                 return
             wait_here = {job.id: move.job.wait_s for job, move in withdrawn}
@@ -327,8 +332,8 @@ class Balancer:
 
         settled = await self.core.journal.commit(settle)
         self.core._publish(settled)
-        for job in settled:
-            if job.state is JobState.QUEUED:
+        for job in settled:  # back in line here, unless a cancel came in since the answer was journaled
+            if job.state is JobState.QUEUED and self.core.journal.state(job.id) is JobState.QUEUED:
                 await self.core.backend.submit(job)
         for job in settled:
             self.core.audit.record("moved" if job.state is JobState.MOVED else "rejected", who=self.peers[peer].identity,

@@ -136,32 +136,42 @@ class HubCore:
         def in_use() -> set[str]:
             return {f.sha256 for job, _ in self.journal.unfinished() for f in job.spec.inputs}
 
-        blobs, _ = await self.blobs.sweep(data.retention_s, in_use, now)
-        outputs = trimmed = removed = 0
+        swept = {"blobs": 0, "outputs": 0, "trimmed": 0, "folders": 0}
+        labels = {"blobs": "inputs", "outputs": "outputs", "trimmed": "working_files", "folders": "folders"}
+
+        def count(kind: str, n: int = 1) -> None:
+            swept[kind] += n
+            self.metrics.deleted.labels(labels[kind]).inc(n)
+
+        count("blobs", (await self.blobs.sweep(data.retention_s, in_use, now))[0])
+        pending = set(self.outputs.pending())
         for job_id in await asyncio.to_thread(self.outputs.collected):
             job = self.journal.get(job_id)
-            if job_id not in self._collecting and (
-                    job is None or job.final and job.updated_at < now - data.outputs_retention_s):
-                await asyncio.to_thread(self.outputs.forget, job_id)
-                outputs += 1
-        pending = set(self.outputs.pending())
+            if job_id in self._collecting or job_id in pending:
+                continue
+            try:  # counted from when they were collected, which may be later than the job's end
+                collected = max(job.updated_at if job else 0.0, self.outputs.collected_at(job_id))
+                if job is None or job.final and collected < now - data.outputs_retention_s:
+                    await asyncio.to_thread(self.outputs.forget, job_id)
+                    count("outputs")
+            except OSError as exc:  # one job's files in the way do not stop the others
+                log.warning("retention: the outputs of job %s: %s", job_id, exc)
         for folder in await asyncio.to_thread(lambda: sorted(self.backend.workdir.iterdir())):
-            if not JOB_ID.fullmatch(folder.name) or folder.name in self._collecting:
+            if not JOB_ID.fullmatch(folder.name) or folder.name in self._collecting or folder.name in pending:
                 continue
             job = self.journal.get(folder.name)
-            if job is None:  # its record expired (or it was never stored): nothing of it is served any more
-                if folder.stat().st_mtime < now - data.retention_s:
-                    await asyncio.to_thread(shutil.rmtree, folder, True)
-                    removed += 1
-            elif job.final and job.updated_at < now - data.retention_s and folder.name not in pending:
-                trimmed += await asyncio.to_thread(_keep_logs_only, folder)
-        if outputs or trimmed or removed:
+            try:
+                if job is None:  # its record expired (or it was never stored): nothing of it is served any more
+                    if folder.stat().st_mtime < now - data.retention_s:
+                        await asyncio.to_thread(shutil.rmtree, folder)
+                        count("folders")
+                elif job.final and job.updated_at < now - data.retention_s:
+                    count("trimmed", await asyncio.to_thread(_keep_logs_only, folder))
+            except OSError as exc:
+                log.warning("retention: the folder of job %s: %s", folder.name, exc)
+        if swept["outputs"] or swept["trimmed"] or swept["folders"]:
             log.info("retention: deleted the outputs of %d job(s), the working files of %d and the folders of %d",
-                     outputs, trimmed, removed)
-        swept = {"blobs": blobs, "outputs": outputs, "trimmed": trimmed, "folders": removed}
-        for kind, label in (("blobs", "inputs"), ("outputs", "outputs"), ("trimmed", "working_files"),
-                            ("folders", "folders")):
-            self.metrics.deleted.labels(label).inc(swept[kind])
+                     swept["outputs"], swept["trimmed"], swept["folders"])
         return swept
 
     def _count_quotas(self) -> None:
@@ -647,7 +657,7 @@ def _keep_logs_only(folder: Path) -> int:
     doomed = [entry for entry in folder.iterdir() if entry.name not in LOGS]
     for entry in doomed:
         if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+            shutil.rmtree(entry)
         else:
             entry.unlink(missing_ok=True)
     return int(bool(doomed))

@@ -42,6 +42,13 @@ class Outputs:
         """The jobs whose outputs are kept here (collected or being collected)."""
         return sorted(p.name for p in self.root.iterdir() if p.name != "pending")
 
+    def collected_at(self, job_id: str) -> float:
+        """When the job's outputs were collected (its manifest written); 0 if they were not."""
+        try:
+            return self._manifest(job_id).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
     def pending(self) -> list[str]:
         return sorted(p.name for p in (self.root / "pending").iterdir())
 
@@ -110,7 +117,8 @@ class Outputs:
         try:
             manifest = orjson.loads(self._manifest(job.id).read_bytes())
         except FileNotFoundError:
-            if job.final and job.updated_at < time.time() - self.retention_s:
+            waiting = (self.root / "pending" / job.id).exists()  # to be collected (a hub restart comes first)
+            if job.final and not waiting and job.updated_at < time.time() - self.retention_s:
                 raise FailedPrecondition(
                     f"the outputs of job {job.id} were deleted: this hub keeps outputs "
                     f"{self.retention_s / 86400:g} day(s) after a job ends, and it ended on "

@@ -131,6 +131,7 @@ class SlurmBackend(Backend):
         self._submitting: set[str] = set()            # its sbatch is running now
         self._cancel_when_submitted: set[str] = set()
         self._withdrawn: dict[str, _Tracked] = {}     # held in Slurm, being handed to a peer hub
+        self._unreleased: dict[str, _Tracked] = {}    # back in line here, but `scontrol release` has yet to work
         self._wake = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -219,19 +220,16 @@ class SlurmBackend(Backend):
         t = self._tracked.get(job_id)
         if t is None or t.state is not JobState.QUEUED:
             return False
-        mark = self.folder(job_id) / WITHDRAWING
-        mark.write_bytes(b"")
+        (self.folder(job_id) / WITHDRAWING).write_bytes(b"")
         try:
             await self.runner.run(["scontrol", "hold", t.slurm_id])
             entry = next((e for e in await self._squeue() if str(e.get("job_id")) == t.slurm_id), None)
         except CommandError as exc:
             log.info("job %s: Slurm would not hold it (%s); it stays here", job_id, exc.stderr)
-            await self.runner.run(["scontrol", "release", t.slurm_id], check=False)
-            mark.unlink(missing_ok=True)
+            await self._release(t, requeue=False)
             return False
         if entry is None or entry.get("job_state") != "PENDING":  # it started (or ended) meanwhile: undo the hold
-            await self.runner.run(["scontrol", "release", t.slurm_id], check=False)
-            mark.unlink(missing_ok=True)
+            await self._release(t, requeue=False)
             return False
         if self._tracked.get(job_id) is t:
             del self._tracked[job_id]
@@ -240,7 +238,7 @@ class SlurmBackend(Backend):
 
     async def discard(self, job_id: str) -> None:
         t = self._withdrawn.pop(job_id, None)
-        if t is not None:
+        if t is not None:  # held, so it cannot run even if this scancel fails; a restart forgets it (MOVED is final)
             await self._scancel(t.slurm_id)
             (self.folder(job_id) / WITHDRAWING).unlink(missing_ok=True)
 
@@ -248,15 +246,22 @@ class SlurmBackend(Backend):
         if ref:
             self._withdrawn[job.id] = _Tracked(job, ref, JobState.QUEUED)
 
-    async def _release(self, t: _Tracked) -> None:
-        """Back in line: the hold lifted, the job followed again (if it was cancelled in Slurm meanwhile, the next
-        poll reports that)."""
+    async def _release(self, t: _Tracked, requeue: bool = True) -> None:
+        """Back in line: the job followed again, and its hold lifted (if it was cancelled in Slurm meanwhile, the
+        next poll reports that). A release that fails (the controller away) is tried again at every poll, and
+        the folder's mark stays until it works, so that a restart releases it too."""
+        if requeue:
+            t.state = JobState.QUEUED
+        self._tracked[t.job.id] = t
         try:
             await self.runner.run(["scontrol", "release", t.slurm_id])
         except CommandError as exc:
-            log.warning("job %s: releasing Slurm job %s: %s", t.job.id, t.slurm_id, exc.stderr)
-        t.state = JobState.QUEUED
-        self._tracked[t.job.id] = t
+            if "already finished" not in exc.stderr and "not pending" not in exc.stderr:
+                log.warning("job %s: releasing Slurm job %s failed (%s); trying again", t.job.id, t.slurm_id,
+                            exc.stderr)
+                self._unreleased[t.job.id] = t
+                return
+        self._unreleased.pop(t.job.id, None)
         (self.folder(t.job.id) / WITHDRAWING).unlink(missing_ok=True)
         self._wake.set()
 
@@ -342,6 +347,12 @@ class SlurmBackend(Backend):
                 self._waiting.remove(job)
                 self.on_change(Change(job_id, JobState.CANCELLED, reason="cancelled before Slurm took it"))
                 return True
+        withdrawn = self._withdrawn.pop(job_id, None)
+        if withdrawn is not None:  # held for a hand-off that will not happen now: gone from Slurm too
+            await self._scancel(withdrawn.slurm_id)
+            self._unreleased.pop(job_id, None)
+            (self.folder(job_id) / WITHDRAWING).unlink(missing_ok=True)
+            return False  # nothing will report it: the hub journals the cancel itself
         if job_id in self._submitting:  # its sbatch is running now: cancel it as soon as Slurm names it
             self._cancel_when_submitted.add(job_id)
             return True
@@ -395,6 +406,11 @@ class SlurmBackend(Backend):
         """One round: send waiting jobs, then read states of the jobs in Slurm and report their changes."""
         if not await self.ping():
             return
+        for t in list(self._unreleased.values()):
+            if self._tracked.get(t.job.id) is t:
+                await self._release(t, requeue=False)
+            else:
+                self._unreleased.pop(t.job.id, None)
         for _ in range(len(self._waiting)):
             if not self._waiting or not self._health.ok:
                 break

@@ -145,8 +145,10 @@ async def test_a_job_whose_inputs_cannot_reach_the_peer_stays(crowded, tmp_path)
     await eventually(lambda: all(leonardo.journal.state(j.id) in (JobState.QUEUED, JobState.RUNNING) for j in jobs))
     lumi.set_drain(operator("lumi"), False)
     await eventually(lambda: not leonardo.balancer.peers["lumi"].advert.draining)
-    await leonardo.balancer.round()
+    moves = await leonardo.balancer.round()
+    assert [m.job.key for m in moves] == [jobs[2].id]  # planned, but its input could not be sent
     assert leonardo.journal.state(jobs[2].id) is JobState.QUEUED  # not withdrawn: it still waits here
+    assert not lumi.blobs.owns("hub/leonardo", inputs[0].sha256)
     assert jobs[2].id in dict(await leonardo.backend.waiting())
     assert lumi.journal.get(jobs[2].id) is None
     for job in jobs:

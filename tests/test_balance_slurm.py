@@ -116,8 +116,14 @@ async def test_a_hold_left_by_a_crash_before_the_move_was_journaled_is_released(
     slurm_id = leonardo.backend._tracked[jobs[1].id].slurm_id
     assert await leonardo.backend.withdraw(jobs[1].id)  # held in Slurm; the hub "dies" before journaling MOVING
     assert squeue(slurm_lab)[slurm_id]["state_reason"] == "JobHeldAdmin"
-    assert not await leonardo.backend.withdraw(jobs[0].id)  # a running job cannot be withdrawn (and is not held)
-    assert squeue(slurm_lab)[leonardo.backend._tracked[jobs[0].id].slurm_id]["job_state"] == "RUNNING"
+    # A job that started since the hub last looked (it still thinks it waits) cannot be withdrawn: Slurm accepts
+    # the hold, but the hub sees it running and lifts the hold again.
+    running = leonardo.backend._tracked[jobs[0].id]
+    running.state = JobState.QUEUED
+    assert not await leonardo.backend.withdraw(jobs[0].id)
+    entry = squeue(slurm_lab)[running.slurm_id]
+    assert entry["job_state"] == "RUNNING" and entry["state_reason"] != "JobHeldAdmin", entry
+    assert not (leonardo.backend.folder(jobs[0].id) / "withdrawn").exists()
     await f.hubs["leonardo"].stop(grace=0)
     config = slurm_hub_config(test_pki, tmp_path, slurm_lab)
     await f.start_hub("leonardo", config=replace(config, balance=balance(f.hubs["lumi"].port)))
@@ -158,3 +164,17 @@ async def test_a_hand_off_left_unanswered_by_a_restart_ends_with_the_slurm_job_c
     await eventually(lambda: _at(alice, job.id, "lumi", JobState.RUNNING))
     for j in jobs:
         await alice.cancel(j.id)
+
+
+async def test_a_cancel_of_a_job_held_for_a_hand_off_cancels_it_in_slurm(slurm_crowded, slurm_lab):
+    f = slurm_crowded
+    jobs = await _fill(f, 2)
+    leonardo = f.hubs["leonardo"].core
+    slurm_id = leonardo.backend._tracked[jobs[1].id].slurm_id
+    assert await leonardo.backend.withdraw(jobs[1].id)  # held; the cancel comes before the move is journaled
+    cancelled = await f.client("alice").cancel(jobs[1].id)
+    assert cancelled.state is JobState.CANCELLED
+    assert squeue(slurm_lab)[slurm_id]["job_state"] == "CANCELLED"  # not left held in Slurm for ever
+    assert jobs[1].id not in leonardo.backend._withdrawn
+    assert not (leonardo.backend.folder(jobs[1].id) / "withdrawn").exists()
+    await f.client("alice").cancel(jobs[0].id)

@@ -575,6 +575,7 @@ async def test_retention_deletes_unused_content_but_not_what_a_job_needs_or_anot
     assert not store.path(sha(old)).exists() and not store.stat("alice", sha(old)).held
     assert store.stat("alice", sha(needed)).complete  # an unfinished job needs it
     assert store.path(sha(shared)).exists() and store.stat("bob", sha(shared)).complete
+    assert not store.stat("alice", sha(shared)).held  # Alice's own hold on it went
     assert store.stat("alice", sha(fresh)).complete
     assert store.stat("carol", sha(stale)).held == 0 and store.held_bytes("carol") == 0
 
@@ -699,3 +700,52 @@ def test_a_malformed_upload_message_is_refused_as_protobuf_refuses_it(raw):
     chunk = parse_chunk(raw)
     assert (chunk.sha256, chunk.size, chunk.offset, bytes(chunk.data)) == (want.sha256, want.size, want.offset,
                                                                           want.data)
+
+
+async def test_a_write_that_fails_mid_upload_leaves_only_bytes_at_their_right_offsets(tmp_path, monkeypatch):
+    from federation import blobs
+    store = BlobStore(tmp_path)
+    data = os.urandom(6 * 1000)
+    h = sha(data)
+    real = blobs._write_chunk
+    calls = []
+
+    def flaky(f, digest, chunk, flush, failed):
+        calls.append(len(chunk))
+        if len(calls) == 2:  # the disk fails on the second chunk, after part of it was written
+            f.write(bytes(chunk[:100]))
+            f.flush()
+            failed.append(OSError(5, "Input/output error"))
+            raise failed[0]
+        real(f, digest, chunk, flush, failed)
+
+    monkeypatch.setattr(blobs, "_write_chunk", flaky)
+    with pytest.raises(OSError):
+        await store.put("alice", chunks(*(Chunk(h if i == 0 else "", len(data), i * 1000, data[i * 1000:(i + 1) * 1000])
+                                          for i in range(6))))
+    partial = store.stat("alice", h)
+    assert partial.held == 1100 and not partial.complete  # the chunks queued behind the failure were not written
+    monkeypatch.setattr(blobs, "_write_chunk", real)
+    done = await store.put("alice", chunks(Chunk(h, len(data), 1100, data[1100:])))  # resumes where it stands
+    assert done.complete and store.path(h).read_bytes() == data
+
+
+async def test_one_uploader_may_run_only_a_few_uploads_at_once(tmp_path):
+    from federation.blobs import MAX_UPLOADS_PER_OWNER
+    store = BlobStore(tmp_path)
+    gate = asyncio.Event()
+
+    async def held_open(content: bytes):
+        yield Chunk(sha(content), len(content) + 1, 0, content)
+        await gate.wait()  # the upload stays open
+
+    uploads = [asyncio.ensure_future(store.put("alice", held_open(bytes([i]) * 10)))
+               for i in range(MAX_UPLOADS_PER_OWNER)]
+    await asyncio.sleep(0.2)
+    with pytest.raises(ResourceExhausted, match=f"at most {MAX_UPLOADS_PER_OWNER} uploads at once"):
+        await store.put("alice", held_open(b"one too many"))
+    other = asyncio.ensure_future(store.put("bob", held_open(b"bob's")))  # others are not affected
+    await asyncio.sleep(0.1)
+    gate.set()
+    results = await asyncio.gather(*uploads, other)
+    assert all(r.held == 10 or r.held == 5 for r in results)
