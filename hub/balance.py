@@ -30,9 +30,9 @@ from prometheus_client import Counter
 
 from federation import convert
 from federation.balance import Breaker, Move, Waiting, plan
+from federation.blobs import send
 from federation.config import HubEndpoint
 from federation.discovery import Change, ChangeKind, Discovery, Member
-from federation.blobs import send
 from federation.errors import AifedError, Unavailable, error_from_status
 from federation.identity import Identity
 from federation.journal import Tx

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given, strategies as st
 
 from federation.blobs import CHUNK_BYTES, BlobStore, Chunk, blob_chunks, collect_inputs, describe_inputs
 from federation.cli import main
@@ -668,8 +669,6 @@ async def test_hub_retention_trims_folders_then_deletes_outputs_inputs_and_logs(
 
 
 # -- the upload and fetch messages, encoded and decoded without copying their data ------------------------------
-
-from hypothesis import given, strategies as st  # noqa: E402
 
 
 @given(st.text(max_size=70), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=300))
