@@ -37,7 +37,7 @@ from federation.model import FINAL_STATES, Job, JobSpec, JobState, Transition
 from federation.pb import hub_pb2, jobs_pb2
 from federation.rpc import peer
 from federation.sbatch import parse_array
-from federation.watch import Signal, Topics, stop_tasks, stopping
+from federation.watch import Signal, Topics, every, stop_tasks, stopping
 from antenna.allocations import (Allocation, AllocationUsage, Allocations, UserUsage, load as load_allocations,
                                  retention_s)
 from federation.placement import Candidate, Placer, Scored, Verdict, maintenance_in_the_way, why_not
@@ -156,15 +156,7 @@ class AntennaCore:
             log.info("finished jobs are kept %d days (not %d): as long as the longest allocation lasts, so that "
                      "its charges are not forgotten", retention // 86400, self.config.retention_s // 86400)
         self._spawn(purge_forever(self.journal, retention), "purge")
-        self._spawn(self._sweep_forever(), "sweep data")
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            try:
-                await self.sweep_data()
-            except Exception:  # tried again at the next round
-                log.exception("deleting staged inputs past their retention failed")
-            await asyncio.sleep(SWEEP_EVERY_S)
+        self._spawn(every(SWEEP_EVERY_S, self.sweep_data, "deleting uploads past their retention"), "sweep data")
 
     async def sweep_data(self, now: float | None = None) -> int:
         """Delete users' uploads unused for [data] retention that no unfinished job needs; how many went."""

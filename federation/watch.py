@@ -117,3 +117,14 @@ async def bounded(awaitable, timeout: float, what: str) -> bool:
     task.cancel()
     logging.getLogger(__name__).warning("%s did not finish within %g s; stopping without it", what, timeout)
     return False
+
+
+async def every(interval_s: float, step: Callable, what: str) -> None:
+    """Run `await step()` now and then every `interval_s` seconds, until cancelled. A step that fails is logged
+    and runs again at the next turn: one bad turn does not end a background duty."""
+    while True:
+        try:
+            await step()
+        except Exception:  # noqa: BLE001 - logged; the next turn tries again
+            logging.getLogger(__name__).exception("%s failed; trying again in %g s", what, interval_s)
+        await asyncio.sleep(interval_s)

@@ -23,7 +23,7 @@ from federation.metrics import Metrics, register_journal_gauges
 from federation.model import FINAL_STATES, Job, JobSpec, JobState
 from federation.rpc import peer
 from federation.timefmt import format_duration
-from federation.watch import Signal, Topics, bounded
+from federation.watch import Signal, Topics, bounded, every
 from hub.backend import Backend, Change
 from hub.local import LocalBackend
 from hub.outputs import Outputs
@@ -115,15 +115,8 @@ class HubCore:
                 self._collect_when_ended(job)
         self.capacity.notify()
         self._purger = asyncio.create_task(purge_forever(self.journal, self.config.retention_s), name="purge")
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="sweep data")
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            try:
-                await self.sweep_data()
-            except Exception:  # tried again at the next round
-                log.exception("deleting data past its retention failed")
-            await asyncio.sleep(SWEEP_EVERY_S)
+        self._sweeper = asyncio.create_task(every(SWEEP_EVERY_S, self.sweep_data, "deleting data past its retention"),
+                                            name="sweep data")
 
     async def sweep_data(self, now: float | None = None) -> dict[str, int]:
         """Delete what retention lets go ([data] in the configuration, docs/data.md): staged inputs no

@@ -62,6 +62,14 @@ async def _fill(f: Federation, n: int = 3) -> list:
     return [first, *sorted((j for j in jobs if j.id in waiting), key=lambda j: waiting[j.id])]
 
 
+async def _restart_leonardo(f: Federation, test_pki, tmp_path, slurm_lab, lumi_port: int):
+    """Stop leonardo at once (as a crash would leave Slurm) and start it again; its core."""
+    await f.hubs["leonardo"].stop(grace=0)
+    config = slurm_hub_config(test_pki, tmp_path, slurm_lab)
+    await f.start_hub("leonardo", config=replace(config, balance=balance(lumi_port)))
+    return f.hubs["leonardo"].core
+
+
 async def _waits(core, ids):
     waits = dict(await core.backend.waiting())
     return waits if ids <= set(waits) else None
@@ -124,10 +132,7 @@ async def test_a_hold_left_by_a_crash_before_the_move_was_journaled_is_released(
     entry = squeue(slurm_lab)[running.slurm_id]
     assert entry["job_state"] == "RUNNING" and entry["state_reason"] != "JobHeldAdmin", entry
     assert not (leonardo.backend.folder(jobs[0].id) / "withdrawn").exists()
-    await f.hubs["leonardo"].stop(grace=0)
-    config = slurm_hub_config(test_pki, tmp_path, slurm_lab)
-    await f.start_hub("leonardo", config=replace(config, balance=balance(f.hubs["lumi"].port)))
-    leonardo = f.hubs["leonardo"].core
+    leonardo = await _restart_leonardo(f, test_pki, tmp_path, slurm_lab, f.hubs["lumi"].port)
     assert leonardo.journal.get(jobs[1].id).state is JobState.QUEUED
     entry = squeue(slurm_lab)[slurm_id]
     assert entry["job_state"] == "PENDING" and entry["state_reason"] != "JobHeldAdmin", entry
@@ -149,10 +154,7 @@ async def test_a_hand_off_left_unanswered_by_a_restart_ends_with_the_slurm_job_c
     await leonardo.balancer._move("lumi", [(job, Move(Waiting(job.id, 8, HOUR, HOUR, ("lumi",)), "lumi", 0.0))])
     assert leonardo.journal.get(job.id).state is JobState.MOVING
     assert squeue(slurm_lab)[slurm_id]["state_reason"] == "JobHeldAdmin"  # held meanwhile: it cannot start here
-    await f.hubs["leonardo"].stop(grace=0)
-    config = slurm_hub_config(test_pki, tmp_path, slurm_lab)
-    await f.start_hub("leonardo", config=replace(config, balance=balance(lumi_port)))
-    leonardo = f.hubs["leonardo"].core
+    leonardo = await _restart_leonardo(f, test_pki, tmp_path, slurm_lab, lumi_port)
     assert squeue(slurm_lab)[slurm_id]["state_reason"] == "JobHeldAdmin"  # still held after the restart
     await f.start_hub("lumi", partitions=(PartitionConfig("gpu", "A100", 8, 7200),))
     f.hubs["lumi"].core.set_drain(operator("lumi"), False)

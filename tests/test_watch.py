@@ -6,6 +6,8 @@ import asyncio
 import logging
 import time
 
+import pytest
+
 from federation.watch import Signal, bounded, stop_tasks, stopping, wait_event
 
 
@@ -125,3 +127,21 @@ async def test_wait_event_times_out_or_sees_the_event():
     assert await wait_event(event, 0.05) is False
     asyncio.get_running_loop().call_later(0.01, event.set)
     assert await wait_event(event, 5) is True
+
+
+async def test_every_runs_a_step_again_after_it_failed_and_stops_when_cancelled():
+    from federation.watch import every
+    calls = []
+
+    async def step():
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeError("one bad turn")
+
+    task = asyncio.ensure_future(every(0.01, step, "a test duty"))
+    while len(calls) < 3:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls[:3] == [0, 1, 2]
