@@ -59,9 +59,12 @@ class Election:
         return self._current.value.decode(errors="replace") if self._current is not None else ""
 
     async def leader(self) -> str:
-        """The instance leading now ("" when none). Follows the key from now on; waits at most LOOKUP_S for etcd
-        the first time (and then says "" if it did not answer)."""
+        """The instance leading now ("" when none): this one if it leads, else as the watch last saw the key.
+        Follows the key from now on; waits at most LOOKUP_S for etcd the first time (and then says "" if it did
+        not answer)."""
         await self.start()
+        if self.is_leader:  # it won the key itself: the watch may not have seen that event yet
+            return self.instance
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._watch.ready.wait(), LOOKUP_S)
         return self.known_leader
