@@ -382,7 +382,7 @@ def _write_chunk(f, digest, data: bytes, flush: bool, failed: list) -> None:
         digest.update(data)
         if flush:
             f.flush()
-            _start_writeback(f.fileno())
+            start_writeback(f.fileno())
     except BaseException as exc:
         failed.append(exc)
         raise
@@ -396,7 +396,7 @@ except (OSError, AttributeError):  # not Linux: flush synchronously instead
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def _start_writeback(fd: int) -> None:
+def start_writeback(fd: int) -> None:
     """Start writing the file's dirty pages to disk without waiting for them (Linux sync_file_range), so that
     the disk works while more arrives; durability still comes only from the final fsync."""
     if _sync_file_range is None or _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:

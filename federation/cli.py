@@ -502,7 +502,7 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    from federation.blobs import hash_into
+    from federation.blobs import SYNC_EVERY_BYTES, hash_into, start_writeback
     from federation.model import check_input_name
     listing = await client.list_outputs(job_id)
     if not listing.ready:
@@ -526,9 +526,16 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
         if offset:
             hash_into(digest, part, offset)
 
+        unsynced = [0]
+
         def write(out, digest, data: bytes) -> None:
             out.write(data)
             digest.update(data)
+            unsynced[0] += len(data)
+            if unsynced[0] >= SYNC_EVERY_BYTES:  # the disk works while more arrives: the final fsync is short
+                unsynced[0] = 0
+                out.flush()
+                start_writeback(out.fileno())
 
         # Writing and hashing run in a thread of their own (both let go of the GIL), in order, a few chunks
         # behind the receiving.
