@@ -233,7 +233,7 @@ class BlobStore:
                 finally:
                     await asyncio.shield(asyncio.gather(*writing, return_exceptions=True))
                     if not failed:
-                        await loop.run_in_executor(writer, _sync, f)
+                        await loop.run_in_executor(writer, sync_file, f)
                 if failed:
                     raise failed[0]
         except OSError as exc:
@@ -254,7 +254,7 @@ class BlobStore:
             partial.unlink()  # the same content, uploaded by someone else too: stored once
         else:
             os.replace(partial, self.path(sha))
-            _fsync_dir(self.root / "sha256")
+            fsync_dir(self.root / "sha256")
         mark = self._owner_mark(sha, owner)
         mark.parent.mkdir(exist_ok=True)
         mark.touch()
@@ -403,7 +403,8 @@ def start_writeback(fd: int) -> None:
         os.fdatasync(fd)
 
 
-def _sync(f) -> None:
+def sync_file(f) -> None:
+    """Flush a file object and fsync it: its bytes are on disk."""
     f.flush()
     os.fsync(f.fileno())
 
@@ -423,7 +424,7 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 import time
 from dataclasses import replace
@@ -502,7 +501,7 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    from federation.blobs import SYNC_EVERY_BYTES, hash_into, start_writeback
+    from federation.blobs import SYNC_EVERY_BYTES, fsync_dir, hash_into, start_writeback, sync_file
     from federation.model import check_input_name
     listing = await client.list_outputs(job_id)
     if not listing.ready:
@@ -556,14 +555,14 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
             finally:
                 while writing:
                     await asyncio.shield(writing.popleft())
-            await loop.run_in_executor(writer, _to_disk, out)  # on disk before it is renamed into place
+            await loop.run_in_executor(writer, sync_file, out)  # on disk before it is renamed into place
         if tty:
             print(file=sys.stderr)
         if digest.hexdigest() != f.sha256:
             part.unlink()
             raise FailedPrecondition(f"output {name}: the bytes received do not match its SHA-256 (removed); fetch again")
         part.replace(target)
-        _sync_folder(target.parent)
+        fsync_dir(target.parent)
         fetched.append({"name": name, "size": f.size, "sha256": f.sha256, "path": str(target)})
     if as_json:
         _print_json({"job": job_id, "files": fetched, "error": listing.error})
@@ -573,19 +572,6 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
         if listing.error:
             print(f"warning: {listing.error}", file=sys.stderr)
     return EXIT_OK
-
-
-def _to_disk(f) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _sync_folder(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 CHECK_BEFORE_UPLOAD_BYTES = 100_000_000  # inputs this large are checked by a dry run before they are uploaded
