@@ -53,8 +53,11 @@ def _write(path: Path, text: str) -> Path:
 
 
 def _squeue_tagged(env: dict) -> int:
+    """Jobs aifed put in Slurm (the tasks of its job arrays each counted)."""
+    from hub.slurm import entry_keys
     out = subprocess.run(["squeue", "--json"], env=env, capture_output=True, text=True, timeout=60)
-    return sum(1 for j in orjson.loads(out.stdout).get("jobs", []) if str(j.get("comment", "")).startswith("aifed:"))
+    return sum(len(entry_keys(j)) for j in orjson.loads(out.stdout).get("jobs", [])
+               if str(j.get("comment", "")).startswith("aifed:"))
 
 
 def _wait_drained(env: dict, timeout: float = 300) -> None:
@@ -80,7 +83,7 @@ class BenchFederation:
     benchmarks and drills. Processes are named by kind: "hub1", "antenna"..."""
 
     def __init__(self, root: Path, backend: str, slurm_conf: str = "", partition: str = "debug", hubs: int = 1,
-                 cpu_slots: int = 16):
+                 cpu_slots: int = 16, array_size: int = 0):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         p = self.pki = self.root / "pki"
@@ -94,6 +97,8 @@ class BenchFederation:
         tls = lambda i: f'[tls]\nca = "{p / "ca.pem"}"\ncert = "{i.cert}"\nkey = "{i.key}"\n'  # noqa: E731
         slurm = f'slurm_conf = "{slurm_conf}"\npoll_interval = "2s"\ncapacity_interval = "10s"\n' if slurm_conf \
             else ""
+        if array_size:
+            slurm += f"array_size = {array_size}\n"
         # Benchmarks measure what aifed can do: no submit limits (production keeps the defaults, see
         # docs/configuration.md).
         unlimited = "[limits]\nsubmit_rate = 0\n\n"
@@ -132,7 +137,7 @@ state_dir = "{self.root / 'antenna'}"
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
         kind = "antenna" if name == "antenna" else "hub"
         proc = subprocess.Popen([sys.executable, "-m", "federation.cli", kind, "--config", str(self.configs[name]),
-                                 "--log-level", "warning"],
+                                 "--log-level", os.environ.get("AIFED_BENCH_LOG_LEVEL", "warning")],
                                 stdout=open(self.root / f"{name}.log", "ab"), stderr=subprocess.STDOUT, env=env)
         self.procs[name] = proc
         return proc
@@ -202,10 +207,10 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(len(values) * q))]
 
 
-async def run_federation(env: dict, jobs: int, root: Path, in_flight: int = 16) -> dict:
+async def run_federation(env: dict, jobs: int, root: Path, in_flight: int = 16, array_size: int = 0) -> dict:
     from federation.model import JobSpec
 
-    fed = BenchFederation(root, "slurm", slurm_conf=env["SLURM_CONF"])
+    fed = BenchFederation(root, "slurm", slurm_conf=env["SLURM_CONF"], array_size=array_size)
     fed.start_all()
     try:
         client = fed.client()
@@ -220,10 +225,11 @@ async def run_federation(env: dict, jobs: int, root: Path, in_flight: int = 16) 
                 await client.submit(spec)
                 latencies.append(time.perf_counter() - t)
 
+        before = await asyncio.to_thread(_squeue_tagged, env)  # an earlier phase's, ended but still shown
         started = time.perf_counter()
         await asyncio.gather(*(submitter() for _ in range(in_flight)))
         acknowledged = time.perf_counter() - started
-        while await asyncio.to_thread(_squeue_tagged, env) < jobs:
+        while await asyncio.to_thread(_squeue_tagged, env) < before + jobs:
             if time.perf_counter() - started > 600:
                 raise RuntimeError("not every job reached Slurm within 600 s")
             await asyncio.sleep(0.2)
@@ -338,7 +344,7 @@ def run_forward_bench(seconds: float, clients: int, batch: int, as_json: bool, k
         return 0
 
 
-def run_slurm_bench(jobs: int, as_json: bool, keep: Path | None = None) -> int:
+def run_slurm_bench(jobs: int, as_json: bool, keep: Path | None = None, single: bool = False) -> int:
     from hub.slurmlab import SlurmLab, SlurmLabError
 
     with workdir(keep, "aifed-bench-") as root:
@@ -349,12 +355,12 @@ def run_slurm_bench(jobs: int, as_json: bool, keep: Path | None = None) -> int:
             print(f"aifed: {exc}", file=sys.stderr)
             return 4
         try:
-            return _slurm_phases(lab.env, jobs, as_json, root)
+            return _slurm_phases(lab.env, jobs, as_json, root, single)
         finally:
             lab.stop()
 
 
-def _slurm_phases(env: dict, jobs: int, as_json: bool, root: Path) -> int:
+def _slurm_phases(env: dict, jobs: int, as_json: bool, root: Path, single: bool = False) -> int:
     print(f"(a) {jobs} jobs with sbatch in a loop...", file=sys.stderr)
     direct = run_direct(env, jobs, root)
     _wait_drained(env)
@@ -370,6 +376,14 @@ def _slurm_phases(env: dict, jobs: int, as_json: bool, root: Path) -> int:
           f"(acknowledged {result['acknowledged_per_s']:.1f}/s, submit p50 {result['submit_p50_ms']:.1f} ms, "
           f"p99 {result['submit_p99_ms']:.1f} ms)")
     print(f"ratio federation/direct: {result['ratio']:.3f}")
+    if single:
+        _wait_drained(env)
+        print(f"(c) {jobs} jobs through antenna and hub, one sbatch per job...", file=sys.stderr)
+        one = asyncio.run(run_federation(env, jobs, root / "single", array_size=1))
+        result["single_jobs_per_s"] = round(one["federation_jobs_per_s"], 1)
+        result["single_ratio"] = round(one["federation_jobs_per_s"] / direct, 3)
+        print(f"one sbatch per job:   {result['single_jobs_per_s']:8.1f} jobs/s into Slurm "
+              f"(ratio {result['single_ratio']:.3f})")
     if as_json:
         print(orjson.dumps(result).decode())
     return 0

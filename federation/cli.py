@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs = bench_parser("slurm", "submission throughput into a private Slurm: direct sbatch vs through aifed",
                       "the cluster, configs and logs")
     bs.add_argument("--jobs", type=int, default=500, help="jobs per phase (default 500)")
+    bs.add_argument("--single", action="store_true",
+                    help="also run phase (c): through aifed with one sbatch per job (backend.array_size = 1)")
     bf = bench_parser("forward", "jobs per second an antenna and a hub acknowledge and forward durably",
                       "configs, journals and logs")
     bf.add_argument("--seconds", type=float, default=20, help="length of each run (default 20)")
@@ -871,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
                 return run_data_bench(args.mb, args.runs, args.json, keep)
             if args.bench_cmd == "forward":
                 return bench.run_forward_bench(args.seconds, args.clients, args.batch, args.json, keep)
-            return bench.run_slurm_bench(args.jobs, args.json, keep)
+            return bench.run_slurm_bench(args.jobs, args.json, keep, args.single)
         if args.command == "site":
             return asyncio.run(_site_command(args))
         if args.command == "usage" and args.hub:

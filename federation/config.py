@@ -172,6 +172,7 @@ class HubConfig:
     poll_interval_s: int = 2
     capacity_interval_s: int = 10
     command_timeout_s: int = 30
+    array_size: int = 256
     accounts: dict[str, str] = field(default_factory=dict)
     retention_s: int = DEFAULT_RETENTION_S
     limits: Limits = field(default_factory=lambda: HUB_LIMITS)
@@ -584,10 +585,13 @@ def load_hub(path: str | Path) -> HubConfig:
     for key, value in (("poll_interval", poll), ("capacity_interval", capacity), ("command_timeout", command_timeout)):
         if value < 1:
             raise ConfigError(p, f"backend.{key}", "must be at least 1 second")
+    array_size = b.get("array_size", int, 256)
+    if not 1 <= array_size <= 10_000:
+        raise ConfigError(p, "backend.array_size", f"must be 1 to 10000 (1: one sbatch per job), not {array_size}")
     accounts_table = b.table("accounts")
     accounts = {k: accounts_table.text(k) for k in list(accounts_table.data)}
     if backend != "slurm":
-        for key in ("slurm_conf", "poll_interval", "capacity_interval", "command_timeout", "accounts"):
+        for key in ("slurm_conf", "poll_interval", "capacity_interval", "command_timeout", "array_size", "accounts"):
             if key in b.data:
                 raise ConfigError(p, f"backend.{key}", "applies only to type = \"slurm\"")
     b.done()
@@ -640,7 +644,7 @@ def load_hub(path: str | Path) -> HubConfig:
                      partitions=tuple(partitions), services=services, sectors=sectors, access_modes=tuple(modes),
                      advert_ttl_s=ttl, backend=backend, kill_grace_s=kill_grace, cpu_slots=cpu_slots,
                      slurm_conf=slurm_conf, poll_interval_s=poll, capacity_interval_s=capacity,
-                     command_timeout_s=command_timeout, accounts=accounts, retention_s=retention, limits=limits,
+                     command_timeout_s=command_timeout, array_size=array_size, accounts=accounts, retention_s=retention, limits=limits,
                      audit_log=audit_log, user_map=user_map, metrics_listen=metrics_listen,
                      maintenance=maintenance, mode_limits=mode_limits, countries=countries, location=location, min_free_disk_mb=min_free_disk_mb, advertise=advertise,
                      discovery=discovery, events=events, ha_instance=ha_instance, balance=balance, data=data)

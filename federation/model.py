@@ -80,7 +80,8 @@ MAX_INPUT_NAME = 1024             # characters of an input's path in the job's w
 MAX_JOB_INPUT_BYTES = 100 << 30   # all of one job's inputs together
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _RESERVED_INPUT_NAMES = {"stdout", "stderr", "script", "job.sh", "job.env", "exit", "exit.tmp", "launched",
-                         "cancelled", "submitting"}  # files the backends keep in a job's folder
+                         "cancelled", "submitting", ".aifed-launch.sh",
+                         ".aifed-slurm-job-id"}  # files the backends keep in a job's folder
 
 
 def check_input_name(name: str, kind: str = "input") -> str:

@@ -10,6 +10,7 @@ its `stdout` and `stderr`.
 from __future__ import annotations
 
 import abc
+import asyncio
 import errno
 import logging
 import os
@@ -69,6 +70,17 @@ class Backend(abc.ABC):
         # Puts a job's input files into its folder before it starts (the hub core sets it; raises OSError or
         # AifedError if it cannot: the job fails with that reason).
         self.stage_inputs: Callable[[Job, Path], None] = lambda job, folder: None
+        # Takes several changes at once (the hub journals them in one commit); without it, `on_change` each.
+        self.on_changes: Callable[[list[Change]], None] | None = None
+
+    def _report(self, changes: list[Change]) -> None:
+        if not changes:
+            return
+        if self.on_changes is not None:
+            self.on_changes(changes)
+        else:
+            for change in changes:
+                self.on_change(change)
 
     async def start(self) -> None:
         """Begin following the scheduler, after every unfinished job was handed to `recover`."""
@@ -76,6 +88,22 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def submit(self, job: Job) -> None:
         """Queue the job in `job.partition`. Report what follows through `on_change`; never wait for the job."""
+
+    async def submit_many(self, jobs: list[Job], wanted: Callable[[Job], bool] = lambda job: True) -> None:
+        """Queue several jobs (the jobs of one forwarded batch), `submit_concurrency` at a time. `wanted` is
+        asked just before each job goes out: a job cancelled meanwhile is not submitted."""
+        slots = asyncio.Semaphore(self.submit_concurrency)
+
+        async def one(job: Job) -> None:
+            async with slots:
+                if wanted(job):
+                    await self.submit(job)
+
+        if self.submit_concurrency > 1 and len(jobs) > 1:
+            await asyncio.gather(*(one(job) for job in jobs))
+        else:
+            for job in jobs:
+                await one(job)
 
     @abc.abstractmethod
     async def cancel(self, job_id: str) -> bool:

@@ -53,6 +53,7 @@ class HubCore:
         self.changes = Signal()  # the journal committed something: WatchChanges streams wake up
         self.journal = Journal(config.state_dir / "hub.sqlite", on_commit=self.changes.notify)
         self.backend: Backend = make_backend(config, self._on_change)
+        self.backend.on_changes = self._on_changes
         self.blobs = BlobStore(config.state_dir / "blobs",  # input files antennas staged here, by SHA-256
                                reserve_bytes=config.min_free_disk_mb * 1_000_000,
                                quota_bytes=config.data.quota_mb * 1_000_000, retention_s=config.data.retention_s)
@@ -346,21 +347,9 @@ class HubCore:
             elif not duplicate:
                 self.audit.record("accepted", who=who.uri, owner=job.owner, job=job.id, partition=job.partition,
                                   account=job.account, **({"moved_from": job.moved_from} if job.moved_from else {}))
-        slots = asyncio.Semaphore(self.backend.submit_concurrency)
-
-        async def hand_over(job: Job) -> None:
-            async with slots:
-                # Look again: a cancel that came while earlier jobs were handed over has ended this one.
-                if self.journal.state(job.id) in FINAL_STATES:
-                    return
-                log.debug("accepted job %s from %s for partition %s", job.id, who.site, job.partition)
-                await self.backend.submit(job)
-
-        if self.backend.submit_concurrency > 1 and len(created) > 1:
-            await asyncio.gather(*(hand_over(job) for job in created))
-        else:
-            for job in created:
-                await hand_over(job)
+        # Look again just before each job goes out: a cancel that came while earlier jobs were handed over has
+        # ended it.
+        await self.backend.submit_many(created, lambda job: self.journal.state(job.id) not in FINAL_STATES)
         if created:
             log.info("accepted %d job(s) from %s", len(created), who.site)
             for job in created:
@@ -533,6 +522,16 @@ class HubCore:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_changes(), name="hub changes")
 
+    def _on_changes(self, changes: list[Change]) -> None:
+        """Several changes at once: those with new backend references (the Slurm ids of an array's jobs) are
+        committed together, in one transaction, before this returns."""
+        if any(change.ref is not None for change in changes):
+            self._changes.extend(changes)
+            self._publish(self.journal.write(self._apply_changes(self._take_changes())))
+        else:
+            for change in changes:
+                self._on_change(change)
+
     def _commit_now(self, change: Change) -> None:
         self._changes.append(change)
         self._publish(self.journal.write(self._apply_changes(self._take_changes())))
@@ -631,7 +630,7 @@ def make_backend(config: HubConfig, on_change) -> Backend:
         env = {"SLURM_CONF": str(config.slurm_conf)} if config.slurm_conf else {}
         return SlurmBackend(config.partitions, on_change, workdir, CommandRunner(env, config.command_timeout_s),
                             accounts=config.accounts, poll_s=config.poll_interval_s,
-                            capacity_s=config.capacity_interval_s)
+                            capacity_s=config.capacity_interval_s, array_size=config.array_size)
     return LocalBackend(config.partitions, on_change, workdir, cpu_slots=config.cpu_slots,
                         kill_grace_s=config.kill_grace_s)
 

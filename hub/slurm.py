@@ -1,7 +1,9 @@
 """The Slurm backend: a hub's jobs run on the site's real Slurm cluster.
 
-Submission is `sbatch --parsable` of a script file the hub writes (user strings never pass through a shell),
-tagged with the federated job id (`--job-name` and `--comment=aifed:<id>`). States come from `squeue --json`
+Submission is `sbatch --parsable` of a script file the hub writes, tagged with the federated job id (`--job-name`
+and `--comment=aifed:<id>`). The jobs of one forwarded batch that ask for the same resources go as one Slurm job
+array (one `sbatch` for up to `backend.array_size` jobs): task N runs the job linked as N in the array's folder,
+from the job's own folder, with its own environment and arguments (quoted literally in a launcher file). States come from `squeue --json`
 (filtered here: Slurm 22.05 ignores `-j`), final states of jobs that left the queue from `sacct -c` (jobcomp
 works without slurmdbd), cancel is `scancel`. Capacity comes from `sinfo --json` and `squeue --json` and start
 estimates from `sbatch --test-only`, all cached and refreshed on a schedule that does not hammer slurmctld.
@@ -15,7 +17,11 @@ import asyncio
 import datetime as dt
 import logging
 import math
+import os
 import re
+import secrets
+import shlex
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -52,6 +58,15 @@ OFFERABLE = ("Priority", "Resources")  # pending only for its turn: a job held o
 DEGRADED_WAIT_S = 3600.0  # the start estimate of a site whose controller is down: it queues, but prefer others
 _START_AT = re.compile(r"to start at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)")
 _GRES_GPU = re.compile(r"gpu(?::[^:(,]+)?:(\d+)")
+ARRAYS = ".arrays"  # in the work folder: one folder per job array; its entry N links to the folder of task N's job
+LAUNCHER = ".aifed-launch.sh"  # in a job's folder: sets the job's environment and runs job.sh with its arguments
+TASK_ID_FILE = ".aifed-slurm-job-id"
+CANCELLED_MARK = "cancelled"  # in a job's folder: aifed cancelled this array task  # written by an array task when it starts: its own Slurm job id
+#: What Slurm tells the tasks of the array a job was grouped into; not the job's own business (an aifed array job
+#: gets its own values back from `JobSpec.array_env`).
+ARRAY_ENV_VARS = ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MAX",
+                  "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP")
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ARGV_SCRIPT = '#!/bin/sh\n# written by aifed: runs the job\'s command without a shell\nexec "$@"\n'
 
 
@@ -83,6 +98,38 @@ def exit_from_status(raw: int) -> int:
     return 128 + (raw & 0x7F) if raw & 0x7F else raw >> 8
 
 
+def array_tasks(spec: str) -> list[int]:
+    """The task indices of squeue's `array_task_string` ("1-3,7,9-15:2", maybe with a "%4" limit)."""
+    out: list[int] = []
+    for part in spec.split("%")[0].split(","):
+        if not part.strip():
+            continue
+        bounds, _, step = part.partition(":")
+        low, _, high = bounds.partition("-")
+        out.extend(range(int(low), int(high or low) + 1, int(step or 1)))
+    return out
+
+
+def entry_keys(entry: dict) -> list[str]:
+    """The Slurm ids that one squeue entry stands for: a job's id; `ARRAY_TASK` for a task of an array; one of
+    those per task for an array's tasks that are still pending together (one entry for all of them)."""
+    array = int(entry.get("array_job_id") or 0)
+    if not array:
+        return [str(entry.get("job_id"))]
+    if entry.get("array_task_id") is not None:
+        return [f"{array}_{entry['array_task_id']}"]
+    try:
+        return [f"{array}_{task}" for task in array_tasks(str(entry.get("array_task_string") or ""))]
+    except ValueError:
+        log.warning("squeue: cannot read the tasks %r of array %s", entry.get("array_task_string"), array)
+        return []
+
+
+def keyed(entries: list[dict]) -> dict[str, dict]:
+    """squeue's entries by the Slurm ids they stand for (`entry_keys`)."""
+    return {key: entry for entry in entries for key in entry_keys(entry)}
+
+
 def neutralize_directives(script: str) -> str:
     """The request, not the script, decides resources: `#SBATCH` (and `#PBS`, `#BSUB`, which sbatch also reads)
     lines become comments Slurm ignores."""
@@ -103,8 +150,9 @@ def _wait(start: float, now: float) -> float:
 @dataclass
 class _Tracked:
     job: Job
-    slurm_id: str
+    slurm_id: str            # `ARRAY_TASK` for a task of a job array
     state: JobState
+    task_id: str = ""        # an array task's own Slurm job id, once squeue has shown it
 
 
 class SlurmBackend(Backend):
@@ -114,12 +162,13 @@ class SlurmBackend(Backend):
 
     def __init__(self, partitions: tuple[PartitionConfig, ...], on_change: OnChange, workdir,
                  runner: CommandRunner, *, accounts: dict[str, str] | None = None, poll_s: float = 2.0,
-                 capacity_s: float = 10.0, job_env: dict[str, str] | None = None):
+                 capacity_s: float = 10.0, job_env: dict[str, str] | None = None, array_size: int = 256):
         super().__init__(partitions, on_change, workdir)
         self.runner = runner
         self.accounts = dict(accounts or {})
         self.poll_s, self.capacity_s = poll_s, capacity_s
         self.job_env = dict(job_env or {})
+        self.array_size = array_size
         self._tracked: dict[str, _Tracked] = {}            # job id -> its Slurm job
         self._waiting: list[Job] = []                       # not yet accepted by Slurm (controller down)
         self._usage: dict[str, PartitionUsage] = {}
@@ -165,6 +214,10 @@ class SlurmBackend(Backend):
         while True:
             await asyncio.sleep(self.capacity_s)
             await self._guarded(self.refresh_capacity)
+            try:
+                await asyncio.to_thread(self.sweep_arrays, self._busy())
+            except Exception:  # noqa: BLE001 - a folder left behind is only disk
+                log.exception("removing finished job arrays' folders failed")
 
     async def _guarded(self, step) -> None:
         try:
@@ -208,8 +261,8 @@ class SlurmBackend(Backend):
         if not mine:
             return []
         now, out = time.time(), []
-        for entry in await self._squeue():
-            job_id = mine.get(str(entry.get("job_id")))
+        for key, entry in keyed(await self._squeue()).items():
+            job_id = mine.get(key)
             start = int(entry.get("start_time") or 0)
             if job_id and entry.get("job_state") == "PENDING" and entry.get("state_reason") in OFFERABLE \
                     and start > 0:
@@ -223,7 +276,7 @@ class SlurmBackend(Backend):
         (self.folder(job_id) / WITHDRAWING).write_bytes(b"")
         try:
             await self.runner.run(["scontrol", "hold", t.slurm_id])
-            entry = next((e for e in await self._squeue() if str(e.get("job_id")) == t.slurm_id), None)
+            entry = keyed(await self._squeue()).get(t.slurm_id)
         except CommandError as exc:
             log.info("job %s: Slurm would not hold it (%s); it stays here", job_id, exc.stderr)
             await self._release(t, requeue=False)
@@ -285,32 +338,17 @@ class SlurmBackend(Backend):
         except (OSError, AifedError) as exc:
             self.on_change(Change(job.id, JobState.FAILED, reason=f"could not stage the job's inputs: {exc}"))
             return
-        mark.write_bytes(b"")  # from here on, a restart must look in Slurm before resubmitting
-        script = folder / "job.sh"
-        script.write_text(neutralize_directives(spec.script) if spec.script else ARGV_SCRIPT)
-        script.chmod(0o700)
+        mark.write_bytes(b"")  # from here on, a restart must look in Slurm before resubmitting (by this job's tag)
+        script = self._write_script(job, folder)
         # The job's environment travels in a file, never through sbatch's own environment: a user's PATH or
         # LD_PRELOAD must not choose which sbatch the hub runs, and the daemon's variables must not reach jobs.
-        job_env = {"PATH": self.runner.env.get("PATH", "/usr/bin:/bin"), **self.job_env, **spec.env,
-                   **spec.array_env(),
-                   "AIFED_JOB_ID": job.id, "AIFED_SITE": job.site, "AIFED_PARTITION": job.partition,
-                   "AIFED_GPUS": str(spec.gpus), "HOME": str(folder)}
         env_file = folder / "job.env"
-        env_file.write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in job_env.items()))
+        env_file.write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in self._job_env(job, folder).items()))
         argv = ["sbatch", "--parsable", "--ignore-pbs", f"--job-name={job.id}", f"--comment={TAG}{job.id}",
-                f"--partition={job.partition}", f"--time={format_duration(spec.walltime_s)}",
-                "--nodes=1", "--ntasks=1", f"--cpus-per-task={spec.cpus}", f"--chdir={folder}",
+                *self._resources(job), f"--chdir={folder}",
                 f"--output={folder / 'stdout'}", f"--error={folder / 'stderr'}",
-                f"--export-file={env_file}", "--export=AIFED_JOB_ID"]
-        if spec.gpus:
-            argv.append(f"--gres=gpu:{spec.gpus}")
-        if spec.memory_mb:
-            argv.append(f"--mem={spec.memory_mb}M")
-        # The hub's user map decides the account; without one, the project mapping in [backend.accounts].
-        account = job.account or (self.accounts.get(spec.project, "") if spec.project else "")
-        if account:
-            argv.append(f"--account={account}")
-        argv += [str(script), *(spec.script_args if spec.script else spec.argv)]
+                f"--export-file={env_file}", "--export=AIFED_JOB_ID",
+                str(script), *(spec.script_args if spec.script else spec.argv)]
         self._submitting.add(job.id)
         try:
             out = await self.runner.run(argv)
@@ -327,12 +365,207 @@ class SlurmBackend(Backend):
             self._submitting.discard(job.id)
         self._adopt(job, out.stdout.strip().split(";")[0])
 
+    def _write_script(self, job: Job, folder) -> object:
+        script = folder / "job.sh"
+        script.write_text(neutralize_directives(job.spec.script) if job.spec.script else ARGV_SCRIPT)
+        script.chmod(0o700)
+        return script
+
+    def _job_env(self, job: Job, folder) -> dict[str, str]:
+        spec = job.spec
+        return {"PATH": self.runner.env.get("PATH", "/usr/bin:/bin"), **self.job_env, **spec.env, **spec.array_env(),
+                "AIFED_JOB_ID": job.id, "AIFED_SITE": job.site, "AIFED_PARTITION": job.partition,
+                "AIFED_GPUS": str(spec.gpus), "HOME": str(folder)}
+
+    def _account(self, job: Job) -> str:
+        """The hub's user map decides the account; without one, the project mapping in [backend.accounts]."""
+        spec = job.spec
+        return job.account or (self.accounts.get(spec.project, "") if spec.project else "")
+
+    def _resources(self, job: Job) -> list[str]:
+        """sbatch's options for what the job asks for (the same for every job grouped into one array)."""
+        spec = job.spec
+        argv = [f"--partition={job.partition}", f"--time={format_duration(spec.walltime_s)}",
+                "--nodes=1", "--ntasks=1", f"--cpus-per-task={spec.cpus}"]
+        if spec.gpus:
+            argv.append(f"--gres=gpu:{spec.gpus}")
+        if spec.memory_mb:
+            argv.append(f"--mem={spec.memory_mb}M")
+        if account := self._account(job):
+            argv.append(f"--account={account}")
+        return argv
+
+    async def submit_many(self, jobs: list[Job], wanted=lambda job: True) -> None:
+        """Jobs that ask for the same partition, time, CPUs, GPUs, memory and account go as one job array (up to
+        `array_size` per sbatch); the others one by one. A job held for a hand-off, or whose earlier sbatch may
+        have reached Slurm, goes alone (`submit`)."""
+        singles: list[Job] = []
+        shapes: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            if self.array_size < 2 or job.id in self._withdrawn or job.id in self._uncertain:
+                singles.append(job)
+            else:
+                s = job.spec
+                shapes.setdefault((job.partition, s.walltime_s, s.cpus, s.gpus, s.memory_mb, self._account(job)),
+                                  []).append(job)
+        arrays: list[list[Job]] = []
+        for group in shapes.values():
+            for i in range(0, len(group), self.array_size):
+                chunk = group[i:i + self.array_size]
+                (arrays if len(chunk) > 1 else singles).append(chunk if len(chunk) > 1 else chunk[0])
+        slots = asyncio.Semaphore(self.submit_concurrency)
+
+        async def one(job: Job) -> None:
+            async with slots:
+                if wanted(job):
+                    await self.submit(job)
+
+        async def array(chunk: list[Job]) -> None:
+            async with slots:
+                chunk = [job for job in chunk if wanted(job)]
+                if len(chunk) > 1:
+                    await self._sbatch_array(chunk)
+                elif chunk:
+                    await self._sbatch(chunk[0])
+
+        await asyncio.gather(*map(one, singles), *map(array, arrays))
+
+    async def _sbatch_array(self, jobs: list[Job]) -> None:
+        """Submit jobs of one shape as one Slurm job array: task N runs the job linked as N in the array's folder.
+        If Slurm refuses the array, each job is submitted alone, so that each gets Slurm's own answer."""
+        if not self._health.ok:
+            self._waiting.extend(jobs)
+            return
+        name = f"array-{secrets.token_hex(6)}"
+        folder = self.workdir / ARRAYS / name
+        # Files are written in a worker thread: hundreds of them would stall every RPC of the hub meanwhile.
+        ready, alone, failed = await asyncio.to_thread(self._prepare_array, name, folder, jobs)
+        self._report([Change(job_id, JobState.FAILED, reason=f"could not stage the job's inputs: {why}")
+                      for job_id, why in failed])
+        if ready:
+            await self._submit_array(name, folder, ready)
+        for job in alone:
+            await self._sbatch(job)
+
+    def _prepare_array(self, name: str, folder, jobs: list[Job]) -> tuple[list[Job], list[Job], list[tuple]]:
+        """Each job's folder, inputs and launcher, and the array's folder linking to them. Returns the jobs ready
+        for the array, those that must go alone, and (job id, why) of those whose inputs could not be staged."""
+        folder.mkdir(parents=True)
+        ready, alone, failed = [], [], []
+        for job in jobs:
+            job_folder = self.folder(job.id)
+            job_folder.mkdir(parents=True, exist_ok=True)
+            try:
+                launcher = self._launcher(job, job_folder)
+            except ValueError:
+                alone.append(job)
+                continue
+            try:
+                self.stage_inputs(job, job_folder)
+            except (OSError, AifedError) as exc:
+                failed.append((job.id, exc))
+                continue
+            index = len(ready)
+            # From here on, a restart must look in Slurm (for this array, by its name) before resubmitting.
+            (job_folder / "submitting").write_text(f"{name} {index}\n")
+            if job.spec.script:
+                self._write_script(job, job_folder)
+            (job_folder / LAUNCHER).write_text(launcher)
+            (folder / str(index)).symlink_to(job_folder.resolve())
+            ready.append(job)
+        if len(ready) < 2:
+            shutil.rmtree(folder, ignore_errors=True)
+            return [], alone + ready, failed
+        return ready, alone, failed
+
+    def _launcher(self, job: Job, folder) -> str:
+        """The script an array task runs from the job's folder: the job's environment, then its command (or
+        job.sh with its arguments). Every value is quoted literally (single quotes): the shell expands none."""
+        spec, q = job.spec, shlex.quote
+        env = self._job_env(job, folder)
+        if not all(_SHELL_NAME.fullmatch(k) for k in env):
+            raise ValueError("an environment variable name a shell cannot set")
+        command = ["./job.sh", *spec.script_args] if spec.script else list(spec.argv)
+        return "\n".join([
+            f"# written by aifed: the environment and command of job {job.id}, a task of a Slurm job array",
+            "unset " + " ".join(ARRAY_ENV_VARS),
+            *(f"export {k}={q(v)}" for k, v in env.items()),
+            "exec " + " ".join(map(q, command)), ""])
+
+    async def _submit_array(self, name: str, folder, jobs: list[Job]) -> None:
+        wrapper = folder / "task.sh"
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            f"# written by aifed: task N of Slurm array {name} runs the job whose folder {folder}/N links to\n"
+            f'cd -P {shlex.quote(str(folder))}/"$SLURM_ARRAY_TASK_ID" || exit 1\n'
+            f'echo "$SLURM_JOB_ID" > {TASK_ID_FILE}\n'
+            f"exec /bin/sh ./{LAUNCHER}\n")
+        env_file = folder / "task.env"
+        env_file.write_bytes(f"PATH={self.runner.env.get('PATH', '/usr/bin:/bin')}".encode() + b"\0")
+        argv = ["sbatch", "--parsable", "--ignore-pbs", f"--job-name={name}", f"--comment={TAG}{name}",
+                f"--array=0-{len(jobs) - 1}", *self._resources(jobs[0]), f"--chdir={folder}",
+                f"--output={folder}/%a/stdout", f"--error={folder}/%a/stderr",
+                f"--export-file={env_file}", "--export=AIFED_JOB_ID", str(wrapper)]
+        ids = {job.id for job in jobs}
+        self._submitting |= ids
+        try:
+            out = await self.runner.run(argv)
+        except SchedulerUnavailable as exc:
+            self._degraded(exc)
+            self._uncertain |= ids
+            self._waiting.extend(jobs)
+            log.info("%d job(s) wait at the hub: %s", len(jobs), exc.stderr)
+            return
+        except CommandError as exc:
+            log.warning("Slurm refused job array %s (%s); submitting its %d jobs one by one", name, exc.stderr,
+                        len(jobs))
+            shutil.rmtree(folder, ignore_errors=True)
+            self._submitting -= ids
+            for job in jobs:
+                await self._sbatch(job)
+            return
+        finally:
+            self._submitting -= ids
+        array_id = out.stdout.strip().split(";")[0]
+        log.info("%d job(s) went to Slurm as job array %s (%s)", len(jobs), array_id, name)
+        self._adopt_all([(job, f"{array_id}_{index}") for index, job in enumerate(jobs)])
+
+    def sweep_arrays(self, busy: set[str], min_age_s: float = 60.0) -> int:
+        """Remove the folders of job arrays older than `min_age_s` none of whose jobs is `busy`; how many."""
+        root = self.workdir / ARRAYS
+        removed, now = 0, time.time()
+        for folder in (root.iterdir() if root.is_dir() else ()):
+            try:
+                if folder.lstat().st_mtime > now - min_age_s:
+                    continue
+                linked = {os.path.basename(os.readlink(link)) for link in folder.iterdir() if link.is_symlink()}
+                if linked & busy:
+                    continue
+                shutil.rmtree(folder)
+                removed += 1
+            except OSError as exc:
+                log.warning("job array folder %s: %s", folder, exc)
+        return removed
+
+    def _busy(self) -> set[str]:
+        """The jobs this backend still follows or will submit."""
+        return set(self._tracked) | set(self._withdrawn) | set(self._unreleased) | self._submitting | {
+            job.id for job in self._waiting}
+
     def _adopt(self, job: Job, slurm_id: str) -> None:
-        self._tracked[job.id] = _Tracked(job, slurm_id, JobState.QUEUED)
-        self.on_change(Change(job.id, JobState.QUEUED, reason=f"Slurm job {slurm_id}", ref=slurm_id))
-        if job.id in self._cancel_when_submitted:
-            self._cancel_when_submitted.discard(job.id)
-            asyncio.get_running_loop().create_task(self._scancel(slurm_id))
+        self._adopt_all([(job, slurm_id)])
+
+    def _adopt_all(self, submitted: list[tuple[Job, str]]) -> None:
+        """Follow jobs Slurm took, and report their Slurm ids together (one journal commit for an array)."""
+        for job, slurm_id in submitted:
+            self._tracked[job.id] = _Tracked(job, slurm_id, JobState.QUEUED)
+        self._report([Change(job.id, JobState.QUEUED, reason=f"Slurm job {slurm_id}", ref=slurm_id)
+                      for job, slurm_id in submitted])
+        for job, slurm_id in submitted:
+            if job.id in self._cancel_when_submitted:
+                self._cancel_when_submitted.discard(job.id)
+                self._mark_cancelled(self._tracked[job.id])
+                asyncio.get_running_loop().create_task(self._scancel(slurm_id))
 
     async def _scancel(self, slurm_id: str) -> None:
         try:
@@ -359,9 +592,16 @@ class SlurmBackend(Backend):
         tracked = self._tracked.get(job_id)
         if tracked is None:
             return False
+        self._mark_cancelled(tracked)
         await self.runner.run(["scancel", tracked.slurm_id])
         self._wake.set()
         return True
+
+    def _mark_cancelled(self, t: _Tracked) -> None:
+        """An array task cancelled while it waits with others leaves no trace in Slurm (no squeue entry, no
+        record for sacct): the job's folder remembers that aifed cancelled it, across a restart too."""
+        if "_" in t.slurm_id:
+            (self.folder(t.job.id) / CANCELLED_MARK).write_bytes(b"")
 
     async def recover(self, job: Job, ref: str) -> Change | None:
         """Follow a job with a Slurm id; one whose sbatch may have run is looked up by its tag before it is
@@ -380,15 +620,24 @@ class SlurmBackend(Backend):
         return None
 
     async def _find_by_tag(self, job_id: str) -> str | None:
+        """The Slurm id of a job whose sbatch went unanswered: found by its name, or by the name of the job
+        array it was sent in (then `ARRAY_TASK`, the task index kept in the job's folder)."""
+        try:  # an array's sbatch leaves "<array name> <task index>" in the mark, a job's own sbatch nothing
+            name, index = (self.folder(job_id) / "submitting").read_text().split()
+        except (OSError, ValueError):
+            name, index = job_id, ""
         for entry in await self._squeue():
-            if entry.get("comment") == TAG + job_id or entry.get("name") == job_id:
-                return str(entry["job_id"])
+            if entry.get("comment") == TAG + name or entry.get("name") == name:
+                return f"{entry.get('array_job_id') or entry['job_id']}_{index}" if index else str(entry["job_id"])
         # jobcomp/filetxt ignores sacct's --name filter: match the name here.
-        out = await self.runner.run(["sacct", "-c", "-n", "-P", f"--name={job_id}", "--format=JobID,JobName"],
+        out = await self.runner.run(["sacct", "-c", "-n", "-P", f"--name={name}", "--format=JobID,JobName"],
                                     check=False)
         ids = [line.split("|")[0] for line in out.stdout.splitlines()
-               if line.count("|") == 1 and line.split("|")[1] == job_id and line.split("|")[0].isdigit()]
-        return ids[-1] if ids else None
+               if line.count("|") == 1 and line.split("|")[1] == name and line.split("|")[0].isdigit()]
+        if not ids:
+            return None
+        # An array's first id is its own: its tasks that were split off got later ones.
+        return f"{min(map(int, ids))}_{index}" if index else ids[-1]
 
     async def ping(self) -> bool:
         """`scontrol ping` answers at once even when slurmctld is down (other commands block for seconds)."""
@@ -423,7 +672,7 @@ class SlurmBackend(Backend):
         if not self._tracked:
             return
         tracked = list(self._tracked.items())  # judged against a squeue taken after this: none is missed
-        queue = {str(e["job_id"]): e for e in await self._squeue()}
+        queue = keyed(await self._squeue())
         gone = []
         for job_id, t in tracked:
             if self._tracked.get(job_id) is not t:
@@ -432,6 +681,8 @@ class SlurmBackend(Backend):
             if entry is None:
                 gone.append(t)
                 continue
+            if entry.get("array_task_id") is not None:
+                t.task_id = str(entry["job_id"])
             state = map_state(str(entry.get("job_state", "")))
             if state.final:
                 gone.append(t)  # sacct has the exit code as code:signal
@@ -442,20 +693,37 @@ class SlurmBackend(Backend):
         if gone:
             await self._finish(gone, queue)
 
+    def _own_id(self, t: _Tracked) -> str:
+        """The Slurm job id sacct knows a job by: an array task's own id, from squeue or from the file the task
+        wrote when it started ("" if it never started and squeue no longer shows it)."""
+        if "_" not in t.slurm_id:
+            return t.slurm_id
+        if not t.task_id:
+            try:
+                text = (self.folder(t.job.id) / TASK_ID_FILE).read_text().strip()
+                t.task_id = text if text.isdigit() else ""
+            except OSError:
+                pass
+        return t.task_id
+
     async def _finish(self, gone: list[_Tracked], queue: dict) -> None:
-        out = await self.runner.run(["sacct", "-c", "-n", "-P", "-j", ",".join(t.slurm_id for t in gone),
-                                     "--format=JobID,State,ExitCode"], check=False)
+        ids = {t.job.id: self._own_id(t) for t in gone}
         final = {}
-        for line in out.stdout.splitlines():
-            parts = line.split("|")
-            if len(parts) == 3:
-                final[parts[0]] = (parts[1], exit_from_sacct(parts[2]))
+        if known := sorted({i for i in ids.values() if i}):
+            out = await self.runner.run(["sacct", "-c", "-n", "-P", "-j", ",".join(known),
+                                         "--format=JobID,State,ExitCode"], check=False)
+            for line in out.stdout.splitlines():
+                parts = line.split("|")
+                if len(parts) == 3:
+                    final[parts[0]] = (parts[1], exit_from_sacct(parts[2]))
         for t in gone:
-            if t.slurm_id in final:
-                slurm_state, code = final[t.slurm_id]
+            if ids[t.job.id] in final:
+                slurm_state, code = final[ids[t.job.id]]
             elif t.slurm_id in queue:  # final in squeue, not yet in the jobcomp file
                 entry = queue[t.slurm_id]
                 slurm_state, code = str(entry.get("job_state", "")), exit_from_status(int(entry.get("exit_code", 0)))
+            elif not ids[t.job.id] and (self.folder(t.job.id) / CANCELLED_MARK).exists():
+                slurm_state, code = "CANCELLED", None  # a pending array task aifed cancelled: gone without a trace
             else:
                 del self._tracked[t.job.id]
                 self.on_change(Change(t.job.id, JobState.LOST, reason=f"Slurm job {t.slurm_id} vanished: "
@@ -498,13 +766,14 @@ class SlurmBackend(Backend):
             total = sum(gpu_count(n.get("gres", "")) for n in members)
             used = sum(gpu_count(n.get("gres_used", "")) for n in members)
             mine = [j for j in jobs if j.get("partition") == name]
-            pending = [j for j in mine if j.get("job_state") == "PENDING"]
+            pending = [(j, len(entry_keys(j)) if j.get("array_job_id") else 1) for j in mine
+                       if j.get("job_state") == "PENDING"]
             usage[name] = PartitionUsage(
                 name=name, gpus_total=total, gpus_free=max(0, total - used),
                 running_jobs=sum(1 for j in mine if map_state(str(j.get("job_state", ""))) is JobState.RUNNING),
-                pending_jobs=len(pending),
-                pending_gpu_seconds=float(sum(gpu_count(str(j.get("tres_per_node", ""))) * int(j.get(
-                    "node_count", 1) or 1) * 60 * int(j.get("time_limit", 0) or 0) for j in pending)))
+                pending_jobs=sum(n for _, n in pending),
+                pending_gpu_seconds=float(sum(n * gpu_count(str(j.get("tres_per_node", ""))) * int(j.get(
+                    "node_count", 1) or 1) * 60 * int(j.get("time_limit", 0) or 0) for j, n in pending)))
         self._usage = usage
 
     def usage(self) -> list[PartitionUsage]:

@@ -13,6 +13,7 @@ import pytest
 
 from federation.balance import Move, Waiting
 from federation.model import JobSpec, JobState
+from hub.slurm import keyed
 from tests.conftest import Federation, eventually, slurm_hub_config
 from tests.test_balance import HOUR, _at, balance, operator
 
@@ -22,8 +23,14 @@ def squeue(lab) -> dict[str, dict]:
 
 
 def _squeue_env(env) -> dict[str, dict]:
+    """squeue's entries by Slurm id (an array task's `ARRAY_TASK` included)."""
     out = subprocess.run(["squeue", "--json"], env={**env}, capture_output=True, check=True, text=True)
-    return {str(j["job_id"]): j for j in json.loads(out.stdout)["jobs"]}
+    return keyed(json.loads(out.stdout)["jobs"])
+
+
+def sbatched(queue: dict[str, dict], job_id: str, slurm_id: str) -> list[str]:
+    """The Slurm ids under which a job is in Slurm: by its own name (an sbatch of its own), or `slurm_id`."""
+    return sorted(key for key, e in queue.items() if e.get("name") == job_id or key == slurm_id)
 
 
 @pytest.fixture
@@ -90,7 +97,7 @@ async def test_a_job_waiting_in_slurm_moves_to_the_idle_peer_and_runs_only_there
     # In Slurm it was held, then cancelled: it can never start there.
     queue = squeue(slurm_lab)
     assert queue[slurm_id]["job_state"] == "CANCELLED", queue[slurm_id]
-    assert [e["job_id"] for e in queue.values() if e.get("name") == jobs[2].id] == [int(slurm_id)]  # one sbatch
+    assert sbatched(queue, jobs[2].id, slurm_id) == [slurm_id]  # sent to Slurm once
     assert not (leonardo.backend.folder(jobs[2].id) / "withdrawn").exists()
     # The other waiting job is still Slurm's, pending and not held.
     assert queue[leonardo.backend._tracked[jobs[1].id].slurm_id]["state_reason"] != "JobHeldAdmin"
@@ -110,7 +117,7 @@ async def test_a_refused_hand_off_releases_the_held_slurm_job(slurm_crowded, slu
     assert back.state is JobState.QUEUED and "did not take it" in back.reason
     entry = squeue(slurm_lab)[slurm_id]  # the same Slurm job, released: no second sbatch
     assert entry["job_state"] == "PENDING" and entry["state_reason"] != "JobHeldAdmin", entry
-    assert [e["job_id"] for e in squeue(slurm_lab).values() if e.get("name") == job.id] == [int(slurm_id)]
+    assert sbatched(squeue(slurm_lab), job.id, slurm_id) == [slurm_id]
     assert job.id in dict(await eventually(lambda: _waits(leonardo, {job.id}), 30))
     for j in jobs:
         await f.client("alice").cancel(j.id)

@@ -605,3 +605,17 @@ def test_data_quotas_and_retention_are_parsed_and_checked(folder):
         with pytest.raises(ConfigError) as err:
             loader(write(folder, base + "\n[data]\n" + text + "\n", name))
         assert err.value.key == key and says in err.value.problem, (text, err.value)
+
+
+@pytest.mark.parametrize("value, says", [("0", "must be 1 to 10000"), ("20000", "must be 1 to 10000"),
+                                          ('"big"', "must be a int")])
+def test_array_size_is_bounded(folder, value, says):
+    text = edit(HUB, 'type = "local"\nkill_grace = "5s"\n', f'type = "slurm"\narray_size = {value}\n')
+    config_error(load_hub, write(folder, text), "backend.array_size", says)
+
+
+def test_array_size_is_for_slurm_and_loads(folder):
+    config_error(load_hub, write(folder, edit(HUB, "cpu_slots = 16", "cpu_slots = 16\narray_size = 8")),
+                 "backend.array_size", 'applies only to type = "slurm"')
+    slurm = edit(HUB, 'type = "local"\nkill_grace = "5s"\n', 'type = "slurm"\narray_size = 8\n')
+    assert load_hub(write(folder, slurm)).array_size == 8

@@ -525,7 +525,7 @@ def toml_document(doc: dict) -> str:
 
 CONFIG_KEYS = ["hub", "antenna", "client", "tls", "backend", "partitions", "hubs", "site", "federation", "listen",
                "state_dir", "services", "sectors", "access_modes", "advert_ttl", "retention", "type", "kill_grace",
-               "cpu_slots", "slurm_conf", "poll_interval", "capacity_interval", "command_timeout", "accounts",
+               "cpu_slots", "slurm_conf", "poll_interval", "capacity_interval", "command_timeout", "array_size", "accounts",
                "name", "gpus", "gpu_model", "max_walltime", "endpoint", "ca", "cert", "key"]
 CONFIG_STRINGS = ["leonardo", "eurohpc.test", "127.0.0.1:50051", "127.0.0.1:0", "0.0.0.0:65535", "host:65536",
                   "[::1]:50051", ":50051", "127.0.0.1:", "local", "slurm", "hold", "30s", "1-00:00:00", "10",

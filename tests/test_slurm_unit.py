@@ -12,8 +12,8 @@ import pytest
 from federation.config import PartitionConfig
 from federation.model import Job, JobSpec, JobState
 from hub.commands import CommandError, Result, SchedulerUnavailable
-from hub.slurm import (SLURM_STATES, SlurmBackend, exit_from_sacct, exit_from_status, gpu_count, map_state,
-                       neutralize_directives)
+from hub.slurm import (SLURM_STATES, SlurmBackend, array_tasks, entry_keys, exit_from_sacct, exit_from_status,
+                       gpu_count, map_state, neutralize_directives)
 
 
 class FakeRunner:
@@ -251,3 +251,161 @@ async def test_the_user_maps_account_wins_over_the_project_mapping(tmp_path):
     plain = replace(job(argv=("true",)), id="antenna-a-abc124")
     await backend.submit(plain)
     assert not any(a.startswith("--account") for a in runner.calls[-1][0])  # no map, no project: none
+
+
+# -- job arrays: the jobs of one batch that ask for the same resources go in one sbatch --------------------------
+
+UP = Result("Slurmctld(primary) at vm is UP\n", "")
+
+
+def jobs_of(n: int, **spec) -> list[Job]:
+    return [replace(job(**{"argv": ("echo", f"job {i}"), **spec}), id=f"antenna-a-arr{i}") for i in range(n)]
+
+
+@pytest.mark.parametrize("text,tasks", [("1-3,7", [1, 2, 3, 7]), ("0-8:4%2", [0, 4, 8]), ("5", [5]), ("", [])])
+def test_squeue_array_task_strings(text, tasks):
+    assert array_tasks(text) == tasks
+
+
+def test_squeue_entries_stand_for_jobs_tasks_and_pending_tasks_together():
+    assert entry_keys({"job_id": 7, "array_job_id": 0}) == ["7"]
+    assert entry_keys({"job_id": 12, "array_job_id": 9, "array_task_id": 3}) == ["9_3"]
+    assert entry_keys({"job_id": 9, "array_job_id": 9, "array_task_id": None, "array_task_string": "1-2,4"}) == [
+        "9_1", "9_2", "9_4"]
+    assert entry_keys({"job_id": 9, "array_job_id": 9, "array_task_string": "x-y"}) == []  # unreadable: warned
+
+
+async def test_same_shaped_jobs_go_as_one_array_and_the_odd_one_alone(tmp_path):
+    runner = FakeRunner()
+    runner.on("sbatch --parsable --ignore-pbs --job-name=array-", Result("40\n", ""))
+    runner.on("sbatch --parsable", Result("50\n", ""))
+    backend, changes = make(tmp_path, runner)
+    jobs = jobs_of(3)
+    odd = replace(job(argv=("true",), gpus=2), id="antenna-a-odd")
+    await backend.submit_many([*jobs, odd])
+    sbatches = [a for a, _ in runner.calls if a[0] == "sbatch"]
+    assert len(sbatches) == 2
+    array = next(a for a in sbatches if "--array=0-2" in a)
+    assert "--partition=gpu" in array and "--time=01:30:00" in array
+    folder = tmp_path / ".arrays" / next(a.split("=", 1)[1] for a in array if a.startswith("--job-name="))
+    assert f"--output={folder}/%a/stdout" in array
+    assert {c.job_id: c.ref for c in changes} == {**{j.id: f"40_{i}" for i, j in enumerate(jobs)},
+                                                  odd.id: "50"}
+    for i, j in enumerate(jobs):  # task i runs job i's launcher, from the job's folder
+        assert (folder / str(i)).resolve() == (tmp_path / j.id).resolve()
+        assert (tmp_path / j.id / "submitting").read_text().split() == [folder.name, str(i)]
+    task = (folder / "task.sh").read_text()
+    assert 'cd -P' in task and "exec /bin/sh ./.aifed-launch.sh" in task
+
+
+async def test_an_array_task_runs_its_own_command_and_environment_literally(tmp_path):
+    """What the launcher does, run by a real shell: arguments and values reach the job as they are."""
+    import os
+    import subprocess
+    runner = FakeRunner()
+    runner.on("sbatch --parsable", Result("40\n", ""))
+    backend, _ = make(tmp_path, runner)
+    nasty = "it's $HOME; `touch pwned` \"q\" \\ * \n next"
+    jobs = [replace(job(argv=("sh", "-c", 'printf "%s|%s|%s" "$1" "$FOO" "${SLURM_ARRAY_TASK_ID-unset}"', "x",
+                                nasty), env={"FOO": nasty}), id="antenna-a-lit0"),
+            replace(job(argv=("true",)), id="antenna-a-lit1")]
+    await backend.submit_many(jobs)
+    folder = tmp_path / jobs[0].id
+    out = subprocess.run(["/bin/sh", str(folder / ".aifed-launch.sh")], cwd=folder, capture_output=True, text=True,
+                         env={"PATH": os.environ["PATH"], "SLURM_ARRAY_TASK_ID": "0"}, check=True)
+    assert out.stdout == f"{nasty}|{nasty}|unset"
+    assert not (folder / "pwned").exists()
+
+
+async def test_a_refused_array_is_sent_job_by_job_with_slurms_own_answer_each(tmp_path):
+    runner = FakeRunner()
+    runner.on("sbatch --parsable --ignore-pbs --job-name=array-", CommandError(
+        ["sbatch"], 1, "sbatch: error: Batch job submission failed: Invalid job array specification"))
+    numbers = iter(range(60, 70))
+    runner.on("sbatch --parsable", lambda argv: Result(f"{next(numbers)}\n", ""))
+    backend, changes = make(tmp_path, runner)
+    jobs = jobs_of(3)
+    await backend.submit_many(jobs)
+    assert [c.ref for c in changes] == ["60", "61", "62"]
+    assert not any((tmp_path / j.id / "submitting").read_text() for j in jobs)  # each its own sbatch now
+    assert not list((tmp_path / ".arrays").iterdir())
+
+
+async def test_an_unanswered_array_sbatch_is_found_by_the_arrays_name_not_sent_again(tmp_path):
+    runner = FakeRunner()
+    runner.on("sbatch --parsable", SchedulerUnavailable(["sbatch"], -9, "timed out after 30s"))
+    backend, changes = make(tmp_path, runner)
+    jobs = jobs_of(2)
+    await backend.submit_many(jobs)
+    assert changes == [] and not backend.health().ok
+    name = (tmp_path / jobs[0].id / "submitting").read_text().split()[0]
+    runner.rules = [("scontrol ping", UP),
+                    ("squeue --json", squeue({"job_id": 81, "array_job_id": 80, "array_task_id": 0,
+                                              "job_state": "RUNNING", "name": name, "comment": f"aifed:{name}"},
+                                             {"job_id": 80, "array_job_id": 80, "array_task_string": "1",
+                                              "job_state": "PENDING", "name": name, "comment": f"aifed:{name}"})),
+                    ("sbatch --parsable", Result("99\n", ""))]
+    await backend.poll()
+    assert [(c.job_id, c.ref) for c in changes if c.ref] == [(jobs[0].id, "80_0"), (jobs[1].id, "80_1")]
+    assert sum(1 for a, _ in runner.calls if a[:2] == ["sbatch", "--parsable"]) == 1
+    assert [c.state for c in changes if c.job_id == jobs[0].id][-1] is JobState.RUNNING
+
+
+async def test_array_tasks_are_followed_to_their_end_by_their_own_slurm_ids(tmp_path):
+    runner = FakeRunner()
+    runner.on("scontrol ping", UP)
+    backend, changes = make(tmp_path, runner)
+    a, b, c = jobs_of(3)
+    for j, ref in ((a, "80_0"), (b, "80_1"), (c, "80_2")):
+        (tmp_path / j.id).mkdir()
+        await backend.recover(j, ref)
+    # a started (squeue names its own id); b and c still pending together.
+    runner.rules.insert(0, ("squeue --json", squeue(
+        {"job_id": 81, "array_job_id": 80, "array_task_id": 0, "job_state": "RUNNING"},
+        {"job_id": 80, "array_job_id": 80, "array_task_string": "1-2", "job_state": "PENDING"})))
+    await backend.poll()
+    assert [(ch.job_id, ch.state) for ch in changes] == [(a.id, JobState.RUNNING)]
+    # Then all three left squeue (a hub that was down longer than MinJobAge): a by the id squeue showed, b by the
+    # id its task wrote when it started; c never started and nothing knows it.
+    (tmp_path / b.id / ".aifed-slurm-job-id").write_text("82\n")
+    runner.rules[0] = ("squeue --json", squeue())
+    runner.on("sacct", Result("81|COMPLETED|0:0\n82|FAILED|4:0\n", ""))
+    await backend.poll()
+    sacct = [x for x, _ in runner.calls if x[0] == "sacct"][-1]
+    assert sacct[sacct.index("-j") + 1] == "81,82"
+    final = {ch.job_id: (ch.state, ch.exit_code) for ch in changes[1:] if ch.state.final}
+    assert final[a.id] == (JobState.COMPLETED, 0) and final[b.id] == (JobState.FAILED, 4)
+    assert final[c.id][0] is JobState.LOST
+
+
+async def test_capacity_counts_each_pending_task_of_an_array(tmp_path):
+    runner = FakeRunner()
+    runner.on("scontrol ping", UP)
+    runner.on("sinfo --json", Result(orjson.dumps({"nodes": [{"partitions": ["gpu"], "gres": "gpu:8",
+                                                             "gres_used": "gpu:8"}], "errors": []}).decode(), ""))
+    runner.on("squeue --json", squeue({"job_id": 9, "array_job_id": 9, "array_task_string": "0-4",
+                                       "job_state": "PENDING", "partition": "gpu", "tres_per_node": "gres:gpu:2",
+                                       "time_limit": 10}))
+    backend, _ = make(tmp_path, runner)
+    await backend.refresh_capacity()
+    usage = backend.usage()[0]
+    assert usage.pending_jobs == 5 and usage.pending_gpu_seconds == 5 * 2 * 600
+
+
+async def test_array_folders_go_once_none_of_their_jobs_is_followed(tmp_path):
+    import os
+    runner = FakeRunner()
+    runner.on("sbatch --parsable", Result("40\n", ""))
+    backend, _ = make(tmp_path, runner)
+    jobs = jobs_of(2)
+    await backend.submit_many(jobs)
+    (folder,) = (tmp_path / ".arrays").iterdir()
+    assert backend.sweep_arrays(backend._busy(), min_age_s=0) == 0  # its jobs are followed
+    del backend._tracked[jobs[0].id]
+    assert backend.sweep_arrays(backend._busy(), min_age_s=0) == 0  # one still is
+    del backend._tracked[jobs[1].id]
+    assert backend.sweep_arrays(backend._busy(), min_age_s=60) == 0  # too young
+    old = time.time() - 120
+    os.utime(folder, (old, old), follow_symlinks=False)
+    assert backend.sweep_arrays(backend._busy(), min_age_s=60) == 1
+    assert not folder.exists() and (tmp_path / jobs[0].id / ".aifed-launch.sh").exists()  # the jobs' folders stay
