@@ -68,12 +68,16 @@ def job_to_json(job: Job) -> bytes:
     })
 
 
+_STATES = {int(s): s for s in JobState}  # a dict lookup costs a tenth of calling the enum
+_MODES = {int(m): m for m in AccessMode}
+
+
 def job_from_json(data: bytes) -> Job:
     d = orjson.loads(data)
     s = d["spec"]
     spec = JobSpec(argv=tuple(s["argv"]), script=s["script"], script_args=tuple(s["script_args"]), env=s["env"],
                    name=s["name"], gpus=s["gpus"], cpus=s["cpus"], memory_mb=s["memory_mb"],
-                   walltime_s=s["walltime_s"], partition=s["partition"], access_mode=AccessMode(s["access_mode"]),
+                   walltime_s=s["walltime_s"], partition=s["partition"], access_mode=_MODES[s["access_mode"]],
                    project=s["project"], site=s["site"], array_job=s.get("array_job", ""),
                    array_task=s.get("array_task", 0), sector=s.get("sector", ""),
                    sector_required=s.get("sector_required", False), prefer=tuple(s.get("prefer", ())),
@@ -81,9 +85,9 @@ def job_from_json(data: bytes) -> Job:
                    inputs=tuple(InputFile(f[0], f[1], f[2], tuple(f[3]) if len(f) > 3 else ())
                                 for f in s.get("inputs", ())),
                    outputs=tuple(s.get("outputs", ())))
-    return Job(id=d["id"], spec=spec, state=JobState(d["state"]), owner=d["owner"], antenna=d["antenna"],
+    return Job(id=d["id"], spec=spec, state=_STATES[d["state"]], owner=d["owner"], antenna=d["antenna"],
                site=d["site"], partition=d["partition"], exit_code=d["exit_code"], reason=d["reason"],
-               history=tuple(Transition(JobState(st), at, r) for st, at, r in d["history"]),
+               history=tuple(Transition(_STATES[st], at, r) for st, at, r in d["history"]),
                created_at=d["created_at"], updated_at=d["updated_at"], account=d.get("account", ""),
                country=d.get("country", ""), alternatives=tuple(d.get("alternatives", ())),
                moved_from=d.get("moved_from", ""), moved_to=d.get("moved_to", ""))

@@ -45,7 +45,9 @@ class CommandRunner:
         base = {k: v for k, v in os.environ.items()
                 if k == "SLURM_CONF" or not k.startswith(("SBATCH_", "SLURM_", "SALLOC_", "SRUN_", "SQUEUE_",
                                                           "SINFO_", "SACCT_", "SCANCEL_"))}
-        self.env = {**base, **(env or {}), "SLURM_TIME_FORMAT": "standard"}
+        # SLURM_BITSTR_LEN=0: squeue lists an array's waiting tasks in full ("3-66,69,...") instead of cutting
+        # the list at 64 characters.
+        self.env = {**base, **(env or {}), "SLURM_TIME_FORMAT": "standard", "SLURM_BITSTR_LEN": "0"}
         self.timeout = timeout
 
     async def run(self, argv: list[str], *, env: dict[str, str] | None = None, timeout: float | None = None,

@@ -60,13 +60,23 @@ _START_AT = re.compile(r"to start at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)")
 _GRES_GPU = re.compile(r"gpu(?::[^:(,]+)?:(\d+)")
 ARRAYS = ".arrays"  # in the work folder: one folder per job array; its entry N links to the folder of task N's job
 LAUNCHER = ".aifed-launch.sh"  # in a job's folder: sets the job's environment and runs job.sh with its arguments
-TASK_ID_FILE = ".aifed-slurm-job-id"
-CANCELLED_MARK = "cancelled"  # in a job's folder: aifed cancelled this array task  # written by an array task when it starts: its own Slurm job id
+TASK_ID_FILE = ".aifed-slurm-job-id"  # written by an array task when it starts: its own Slurm job id
+CANCELLED_MARK = "cancelled"  # in a job's folder: aifed cancelled this array task
 #: What Slurm tells the tasks of the array a job was grouped into; not the job's own business (an aifed array job
 #: gets its own values back from `JobSpec.array_env`).
 ARRAY_ENV_VARS = ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MAX",
                   "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP")
 _SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: Variables a job with its own sbatch may set but a launcher could not set alike: names a shell keeps for itself
+#: (bash, as /bin/sh on some clusters, refuses `export UID=...`), and the GPUs Slurm grants, which an export
+#: in the launcher would override. A job that sets one goes with its own sbatch.
+_NOT_IN_LAUNCHER = frozenset({
+    "UID", "EUID", "PPID", "SHELLOPTS", "BASHOPTS", "BASH_VERSINFO", "BASHPID", "GROUPS", "FUNCNAME", "BASH_ARGV",
+    "BASH_ARGC", "BASH_ARGV0", "BASH_SOURCE", "BASH_LINENO", "BASH_COMMAND", "BASH_SUBSHELL", "PIPESTATUS",
+    "RANDOM", "SRANDOM", "SECONDS", "LINENO", "EPOCHSECONDS", "EPOCHREALTIME", "HISTCMD", "IFS", "PS4", "ENV",
+    "BASH_ENV", "CDPATH", "OPTIND", "OPTARG", "PWD", "OLDPWD", "SHLVL", "POSIXLY_CORRECT",
+    "CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL",
+    "ZE_AFFINITY_MASK"})
 ARGV_SCRIPT = '#!/bin/sh\n# written by aifed: runs the job\'s command without a shell\nexec "$@"\n'
 
 
@@ -111,7 +121,7 @@ def array_tasks(spec: str) -> list[int]:
 
 
 def entry_keys(entry: dict) -> list[str]:
-    """The Slurm ids that one squeue entry stands for: a job's id; `ARRAY_TASK` for a task of an array; one of
+    """The Slurm ids that one squeue entry stands for: a job's id; `<array id>_<task index>` for a task of an array; one of
     those per task for an array's tasks that are still pending together (one entry for all of them)."""
     array = int(entry.get("array_job_id") or 0)
     if not array:
@@ -150,7 +160,7 @@ def _wait(start: float, now: float) -> float:
 @dataclass
 class _Tracked:
     job: Job
-    slurm_id: str            # `ARRAY_TASK` for a task of a job array
+    slurm_id: str            # `<array id>_<task index>` for a task of a job array
     state: JobState
     task_id: str = ""        # an array task's own Slurm job id, once squeue has shown it
 
@@ -182,6 +192,8 @@ class SlurmBackend(Backend):
         self._withdrawn: dict[str, _Tracked] = {}     # held in Slurm, being handed to a peer hub
         self._unreleased: dict[str, _Tracked] = {}    # back in line here, but `scontrol release` has yet to work
         self._wake = asyncio.Event()
+        self._lookup_queue: list[dict] | None = None  # squeue, as read for the lookups of one poll
+        self._looking_up = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -330,6 +342,10 @@ class SlurmBackend(Backend):
                 self._uncertain.discard(job.id)
                 self._adopt(job, found)
                 return
+            self._uncertain.discard(job.id)
+        if job.id in self._cancel_when_submitted:  # cancelled while its earlier sbatch's outcome was unknown
+            self._report([self._not_submitted(job.id, "")])
+            return
         if not self._health.ok:
             self._waiting.append(job)  # the controller is down: it goes out at the first poll after it returns
             return
@@ -438,14 +454,33 @@ class SlurmBackend(Backend):
             return
         name = f"array-{secrets.token_hex(6)}"
         folder = self.workdir / ARRAYS / name
-        # Files are written in a worker thread: hundreds of them would stall every RPC of the hub meanwhile.
-        ready, alone, failed = await asyncio.to_thread(self._prepare_array, name, folder, jobs)
-        self._report([Change(job_id, JobState.FAILED, reason=f"could not stage the job's inputs: {why}")
-                      for job_id, why in failed])
-        if ready:
-            await self._submit_array(name, folder, ready)
-        for job in alone:
-            await self._sbatch(job)
+        # From now until each job's own sbatch (the array's, or its own) has answered, a cancel is kept for it
+        # (`_cancel_when_submitted`) and delivered as soon as Slurm names it; the array's folder is not swept.
+        ids = {job.id for job in jobs}
+        self._submitting |= ids
+        try:
+            # Files are written in a worker thread: hundreds of them would stall every RPC of the hub meanwhile.
+            ready, alone, failed = await asyncio.to_thread(self._prepare_array, name, folder, jobs)
+        except Exception:  # noqa: BLE001 - e.g. the array's folder cannot be made: each job goes alone
+            log.exception("preparing job array %s failed; its %d jobs go one by one", name, len(jobs))
+            ready, alone, failed = [], list(jobs), []
+        try:
+            self._report([self._not_submitted(job_id, f"could not stage the job's inputs: {why}")
+                          for job_id, why in failed])
+            if ready:
+                await self._submit_array(name, folder, ready)
+            for job in alone:
+                await self._sbatch(job)
+                self._submitting.discard(job.id)
+        finally:
+            self._submitting -= ids
+
+    def _not_submitted(self, job_id: str, why: str) -> Change:
+        """A job that will not reach Slurm: FAILED, or CANCELLED if a cancel came while it was being prepared."""
+        if job_id in self._cancel_when_submitted:
+            self._cancel_when_submitted.discard(job_id)
+            return Change(job_id, JobState.CANCELLED, reason="cancelled before Slurm took it")
+        return Change(job_id, JobState.FAILED, reason=why)
 
     def _prepare_array(self, name: str, folder, jobs: list[Job]) -> tuple[list[Job], list[Job], list[tuple]]:
         """Each job's folder, inputs and launcher, and the array's folder linking to them. Returns the jobs ready
@@ -454,24 +489,29 @@ class SlurmBackend(Backend):
         ready, alone, failed = [], [], []
         for job in jobs:
             job_folder = self.folder(job.id)
-            job_folder.mkdir(parents=True, exist_ok=True)
             try:
                 launcher = self._launcher(job, job_folder)
             except ValueError:
                 alone.append(job)
                 continue
             try:
+                job_folder.mkdir(parents=True, exist_ok=True)
                 self.stage_inputs(job, job_folder)
             except (OSError, AifedError) as exc:
                 failed.append((job.id, exc))
                 continue
-            index = len(ready)
-            # From here on, a restart must look in Slurm (for this array, by its name) before resubmitting.
-            (job_folder / "submitting").write_text(f"{name} {index}\n")
-            if job.spec.script:
-                self._write_script(job, job_folder)
-            (job_folder / LAUNCHER).write_text(launcher)
-            (folder / str(index)).symlink_to(job_folder.resolve())
+            try:
+                # From here on, a restart must look in Slurm (for this array, by its name) before resubmitting.
+                (job_folder / "submitting").write_text(f"{name} {len(ready)}\n")
+                if job.spec.script:
+                    self._write_script(job, job_folder)
+                (job_folder / LAUNCHER).write_text(launcher)
+                (folder / str(len(ready))).symlink_to(job_folder.resolve())
+            except OSError as exc:  # a disk full: this job goes alone, where the error is Slurm's or its own
+                log.warning("job %s: cannot join job array %s: %s", job.id, name, exc)
+                (job_folder / "submitting").unlink(missing_ok=True)
+                alone.append(job)
+                continue
             ready.append(job)
         if len(ready) < 2:
             shutil.rmtree(folder, ignore_errors=True)
@@ -482,9 +522,10 @@ class SlurmBackend(Backend):
         """The script an array task runs from the job's folder: the job's environment, then its command (or
         job.sh with its arguments). Every value is quoted literally (single quotes): the shell expands none."""
         spec, q = job.spec, shlex.quote
-        env = self._job_env(job, folder)
-        if not all(_SHELL_NAME.fullmatch(k) for k in env):
-            raise ValueError("an environment variable name a shell cannot set")
+        # The name Slurm gives the job alone (sbatch --job-name) rather than the array's.
+        env = {**self._job_env(job, folder), "SLURM_JOB_NAME": job.id}
+        if not all(_SHELL_NAME.fullmatch(k) for k in env) or not _NOT_IN_LAUNCHER.isdisjoint(env):
+            raise ValueError("an environment variable a launcher cannot set as sbatch would")
         command = ["./job.sh", *spec.script_args] if spec.script else list(spec.argv)
         return "\n".join([
             f"# written by aifed: the environment and command of job {job.id}, a task of a Slurm job array",
@@ -520,9 +561,9 @@ class SlurmBackend(Backend):
             log.warning("Slurm refused job array %s (%s); submitting its %d jobs one by one", name, exc.stderr,
                         len(jobs))
             shutil.rmtree(folder, ignore_errors=True)
-            self._submitting -= ids
-            for job in jobs:
+            for job in jobs:  # each keeps its place in `_submitting` until its own sbatch has answered
                 await self._sbatch(job)
+                self._submitting.discard(job.id)
             return
         finally:
             self._submitting -= ids
@@ -577,6 +618,10 @@ class SlurmBackend(Backend):
     async def cancel(self, job_id: str) -> bool:
         for job in self._waiting:
             if job.id == job_id:
+                if job_id in self._uncertain:
+                    # Its sbatch went unanswered: Slurm may have it. The next poll looks, and cancels what it finds.
+                    self._cancel_when_submitted.add(job_id)
+                    return True
                 self._waiting.remove(job)
                 self.on_change(Change(job_id, JobState.CANCELLED, reason="cancelled before Slurm took it"))
                 return True
@@ -621,12 +666,17 @@ class SlurmBackend(Backend):
 
     async def _find_by_tag(self, job_id: str) -> str | None:
         """The Slurm id of a job whose sbatch went unanswered: found by its name, or by the name of the job
-        array it was sent in (then `ARRAY_TASK`, the task index kept in the job's folder)."""
+        array it was sent in (then `<array id>_<task index>`, the task index kept in the job's folder)."""
         try:  # an array's sbatch leaves "<array name> <task index>" in the mark, a job's own sbatch nothing
             name, index = (self.folder(job_id) / "submitting").read_text().split()
         except (OSError, ValueError):
             name, index = job_id, ""
-        for entry in await self._squeue():
+        entries = self._lookup_queue  # within a poll, one squeue for every lookup (an array's jobs are many)
+        if entries is None:
+            entries = await self._squeue()
+            if self._looking_up:
+                self._lookup_queue = entries
+        for entry in entries:
             if entry.get("comment") == TAG + name or entry.get("name") == name:
                 return f"{entry.get('array_job_id') or entry['job_id']}_{index}" if index else str(entry["job_id"])
         # jobcomp/filetxt ignores sacct's --name filter: match the name here.
@@ -660,26 +710,36 @@ class SlurmBackend(Backend):
                 await self._release(t, requeue=False)
             else:
                 self._unreleased.pop(t.job.id, None)
+        self._lookup_queue, self._looking_up = None, True
         for _ in range(len(self._waiting)):
             if not self._waiting or not self._health.ok:
                 break
             job = self._waiting.pop(0)  # one at a time: a cancel meanwhile still finds the others
+            self._submitting.add(job.id)  # a cancel meanwhile is delivered once Slurm names it
             try:
                 await self._sbatch(job)
             except BaseException:
                 self._waiting.insert(0, job)
                 raise
+            finally:
+                self._submitting.discard(job.id)
+        self._lookup_queue, self._looking_up = None, False
         if not self._tracked:
             return
         tracked = list(self._tracked.items())  # judged against a squeue taken after this: none is missed
-        queue = keyed(await self._squeue())
+        entries = await self._squeue()
+        queue = keyed(entries)
+        # Arrays whose waiting tasks squeue listed in a way that cannot be read: their tasks are not judged now.
+        unsure = {f"{e['array_job_id']}_" for e in entries if e.get("array_job_id") and e.get(
+            "array_task_id") is None and e.get("array_task_string") and not entry_keys(e)}
         gone = []
         for job_id, t in tracked:
             if self._tracked.get(job_id) is not t:
                 continue
             entry = queue.get(t.slurm_id)
             if entry is None:
-                gone.append(t)
+                if not (unsure and t.slurm_id[:t.slurm_id.find("_") + 1] in unsure):
+                    gone.append(t)
                 continue
             if entry.get("array_task_id") is not None:
                 t.task_id = str(entry["job_id"])

@@ -23,7 +23,7 @@ def squeue(lab) -> dict[str, dict]:
 
 
 def _squeue_env(env) -> dict[str, dict]:
-    """squeue's entries by Slurm id (an array task's `ARRAY_TASK` included)."""
+    """squeue's entries by Slurm id (an array task's `<array id>_<task index>` included)."""
     out = subprocess.run(["squeue", "--json"], env={**env}, capture_output=True, check=True, text=True)
     return keyed(json.loads(out.stdout)["jobs"])
 

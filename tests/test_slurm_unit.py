@@ -409,3 +409,103 @@ async def test_array_folders_go_once_none_of_their_jobs_is_followed(tmp_path):
     os.utime(folder, (old, old), follow_symlinks=False)
     assert backend.sweep_arrays(backend._busy(), min_age_s=60) == 1
     assert not folder.exists() and (tmp_path / jobs[0].id / ".aifed-launch.sh").exists()  # the jobs' folders stay
+
+
+async def test_a_cancel_while_an_arrays_files_are_written_is_delivered_once_slurm_names_the_task(tmp_path):
+    import asyncio
+    runner = FakeRunner()
+    runner.on("sbatch --parsable", Result("40\n", ""))
+    backend, changes = make(tmp_path, runner)
+    backend.stage_inputs = lambda job, folder: time.sleep(0.1)  # slow inputs, copied in the worker thread
+    jobs = jobs_of(3)
+    submitting = asyncio.create_task(backend.submit_many(jobs))
+    await asyncio.sleep(0.05)
+    assert await backend.cancel(jobs[1].id)  # a CANCELLED change will follow
+    await submitting
+    await asyncio.sleep(0.05)
+    assert ["scancel", "40_1"] in [a for a, _ in runner.calls]
+    assert (tmp_path / jobs[1].id / "cancelled").exists()  # gone from Slurm without a trace: CANCELLED, not LOST
+    runner.on("scontrol ping", UP)
+    runner.rules.insert(0, ("squeue --json", squeue({"job_id": 40, "array_job_id": 40, "array_task_string": "0,2",
+                                                     "job_state": "PENDING"})))
+    await backend.poll()
+    assert [(c.job_id, c.state) for c in changes if c.state.final] == [(jobs[1].id, JobState.CANCELLED)]
+
+
+async def test_a_job_cancelled_while_a_refused_array_is_sent_job_by_job_is_not_submitted(tmp_path):
+    import asyncio
+    runner = FakeRunner()
+
+    class SlowRunner(FakeRunner):
+        async def run(self, argv, **kw):
+            if argv[:2] == ["sbatch", "--parsable"] and not any(a.startswith("--array") for a in argv):
+                await asyncio.sleep(0.1)
+            return await super().run(argv, **kw)
+
+    runner = SlowRunner()
+    runner.on("sbatch --parsable --ignore-pbs --job-name=array-", CommandError(["sbatch"], 1, "no arrays here"))
+    numbers = iter(range(60, 70))
+    runner.on("sbatch --parsable", lambda argv: Result(f"{next(numbers)}\n", ""))
+    backend, changes = make(tmp_path, runner)
+    jobs = jobs_of(3)
+    submitting = asyncio.create_task(backend.submit_many(jobs))
+    await asyncio.sleep(0.05)  # the first job's own sbatch is running
+    assert await backend.cancel(jobs[2].id)
+    await submitting
+    assert [(c.job_id, c.ref) for c in changes if c.ref] == [(jobs[0].id, "60"), (jobs[1].id, "61")]
+    assert (changes[-1].job_id, changes[-1].state) == (jobs[2].id, JobState.CANCELLED)
+    assert sum(1 for a, _ in runner.calls if a[:2] == ["sbatch", "--parsable"]) == 3  # the array, then two
+
+
+async def test_a_cancel_of_a_job_whose_sbatch_went_unanswered_looks_in_slurm_first(tmp_path):
+    import asyncio
+    runner = FakeRunner()
+    runner.on("sbatch --parsable", SchedulerUnavailable(["sbatch"], -9, "timed out after 30s"))
+    backend, changes = make(tmp_path, runner)
+    found, lost = jobs_of(2)
+    await backend.submit_many([found, lost])
+    assert await backend.cancel(found.id) and await backend.cancel(lost.id)
+    assert changes == []  # not yet: Slurm may have them
+    name = (tmp_path / found.id / "submitting").read_text().split()[0]
+    runner.rules = [("scontrol ping", UP),
+                    ("squeue --json", squeue({"job_id": 80, "array_job_id": 80, "array_task_string": "0",
+                                              "job_state": "PENDING", "name": name, "comment": f"aifed:{name}"})),
+                    ("sacct", Result("", ""))]
+    await backend.poll()
+    await asyncio.sleep(0.05)  # the scancels run as tasks
+    assert ["scancel", "80_0"] in [a for a, _ in runner.calls]  # found: cancelled in Slurm
+    # The other was in the same array, so it is found too (task 1): squeue here shows only task 0, so the
+    # lookup by name still adopts it as 80_1 and cancels it.
+    assert ["scancel", "80_1"] in [a for a, _ in runner.calls]
+    assert sum(1 for a, _ in runner.calls if a[:2] == ["sbatch", "--parsable"]) == 1  # never sent again
+    assert sum(1 for a, _ in runner.calls if a[:2] == ["squeue", "--json"]) == 2  # one lookup for both, one poll
+
+
+async def test_tasks_of_an_unreadable_pending_list_are_not_called_lost(tmp_path):
+    runner = FakeRunner()
+    runner.on("scontrol ping", UP)
+    backend, changes = make(tmp_path, runner)
+    for j, ref in zip(jobs_of(2), ("80_40", "80_41")):
+        await backend.recover(j, ref)
+    runner.rules.insert(0, ("squeue --json", squeue({"job_id": 80, "array_job_id": 80, "job_state": "PENDING",
+                                                     "array_task_string": "1-2,4,6,8-9,11-17,19-20,23-...",
+                                                     "array_task_id": None})))
+    await backend.poll()
+    assert changes == [] and len(backend._tracked) == 2
+
+
+def test_slurm_commands_list_an_arrays_waiting_tasks_in_full():
+    from hub.commands import CommandRunner
+    assert CommandRunner().env["SLURM_BITSTR_LEN"] == "0"
+
+
+@pytest.mark.parametrize("env", [{"CUDA_VISIBLE_DEVICES": "7"}, {"UID": "0"}])
+async def test_a_job_setting_what_a_launcher_cannot_set_alike_goes_alone(tmp_path, env):
+    runner = FakeRunner()
+    runner.on("sbatch --parsable --ignore-pbs --job-name=array-", Result("40\n", ""))
+    runner.on("sbatch --parsable", Result("50\n", ""))
+    backend, changes = make(tmp_path, runner)
+    odd, *rest = jobs_of(3)
+    odd = replace(odd, spec=replace(odd.spec, env=env))
+    await backend.submit_many([odd, *rest])
+    assert {c.job_id: c.ref for c in changes} == {odd.id: "50", rest[0].id: "40_0", rest[1].id: "40_1"}
