@@ -128,6 +128,7 @@ class DataConfig:
                                          # hub), complete and partial; 0: no quota but the disk's
     max_job_input_mb: int = 100_000      # (antenna) all inputs of one job
     max_output_mb: int = 10_240          # (hub) all collected outputs of one job
+    outputs_quota_mb: int = 0            # (hub) all collected outputs one user keeps here; 0: no quota
 
 
 @dataclass(frozen=True)
@@ -653,7 +654,7 @@ def load_hub(path: str | Path) -> HubConfig:
 def _data(root: _Table, hub: bool) -> DataConfig:
     """`[data]`: the keys of the other kind of daemon are refused, so that a misplaced key does not go unnoticed."""
     p, d = root.path, root.table("data")
-    only = ("outputs_retention", "max_output_mb") if not hub else ("max_job_input_mb",)
+    only = ("outputs_retention", "max_output_mb", "outputs_quota_mb") if not hub else ("max_job_input_mb",)
     for key in only:
         if key in d.data:
             raise ConfigError(p, f"data.{key}", "is an antenna setting; this is a hub configuration" if hub
@@ -666,7 +667,7 @@ def _data(root: _Table, hub: bool) -> DataConfig:
                               "outputs, for longer than that")
     sizes = {}
     for key, default, low, high in (("quota_mb", 0, 0, 10**9), ("max_job_input_mb", 100_000, 1, MAX_JOB_INPUT_BYTES // 1_000_000),
-                                    ("max_output_mb", 10_240, 1, 1 << 20)):
+                                    ("max_output_mb", 10_240, 1, 1 << 20), ("outputs_quota_mb", 0, 0, 10**9)):
         value = d.get(key, int, default)
         if isinstance(value, bool) or not low <= value <= high:
             raise ConfigError(p, f"data.{key}", f"must be a whole number of megabytes from {low} to {high}, not "
@@ -674,7 +675,7 @@ def _data(root: _Table, hub: bool) -> DataConfig:
         sizes[key] = value
     d.done()
     return DataConfig(retention, outputs_retention, sizes["quota_mb"], sizes["max_job_input_mb"],
-                      sizes["max_output_mb"])
+                      sizes["max_output_mb"], sizes["outputs_quota_mb"])
 
 
 def _balance(root: _Table, discovery: DiscoveryConfig, site: str) -> BalanceConfig:

@@ -59,7 +59,8 @@ class HubCore:
                                quota_bytes=config.data.quota_mb * 1_000_000, retention_s=config.data.retention_s)
         # What jobs left behind, collected when they end
         self.outputs = Outputs(config.state_dir / "outputs", max_bytes=config.data.max_output_mb * 1_000_000,
-                               retention_s=config.data.outputs_retention_s)
+                               retention_s=config.data.outputs_retention_s,
+                               quota_bytes=config.data.outputs_quota_mb * 1_000_000)
         self._collecting: dict[str, asyncio.Task] = {}
         self.backend.stage_inputs = lambda job, folder: self.blobs.stage(job.spec.inputs, folder)
         self.jobs: Topics[Job] = Topics()

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -28,11 +29,44 @@ MAX_OUTPUT_FILES = 10_000
 
 
 class Outputs:
-    def __init__(self, root: Path, max_bytes: int = MAX_OUTPUT_BYTES, retention_s: int = 30 * 86400):
+    def __init__(self, root: Path, max_bytes: int = MAX_OUTPUT_BYTES, retention_s: int = 30 * 86400,
+                 quota_bytes: int = 0):
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.retention_s = retention_s  # how long after its job ended collected outputs are kept
+        self.quota_bytes = quota_bytes  # all outputs one user (a job's owner) keeps here; 0: no quota
         (self.root / "pending").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # collections and deletions run in worker threads
+        self._held: dict[str, int] | None = None  # owner -> bytes of outputs kept here (read from the manifests)
+
+    def held(self, owner: str) -> int:
+        """Bytes of collected outputs the user keeps here."""
+        with self._lock:
+            return self._holdings().get(owner, 0)
+
+    def _holdings(self) -> dict[str, int]:
+        """Per owner, from the manifests (read once; kept up to date by collect and forget). Lock held."""
+        if self._held is None:
+            held: dict[str, int] = {}
+            for path in self.root.glob("*/manifest.json"):
+                try:
+                    manifest = orjson.loads(path.read_bytes())
+                except (OSError, orjson.JSONDecodeError):
+                    continue
+                owner = manifest.get("owner", "")
+                held[owner] = held.get(owner, 0) + sum(size for _, _, size in manifest["files"])
+            self._held = held
+        return self._held
+
+    def _release(self, job_id: str) -> None:
+        """Stop counting a job's kept outputs (before they are deleted or collected again). Lock held."""
+        try:
+            manifest = orjson.loads(self._manifest(job_id).read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return
+        owner, size = manifest.get("owner", ""), sum(size for _, _, size in manifest["files"])
+        held = self._holdings()
+        held[owner] = max(0, held.get(owner, 0) - size)
 
     def expect(self, job_id: str) -> None:
         """The job declares outputs: collect them when it ends, even after a restart."""
@@ -60,7 +94,10 @@ class Outputs:
         missing or lead out of the folder are named in the manifest's error; over the size limit, nothing is
         kept but the error. Runs in a worker thread."""
         target = self.root / job.id
-        shutil.rmtree(target, ignore_errors=True)
+        with self._lock:
+            self._release(job.id)  # collected before (a restart in between): counted again below
+            self._holdings()
+            shutil.rmtree(target, ignore_errors=True)
         files_dir = target / "files"
         files_dir.mkdir(parents=True)
         top = folder.resolve()
@@ -89,28 +126,51 @@ class Outputs:
                 problems.append(f"{declared}: not a regular file or a folder")
         total = sum(p.stat().st_size for _, p in found)
         files: list[list] = []
-        if total > self.max_bytes or len(found) > MAX_OUTPUT_FILES:
-            problems.insert(0, f"the outputs come to {total} bytes in {len(found)} files, over this hub's limit of "
-                               f"{self.max_bytes} bytes and {MAX_OUTPUT_FILES} files: none was kept")
-        else:
-            for name, local in found:
-                check_input_name(name, "output")
-                dest = files_dir / name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                digest = hashlib.sha256()
-                with open(local, "rb") as src, open(dest, "wb") as out:
-                    while block := src.read(CHUNK_BYTES):
-                        digest.update(block)
-                        out.write(block)
-                    out.flush()
-                    os.fsync(out.fileno())
-                files.append([name, digest.hexdigest(), dest.stat().st_size])
-        manifest = {"files": files, "error": "; ".join(problems)}
-        tmp = target / "manifest.json.tmp"
-        tmp.write_bytes(orjson.dumps(manifest))
-        os.replace(tmp, self._manifest(job.id))
+        reserved = 0
+        try:
+            if total > self.max_bytes or len(found) > MAX_OUTPUT_FILES:
+                problems.insert(0, f"the outputs come to {total} bytes in {len(found)} files, over this hub's limit "
+                                   f"of {self.max_bytes} bytes and {MAX_OUTPUT_FILES} files: none was kept")
+            elif refusal := self._reserve(job.owner, total):
+                problems.insert(0, refusal)
+            else:
+                reserved = total
+                for name, local in found:
+                    check_input_name(name, "output")
+                    dest = files_dir / name
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    digest = hashlib.sha256()
+                    with open(local, "rb") as src, open(dest, "wb") as out:
+                        while block := src.read(CHUNK_BYTES):
+                            digest.update(block)
+                            out.write(block)
+                        out.flush()
+                        os.fsync(out.fileno())
+                    files.append([name, digest.hexdigest(), dest.stat().st_size])
+            manifest = {"files": files, "error": "; ".join(problems), "owner": job.owner}
+            tmp = target / "manifest.json.tmp"
+            tmp.write_bytes(orjson.dumps(manifest))
+            os.replace(tmp, self._manifest(job.id))
+        finally:
+            kept = sum(size for _, _, size in files) if self._manifest(job.id).exists() else 0
+            if kept != reserved:  # what was reserved but not kept (a failure, a file that changed) is given back
+                with self._lock:
+                    held = self._holdings()
+                    held[job.owner] = max(0, held.get(job.owner, 0) + kept - reserved)
         (self.root / "pending" / job.id).unlink(missing_ok=True)
         return manifest
+
+    def _reserve(self, owner: str, size: int) -> str:
+        """Count `size` bytes of outputs to `owner` if the quota allows; else why not (nothing counted)."""
+        with self._lock:
+            held = self._holdings()
+            have = held.get(owner, 0)
+            if self.quota_bytes and have + size > self.quota_bytes:
+                return (f"the outputs come to {size} bytes, and {owner} already keeps {have} bytes of outputs at "
+                        f"this hub, over its limit of {self.quota_bytes} bytes per user: none was kept (outputs "
+                        f"are deleted {self.retention_s / 86400:g} day(s) after their job ends)")
+            held[owner] = have + size
+            return ""
 
     def listing(self, job: Job) -> tuple[bool, list[InputFile], str]:
         """(ready, files, error) for a job."""
@@ -142,5 +202,7 @@ class Outputs:
         return f
 
     def forget(self, job_id: str) -> None:
-        shutil.rmtree(self.root / job_id, ignore_errors=True)
+        with self._lock:
+            self._release(job_id)
+            shutil.rmtree(self.root / job_id, ignore_errors=True)
         (self.root / "pending" / job_id).unlink(missing_ok=True)

@@ -587,8 +587,8 @@ def test_data_quotas_and_retention_are_parsed_and_checked(folder):
     from federation.config import DataConfig
     assert load_hub(write(folder, HUB)).data == DataConfig()
     hub = load_hub(write(folder, HUB + '\n[data]\nretention = "2d"\noutputs_retention = "60d"\nquota_mb = 500000\n'
-                                       'max_output_mb = 2048\n'))
-    assert hub.data == DataConfig(2 * 86400, 60 * 86400, 500_000, 100_000, 2048)
+                                       'max_output_mb = 2048\noutputs_quota_mb = 50000\n'))
+    assert hub.data == DataConfig(2 * 86400, 60 * 86400, 500_000, 100_000, 2048, 50_000)
     antenna = load_antenna(write(folder, ANTENNA + '\n[data]\nquota_mb = 200000\nmax_job_input_mb = 50000\n',
                                  "antenna.toml"))
     assert (antenna.data.quota_mb, antenna.data.max_job_input_mb, antenna.data.retention_s) == (200_000, 50_000,
@@ -599,6 +599,8 @@ def test_data_quotas_and_retention_are_parsed_and_checked(folder):
         (load_hub, HUB, "hub.toml", "max_output_mb = 0", "data.max_output_mb", "from 1 to"),
         (load_hub, HUB, "hub.toml", "max_job_input_mb = 5", "data.max_job_input_mb", "is an antenna setting"),
         (load_antenna, ANTENNA, "antenna.toml", "max_output_mb = 5", "data.max_output_mb", "is a hub setting"),
+        (load_antenna, ANTENNA, "antenna.toml", "outputs_quota_mb = 5", "data.outputs_quota_mb", "is a hub setting"),
+        (load_hub, HUB, "hub.toml", "outputs_quota_mb = -5", "data.outputs_quota_mb", "from 0 to"),
         (load_antenna, ANTENNA, "antenna.toml", "max_job_input_mb = 200000", "data.max_job_input_mb", "to 107374"),
         (load_antenna, ANTENNA, "antenna.toml", "quota = 5", "data.quota", "not a known setting"),
     ]:
