@@ -273,13 +273,28 @@ class SlurmBackend(Backend):
         if not mine:
             return []
         now, out = time.time(), []
-        for key, entry in keyed(await self._squeue()).items():
-            job_id = mine.get(key)
+        for entry in await self._squeue():
             start = int(entry.get("start_time") or 0)
-            if job_id and entry.get("job_state") == "PENDING" and entry.get("state_reason") in OFFERABLE \
-                    and start > 0:
-                out.append((job_id, max(0.0, start - now)))
+            if entry.get("job_state") != "PENDING" or entry.get("state_reason") not in OFFERABLE or start <= 0:
+                continue
+            # An array's tasks still waiting together have one estimate, the first task's; Slurm starts them in
+            # order. The k-th is taken to start k spacings later, as if the partition's GPUs went to them in turn.
+            spacing = self._task_spacing(entry) if entry.get("array_task_id") is None else 0.0
+            for k, key in enumerate(entry_keys(entry)):
+                if job_id := mine.get(key):
+                    out.append((job_id, max(0.0, start + k * spacing - now)))
         return out
+
+    def _task_spacing(self, entry: dict) -> float:
+        """Seconds between the expected starts of an array's waiting tasks: the time limit times the share of the
+        partition's GPUs one task takes (one second for tasks without GPUs: only their order is known)."""
+        gpus = gpu_count(str(entry.get("tres_per_node", "")))
+        partition = self.partitions.get(str(entry.get("partition", "")))
+        usage = self._usage.get(str(entry.get("partition", "")))
+        total = (usage.gpus_total if usage else 0) or (partition.gpus if partition else 0)
+        if not gpus or not total:
+            return 1.0
+        return 60.0 * int(entry.get("time_limit", 0) or 0) * min(1.0, gpus / total)
 
     async def withdraw(self, job_id: str) -> bool:
         t = self._tracked.get(job_id)

@@ -50,14 +50,21 @@ async def slurm_crowded(test_pki, tmp_path, slurm_lab):
         yield f
     finally:
         await f.close()
+        # Whatever a failed test left in Slurm would hold the GPUs the next test fills.
+        subprocess.run(["scancel", "--partition=gpu"], env={**slurm_lab.env}, capture_output=True, timeout=30)
 
 
-async def _fill(f: Federation, n: int = 3) -> list:
+async def _fill(f: Federation, n: int = 3, together: bool = False) -> list:
     """`n` jobs of 8 GPUs for an hour on leonardo: one runs, the others wait, with Slurm's estimates. Returns
-    them in the order Slurm will run them (the hub submits concurrently: not necessarily the order sent)."""
+    them in the order Slurm will run them (the hub submits concurrently: not necessarily the order sent).
+    `together`: in one call, so that they reach Slurm as the tasks of one job array."""
     alice = f.client("alice")
-    jobs = [await alice.submit(JobSpec(argv=("sh", "-c", "echo ran at $AIFED_SITE; sleep 60"), gpus=8,
-                                       walltime_s=HOUR)) for _ in range(n)]
+    spec = JobSpec(argv=("sh", "-c", "echo ran at $AIFED_SITE; sleep 60"), gpus=8, walltime_s=HOUR)
+    if together:
+        receipts = await alice.submit_many([(spec, "", "") for _ in range(n)])
+        jobs = [await alice.get(r.id) for r in receipts]
+    else:
+        jobs = [await alice.submit(spec) for _ in range(n)]
     leonardo = f.hubs["leonardo"].core
 
     def running():
@@ -82,9 +89,12 @@ async def _waits(core, ids):
     return waits if ids <= set(waits) else None
 
 
-async def test_a_job_waiting_in_slurm_moves_to_the_idle_peer_and_runs_only_there(slurm_crowded, slurm_lab):
+@pytest.mark.parametrize("together", [False, True], ids=["jobs", "array"])
+async def test_a_job_waiting_in_slurm_moves_to_the_idle_peer_and_runs_only_there(slurm_crowded, slurm_lab, together):
     f = slurm_crowded
-    jobs = await _fill(f)
+    jobs = await _fill(f, together=together)
+    if together:  # the tasks of one job array: the one that waits longest is the array's last
+        assert len({f.hubs["leonardo"].core.journal.backend_ref(j.id).split("_")[0] for j in jobs}) == 1
     leonardo, lumi = f.hubs["leonardo"].core, f.hubs["lumi"].core
     slurm_id = leonardo.backend._tracked[jobs[2].id].slurm_id
     lumi.set_drain(operator("lumi"), False)
@@ -105,9 +115,10 @@ async def test_a_job_waiting_in_slurm_moves_to_the_idle_peer_and_runs_only_there
         await alice.cancel(job.id)
 
 
-async def test_a_refused_hand_off_releases_the_held_slurm_job(slurm_crowded, slurm_lab):
+@pytest.mark.parametrize("together", [False, True], ids=["jobs", "array"])
+async def test_a_refused_hand_off_releases_the_held_slurm_job(slurm_crowded, slurm_lab, together):
     f = slurm_crowded
-    jobs = await _fill(f, 2)
+    jobs = await _fill(f, 2, together)
     leonardo = f.hubs["leonardo"].core
     slurm_id = leonardo.backend._tracked[jobs[1].id].slurm_id
     job = leonardo.journal.get(jobs[1].id)

@@ -509,3 +509,23 @@ async def test_a_job_setting_what_a_launcher_cannot_set_alike_goes_alone(tmp_pat
     odd = replace(odd, spec=replace(odd.spec, env=env))
     await backend.submit_many([odd, *rest])
     assert {c.job_id: c.ref for c in changes} == {odd.id: "50", rest[0].id: "40_0", rest[1].id: "40_1"}
+
+
+async def test_an_arrays_waiting_tasks_are_offered_with_estimates_in_their_order(tmp_path):
+    """squeue has one start time for an array's tasks waiting together: the first's. The later ones are taken
+    to start a time limit apart when each takes the whole partition's GPUs (the balancer moves the last first)."""
+    runner = FakeRunner()
+    runner.on("scontrol ping", UP)
+    backend, _ = make(tmp_path, runner)
+    a, b, c = jobs_of(3)
+    for j, ref in ((a, "80_0"), (b, "80_1"), (c, "80_2")):
+        await backend.recover(j, ref)
+    start = time.time() + 3600
+    runner.rules.insert(0, ("squeue --json", squeue(
+        {"job_id": 81, "array_job_id": 80, "array_task_id": 0, "job_state": "RUNNING", "partition": "gpu"},
+        {"job_id": 80, "array_job_id": 80, "array_task_string": "1-2", "job_state": "PENDING",
+         "state_reason": "Resources", "start_time": int(start), "partition": "gpu", "tres_per_node": "gres:gpu:8",
+         "time_limit": 60})))
+    waits = dict(await backend.waiting())
+    assert set(waits) == {b.id, c.id}
+    assert waits[b.id] == pytest.approx(3600, abs=5) and waits[c.id] == pytest.approx(7200, abs=5)
