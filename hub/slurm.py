@@ -24,6 +24,7 @@ import shlex
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 
@@ -108,26 +109,45 @@ def exit_from_status(raw: int) -> int:
     return 128 + (raw & 0x7F) if raw & 0x7F else raw >> 8
 
 
-def array_tasks(spec: str) -> list[int]:
-    """The task indices of squeue's `array_task_string` ("1-3,7,9-15:2", maybe with a "%4" limit)."""
-    out: list[int] = []
+def _task_ranges(spec: str) -> list[range]:
+    """squeue's `array_task_string` ("1-3,7,9-15:2", maybe with a "%4" limit) as ranges of task indices."""
+    out: list[range] = []
     for part in spec.split("%")[0].split(","):
         if not part.strip():
             continue
         bounds, _, step = part.partition(":")
         low, _, high = bounds.partition("-")
-        out.extend(range(int(low), int(high or low) + 1, int(step or 1)))
+        out.append(range(int(low), int(high or low) + 1, int(step or 1)))
     return out
 
 
-def entry_keys(entry: dict) -> list[str]:
-    """The Slurm ids that one squeue entry stands for: a job's id; `<array id>_<task index>` for a task of an array; one of
-    those per task for an array's tasks that are still pending together (one entry for all of them)."""
+def array_tasks(spec: str) -> list[int]:
+    """The task indices of squeue's `array_task_string`."""
+    return [task for r in _task_ranges(spec) for task in r]
+
+
+def task_count(entry: dict) -> int:
+    """How many jobs one squeue entry stands for (an array's tasks pending together counted each), without
+    listing them: other users' arrays may have a million tasks."""
+    if not entry.get("array_job_id") or entry.get("array_task_id") is not None:
+        return 1
+    try:
+        return sum(len(r) for r in _task_ranges(str(entry.get("array_task_string") or ""))) or 1
+    except ValueError:
+        return 1
+
+
+def entry_keys(entry: dict, arrays: set[str] | None = None) -> list[str]:
+    """The Slurm ids that one squeue entry stands for: a job's id; `<array id>_<task index>` for a task of an
+    array; one of those per task for an array's tasks that are still pending together (one entry for all of
+    them), listed only if the array is one of `arrays` (when given: the arrays this hub follows)."""
     array = int(entry.get("array_job_id") or 0)
     if not array:
         return [str(entry.get("job_id"))]
     if entry.get("array_task_id") is not None:
         return [f"{array}_{entry['array_task_id']}"]
+    if arrays is not None and str(array) not in arrays:
+        return []
     try:
         return [f"{array}_{task}" for task in array_tasks(str(entry.get("array_task_string") or ""))]
     except ValueError:
@@ -135,9 +155,14 @@ def entry_keys(entry: dict) -> list[str]:
         return []
 
 
-def keyed(entries: list[dict]) -> dict[str, dict]:
+def keyed(entries: list[dict], arrays: set[str] | None = None) -> dict[str, dict]:
     """squeue's entries by the Slurm ids they stand for (`entry_keys`)."""
-    return {key: entry for entry in entries for key in entry_keys(entry)}
+    return {key: entry for entry in entries for key in entry_keys(entry, arrays)}
+
+
+def arrays_of(slurm_ids) -> set[str]:
+    """The job arrays among Slurm ids (`<array id>_<task index>`)."""
+    return {i.partition("_")[0] for i in slurm_ids if "_" in i}
 
 
 def neutralize_directives(script: str) -> str:
@@ -272,6 +297,7 @@ class SlurmBackend(Backend):
         mine = {t.slurm_id: job_id for job_id, t in self._tracked.items() if t.state is JobState.QUEUED}
         if not mine:
             return []
+        ours = arrays_of(mine)
         now, out = time.time(), []
         for entry in await self._squeue():
             start = int(entry.get("start_time") or 0)
@@ -280,7 +306,7 @@ class SlurmBackend(Backend):
             # An array's tasks still waiting together have one estimate, the first task's; Slurm starts them in
             # order. The k-th is taken to start k spacings later, as if the partition's GPUs went to them in turn.
             spacing = self._task_spacing(entry) if entry.get("array_task_id") is None else 0.0
-            for k, key in enumerate(entry_keys(entry)):
+            for k, key in enumerate(entry_keys(entry, ours)):
                 if job_id := mine.get(key):
                     out.append((job_id, max(0.0, start + k * spacing - now)))
         return out
@@ -303,7 +329,7 @@ class SlurmBackend(Backend):
         (self.folder(job_id) / WITHDRAWING).write_bytes(b"")
         try:
             await self.runner.run(["scontrol", "hold", t.slurm_id])
-            entry = keyed(await self._squeue()).get(t.slurm_id)
+            entry = keyed(await self._squeue(), arrays_of([t.slurm_id])).get(t.slurm_id)
         except CommandError as exc:
             log.info("job %s: Slurm would not hold it (%s); it stays here", job_id, exc.stderr)
             await self._release(t, requeue=False)
@@ -396,7 +422,7 @@ class SlurmBackend(Backend):
             self._submitting.discard(job.id)
         self._adopt(job, out.stdout.strip().split(";")[0])
 
-    def _write_script(self, job: Job, folder) -> object:
+    def _write_script(self, job: Job, folder: Path) -> Path:
         script = folder / "job.sh"
         script.write_text(neutralize_directives(job.spec.script) if job.spec.script else ARGV_SCRIPT)
         script.chmod(0o700)
@@ -726,27 +752,31 @@ class SlurmBackend(Backend):
             else:
                 self._unreleased.pop(t.job.id, None)
         self._lookup_queue, self._looking_up = None, True
-        for _ in range(len(self._waiting)):
-            if not self._waiting or not self._health.ok:
-                break
-            job = self._waiting.pop(0)  # one at a time: a cancel meanwhile still finds the others
-            self._submitting.add(job.id)  # a cancel meanwhile is delivered once Slurm names it
-            try:
-                await self._sbatch(job)
-            except BaseException:
-                self._waiting.insert(0, job)
-                raise
-            finally:
-                self._submitting.discard(job.id)
-        self._lookup_queue, self._looking_up = None, False
+        try:
+            for _ in range(len(self._waiting)):
+                if not self._waiting or not self._health.ok:
+                    break
+                job = self._waiting.pop(0)  # one at a time: a cancel meanwhile still finds the others
+                self._submitting.add(job.id)  # a cancel meanwhile is delivered once Slurm names it
+                try:
+                    await self._sbatch(job)
+                except BaseException:
+                    self._waiting.insert(0, job)
+                    raise
+                finally:
+                    self._submitting.discard(job.id)
+        finally:
+            self._lookup_queue, self._looking_up = None, False
         if not self._tracked:
             return
         tracked = list(self._tracked.items())  # judged against a squeue taken after this: none is missed
         entries = await self._squeue()
-        queue = keyed(entries)
+        ours = arrays_of(t.slurm_id for _, t in tracked)
+        queue = keyed(entries, ours)
         # Arrays whose waiting tasks squeue listed in a way that cannot be read: their tasks are not judged now.
         unsure = {f"{e['array_job_id']}_" for e in entries if e.get("array_job_id") and e.get(
-            "array_task_id") is None and e.get("array_task_string") and not entry_keys(e)}
+            "array_task_id") is None and e.get("array_task_string") and str(e["array_job_id"]) in ours
+            and not entry_keys(e)}
         gone = []
         for job_id, t in tracked:
             if self._tracked.get(job_id) is not t:
@@ -841,7 +871,7 @@ class SlurmBackend(Backend):
             total = sum(gpu_count(n.get("gres", "")) for n in members)
             used = sum(gpu_count(n.get("gres_used", "")) for n in members)
             mine = [j for j in jobs if j.get("partition") == name]
-            pending = [(j, len(entry_keys(j)) if j.get("array_job_id") else 1) for j in mine
+            pending = [(j, task_count(j)) for j in mine
                        if j.get("job_state") == "PENDING"]
             usage[name] = PartitionUsage(
                 name=name, gpus_total=total, gpus_free=max(0, total - used),

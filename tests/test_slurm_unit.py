@@ -13,7 +13,7 @@ from federation.config import PartitionConfig
 from federation.model import Job, JobSpec, JobState
 from hub.commands import CommandError, Result, SchedulerUnavailable
 from hub.slurm import (SLURM_STATES, SlurmBackend, array_tasks, entry_keys, exit_from_sacct, exit_from_status,
-                       gpu_count, map_state, neutralize_directives)
+                       gpu_count, keyed, map_state, neutralize_directives, task_count)
 
 
 class FakeRunner:
@@ -529,3 +529,10 @@ async def test_an_arrays_waiting_tasks_are_offered_with_estimates_in_their_order
     waits = dict(await backend.waiting())
     assert set(waits) == {b.id, c.id}
     assert waits[b.id] == pytest.approx(3600, abs=5) and waits[c.id] == pytest.approx(7200, abs=5)
+
+
+def test_other_users_arrays_are_counted_not_listed():
+    huge = {"job_id": 5, "array_job_id": 5, "array_task_string": "0-999999", "job_state": "PENDING"}
+    assert task_count(huge) == 1_000_000
+    assert entry_keys(huge, arrays={"80"}) == []  # not one of this hub's arrays: not expanded
+    assert keyed([huge, {"job_id": 7, "array_job_id": 0}], arrays=set()) == {"7": {"job_id": 7, "array_job_id": 0}}
