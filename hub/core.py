@@ -527,14 +527,13 @@ class HubCore:
         """Several changes at once: those with new backend references (the Slurm ids of an array's jobs) are
         committed together, in one transaction, before this returns."""
         if any(change.ref is not None for change in changes):
-            self._changes.extend(changes)
-            self._publish(self.journal.write(self._apply_changes(self._take_changes())))
+            self._commit_now(*changes)
         else:
             for change in changes:
                 self._on_change(change)
 
-    def _commit_now(self, change: Change) -> None:
-        self._changes.append(change)
+    def _commit_now(self, *changes: Change) -> None:
+        self._changes.extend(changes)
         self._publish(self.journal.write(self._apply_changes(self._take_changes())))
 
     async def settle(self) -> None:

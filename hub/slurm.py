@@ -588,13 +588,12 @@ class SlurmBackend(Backend):
                 f"--array=0-{len(jobs) - 1}", *self._resources(jobs[0]), f"--chdir={folder}",
                 f"--output={folder}/%a/stdout", f"--error={folder}/%a/stderr",
                 f"--export-file={env_file}", "--export=AIFED_JOB_ID", str(wrapper)]
-        ids = {job.id for job in jobs}
-        self._submitting |= ids
+        # The jobs are in `_submitting` already (`_sbatch_array` holds them there until their sbatch answered).
         try:
             out = await self.runner.run(argv)
         except SchedulerUnavailable as exc:
             self._degraded(exc)
-            self._uncertain |= ids
+            self._uncertain |= {job.id for job in jobs}
             self._waiting.extend(jobs)
             log.info("%d job(s) wait at the hub: %s", len(jobs), exc.stderr)
             return
@@ -606,8 +605,6 @@ class SlurmBackend(Backend):
                 await self._sbatch(job)
                 self._submitting.discard(job.id)
             return
-        finally:
-            self._submitting -= ids
         array_id = out.stdout.strip().split(";")[0]
         log.info("%d job(s) went to Slurm as job array %s (%s)", len(jobs), array_id, name)
         self._adopt_all([(job, f"{array_id}_{index}") for index, job in enumerate(jobs)])
