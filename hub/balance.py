@@ -3,6 +3,8 @@
 The decisions are federation/balance.py's (shared with the simulator). This module does the moving, so that a
 job is never lost and never runs twice:
 
+0. the peer holds the job's inputs (sent beforehand in the background, never inside a round: until they are
+   there the job stays in line here);
 1. the job is withdrawn from this hub's scheduler (`Backend.withdraw`: true only if it had not started, and now
    never will here);
 2. it is journaled MOVING, with the peer in `moved_to`;
@@ -50,6 +52,7 @@ ESTIMATE_TIMEOUT_S = 3.0
 MAX_SHAPES = 64  # per GetAdvert call (the peer's limit)
 PEER_LINK_RATE = 100e6  # bytes/s to a peer hub, for the transfer time of a job's inputs, until transfers measure it
 LINK_SAMPLE_BYTES = 8 << 20  # a transfer of at least this much measures the link to a peer
+TRANSFERS_PER_PEER = 2  # inputs sent to one peer at once; more wait for a slot
 
 
 class Balancer:
@@ -67,6 +70,8 @@ class Balancer:
         self.link_rates: dict[str, float] = {}  # per peer: bytes/s measured by transfers of inputs (moving average)
         self.changed = Signal()
         self.handing: dict[str, asyncio.Event] = {}  # job id -> set when its hand-off call has an answer
+        self.transfers: dict[tuple[str, str], asyncio.Task] = {}  # (peer, sha256) -> the input being sent there
+        self._transfer_slots: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(TRANSFERS_PER_PEER))
         self._task: asyncio.Task | None = None
         m = core.metrics
         self.moved = Counter("aifed_balance_jobs", "jobs this hub offered to peer hubs, by peer and outcome "
@@ -74,6 +79,10 @@ class Balancer:
                              registry=m.registry)
         m.gauge("aifed_balance_breaker_open", "1 while a peer's circuit breaker keeps jobs away from it", ("peer",),
                 lambda: [((p,), float(self.breaker.is_open(p))) for p in self.peers])
+        self.transfers_failed = Counter("aifed_balance_input_transfers_failed", "inputs of jobs to move that could "
+                                        "not be sent to a peer hub", ("peer",), registry=m.registry)
+        m.gauge("aifed_balance_input_transfers", "inputs being sent to a peer hub (or waiting for a slot) for jobs "
+                "to move there", (), lambda: [((), float(len(self.transfers)))])
         m.gauge("aifed_balance_moving_jobs", "jobs being handed to a peer hub now", (),
                 lambda: [((), float(len(self.handing)))])
 
@@ -113,6 +122,9 @@ class Balancer:
         if self._task is not None:
             self._task.cancel()
             await stop_tasks([self._task])
+        for task in self.transfers.values():  # a cut transfer resumes where it stopped, next time
+            task.cancel()
+        await stop_tasks(list(self.transfers.values()))
         for site in self.peers.values():
             await site.close()
 
@@ -209,7 +221,8 @@ class Balancer:
         core = self.core
         withdrawn: list[tuple[Job, Move]] = []
         with self._handing([job.id for job, _ in moves]):
-            moves = await self._send_inputs(peer, moves)
+            planned = [job.id for job, _ in moves]
+            moves = await self._inputs_there(peer, moves)
             try:
                 for job, move in moves:
                     if await core.backend.withdraw(job.id):
@@ -218,6 +231,8 @@ class Balancer:
                 for job, _ in withdrawn:  # not journaled: the jobs stay here
                     await core.backend.submit(job)
                 raise
+            going = {job.id for job, _ in withdrawn}
+            self.placer.landed(peer, [job_id for job_id in planned if job_id not in going])  # never sent
             if not withdrawn:
                 return
             wait_here = {job.id: move.job.wait_s for job, move in withdrawn}
@@ -246,29 +261,76 @@ class Balancer:
             if marked:
                 await self._hand_off(peer, marked, wait_here)
 
-    async def _send_inputs(self, peer: str, moves: list[tuple[Job, Move]]) -> list[tuple[Job, Move]]:
-        """Send the peer the inputs of the jobs to move (each content once, resumed if a transfer was cut), while
-        they still wait here; the moves whose inputs are there. A job whose inputs could not be sent stays here
-        this round."""
-        site, sent, failed = self.peers[peer], 0, set()
+    async def _inputs_there(self, peer: str, moves: list[tuple[Job, Move]]) -> list[tuple[Job, Move]]:
+        """The moves whose inputs the peer already holds. The inputs it lacks are sent in the background (each
+        content once, resumed if a transfer was cut), never in the round: a long transfer must not hold up the
+        other moves, the next rounds or a cancel. The jobs waiting for them stay here, in line, until a later
+        round finds their inputs there (or they start here first)."""
+        site = self.peers[peer]
         needed: dict[str, int] = {}
         for job, _ in moves:
             needed.update((f.sha256, f.size) for f in job.spec.inputs)
-        started = time.monotonic()
-        for sha, size in needed.items():
+        if not needed:
+            return moves
+        missing = {sha for sha in needed if (peer, sha) in self.transfers}
+        asked = [sha for sha in needed if sha not in missing]
+
+        async def held(sha: str) -> bool:
+            answer = await site.stub.StatBlob(jobs_pb2.BlobRef(sha256=sha), timeout=ESTIMATE_TIMEOUT_S)
+            return answer.complete
+
+        answers = await asyncio.gather(*(held(sha) for sha in asked), return_exceptions=True)
+        failed = False
+        for sha, answer in zip(asked, answers):
+            if answer is True:
+                continue
+            missing.add(sha)
+            if isinstance(answer, BaseException):
+                failed = True
+                log.info("hub %s did not say whether it holds input %s... (%s); those jobs stay here this round",
+                         peer, sha[:12], answer.code().name if isinstance(answer, grpc.aio.AioRpcError) else answer)
+            else:
+                self._start_transfer(peer, sha, needed[sha])
+        if failed:
+            self.breaker.failed(peer)
+        return [(job, move) for job, move in moves if not any(f.sha256 in missing for f in job.spec.inputs)]
+
+    def _start_transfer(self, peer: str, sha: str, size: int) -> None:
+        if (peer, sha) not in self.transfers:
+            task = asyncio.create_task(self._transfer(peer, sha, size), name=f"inputs to {peer}")
+            self.transfers[(peer, sha)] = task
+            task.add_done_callback(lambda _: self.transfers.pop((peer, sha), None))
+
+    async def _transfer(self, peer: str, sha: str, size: int) -> None:
+        """Send one input to a peer, at most TRANSFERS_PER_PEER at once per peer; measures the link."""
+        async with self._transfer_slots[peer]:
+            site = self.peers.get(peer)
+            if site is None:
+                return
+            started = time.monotonic()
             try:
-                sent += await send(site.stub, self.core.blobs, sha, size, f"hub {peer}")
-            except (grpc.aio.AioRpcError, AifedError, OSError) as exc:
-                failed.add(sha)
-                log.warning("hub %s: sending input %s... for a hand-off failed (%s); those jobs stay here this "
-                            "round", peer, sha[:12], exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc)
-        took = time.monotonic() - started
+                sent = await send(site.stub, self.core.blobs, sha, size, f"hub {peer}")
+            except Exception as exc:
+                self.transfers_failed.labels(peer).inc()
+                opened = self.breaker.failed(peer)
+                known = isinstance(exc, (grpc.aio.AioRpcError, AifedError, OSError))
+                log.log(logging.WARNING if known else logging.ERROR, "hub %s: sending input %s... for a hand-off "
+                        "failed (%s); the jobs that need it stay here%s", peer, sha[:12],
+                        exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc,
+                        "; its circuit breaker is open" if opened else "", exc_info=not known)
+                return
+            took = time.monotonic() - started
         if sent >= LINK_SAMPLE_BYTES and took > 0:
             old = self.link_rates.get(peer)
             self.link_rates[peer] = sent / took if old is None else 0.7 * old + 0.3 * sent / took
-        if failed:
-            self.breaker.failed(peer)
-        return [(job, move) for job, move in moves if not any(f.sha256 in failed for f in job.spec.inputs)]
+        if sent:
+            log.info("hub %s: sent input %s... (%d bytes) for a hand-off; the jobs that need it move at the next "
+                     "round", peer, sha[:12], sent)
+
+    async def transfers_done(self) -> None:
+        """Wait for the input transfers running now (tests, shutdown)."""
+        while self.transfers:
+            await asyncio.gather(*list(self.transfers.values()), return_exceptions=True)
 
     @contextlib.contextmanager
     def _handing(self, job_ids: list[str]):

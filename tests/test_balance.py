@@ -121,8 +121,13 @@ async def test_a_job_with_inputs_moves_with_them(crowded, tmp_path):
     await eventually(lambda: not leonardo.balancer.peers["lumi"].advert.draining)
     moves = await leonardo.balancer.round()
     assert [(m.job.key, m.peer) for m in moves] == [(jobs[2].id, "lumi")]
-    # The inputs went first, from leonardo (not from the antenna), and the job finds them at lumi.
+    # The inputs go first, from leonardo (not from the antenna), in the background; the job waits here for them.
+    assert leonardo.journal.state(jobs[2].id) is JobState.QUEUED
+    await leonardo.balancer.transfers_done()
     assert lumi.blobs.owns("hub/leonardo", inputs[0].sha256) and not lumi.blobs.owns("antenna-a", inputs[0].sha256)
+    # The next round finds them there and moves the job; the job finds them at lumi.
+    assert [m.job.key for m in await leonardo.balancer.round()] == [jobs[2].id]
+    assert leonardo.journal.state(jobs[2].id) is JobState.MOVED
     await eventually(lambda: _at(alice, jobs[2].id, "lumi", JobState.RUNNING))
     out = await eventually(lambda: _stdout(alice, jobs[2].id))
     assert inputs[0].sha256.encode() in out
@@ -147,12 +152,72 @@ async def test_a_job_whose_inputs_cannot_reach_the_peer_stays(crowded, tmp_path)
     await eventually(lambda: not leonardo.balancer.peers["lumi"].advert.draining)
     moves = await leonardo.balancer.round()
     assert [m.job.key for m in moves] == [jobs[2].id]  # planned, but its input could not be sent
+    await leonardo.balancer.transfers_done()
+    registry = leonardo.metrics.registry
+    assert registry.get_sample_value("aifed_balance_input_transfers_failed_total", {"peer": "lumi"}) == 1
+    await leonardo.balancer.round()  # tried again (and refused again): the job never leaves without its input
+    await leonardo.balancer.transfers_done()
+    assert registry.get_sample_value("aifed_balance_input_transfers_failed_total", {"peer": "lumi"}) == 2
     assert leonardo.journal.state(jobs[2].id) is JobState.QUEUED  # not withdrawn: it still waits here
     assert not lumi.blobs.owns("hub/leonardo", inputs[0].sha256)
     assert jobs[2].id in dict(await leonardo.backend.waiting())
     assert lumi.journal.get(jobs[2].id) is None
     for job in jobs:
         await alice.cancel(job.id)
+
+
+async def test_a_long_input_transfer_holds_up_neither_the_round_nor_other_moves(crowded, tmp_path, monkeypatch):
+    """A job whose inputs are still on their way to the peer stays here, in line and cancellable; the jobs beside
+    it move in the same round; the next round after the transfer moves it."""
+    import hub.balance
+    from federation.blobs import describe_inputs
+    f = crowded
+    gate, sending = asyncio.Event(), asyncio.Event()
+    real_send = hub.balance.send
+
+    async def slow_send(*args, **kw):  # the real transfer, once the test lets it go
+        sending.set()
+        await gate.wait()
+        return await real_send(*args, **kw)
+
+    monkeypatch.setattr(hub.balance, "send", slow_send)
+    alice = f.client("alice")
+    (tmp_path / "w.bin").write_bytes(b"w" * 300_000)
+    inputs, _ = describe_inputs([("w.bin", tmp_path / "w.bin")])
+    assert (await alice.upload(tmp_path / "w.bin", inputs[0].sha256, inputs[0].size)).complete
+    first = await alice.submit(JobSpec(argv=("sleep", "30"), gpus=4, walltime_s=2 * HOUR))  # both wait 2 h here
+    with_input = await alice.submit(JobSpec(argv=("sh", "-c", "sha256sum w.bin; sleep 30"), gpus=2,
+                                            walltime_s=HOUR, inputs=inputs))
+    plain = await alice.submit(JobSpec(argv=("sleep", "30"), gpus=2, walltime_s=HOUR))
+    jobs = [first, with_input, plain]
+    leonardo, lumi = f.hubs["leonardo"].core, f.hubs["lumi"].core
+    await eventually(lambda: all(leonardo.journal.state(j.id) in (JobState.QUEUED, JobState.RUNNING) for j in jobs))
+    lumi.set_drain(operator("lumi"), False)
+    await eventually(lambda: not leonardo.balancer.peers["lumi"].advert.draining)
+
+    moves = await asyncio.wait_for(leonardo.balancer.round(), 10)  # returns while the input is on its way
+    assert sorted(m.job.key for m in moves) == sorted([with_input.id, plain.id])
+    await asyncio.wait_for(sending.wait(), 5)
+    assert leonardo.journal.state(plain.id) is JobState.MOVED
+    assert leonardo.journal.state(with_input.id) is JobState.QUEUED and with_input.id not in leonardo.balancer.handing
+    assert with_input.id in dict(await leonardo.backend.waiting())
+    assert registry_value(leonardo, "aifed_balance_input_transfers") == 1
+    # A round meanwhile does not send it twice, and does not move the job without it.
+    await asyncio.wait_for(leonardo.balancer.round(), 10)
+    assert leonardo.journal.state(with_input.id) is JobState.QUEUED and len(leonardo.balancer.transfers) == 1
+
+    gate.set()
+    await leonardo.balancer.transfers_done()
+    assert [m.job.key for m in await leonardo.balancer.round()] == [with_input.id]
+    assert leonardo.journal.state(with_input.id) is JobState.MOVED
+    await eventually(lambda: _at(alice, with_input.id, "lumi", JobState.RUNNING))
+    assert inputs[0].sha256.encode() in await eventually(lambda: _stdout(alice, with_input.id))
+    for job in jobs:
+        await alice.cancel(job.id)
+
+
+def registry_value(core, name: str) -> float | None:
+    return core.metrics.registry.get_sample_value(name, {})
 
 
 async def _stdout(client, job_id):
