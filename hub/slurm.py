@@ -29,6 +29,7 @@ from pathlib import Path
 import orjson
 
 from federation.config import PartitionConfig
+from federation.blobs import fsync_dir
 from federation.errors import AifedError
 from federation.model import Job, JobState
 from federation.timefmt import format_duration
@@ -63,6 +64,7 @@ ARRAYS = ".arrays"  # in the work folder: one folder per job array; its entry N 
 LAUNCHER = ".aifed-launch.sh"  # in a job's folder: sets the job's environment and runs job.sh with its arguments
 TASK_ID_FILE = ".aifed-slurm-job-id"  # written by an array task when it starts: its own Slurm job id
 CANCELLED_MARK = "cancelled"  # in a job's folder: aifed cancelled this array task
+CANCEL_MARK = "cancel-requested"  # in a job's folder: cancelled while its sbatch's outcome was unknown
 #: What Slurm tells the tasks of the array a job was grouped into; not the job's own business (an aifed array job
 #: gets its own values back from `JobSpec.array_env`).
 ARRAY_ENV_VARS = ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MAX",
@@ -658,7 +660,7 @@ class SlurmBackend(Backend):
             if job.id == job_id:
                 if job_id in self._uncertain:
                     # Its sbatch went unanswered: Slurm may have it. The next poll looks, and cancels what it finds.
-                    self._cancel_when_submitted.add(job_id)
+                    self._cancel_later(job_id)
                     return True
                 self._waiting.remove(job)
                 self.on_change(Change(job_id, JobState.CANCELLED, reason="cancelled before Slurm took it"))
@@ -670,7 +672,7 @@ class SlurmBackend(Backend):
             (self.folder(job_id) / WITHDRAWING).unlink(missing_ok=True)
             return False  # nothing will report it: the hub journals the cancel itself
         if job_id in self._submitting:  # its sbatch is running now: cancel it as soon as Slurm names it
-            self._cancel_when_submitted.add(job_id)
+            self._cancel_later(job_id)
             return True
         tracked = self._tracked.get(job_id)
         if tracked is None:
@@ -679,6 +681,22 @@ class SlurmBackend(Backend):
         await self.runner.run(["scancel", tracked.slurm_id])
         self._wake.set()
         return True
+
+    def _cancel_later(self, job_id: str) -> None:
+        """Cancel the job once Slurm names it (or never send it). The job's folder keeps the cancel: it was
+        acknowledged, so a restart before Slurm named the job must not lose it."""
+        self._cancel_when_submitted.add(job_id)
+        folder = self.folder(job_id)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / CANCEL_MARK, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(folder)
+        except OSError as exc:
+            log.warning("job %s: keeping its cancel across a restart failed: %s", job_id, exc)
 
     def _mark_cancelled(self, t: _Tracked) -> None:
         """An array task cancelled while it waits with others leaves no trace in Slurm (no squeue entry, no
@@ -689,16 +707,24 @@ class SlurmBackend(Backend):
     async def recover(self, job: Job, ref: str) -> Change | None:
         """Follow a job with a Slurm id; one whose sbatch may have run is looked up by its tag before it is
         sent again (at the first poll, when slurmctld answers); one that never reached sbatch is sent again."""
+        folder = self.folder(job.id)
+        cancelled = (folder / CANCEL_MARK).exists()  # while its sbatch's outcome was unknown, before a restart
         if ref:
             tracked = _Tracked(job, ref, job.state)
-            if (self.folder(job.id) / WITHDRAWING).exists():  # held to be handed over, but never journaled MOVING
+            if (folder / WITHDRAWING).exists():  # held to be handed over, but never journaled MOVING
                 log.info("job %s: releasing the hold a hand-off left on Slurm job %s", job.id, ref)
                 await self._release(tracked)
             else:
                 self._tracked[job.id] = tracked
+                if cancelled:  # Slurm named it, but the scancel may not have run before the restart
+                    log.info("job %s: cancelling Slurm job %s, as asked before the restart", job.id, ref)
+                    self._mark_cancelled(tracked)
+                    asyncio.get_running_loop().create_task(self._scancel(ref))
             return None
-        if (self.folder(job.id) / "submitting").exists():
+        if (folder / "submitting").exists():
             self._uncertain.add(job.id)
+        if cancelled:
+            self._cancel_when_submitted.add(job.id)
         self._waiting.append(job)
         return None
 

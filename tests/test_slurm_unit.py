@@ -481,6 +481,46 @@ async def test_a_cancel_of_a_job_whose_sbatch_went_unanswered_looks_in_slurm_fir
     assert sum(1 for a, _ in runner.calls if a[:2] == ["squeue", "--json"]) == 2  # one lookup for both, one poll
 
 
+async def test_a_cancel_given_while_an_sbatch_went_unanswered_survives_a_restart(tmp_path):
+    """The hub answered the cancel: a restart before Slurm named the job must not let the job run."""
+    import asyncio
+    runner = FakeRunner()
+    runner.on("sbatch --parsable", SchedulerUnavailable(["sbatch"], -9, "timed out after 30s"))
+    found, lost = replace(job(argv=("true",)), id="antenna-a-found1"), replace(job(argv=("true",)), id="antenna-a-lost1")
+    for j in (found, lost):
+        backend, changes = make(tmp_path, runner)
+        await backend.submit(j)
+        assert await backend.cancel(j.id) and changes == []  # Slurm may have it: nothing to report yet
+
+    # A new hub process (the journal still has both jobs QUEUED, without a Slurm id).
+    runner = FakeRunner()
+    runner.rules = [("scontrol ping", UP),
+                    ("squeue --json", squeue({"job_id": 91, "job_state": "PENDING", "comment": f"aifed:{found.id}",
+                                              "name": found.id})),
+                    ("sacct", Result("", "")), ("sbatch --parsable", Result("92\n", ""))]
+    backend, changes = make(tmp_path, runner)
+    for j in (found, lost):
+        assert await backend.recover(j, "") is None
+    await backend.poll()
+    await asyncio.sleep(0.05)  # the scancel runs as a task
+    assert ["scancel", "91"] in [a for a, _ in runner.calls]  # Slurm had it: cancelled there
+    assert not any(a[:2] == ["sbatch", "--parsable"] for a, _ in runner.calls)  # the other is never sent
+    assert (lost.id, JobState.CANCELLED) in [(c.job_id, c.state) for c in changes]
+
+    # Slurm had named it, but the hub stopped before its scancel: the next start cancels it.
+    runner = FakeRunner()
+    backend, _ = make(tmp_path, runner)
+    await backend.recover(found, "91")
+    await asyncio.sleep(0.05)
+    assert ["scancel", "91"] in [a for a, _ in runner.calls]
+    # A job never cancelled is left alone.
+    runner = FakeRunner()
+    backend, _ = make(tmp_path, runner)
+    await backend.recover(replace(found, id="antenna-a-other1"), "93")
+    await asyncio.sleep(0.05)
+    assert not any(a[0] == "scancel" for a, _ in runner.calls)
+
+
 async def test_tasks_of_an_unreadable_pending_list_are_not_called_lost(tmp_path):
     runner = FakeRunner()
     runner.on("scontrol ping", UP)
