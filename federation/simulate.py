@@ -266,15 +266,14 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
         if replays[h][0] != hub.changes:  # the replay of its queue, longest waits first, while it is unchanged
             ordered = sorted(((start, key) for key, start in hub.queue.snapshot(t).starts().items()), reverse=True)
             replays[h] = (hub.changes, ordered)
-        waiting = []
+        looked_at = []  # the jobs `plan` looks at: the longest waits over the threshold, never moved yet
         for start, key in replays[h][1]:
-            if start - t <= settings.threshold_s or len(waiting) == MAX_LOOKED_AT:
+            if start - t <= settings.threshold_s or len(looked_at) == MAX_LOOKED_AT:
                 break
             j = int(key)
             if j not in moved:
-                alternatives = tuple(o.name for o in hubs if o is not hub and o.capacity >= jobs[j].gpus)
-                waiting.append(Waiting(key, jobs[j].gpus, jobs[j].walltime_s, start - t, alternatives))
-        if not waiting:
+                looked_at.append((start - t, key, j))
+        if not looked_at:
             return
         placer, index = balancers[h], {o.name: k for k, o in enumerate(hubs)}
         views = {}
@@ -297,6 +296,21 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
                 bounds[peer, gpus] = views[peer].wait(gpus, 1.0, t)
             return bounds[peer, gpus]
 
+        # Most rounds move nothing: a job that no peer could start clearly sooner even with a job of one second
+        # (`soonest`) is left out here, before anything is built for it. `plan` would skip it the same
+        # way, without side effects, so the moves are exactly those of passing every job.
+        best_soonest: dict[int, float] = {}
+        waiting = []
+        for wait, key, j in looked_at:
+            gpus = jobs[j].gpus
+            if gpus not in best_soonest:
+                best_soonest[gpus] = min((soonest(o.name, gpus) for o in hubs
+                                          if o is not hub and o.capacity >= gpus), default=math.inf)
+            if settings.worth_moving(wait, best_soonest[gpus]):
+                alternatives = tuple(o.name for o in hubs if o is not hub and o.capacity >= gpus)
+                waiting.append(Waiting(key, gpus, jobs[j].walltime_s, wait, alternatives))
+        if not waiting:
+            return
         moves = plan(waiting, estimate, settings, placer, breaker, now=t, clock=t, soonest=soonest)
         if not moves:
             return
