@@ -93,8 +93,11 @@ class LocalBackend(Backend):
         if task is None:
             return False
         task.cancelled = True
-        # Written before the signal: a hub restarted within the grace period still finishes the cancel.
-        (self.folder(job_id) / "cancelled").write_bytes(b"")
+        # Written before the signal: a hub restarted within the grace period still finishes the cancel, and one
+        # restarted while the job was being started (its inputs copied) does not start it.
+        folder = self.folder(job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "cancelled").write_bytes(b"")
         self._terminate(task)
         return True
 
@@ -105,6 +108,8 @@ class LocalBackend(Backend):
         if not launched and (part is None or part.gpus < job.spec.gpus or job.spec.cpus > self.cpu_slots):
             return Change(job.id, JobState.FAILED, reason=f"partition {job.partition} no longer exists or no "
                           "longer fits the job (the hub's configuration changed while it was queued)")
+        if not launched and (folder / "cancelled").exists():
+            return Change(job.id, JobState.CANCELLED, reason="cancelled before it started")
         if not launched:
             # It never started: queue it again, in its original order (the journal lists oldest first).
             self._enqueue(_Task(job, job.spec.gpus, job.spec.cpus, job.spec.walltime_s, job.created_at))
@@ -218,11 +223,18 @@ class LocalBackend(Backend):
     async def _run(self, task: _Task) -> None:
         job, spec = task.job, task.job.spec
         folder = self.folder(job.id)
+        if task.cancelled:  # cancelled before its start began
+            self._not_started(task)
+            return
         try:
             if folder.exists():
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
-            self.stage_inputs(job, folder)
+            if spec.inputs:  # copied in a worker thread: a large input would stall the hub's event loop
+                await asyncio.to_thread(self.stage_inputs, job, folder)
+                if task.cancelled:  # cancelled while its inputs were copied
+                    self._not_started(task)
+                    return
             if spec.script:
                 script = folder / "script"
                 script.write_text(spec.script)
@@ -258,6 +270,10 @@ class LocalBackend(Backend):
         ref = orjson.dumps({"pid": task.pid, "slots": task.slots, "started": task.started}).decode()
         self.on_change(Change(job.id, JobState.RUNNING, ref=ref))
         await self._follow(task, child)
+
+    def _not_started(self, task: _Task) -> None:
+        self._release(task)
+        self.on_change(Change(task.job.id, JobState.CANCELLED, reason="cancelled before it started"))
 
     async def _follow(self, task: _Task, child: subprocess.Popen | None) -> None:
         """Wait for the job to end (as our child, or by polling a taken-back pid), enforcing walltime.

@@ -392,11 +392,21 @@ class SlurmBackend(Backend):
         if not self._health.ok:
             self._waiting.append(job)  # the controller is down: it goes out at the first poll after it returns
             return
-        try:
-            self.stage_inputs(job, folder)
-        except (OSError, AifedError) as exc:
-            self.on_change(Change(job.id, JobState.FAILED, reason=f"could not stage the job's inputs: {exc}"))
-            return
+        self._submitting.add(job.id)  # from here on a cancel is kept: delivered, or the job is never sent
+        if job.spec.inputs:
+            try:  # copied in a worker thread: a large input would stall the hub's event loop for seconds
+                await asyncio.to_thread(self.stage_inputs, job, folder)
+            except (OSError, AifedError) as exc:
+                self._submitting.discard(job.id)
+                self._report([self._not_submitted(job.id, f"could not stage the job's inputs: {exc}")])
+                return
+            except BaseException:
+                self._submitting.discard(job.id)
+                raise
+            if job.id in self._cancel_when_submitted:  # cancelled while its inputs were copied
+                self._submitting.discard(job.id)
+                self._report([self._not_submitted(job.id, "")])
+                return
         mark.write_bytes(b"")  # from here on, a restart must look in Slurm before resubmitting (by this job's tag)
         script = self._write_script(job, folder)
         # The job's environment travels in a file, never through sbatch's own environment: a user's PATH or

@@ -451,3 +451,53 @@ async def test_taken_back_job_can_be_cancelled_and_keeps_its_walltime(backends):
     await rec2.wait("ta", JobState.TIMEOUT, timeout=6)
     await asyncio.sleep(0.3)
     assert live_job_processes("ta") == [] and live_job_processes("tb") == []
+
+
+# -- inputs --------------------------------------------------------------------------------------------
+
+def slow_staging(seconds: float):
+    """A stand-in for the hub's input copy (the backend's `stage_inputs` seam) that takes `seconds` in its thread,
+    then writes the input, as a large copy would."""
+    import threading
+    started = threading.Event()
+
+    def stage(job: Job, folder: Path) -> None:
+        started.set()
+        time.sleep(seconds)
+        (folder / "input.bin").write_bytes(b"x")
+    stage.started = started
+    return stage
+
+
+async def test_copying_a_jobs_inputs_does_not_stall_the_event_loop(backends):
+    from federation.model import InputFile
+    backend, rec = backends.new()
+    backend.stage_inputs = slow_staging(1.0)
+    job = make_job("big-input", argv=("sh", "-c", "cat input.bin"),
+                   inputs=(InputFile("input.bin", "a" * 64, 1),))
+    await backends.submit(backend, job)
+    ticks, started = 0, time.monotonic()
+    while time.monotonic() - started < 0.8:  # the loop turns while the copy runs
+        await asyncio.sleep(0.01)
+        ticks += 1
+    assert ticks > 40 and rec.states(job.id) == []  # not started before its inputs are there
+    await rec.wait(job.id, JobState.COMPLETED)
+    assert backend.read_log(job.id, "stdout", 0, 10) == b"x"
+
+
+async def test_a_job_cancelled_while_its_inputs_are_copied_never_starts_even_across_a_restart(backends):
+    from federation.model import InputFile
+    inputs = (InputFile("input.bin", "a" * 64, 1),)
+    backend, rec = backends.new()
+    backend.stage_inputs = staging = slow_staging(0.5)
+    job = make_job("cancel-copy", argv=("sh", "-c", "echo ran > ran"), inputs=inputs)
+    await backends.submit(backend, job)
+    assert await asyncio.to_thread(staging.started.wait, 5)
+    assert await backend.cancel(job.id)
+    await rec.wait(job.id, JobState.CANCELLED)
+    await asyncio.sleep(0.3)
+    assert rec.states(job.id) == [JobState.CANCELLED] and not (backend.folder(job.id) / "ran").exists()
+
+    # A hub that stopped after the cancel was answered, before the job was reported: it is not started again.
+    later, rec2 = backends.new()
+    assert await later.recover(job, "") == Change(job.id, JobState.CANCELLED, reason="cancelled before it started")

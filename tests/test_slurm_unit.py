@@ -521,6 +521,38 @@ async def test_a_cancel_given_while_an_sbatch_went_unanswered_survives_a_restart
     assert not any(a[0] == "scancel" for a, _ in runner.calls)
 
 
+async def test_inputs_are_copied_off_the_event_loop_and_a_cancel_meanwhile_sends_nothing(tmp_path):
+    import asyncio
+    import threading
+
+    from federation.model import InputFile
+    runner = FakeRunner()
+    runner.on("sbatch --parsable", Result("55\n", ""))
+    backend, changes = make(tmp_path, runner)
+    copying, release = threading.Event(), threading.Event()
+
+    def stage(job, folder):  # the hub's input copy (the seam), held until the test lets it finish
+        copying.set()
+        release.wait(5)
+    backend.stage_inputs = stage
+    inputs = (InputFile("w.bin", "a" * 64, 1),)
+    kept, cancelled = (replace(job(argv=("true",), inputs=inputs), id=f"antenna-a-{n}") for n in ("kept1", "gone1"))
+    for j in (kept, cancelled):
+        copying.clear()
+        submitting = asyncio.create_task(backend.submit(j))
+        assert await asyncio.to_thread(copying.wait, 5)
+        await asyncio.sleep(0.05)  # the event loop runs meanwhile
+        assert not submitting.done()
+        if j is cancelled:
+            assert await backend.cancel(j.id)  # kept until the copy is done
+        release.set()
+        await submitting
+        release.clear()
+    sbatches = [a for a, _ in runner.calls if a[:2] == ["sbatch", "--parsable"]]
+    assert len(sbatches) == 1 and f"--job-name={kept.id}" in sbatches[0]
+    assert (cancelled.id, JobState.CANCELLED) in [(c.job_id, c.state) for c in changes]
+
+
 async def test_tasks_of_an_unreadable_pending_list_are_not_called_lost(tmp_path):
     runner = FakeRunner()
     runner.on("scontrol ping", UP)
