@@ -16,8 +16,10 @@ import logging
 import os
 import stat
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from federation.config import PartitionConfig
 from federation.model import Job, JobState
@@ -55,6 +57,8 @@ class Health:
 
 
 OnChange = Callable[[Change], None]
+T = TypeVar("T")
+FILE_THREADS = 2  # copies of jobs' inputs at once
 
 
 class Backend(abc.ABC):
@@ -72,6 +76,19 @@ class Backend(abc.ABC):
         self.stage_inputs: Callable[[Job, Path], None] = lambda job, folder: None
         # Takes several changes at once (the hub journals them in one commit); without it, `on_change` each.
         self.on_changes: Callable[[list[Change]], None] | None = None
+        self._files: ThreadPoolExecutor | None = None
+
+    async def in_file_thread(self, fn: Callable[..., T], *args) -> T:
+        """Run file work that may take seconds (copying a job's inputs into its folder) in a thread of the
+        backend's own: the event loop's default threads also commit the journal and run scheduler commands,
+        which must not queue behind a large copy."""
+        if self._files is None:
+            self._files = ThreadPoolExecutor(FILE_THREADS, thread_name_prefix="backend-files")
+        return await asyncio.get_running_loop().run_in_executor(self._files, fn, *args)
+
+    def close_files(self) -> None:
+        if self._files is not None:
+            self._files.shutdown(wait=False, cancel_futures=True)
 
     def _report(self, changes: list[Change]) -> None:
         if not changes:

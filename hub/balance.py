@@ -71,6 +71,9 @@ class Balancer:
         self.changed = Signal()
         self.handing: dict[str, asyncio.Event] = {}  # job id -> set when its hand-off call has an answer
         self.transfers: dict[tuple[str, str], asyncio.Task] = {}  # (peer, sha256) -> the input being sent there
+        self._wanted: dict[tuple[str, str], set[str]] = {}  # (peer, sha256) -> the jobs waiting for that transfer
+        self._sending: dict[str, int] = defaultdict(int)  # per peer: transfers running now, and started so far
+        self._started: dict[str, int] = defaultdict(int)
         self._transfer_slots: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(TRANSFERS_PER_PEER))
         self._task: asyncio.Task | None = None
         m = core.metrics
@@ -148,6 +151,12 @@ class Balancer:
 
     async def round(self) -> list[Move]:
         """Offer the jobs that wait too long here to the peers that would start them sooner; the moves made."""
+        try:
+            return await self._round()
+        finally:
+            self._drop_unwanted_transfers()
+
+    async def _round(self) -> list[Move]:
         core = self.core
         waits = await core.backend.waiting()
         over = {job_id: wait for job_id, wait in waits if wait > self.settings.threshold_s}
@@ -218,48 +227,52 @@ class Balancer:
 
     async def _move(self, peer: str, moves: list[tuple[Job, Move]]) -> None:
         """Withdraw the jobs from the scheduler, journal them MOVING, hand them over, journal the answer."""
+        planned, marked = [job.id for job, _ in moves], []
+        try:
+            with self._handing(planned):
+                marked = await self._mark_moving(peer, await self._inputs_there(peer, moves))
+                if marked:
+                    await self._hand_off(peer, marked, {job.id: move.job.wait_s for job, move in moves})
+        finally:  # what did not go counts no more against the peer's estimates
+            going = {job.id for job in marked}
+            self.placer.landed(peer, [job_id for job_id in planned if job_id not in going])
+
+    async def _mark_moving(self, peer: str, moves: list[tuple[Job, Move]]) -> list[Job]:
+        """Withdraw the jobs from the scheduler and journal them MOVING; the jobs journaled."""
         core = self.core
         withdrawn: list[tuple[Job, Move]] = []
-        with self._handing([job.id for job, _ in moves]):
-            planned = [job.id for job, _ in moves]
-            moves = await self._inputs_there(peer, moves)
-            try:
-                for job, move in moves:
-                    if await core.backend.withdraw(job.id):
-                        withdrawn.append((job, move))
-            except BaseException:
-                for job, _ in withdrawn:  # not journaled: the jobs stay here
-                    await core.backend.submit(job)
-                raise
-            going = {job.id for job, _ in withdrawn}
-            self.placer.landed(peer, [job_id for job_id in planned if job_id not in going])  # never sent
-            if not withdrawn:
-                return
-            wait_here = {job.id: move.job.wait_s for job, move in withdrawn}
-            wait_there = {job.id: move.wait_there_s for job, move in withdrawn}
+        try:
+            for job, move in moves:
+                if await core.backend.withdraw(job.id):
+                    withdrawn.append((job, move))
+        except BaseException:
+            for job, _ in withdrawn:  # not journaled: the jobs stay here
+                await core.backend.submit(job)
+            raise
+        if not withdrawn:
+            return []
 
-            def mark(tx: Tx) -> list[Job]:
-                out = []
-                for job, move in withdrawn:
-                    current = tx.get(job.id)
-                    if current is not None and current.state is JobState.QUEUED:
-                        moving = current.moved(
-                            JobState.MOVING, f"moving to hub {peer}, expected to start it in "
-                            f"{format_duration(int(wait_there[job.id]))} (here: "
-                            f"{format_duration(int(wait_here[job.id]))})", moved_to=peer)
-                        tx.update(moving)
-                        out.append(moving)
-                return out
+        def mark(tx: Tx) -> list[Job]:
+            out = []
+            for job, move in withdrawn:
+                current = tx.get(job.id)
+                if current is not None and current.state is JobState.QUEUED:
+                    moving = current.moved(
+                        JobState.MOVING, f"moving to hub {peer}, expected to start it in "
+                        f"{format_duration(int(move.wait_there_s))} (here: "
+                        f"{format_duration(int(move.job.wait_s))})", moved_to=peer)
+                    tx.update(moving)
+                    out.append(moving)
+            return out
 
-            try:
-                marked = await core.journal.commit(mark)
-            except BaseException:
-                for job, _ in withdrawn:  # not journaled: the jobs stay here
-                    await core.backend.submit(job)
-                raise
-            core._publish(marked)
-            if marked:
-                await self._hand_off(peer, marked, wait_here)
+        try:
+            marked = await core.journal.commit(mark)
+        except BaseException:
+            for job, _ in withdrawn:  # not journaled: the jobs stay here
+                await core.backend.submit(job)
+            raise
+        core._publish(marked)
+        return marked
 
     async def _inputs_there(self, peer: str, moves: list[tuple[Job, Move]]) -> list[tuple[Job, Move]]:
         """The moves whose inputs the peer already holds. The inputs it lacks are sent in the background (each
@@ -293,13 +306,32 @@ class Balancer:
                 self._start_transfer(peer, sha, needed[sha])
         if failed:
             self.breaker.failed(peer)
+        for job, _ in moves:
+            for f in job.spec.inputs:
+                if (peer, f.sha256) in self.transfers:
+                    self._wanted[(peer, f.sha256)].add(job.id)
         return [(job, move) for job, move in moves if not any(f.sha256 in missing for f in job.spec.inputs)]
 
     def _start_transfer(self, peer: str, sha: str, size: int) -> None:
         if (peer, sha) not in self.transfers:
             task = asyncio.create_task(self._transfer(peer, sha, size), name=f"inputs to {peer}")
             self.transfers[(peer, sha)] = task
-            task.add_done_callback(lambda _: self.transfers.pop((peer, sha), None))
+            self._wanted[(peer, sha)] = set()
+
+            def done(_):
+                self.transfers.pop((peer, sha), None)
+                self._wanted.pop((peer, sha), None)
+            task.add_done_callback(done)
+
+    def _drop_unwanted_transfers(self) -> None:
+        """Stop sending inputs no job waiting here needs at that peer any more (each ended, started here or
+        moved elsewhere): they would hold up the transfers that matter. A cut transfer resumes if needed again."""
+        for (peer, sha), task in list(self.transfers.items()):
+            if not any(self.core.journal.state(job_id) is JobState.QUEUED
+                       for job_id in self._wanted.get((peer, sha), ())):
+                log.info("hub %s: stopped sending input %s...: no job waiting here needs it there now", peer,
+                         sha[:12])
+                task.cancel()
 
     async def _transfer(self, peer: str, sha: str, size: int) -> None:
         """Send one input to a peer, at most TRANSFERS_PER_PEER at once per peer; measures the link."""
@@ -308,6 +340,9 @@ class Balancer:
             if site is None:
                 return
             started = time.monotonic()
+            self._started[peer] += 1
+            self._sending[peer] += 1
+            alone, turn = self._sending[peer] == 1, self._started[peer]
             try:
                 sent = await send(site.stub, self.core.blobs, sha, size, f"hub {peer}")
             except Exception as exc:
@@ -319,8 +354,11 @@ class Balancer:
                         exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc,
                         "; its circuit breaker is open" if opened else "", exc_info=not known)
                 return
+            finally:
+                self._sending[peer] -= 1
             took = time.monotonic() - started
-        if sent >= LINK_SAMPLE_BYTES and took > 0:
+            alone = alone and self._started[peer] == turn  # no other transfer to that peer shared the link
+        if alone and sent >= LINK_SAMPLE_BYTES and took > 0:
             old = self.link_rates.get(peer)
             self.link_rates[peer] = sent / took if old is None else 0.7 * old + 0.3 * sent / took
         if sent:

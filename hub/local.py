@@ -172,6 +172,7 @@ class LocalBackend(Backend):
         for w in waiters:
             w.cancel()
         await stop_tasks(waiters)
+        self.close_files()
 
     # -- scheduling ------------------------------------------------------------------------------
 
@@ -231,7 +232,7 @@ class LocalBackend(Backend):
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
             if spec.inputs:  # copied in a worker thread: a large input would stall the hub's event loop
-                await asyncio.to_thread(self.stage_inputs, job, folder)
+                await self.in_file_thread(self.stage_inputs, job, folder)
                 if task.cancelled:  # cancelled while its inputs were copied
                     self._not_started(task)
                     return
@@ -261,6 +262,9 @@ class LocalBackend(Backend):
                     ["/bin/sh", "-c", _WRAPPER, "aifed-job", *argv], cwd=folder, env=env,
                     stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
         except (OSError, AifedError) as exc:
+            if task.cancelled:  # cancelled while its inputs were copied: that is what it ends as
+                self._not_started(task)
+                return
             self._release(task)
             self.on_change(Change(job.id, JobState.FAILED, reason=f"could not start the job: {exc}"))
             return

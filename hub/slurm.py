@@ -123,6 +123,18 @@ def _task_ranges(spec: str) -> list[range]:
     return out
 
 
+def index_ranges(indices: list[int]) -> str:
+    """sbatch's --array list for these task indices (ascending): "0-3,5,7-9"."""
+    parts, i = [], 0
+    while i < len(indices):
+        j = i
+        while j + 1 < len(indices) and indices[j + 1] == indices[j] + 1:
+            j += 1
+        parts.append(str(indices[i]) if i == j else f"{indices[i]}-{indices[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
 def array_tasks(spec: str) -> list[int]:
     """The task indices of squeue's `array_task_string`."""
     return [task for r in _task_ranges(spec) for task in r]
@@ -216,6 +228,8 @@ class SlurmBackend(Backend):
         self._uncertain: set[str] = set()             # an sbatch for it may have reached Slurm unanswered
         self._submitting: set[str] = set()            # its sbatch is running now
         self._cancel_when_submitted: set[str] = set()
+        self._owed_scancels: dict[str, str] = {}      # job id -> Slurm id: cancelled here, scancel not yet done
+        self._background: set[asyncio.Task] = set()
         self._withdrawn: dict[str, _Tracked] = {}     # held in Slurm, being handed to a peer hub
         self._unreleased: dict[str, _Tracked] = {}    # back in line here, but `scontrol release` has yet to work
         self._wake = asyncio.Event()
@@ -236,9 +250,10 @@ class SlurmBackend(Backend):
                        asyncio.create_task(self._capacity_loop(), name="slurm capacity")]
 
     async def close(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._background]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        self.close_files()
 
     async def _poll_loop(self) -> None:
         while True:
@@ -326,8 +341,8 @@ class SlurmBackend(Backend):
 
     async def withdraw(self, job_id: str) -> bool:
         t = self._tracked.get(job_id)
-        if t is None or t.state is not JobState.QUEUED:
-            return False
+        if t is None or t.state is not JobState.QUEUED or job_id in self._owed_scancels:
+            return False  # (a job cancelled here whose scancel has yet to work is not handed on)
         (self.folder(job_id) / WITHDRAWING).write_bytes(b"")
         try:
             await self.runner.run(["scontrol", "hold", t.slurm_id])
@@ -395,7 +410,7 @@ class SlurmBackend(Backend):
         self._submitting.add(job.id)  # from here on a cancel is kept: delivered, or the job is never sent
         if job.spec.inputs:
             try:  # copied in a worker thread: a large input would stall the hub's event loop for seconds
-                await asyncio.to_thread(self.stage_inputs, job, folder)
+                await self.in_file_thread(self.stage_inputs, job, folder)
             except (OSError, AifedError) as exc:
                 self._submitting.discard(job.id)
                 self._report([self._not_submitted(job.id, f"could not stage the job's inputs: {exc}")])
@@ -513,15 +528,23 @@ class SlurmBackend(Backend):
         self._submitting |= ids
         try:
             # Files are written in a worker thread: hundreds of them would stall every RPC of the hub meanwhile.
-            ready, alone, failed = await asyncio.to_thread(self._prepare_array, name, folder, jobs)
+            ready, alone, failed = await self.in_file_thread(self._prepare_array, name, folder, jobs)
         except Exception:  # noqa: BLE001 - e.g. the array's folder cannot be made: each job goes alone
             log.exception("preparing job array %s failed; its %d jobs go one by one", name, len(jobs))
             ready, alone, failed = [], list(jobs), []
         try:
+            gone = {job.id for job in ready if job.id in self._cancel_when_submitted}  # cancelled meanwhile
             self._report([self._not_submitted(job_id, f"could not stage the job's inputs: {why}")
-                          for job_id, why in failed])
-            if ready:
-                await self._submit_array(name, folder, ready)
+                          for job_id, why in failed] + [self._not_submitted(job_id, "") for job_id in gone])
+            tasks = [(index, job) for index, job in enumerate(ready) if job.id not in gone]
+            for index, job in enumerate(ready):
+                if job.id in gone:  # never sent: its task index is left out of the array
+                    (folder / str(index)).unlink(missing_ok=True)
+                    (self.folder(job.id) / "submitting").unlink(missing_ok=True)
+            if tasks:
+                await self._submit_array(name, folder, tasks)
+            elif ready:
+                shutil.rmtree(folder, ignore_errors=True)
             for job in alone:
                 await self._sbatch(job)
                 self._submitting.discard(job.id)
@@ -586,7 +609,9 @@ class SlurmBackend(Backend):
             *(f"export {k}={q(v)}" for k, v in env.items()),
             "exec " + " ".join(map(q, command)), ""])
 
-    async def _submit_array(self, name: str, folder, jobs: list[Job]) -> None:
+    async def _submit_array(self, name: str, folder, tasks: list[tuple[int, Job]]) -> None:
+        """One sbatch for the array's tasks: (task index, job), the index the one its folder links as."""
+        jobs = [job for _, job in tasks]
         wrapper = folder / "task.sh"
         wrapper.write_text(
             "#!/bin/sh\n"
@@ -597,7 +622,8 @@ class SlurmBackend(Backend):
         env_file = folder / "task.env"
         env_file.write_bytes(f"PATH={self.runner.env.get('PATH', '/usr/bin:/bin')}".encode() + b"\0")
         argv = ["sbatch", "--parsable", "--ignore-pbs", f"--job-name={name}", f"--comment={TAG}{name}",
-                f"--array=0-{len(jobs) - 1}", *self._resources(jobs[0]), f"--chdir={folder}",
+                f"--array={index_ranges([index for index, _ in tasks])}", *self._resources(jobs[0]),
+                f"--chdir={folder}",
                 f"--output={folder}/%a/stdout", f"--error={folder}/%a/stderr",
                 f"--export-file={env_file}", "--export=AIFED_JOB_ID", str(wrapper)]
         # The jobs are in `_submitting` already (`_sbatch_array` holds them there until their sbatch answered).
@@ -619,7 +645,7 @@ class SlurmBackend(Backend):
             return
         array_id = out.stdout.strip().split(";")[0]
         log.info("%d job(s) went to Slurm as job array %s (%s)", len(jobs), array_id, name)
-        self._adopt_all([(job, f"{array_id}_{index}") for index, job in enumerate(jobs)])
+        self._adopt_all([(job, f"{array_id}_{index}") for index, job in tasks])
 
     def sweep_arrays(self, busy: set[str], min_age_s: float = 60.0) -> int:
         """Remove the folders of job arrays older than `min_age_s` none of whose jobs is `busy`; how many."""
@@ -656,7 +682,28 @@ class SlurmBackend(Backend):
             if job.id in self._cancel_when_submitted:
                 self._cancel_when_submitted.discard(job.id)
                 self._mark_cancelled(self._tracked[job.id])
-                asyncio.get_running_loop().create_task(self._scancel(slurm_id))
+                self._owe_scancel(job.id, slurm_id)
+
+    def _owe_scancel(self, job_id: str, slurm_id: str) -> None:
+        """A cancel the hub has answered, to deliver to Slurm now and, until `scancel` works (the controller may
+        be down), again at every poll while the job is followed."""
+        self._owed_scancels[job_id] = slurm_id
+        task = asyncio.get_running_loop().create_task(self._pay_scancel(job_id), name=f"scancel {slurm_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _pay_scancel(self, job_id: str) -> None:
+        slurm_id = self._owed_scancels.get(job_id)
+        if slurm_id is None:
+            return
+        try:
+            await self.runner.run(["scancel", slurm_id])
+        except CommandError as exc:
+            log.warning("scancel %s (job %s): %s; trying again at the next poll", slurm_id, job_id, exc.stderr)
+            return
+        if self._owed_scancels.get(job_id) == slurm_id:
+            del self._owed_scancels[job_id]
+        self._wake.set()
 
     async def _scancel(self, slurm_id: str) -> None:
         try:
@@ -721,15 +768,16 @@ class SlurmBackend(Backend):
         cancelled = (folder / CANCEL_MARK).exists()  # while its sbatch's outcome was unknown, before a restart
         if ref:
             tracked = _Tracked(job, ref, job.state)
-            if (folder / WITHDRAWING).exists():  # held to be handed over, but never journaled MOVING
+            if cancelled:  # Slurm named it, but the scancel may not have worked before the restart
+                log.info("job %s: cancelling Slurm job %s, as asked before the restart", job.id, ref)
+                self._tracked[job.id] = tracked
+                self._mark_cancelled(tracked)
+                self._owe_scancel(job.id, ref)
+            elif (folder / WITHDRAWING).exists():  # held to be handed over, but never journaled MOVING
                 log.info("job %s: releasing the hold a hand-off left on Slurm job %s", job.id, ref)
                 await self._release(tracked)
             else:
                 self._tracked[job.id] = tracked
-                if cancelled:  # Slurm named it, but the scancel may not have run before the restart
-                    log.info("job %s: cancelling Slurm job %s, as asked before the restart", job.id, ref)
-                    self._mark_cancelled(tracked)
-                    asyncio.get_running_loop().create_task(self._scancel(ref))
             return None
         if (folder / "submitting").exists():
             self._uncertain.add(job.id)
@@ -800,6 +848,11 @@ class SlurmBackend(Backend):
                     self._submitting.discard(job.id)
         finally:
             self._lookup_queue, self._looking_up = None, False
+        for job_id in list(self._owed_scancels):
+            if job_id in self._tracked:
+                await self._pay_scancel(job_id)
+            else:  # no longer followed (it ended): nothing left to cancel
+                self._owed_scancels.pop(job_id, None)
         if not self._tracked:
             return
         tracked = list(self._tracked.items())  # judged against a squeue taken after this: none is missed

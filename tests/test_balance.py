@@ -172,10 +172,11 @@ async def test_a_long_input_transfer_holds_up_neither_the_round_nor_other_moves(
     import hub.balance
     from federation.blobs import describe_inputs
     f = crowded
-    gate, sending = asyncio.Event(), asyncio.Event()
+    gate, sending, calls = asyncio.Event(), asyncio.Event(), []
     real_send = hub.balance.send
 
     async def slow_send(*args, **kw):  # the real transfer, once the test lets it go
+        calls.append(args[2])
         sending.set()
         await gate.wait()
         return await real_send(*args, **kw)
@@ -204,7 +205,7 @@ async def test_a_long_input_transfer_holds_up_neither_the_round_nor_other_moves(
     assert registry_value(leonardo, "aifed_balance_input_transfers") == 1
     # A round meanwhile does not send it twice, and does not move the job without it.
     await asyncio.wait_for(leonardo.balancer.round(), 10)
-    assert leonardo.journal.state(with_input.id) is JobState.QUEUED and len(leonardo.balancer.transfers) == 1
+    assert leonardo.journal.state(with_input.id) is JobState.QUEUED and calls == [inputs[0].sha256]
 
     gate.set()
     await leonardo.balancer.transfers_done()
@@ -214,6 +215,43 @@ async def test_a_long_input_transfer_holds_up_neither_the_round_nor_other_moves(
     assert inputs[0].sha256.encode() in await eventually(lambda: _stdout(alice, with_input.id))
     for job in jobs:
         await alice.cancel(job.id)
+
+
+async def test_an_input_transfer_stops_once_no_waiting_job_needs_it(crowded, tmp_path, monkeypatch):
+    import hub.balance
+    from federation.blobs import describe_inputs
+    f = crowded
+    gate = asyncio.Event()
+    real_send = hub.balance.send
+
+    async def held_send(*args, **kw):
+        await gate.wait()
+        return await real_send(*args, **kw)
+
+    monkeypatch.setattr(hub.balance, "send", held_send)
+    alice = f.client("alice")
+    (tmp_path / "w.bin").write_bytes(b"w" * 300_000)
+    inputs, _ = describe_inputs([("w.bin", tmp_path / "w.bin")])
+    assert (await alice.upload(tmp_path / "w.bin", inputs[0].sha256, inputs[0].size)).complete
+    jobs = [await alice.submit(JobSpec(argv=("sleep", "30"), gpus=4, walltime_s=HOUR, inputs=inputs))
+            for _ in range(3)]
+    leonardo, lumi = f.hubs["leonardo"].core, f.hubs["lumi"].core
+    await eventually(lambda: all(leonardo.journal.state(j.id) in (JobState.QUEUED, JobState.RUNNING) for j in jobs))
+    lumi.set_drain(operator("lumi"), False)
+    await eventually(lambda: not leonardo.balancer.peers["lumi"].advert.draining)
+    await leonardo.balancer.round()
+    [transfer] = leonardo.balancer.transfers.values()
+    await alice.cancel(jobs[2].id)  # the job it was for: cancelled at once, while its input is on its way
+    await eventually(lambda: leonardo.journal.state(jobs[2].id) is JobState.CANCELLED)
+    await leonardo.balancer.round()  # the next job in line wants it there now: it goes on
+    await asyncio.sleep(0.1)
+    assert not transfer.done() and leonardo.journal.state(jobs[1].id) is JobState.QUEUED
+    await alice.cancel(jobs[1].id)  # no job waiting here needs it any more
+    await eventually(lambda: leonardo.journal.state(jobs[1].id) is JobState.CANCELLED)
+    await leonardo.balancer.round()
+    await asyncio.wait_for(leonardo.balancer.transfers_done(), 5)
+    assert transfer.cancelled() and not lumi.blobs.owns("hub/leonardo", inputs[0].sha256)
+    await alice.cancel(jobs[0].id)
 
 
 def registry_value(core, name: str) -> float | None:

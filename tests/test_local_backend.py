@@ -501,3 +501,23 @@ async def test_a_job_cancelled_while_its_inputs_are_copied_never_starts_even_acr
     # A hub that stopped after the cancel was answered, before the job was reported: it is not started again.
     later, rec2 = backends.new()
     assert await later.recover(job, "") == Change(job.id, JobState.CANCELLED, reason="cancelled before it started")
+
+
+async def test_a_job_cancelled_while_its_inputs_are_copied_ends_cancelled_even_if_the_copy_fails(backends):
+    from federation.errors import ResourceExhausted
+    from federation.model import InputFile
+    backend, rec = backends.new()
+    staging = slow_staging(0.3)
+
+    def failing(job: Job, folder: Path) -> None:
+        staging(job, folder)
+        raise ResourceExhausted("disk full")
+    failing.started = staging.started
+    backend.stage_inputs = failing
+    job = make_job("cancel-fail", argv=("true",), gpus=2, inputs=(InputFile("input.bin", "a" * 64, 1),))
+    await backends.submit(backend, job)
+    assert await asyncio.to_thread(staging.started.wait, 5)
+    assert await backend.cancel(job.id)
+    await rec.wait(job.id, JobState.CANCELLED)
+    assert rec.states(job.id) == [JobState.CANCELLED]
+    assert backend.usage()[0].gpus_free == GPU.gpus  # its GPUs are free again, once

@@ -13,7 +13,7 @@ from federation.config import PartitionConfig
 from federation.model import Job, JobSpec, JobState
 from hub.commands import CommandError, Result, SchedulerUnavailable
 from hub.slurm import (SLURM_STATES, SlurmBackend, array_tasks, entry_keys, exit_from_sacct, exit_from_status,
-                       gpu_count, keyed, map_state, neutralize_directives, task_count)
+                       gpu_count, index_ranges, keyed, map_state, neutralize_directives, task_count)
 
 
 class FakeRunner:
@@ -411,7 +411,7 @@ async def test_array_folders_go_once_none_of_their_jobs_is_followed(tmp_path):
     assert not folder.exists() and (tmp_path / jobs[0].id / ".aifed-launch.sh").exists()  # the jobs' folders stay
 
 
-async def test_a_cancel_while_an_arrays_files_are_written_is_delivered_once_slurm_names_the_task(tmp_path):
+async def test_a_job_cancelled_while_an_arrays_files_are_written_is_left_out_of_the_array(tmp_path):
     import asyncio
     runner = FakeRunner()
     runner.on("sbatch --parsable", Result("40\n", ""))
@@ -423,13 +423,18 @@ async def test_a_cancel_while_an_arrays_files_are_written_is_delivered_once_slur
     assert await backend.cancel(jobs[1].id)  # a CANCELLED change will follow
     await submitting
     await asyncio.sleep(0.05)
-    assert ["scancel", "40_1"] in [a for a, _ in runner.calls]
-    assert (tmp_path / jobs[1].id / "cancelled").exists()  # gone from Slurm without a trace: CANCELLED, not LOST
+    sbatch = next(a for a, _ in runner.calls if a[:2] == ["sbatch", "--parsable"])
+    assert "--array=0,2" in sbatch  # task 1 never goes to Slurm: nothing to scancel
+    assert not any(a[0] == "scancel" for a, _ in runner.calls)
+    assert (jobs[1].id, JobState.CANCELLED) in [(c.job_id, c.state) for c in changes]
+    array_folder = next((tmp_path / ".arrays").iterdir())
+    assert sorted(p.name for p in array_folder.iterdir() if p.is_symlink()) == ["0", "2"]
+    changes.clear()
     runner.on("scontrol ping", UP)
     runner.rules.insert(0, ("squeue --json", squeue({"job_id": 40, "array_job_id": 40, "array_task_string": "0,2",
                                                      "job_state": "PENDING"})))
     await backend.poll()
-    assert [(c.job_id, c.state) for c in changes if c.state.final] == [(jobs[1].id, JobState.CANCELLED)]
+    assert [(c.job_id, c.state) for c in changes if c.state.final] == []  # tasks 0 and 2 still wait
 
 
 async def test_a_job_cancelled_while_a_refused_array_is_sent_job_by_job_is_not_submitted(tmp_path):
@@ -551,6 +556,41 @@ async def test_inputs_are_copied_off_the_event_loop_and_a_cancel_meanwhile_sends
     sbatches = [a for a, _ in runner.calls if a[:2] == ["sbatch", "--parsable"]]
     assert len(sbatches) == 1 and f"--job-name={kept.id}" in sbatches[0]
     assert (cancelled.id, JobState.CANCELLED) in [(c.job_id, c.state) for c in changes]
+
+
+async def test_an_answered_cancel_whose_scancel_fails_is_tried_again_at_every_poll(tmp_path):
+    """After a restart, the cancel kept in the job's folder goes to Slurm; while slurmctld cannot take it, the
+    job is neither forgotten nor handed to a peer hub."""
+    import asyncio
+    runner = FakeRunner()
+    runner.on("sbatch --parsable", SchedulerUnavailable(["sbatch"], -9, "timed out after 30s"))
+    backend, _ = make(tmp_path, runner)
+    j = job(argv=("true",))
+    await backend.submit(j)
+    assert await backend.cancel(j.id)
+
+    runner = FakeRunner()  # the restarted hub: Slurm named the job (91), but scancel fails for now
+    runner.on("scancel", SchedulerUnavailable(["scancel"], 1, "Unable to contact slurm controller"))
+    runner.on("scontrol ping", UP)
+    runner.on("squeue --json", squeue({"job_id": 91, "job_state": "PENDING", "comment": f"aifed:{j.id}",
+                                       "name": j.id}))
+    backend, changes = make(tmp_path, runner)
+    await backend.recover(j, "91")
+    await asyncio.sleep(0.05)
+    assert not await backend.withdraw(j.id)  # not handed on while its cancel is owed
+    await backend.poll()
+    await backend.poll()
+    assert [a for a, _ in runner.calls if a[0] == "scancel"] == [["scancel", "91"]] * 3  # each poll tries again
+    runner.rules = [r for r in runner.rules if r[0] != "scancel"]  # slurmctld takes it now
+    await backend.poll()
+    await backend.poll()
+    assert [a for a, _ in runner.calls if a[0] == "scancel"] == [["scancel", "91"]] * 4  # then no more
+
+
+@pytest.mark.parametrize("indices,text", [([0, 1, 2], "0-2"), ([0, 2], "0,2"), ([1, 2, 3, 5, 7, 8], "1-3,5,7-8"),
+                                          ([4], "4")])
+def test_array_index_lists(indices, text):
+    assert index_ranges(indices) == text
 
 
 async def test_tasks_of_an_unreadable_pending_list_are_not_called_lost(tmp_path):
