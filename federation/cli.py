@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--balance", action="store_true",
                     help="hubs also balance load between them, with the hub's default [balance] settings, under "
                          "every policy but home-only (default: placement alone; much slower on long queues)")
+    bp.add_argument("--workers", type=int, default=0,
+                    help="policies simulated at once, each in a process of its own (default 0: one per CPU; 1: one "
+                         "after the other); the figures are the same either way")
     bp.add_argument("--plot", help="draw the wait-time CDF of every policy into this PNG file (needs matplotlib)")
     bp.add_argument("--json", action="store_true", help="one JSON object on the last line")
 

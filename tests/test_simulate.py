@@ -491,6 +491,17 @@ def test_run_keeps_every_jobs_wait_per_policy_when_asked(tmp_path):
     assert statistics.fmean(waits["pooled bound"]) == pytest.approx(out["pooled"]["mean_wait_s"])
 
 
+def test_policies_run_in_parallel_processes_give_the_same_figures_as_one_after_the_other(tmp_path):
+    path = random_swf(tmp_path / "t.swf", 80, seed=23, sizes=(1, 2, 4))
+    together, waits_together = run(path, [4, 2], load=0.9, keep_waits=True, balance=True, workers=3)
+    alone, waits_alone = run(path, [4, 2], load=0.9, keep_waits=True, balance=True, workers=1)
+    assert (together["workers"], alone["workers"]) == (3, 1)
+    for out in (together, alone):
+        out.pop("jobs_per_s"), out.pop("workers")
+    assert together == alone and waits_together == waits_alone
+    assert list(together["policies"]) == list(POLICIES)  # in the order asked
+
+
 # -- the CLI -------------------------------------------------------------------------------------------
 
 def test_bench_placement_prints_a_table_and_one_json_object_on_the_last_line(tmp_path, capsys):
