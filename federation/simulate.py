@@ -297,19 +297,24 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
                 bounds[peer, gpus] = views[peer].wait(gpus, 1.0, t)
             return bounds[peer, gpus]
 
-        # Most rounds move nothing: a job that no peer could start clearly sooner even with a job of one second
-        # (`soonest`) is left out here, before anything is built for it. `plan` would skip it the same
-        # way, without side effects, so the moves are exactly those of passing every job.
+        # Most rounds move nothing. A job that no peer could start clearly sooner is left out here, before
+        # anything is built for it: first by the wait of a job of one second with as many GPUs (`soonest`, one
+        # estimate per size), then by its own estimate at each peer, which the placer's correction can only
+        # lengthen (what this site sent a peer: the adverts it just read already count what went before them).
+        # `plan` would turn down such a job the same way, so the moves are exactly those of passing every job.
         best_soonest: dict[int, float] = {}
         waiting = []
         for wait, key, j in looked_at:
-            gpus = jobs[j].gpus
+            job = jobs[j]
+            gpus = job.gpus
             if gpus not in best_soonest:
                 best_soonest[gpus] = min((soonest(o.name, gpus) for o in hubs
                                           if o is not hub and o.capacity >= gpus), default=math.inf)
-            if settings.worth_moving(wait, best_soonest[gpus]):
-                alternatives = tuple(o.name for o in hubs if o is not hub and o.capacity >= gpus)
-                waiting.append(Waiting(key, gpus, jobs[j].walltime_s, wait, alternatives))
+            if not settings.worth_moving(wait, best_soonest[gpus]):
+                continue
+            alternatives = tuple(o.name for o in hubs if o is not hub and o.capacity >= gpus)
+            if any(settings.worth_moving(wait, views[peer].wait(gpus, job.walltime_s, t)) for peer in alternatives):
+                waiting.append(Waiting(key, gpus, job.walltime_s, wait, alternatives))
         if not waiting:
             return
         moves = plan(waiting, estimate, settings, placer, breaker, now=t, clock=t, soonest=soonest)
