@@ -169,23 +169,10 @@ async def test_a_job_whose_inputs_cannot_reach_the_peer_stays(crowded, tmp_path)
 async def test_a_long_input_transfer_holds_up_neither_the_round_nor_other_moves(crowded, tmp_path, monkeypatch):
     """A job whose inputs are still on their way to the peer stays here, in line and cancellable; the jobs beside
     it move in the same round; the next round after the transfer moves it."""
-    import hub.balance
-    from federation.blobs import describe_inputs
     f = crowded
-    gate, sending, calls = asyncio.Event(), asyncio.Event(), []
-    real_send = hub.balance.send
-
-    async def slow_send(*args, **kw):  # the real transfer, once the test lets it go
-        calls.append(args[2])
-        sending.set()
-        await gate.wait()
-        return await real_send(*args, **kw)
-
-    monkeypatch.setattr(hub.balance, "send", slow_send)
+    gate, sending, calls = held_transfers(monkeypatch)
     alice = f.client("alice")
-    (tmp_path / "w.bin").write_bytes(b"w" * 300_000)
-    inputs, _ = describe_inputs([("w.bin", tmp_path / "w.bin")])
-    assert (await alice.upload(tmp_path / "w.bin", inputs[0].sha256, inputs[0].size)).complete
+    inputs = await uploaded_input(alice, tmp_path)
     first = await alice.submit(JobSpec(argv=("sleep", "30"), gpus=4, walltime_s=2 * HOUR))  # both wait 2 h here
     with_input = await alice.submit(JobSpec(argv=("sh", "-c", "sha256sum w.bin; sleep 30"), gpus=2,
                                             walltime_s=HOUR, inputs=inputs))
@@ -218,21 +205,10 @@ async def test_a_long_input_transfer_holds_up_neither_the_round_nor_other_moves(
 
 
 async def test_an_input_transfer_stops_once_no_waiting_job_needs_it(crowded, tmp_path, monkeypatch):
-    import hub.balance
-    from federation.blobs import describe_inputs
     f = crowded
-    gate = asyncio.Event()
-    real_send = hub.balance.send
-
-    async def held_send(*args, **kw):
-        await gate.wait()
-        return await real_send(*args, **kw)
-
-    monkeypatch.setattr(hub.balance, "send", held_send)
+    held_transfers(monkeypatch)  # never let go: the transfer can only be stopped
     alice = f.client("alice")
-    (tmp_path / "w.bin").write_bytes(b"w" * 300_000)
-    inputs, _ = describe_inputs([("w.bin", tmp_path / "w.bin")])
-    assert (await alice.upload(tmp_path / "w.bin", inputs[0].sha256, inputs[0].size)).complete
+    inputs = await uploaded_input(alice, tmp_path)
     jobs = [await alice.submit(JobSpec(argv=("sleep", "30"), gpus=4, walltime_s=HOUR, inputs=inputs))
             for _ in range(3)]
     leonardo, lumi = f.hubs["leonardo"].core, f.hubs["lumi"].core
@@ -252,6 +228,32 @@ async def test_an_input_transfer_stops_once_no_waiting_job_needs_it(crowded, tmp
     await asyncio.wait_for(leonardo.balancer.transfers_done(), 5)
     assert transfer.cancelled() and not lumi.blobs.owns("hub/leonardo", inputs[0].sha256)
     await alice.cancel(jobs[0].id)
+
+
+def held_transfers(monkeypatch) -> tuple[asyncio.Event, asyncio.Event, list[str]]:
+    """Input transfers to peers held until the test sets the first event (then the real transfer runs); the
+    second is set when one begins; the list has the SHA-256 of each one begun."""
+    import hub.balance
+    gate, sending, calls = asyncio.Event(), asyncio.Event(), []
+    real_send = hub.balance.send
+
+    async def held_send(*args, **kw):
+        calls.append(args[2])
+        sending.set()
+        await gate.wait()
+        return await real_send(*args, **kw)
+
+    monkeypatch.setattr(hub.balance, "send", held_send)
+    return gate, sending, calls
+
+
+async def uploaded_input(client, tmp_path):
+    """A 300 kB input the client uploaded to its antenna; its InputFile descriptions."""
+    from federation.blobs import describe_inputs
+    (tmp_path / "w.bin").write_bytes(b"w" * 300_000)
+    inputs, _ = describe_inputs([("w.bin", tmp_path / "w.bin")])
+    assert (await client.upload(tmp_path / "w.bin", inputs[0].sha256, inputs[0].size)).complete
+    return inputs
 
 
 def registry_value(core, name: str) -> float | None:
