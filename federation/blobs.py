@@ -25,6 +25,7 @@ import ctypes.util
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import shutil
 import time
@@ -205,15 +206,13 @@ class BlobStore:
         try:
             # Writing and hashing run in a thread of this upload's own (both let go of the GIL), up to
             # WRITE_AHEAD chunks behind the receiving, in order: the next messages arrive while earlier ones are
-            # written. Written data is handed to the disk as it goes (writeback started, not waited for), so that
-            # the final fsync has little left to do; only that fsync makes the upload durable.
+            # written. The bytes go to the disk as they arrive (FileWriter), so that the final fsync has little
+            # left to do; only that fsync makes the upload durable.
             loop = asyncio.get_running_loop()
-            with open(partial, "r+b") as f, \
-                    concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="blob-write") as writer:  # noqa: ASYNC230
-                f.seek(held)
+            with FileWriter(partial, held) as out, \
+                    concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="blob-write") as writer:
                 writing: collections.deque[asyncio.Future] = collections.deque()
                 failed: list[BaseException] = []  # the first failed write: later chunks are not written
-                unsynced = 0
                 try:
                     async for chunk in _with_first(first, chunks):
                         if chunk.offset != held:
@@ -224,16 +223,11 @@ class BlobStore:
                                                   "announced")
                         while writing and (writing[0].done() or len(writing) >= WRITE_AHEAD):
                             await writing.popleft()
-                        unsynced += len(chunk.data)
-                        flush = unsynced >= SYNC_EVERY_BYTES
-                        unsynced = 0 if flush else unsynced
-                        writing.append(loop.run_in_executor(writer, _write_chunk, f, digest, chunk.data, flush,
-                                                            failed))
+                        writing.append(loop.run_in_executor(writer, _write_chunk, out, digest, chunk.data, failed))
                         held += len(chunk.data)
                 finally:
                     await asyncio.shield(asyncio.gather(*writing, return_exceptions=True))
-                    if not failed:
-                        await loop.run_in_executor(writer, sync_file, f)
+                    await asyncio.shield(loop.run_in_executor(writer, _finish, out, failed))
                 if failed:
                     raise failed[0]
         except OSError as exc:
@@ -347,7 +341,7 @@ class BlobStore:
                 raise InvalidArgument(f"input {f.name!r} would be placed outside the job's working directory")
             if target.is_symlink() or target.exists():
                 target.unlink()
-            shutil.copyfile(self.path(f.sha256), target)
+            copy_file(self.path(f.sha256), target)
 
 
 def _older(path: Path, cutoff: float) -> bool:
@@ -372,20 +366,158 @@ async def _with_first(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator
         yield chunk
 
 
-def _write_chunk(f, digest, data: bytes, flush: bool, failed: list) -> None:
+def _write_chunk(out: FileWriter, digest, data: bytes, failed: list) -> None:
     """Write and hash one chunk, in order. After a write failed, the chunks queued behind it are not written:
     the partial file keeps only bytes at their right offsets, and the upload resumes where it really stands."""
     if failed:
         return
     try:
-        f.write(data)
+        out.write(data)
         digest.update(data)
-        if flush:
-            f.flush()
-            start_writeback(f.fileno())
     except BaseException as exc:
         failed.append(exc)
         raise
+
+
+def _finish(out: FileWriter, failed: list) -> None:
+    """Write what `out` still buffers, and fsync it unless a write failed (the upload is then not complete
+    anyway). Bytes received before a failure are kept when they can be: the upload resumes after them."""
+    try:
+        out.finish(sync=not failed)
+    except BaseException as exc:
+        if not failed:
+            failed.append(exc)
+
+
+DIRECT_ALIGN = 4096                   # direct I/O writes whole blocks, from aligned memory, at aligned offsets
+DIRECT_BUFFER = 4 << 20               # what one FileWriter gathers before it writes it directly
+
+
+class FileWriter:
+    """Writes a large file once, in order, from `offset` on, and makes it durable with `finish()`.
+
+    Whole blocks go straight to the disk (O_DIRECT) from a buffer of the writer's own, past the page cache: a
+    file that is written once and then read once or never (an upload, an output, a fetched file) gains nothing
+    from the cache, and filling the cache is what costs most when such a file is written on a virtual machine
+    (docs/benchmarks.md measures the CPU it saves). Where direct I/O is not available (tmpfs, some network file
+    systems) or is refused, and for the last bytes that do not fill a block, the writer goes through the page
+    cache instead, starting writeback every SYNC_EVERY_BYTES so that the final fsync has little left to do.
+
+    Not thread-safe: one thread writes. `offset` is always how far the file holds the bytes written, in order;
+    if a write fails, the file is cut back to it."""
+
+    def __init__(self, path: Path, offset: int = 0, direct: bool = True):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        self.offset = offset
+        self.direct = -1
+        self.buf: mmap.mmap | None = None
+        self.pending = 0                # bytes in `buf`, which follow `offset`
+        self.unsynced = 0
+        if direct and _O_DIRECT:
+            try:
+                self.direct = os.open(path, os.O_WRONLY | os.O_CLOEXEC | _O_DIRECT)
+            except OSError:
+                self.direct = -1
+            else:
+                self.buf = mmap.mmap(-1, DIRECT_BUFFER)
+
+    def write(self, data) -> None:
+        view = memoryview(data)
+        if self.buf is None:
+            self._cached(view)
+            return
+        if not self.pending and self.offset % DIRECT_ALIGN:  # up to a block boundary through the cache
+            head = min(len(view), DIRECT_ALIGN - self.offset % DIRECT_ALIGN)
+            self._cached(view[:head])
+            view = view[head:]
+        while view:
+            if self.buf is None:  # direct I/O was refused on the way
+                self._cached(view)
+                return
+            n = min(len(view), DIRECT_BUFFER - self.pending)
+            self.buf[self.pending:self.pending + n] = view[:n]
+            self.pending += n
+            view = view[n:]
+            if self.pending == DIRECT_BUFFER:
+                self._flush_buffer()
+
+    def finish(self, sync: bool = True) -> None:
+        """Write what is buffered and, with `sync`, fsync the file: its bytes are then on disk."""
+        if self.pending:
+            self._flush_buffer()
+        if sync:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.direct >= 0:
+            os.close(self.direct)
+            self.direct = -1
+        if self.buf is not None:
+            self.buf.close()
+            self.buf = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> FileWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _flush_buffer(self) -> None:
+        whole = self.pending - self.pending % DIRECT_ALIGN
+        with memoryview(self.buf) as buf:
+            try:
+                if whole:
+                    self._direct(buf[:whole])
+                if whole < self.pending:
+                    self._cached(buf[whole:self.pending])
+            finally:
+                self.pending = 0
+        if self.direct < 0:  # refused on the way: no more direct writes, no buffer
+            self.buf.close()
+            self.buf = None
+
+    def _direct(self, view: memoryview) -> None:
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(self.direct, view[done:], self.offset + done)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                self._cut()
+                raise
+            # refused after all (alignment this file system wants, a short write): the page cache takes the rest
+            os.close(self.direct)
+            self.direct = -1
+            self.offset += done
+            self._cached(view[done:])
+            return
+        self.offset += done
+
+    def _cached(self, view: memoryview) -> None:
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], self.offset + done)
+        except OSError:
+            self._cut()
+            raise
+        self.offset += done
+        self.unsynced += done
+        if self.unsynced >= SYNC_EVERY_BYTES:
+            self.unsynced = 0
+            start_writeback(self.fd)
+
+    def _cut(self) -> None:
+        """After a failed write: the file ends where its good bytes end, nothing half-written after them."""
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, self.offset)
+        self.pending = 0
+
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 try:
@@ -432,13 +564,92 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def blob_chunks(path: Path, sha256: str, size: int, offset: int = 0):
-    """The upload messages (aifed.v1.BlobChunk) of the file at `path`, from `offset` on. The file is opened
-    here, so that a missing file is an OSError for the caller, not a broken call; one that shrinks while it is
-    read ends the upload short (the receiver keeps what came, and says how much)."""
+class FileReader:
+    """Reads a file in order from `offset` on. With `direct`, for files FileWriter wrote (so not in the page
+    cache), the bytes come straight from the disk into a buffer of the reader's own (O_DIRECT): reading them
+    through the page cache would fill it with a file read once, which costs most on a virtual machine. Without
+    `direct`, or where direct I/O is not available or is refused, through the page cache (a user's own file is
+    often there already). Not thread-safe: one thread reads."""
+
+    def __init__(self, path: Path, offset: int = 0, direct: bool = False):
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.pos = offset
+        self.direct = -1
+        self.buf: mmap.mmap | None = None
+        if direct and _O_DIRECT:
+            try:
+                self.direct = os.open(path, os.O_RDONLY | os.O_CLOEXEC | _O_DIRECT)
+            except OSError:
+                self.direct = -1
+            else:
+                self.buf = mmap.mmap(-1, DIRECT_BUFFER + DIRECT_ALIGN)
+
+    def read(self, n: int) -> bytes:
+        """Up to `n` bytes from where the reader stands; fewer only at the end of the file."""
+        n = min(n, DIRECT_BUFFER)
+        if self.buf is not None:
+            start = self.pos - self.pos % DIRECT_ALIGN
+            skip = self.pos - start
+            want = -(-(skip + n) // DIRECT_ALIGN) * DIRECT_ALIGN
+            view = memoryview(self.buf)
+            part = view[:want]
+            try:
+                got = os.preadv(self.direct, [part], start)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                got = -1
+            finally:
+                part.release()
+                view.release()
+            if got >= 0:
+                data = self.buf[skip:max(skip, min(got, skip + n))]
+                self.pos += len(data)
+                return data
+            self._no_direct()  # refused after all: through the page cache from here on
+        data = os.pread(self.fd, n, self.pos)
+        self.pos += len(data)
+        return data
+
+    def _no_direct(self) -> None:
+        if self.direct >= 0:
+            os.close(self.direct)
+            self.direct = -1
+        if self.buf is not None:
+            self.buf.close()
+            self.buf = None
+
+    def close(self) -> None:
+        self._no_direct()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> FileReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy a stored file (written by FileWriter, so not in the page cache) to `dst`, replacing it, past the
+    page cache both ways where the file systems allow it (see FileWriter). Not made durable: a copy for a job."""
+    with open(dst, "wb"):
+        pass
+    with FileReader(src, direct=True) as reader, FileWriter(dst) as writer:
+        while block := reader.read(DIRECT_BUFFER):
+            writer.write(block)
+        writer.finish(sync=False)
+
+
+def blob_chunks(path: Path, sha256: str, size: int, offset: int = 0, direct: bool = False):
+    """The upload messages (aifed.v1.BlobChunk) of the file at `path`, from `offset` on (`direct`: see
+    FileReader). The file is opened here, so that a missing file is an OSError for the caller, not a broken
+    call; one that shrinks while it is read ends the upload short (the receiver keeps what came, and says how
+    much)."""
     from federation.pb import jobs_pb2
-    f = open(path, "rb")  # noqa: SIM115 - closed by the generator
-    f.seek(offset)
+    f = FileReader(path, offset, direct)
 
     async def chunks():
         nonlocal offset
@@ -471,7 +682,7 @@ async def send(stub, store: BlobStore, sha256: str, size: int, to: str) -> int:
     held = await stub.StatBlob(jobs_pb2.BlobRef(sha256=sha256), timeout=30)
     if held.complete:
         return 0
-    answer = await stub.PutBlob(blob_chunks(store.path(sha256), sha256, size, held.held),
+    answer = await stub.PutBlob(blob_chunks(store.path(sha256), sha256, size, held.held, direct=True),
                                 timeout=SEND_TIMEOUT_S + size / SEND_MIN_RATE)
     if not answer.complete:
         raise Unavailable(f"{to} holds {answer.held} of the {size} bytes of input {sha256[:12]}...; the rest goes "

@@ -506,7 +506,7 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    from federation.blobs import SYNC_EVERY_BYTES, fsync_dir, hash_into, start_writeback, sync_file
+    from federation.blobs import FileWriter, fsync_dir, hash_into
     from federation.model import check_input_name
     listing = await client.list_outputs(job_id)
     if not listing.ready:
@@ -530,21 +530,15 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
         if offset:
             hash_into(digest, part, offset)
 
-        unsynced = [0]
-
-        def write(out, digest, data: bytes) -> None:
+        def write(out: FileWriter, digest, data: bytes) -> None:
             out.write(data)
             digest.update(data)
-            unsynced[0] += len(data)
-            if unsynced[0] >= SYNC_EVERY_BYTES:  # the disk works while more arrives: the final fsync is short
-                unsynced[0] = 0
-                out.flush()
-                start_writeback(out.fileno())
 
         # Writing and hashing run in a thread of their own (both let go of the GIL), in order, a few chunks
-        # behind the receiving.
+        # behind the receiving; the bytes go to the disk as they arrive (FileWriter).
         loop = asyncio.get_running_loop()
-        with open(part, "ab") as out, ThreadPoolExecutor(1, thread_name_prefix="fetch-write") as writer:  # noqa: ASYNC230
+        part.touch()
+        with FileWriter(part, offset) as out, ThreadPoolExecutor(1, thread_name_prefix="fetch-write") as writer:
             writing: collections.deque[asyncio.Future] = collections.deque()
             try:
                 async for chunk in client.fetch_output(job_id, f.name, offset):
@@ -560,7 +554,8 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
             finally:
                 while writing:
                     await asyncio.shield(writing.popleft())
-            await loop.run_in_executor(writer, sync_file, out)  # on disk before it is renamed into place
+                # what arrived is written even when the fetch broke off: the next fetch resumes after it
+                await asyncio.shield(loop.run_in_executor(writer, out.finish))
         if tty:
             print(file=sys.stderr)
         if digest.hexdigest() != f.sha256:

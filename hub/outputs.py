@@ -18,7 +18,7 @@ from pathlib import Path
 
 import orjson
 
-from federation.blobs import CHUNK_BYTES
+from federation.blobs import CHUNK_BYTES, FileReader, FileWriter
 from federation.errors import FailedPrecondition, NotFound
 from federation.model import InputFile, Job, check_input_name
 
@@ -140,12 +140,12 @@ class Outputs:
                     dest = files_dir / name
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     digest = hashlib.sha256()
-                    with open(local, "rb") as src, open(dest, "wb") as out:
+                    dest.write_bytes(b"")
+                    with open(local, "rb") as src, FileWriter(dest) as out:
                         while block := src.read(CHUNK_BYTES):
                             digest.update(block)
                             out.write(block)
-                        out.flush()
-                        os.fsync(out.fileno())
+                        out.finish()
                     files.append([name, digest.hexdigest(), dest.stat().st_size])
             manifest = {"files": files, "error": "; ".join(problems), "owner": job.owner}
             tmp = target / "manifest.json.tmp"
@@ -187,7 +187,7 @@ class Outputs:
         return True, [InputFile(n, h, z) for n, h, z in manifest["files"]], manifest["error"]
 
     def open(self, job: Job, name: str, offset: int):
-        """The collected file `name` of the job, opened at `offset` (a binary file object)."""
+        """The collected file `name` of the job, opened at `offset` (a FileReader: `read`, `close`)."""
         ready, files, _ = self.listing(job)
         if not ready:
             raise FailedPrecondition(f"the outputs of job {job.id} are not collected yet"
@@ -197,9 +197,8 @@ class Outputs:
             raise NotFound(f"job {job.id} has no output {name[:200]!r}")
         if offset > entry.size:
             raise FailedPrecondition(f"output {name!r} has {entry.size} bytes; cannot resume at {offset}")
-        f = open(self.root / job.id / "files" / entry.name, "rb")  # noqa: SIM115 - the caller closes it
-        f.seek(offset)
-        return f
+        # written by FileWriter, past the page cache: read back the same way
+        return FileReader(self.root / job.id / "files" / entry.name, offset, direct=True)
 
     def forget(self, job_id: str) -> None:
         with self._lock:
