@@ -162,9 +162,12 @@ class Balancer:
         over = {job_id: wait for job_id, wait in waits if wait > self.settings.threshold_s}
         if not over:
             return []
+        # A job whose inputs are on their way to a peer is not planned again until they are there: it would take
+        # one of that peer's `max_per_peer` places in every round meanwhile, and move nowhere.
+        awaiting = set().union(*self._wanted.values())
         jobs = {job_id: job for job_id, job in core.journal.get_many(list(over)).items()
                 if job.state is JobState.QUEUED and not job.moved_from and job.alternatives and not job.spec.site
-                and job_id not in self.handing}
+                and job_id not in self.handing and job_id not in awaiting}
         if not jobs:
             return []
         estimates = await self._estimates(jobs.values())

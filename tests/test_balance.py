@@ -204,6 +204,41 @@ async def test_a_long_input_transfer_holds_up_neither_the_round_nor_other_moves(
         await alice.cancel(job.id)
 
 
+async def test_a_job_waiting_for_its_inputs_takes_no_place_from_other_moves(crowded, tmp_path, monkeypatch):
+    """With room for one move per round, the job whose input is on its way does not take that place again in
+    the rounds before its input arrives: the job behind it moves meanwhile."""
+    f = crowded
+    gate, sending, calls = held_transfers(monkeypatch)
+    alice = f.client("alice")
+    inputs = await uploaded_input(alice, tmp_path)
+    first = await alice.submit(JobSpec(argv=("sleep", "30"), gpus=4, walltime_s=2 * HOUR))  # runs
+    filler = await alice.submit(JobSpec(argv=("sleep", "30"), gpus=4, walltime_s=2 * HOUR))  # waits 2 h
+    plain = await alice.submit(JobSpec(argv=("sleep", "30"), gpus=4, walltime_s=HOUR))  # waits 4 h
+    with_input = await alice.submit(JobSpec(argv=("sleep", "30"), gpus=4, walltime_s=HOUR,
+                                            inputs=inputs))  # waits 5 h: the first to be offered
+    jobs = [first, filler, plain, with_input]
+    leonardo, lumi = f.hubs["leonardo"].core, f.hubs["lumi"].core
+    leonardo.balancer.settings = replace(leonardo.balancer.settings, max_per_peer=1, gain=0.9)
+    await eventually(lambda: all(leonardo.journal.state(j.id) in (JobState.QUEUED, JobState.RUNNING) for j in jobs))
+    lumi.set_drain(operator("lumi"), False)
+    await eventually(lambda: not leonardo.balancer.peers["lumi"].advert.draining)
+
+    moves = await asyncio.wait_for(leonardo.balancer.round(), 10)  # its one place: the job with the input
+    assert [m.job.key for m in moves] == [with_input.id]
+    await asyncio.wait_for(sending.wait(), 5)
+    assert leonardo.journal.state(with_input.id) is JobState.QUEUED
+    moves = await asyncio.wait_for(leonardo.balancer.round(), 10)  # meanwhile, the place goes to the next job
+    assert [m.job.key for m in moves] == [plain.id] and leonardo.journal.state(plain.id) is JobState.MOVED
+    assert leonardo.journal.state(with_input.id) is JobState.QUEUED and calls == [inputs[0].sha256]
+
+    gate.set()
+    await leonardo.balancer.transfers_done()
+    assert [m.job.key for m in await leonardo.balancer.round()] == [with_input.id]
+    assert leonardo.journal.state(with_input.id) is JobState.MOVED
+    for job in jobs:
+        await alice.cancel(job.id)
+
+
 async def test_an_input_transfer_stops_once_no_waiting_job_needs_it(crowded, tmp_path, monkeypatch):
     f = crowded
     held_transfers(monkeypatch)  # never let go: the transfer can only be stopped
