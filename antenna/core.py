@@ -925,7 +925,7 @@ class AntennaCore:
         needed = {f.sha256: f.size for job in jobs for f in job.spec.inputs}
         for sha, size in needed.items():
             started = time.monotonic()
-            sent = await send(site.stub, self.blobs, sha, size, f"hub {site.site}")
+            sent = await send(site, self.blobs, sha, size, f"hub {site.site}")
             if not sent:
                 continue
             self.metrics.staged_bytes.labels(site.site).inc(sent)

@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import io
 import logging
 import mmap
 import os
@@ -223,11 +224,10 @@ class BlobStore:
                                                   "announced")
                         while writing and (writing[0].done() or len(writing) >= WRITE_AHEAD):
                             await writing.popleft()
-                        writing.append(loop.run_in_executor(writer, _write_chunk, out, digest, chunk.data, failed))
+                        writing.append(loop.run_in_executor(writer, write_chunk, out, digest, chunk.data, failed))
                         held += len(chunk.data)
                 finally:
-                    await asyncio.shield(asyncio.gather(*writing, return_exceptions=True))
-                    await asyncio.shield(loop.run_in_executor(writer, _finish, out, failed))
+                    await settle_writes(writer, writing, out, failed)
                 if failed:
                     raise failed[0]
         except OSError as exc:
@@ -366,9 +366,9 @@ async def _with_first(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator
         yield chunk
 
 
-def _write_chunk(out: FileWriter, digest, data: bytes, failed: list) -> None:
+def write_chunk(out: FileWriter, digest, data: bytes, failed: list) -> None:
     """Write and hash one chunk, in order. After a write failed, the chunks queued behind it are not written:
-    the partial file keeps only bytes at their right offsets, and the upload resumes where it really stands."""
+    the file keeps only bytes at their right offsets, and a transfer resumes where it really stands."""
     if failed:
         return
     try:
@@ -380,20 +380,89 @@ def _write_chunk(out: FileWriter, digest, data: bytes, failed: list) -> None:
 
 
 def _finish(out: FileWriter, failed: list) -> None:
-    """Write what `out` still buffers, and fsync it unless a write failed (the upload is then not complete
-    anyway). Bytes received before a failure are kept when they can be: the upload resumes after them."""
+    """Write what `out` still buffers, and fsync it unless a write failed (the transfer is then not complete
+    anyway). Bytes received before a failure are kept when they can be: the transfer resumes after them."""
     try:
-        out.finish(sync=not failed)
+        out.finish(sync=not failed)  # after a failed write nothing is buffered any more (see FileWriter)
     except BaseException as exc:
         if not failed:
             failed.append(exc)
 
 
+async def settle_writes(writer: concurrent.futures.Executor, writing: Iterable[asyncio.Future], out: FileWriter,
+                        failed: list) -> None:
+    """After a transfer's last chunk (or its end, early or failed): wait for the chunks queued to `writer`, then
+    write what `out` buffers and fsync it. Runs to the end even if the caller is cancelled meanwhile, again and
+    again (the cancel is raised afterwards): what arrived is written in order, and the executor has nothing
+    left to wait for when it shuts down."""
+    async def settle() -> None:
+        await asyncio.gather(*writing, return_exceptions=True)
+        await asyncio.get_running_loop().run_in_executor(writer, _finish, out, failed)
+
+    task = asyncio.ensure_future(settle())
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 DIRECT_ALIGN = 4096                   # direct I/O writes whole blocks, from aligned memory, at aligned offsets
 DIRECT_BUFFER = 4 << 20               # what one FileWriter gathers before it writes it directly
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
-class FileWriter:
+def _open(path: Path, flags: int) -> io.FileIO:
+    """A file descriptor that is closed when dropped, whatever happens before its owner closes it."""
+    return io.FileIO(os.open(path, flags | os.O_CLOEXEC), "r" if flags & os.O_ACCMODE == os.O_RDONLY else "w")
+
+
+class _Direct:
+    """What FileWriter and FileReader share: the file opened a second time for direct I/O, with an aligned buffer
+    of their own, dropped for good once direct I/O is refused."""
+
+    def __init__(self, path: Path, flags: int, direct: bool, buffer: int):
+        self._file = _open(path, flags)
+        self.fd = self._file.fileno()
+        self._direct_file: io.FileIO | None = None
+        self.direct = -1
+        self.buf: mmap.mmap | None = None
+        if direct and _O_DIRECT:
+            try:
+                self._direct_file = _open(path, flags | _O_DIRECT)
+                self.buf = mmap.mmap(-1, buffer)
+            except OSError:  # no direct I/O on this file system (or no memory for the buffer): the page cache
+                self._no_direct()
+            else:
+                self.direct = self._direct_file.fileno()
+
+    def _no_direct(self) -> None:
+        self.direct = -1
+        if self._direct_file is not None:
+            self._direct_file.close()
+            self._direct_file = None
+        if self.buf is not None:
+            with contextlib.suppress(BufferError):  # a view of it still alive somewhere: it goes with that
+                self.buf.close()
+            self.buf = None
+
+    def close(self) -> None:
+        try:
+            self._no_direct()
+        finally:
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class FileWriter(_Direct):
     """Writes a large file once, in order, from `offset` on, and makes it durable with `finish()`.
 
     Whole blocks go straight to the disk (O_DIRECT) from a buffer of the writer's own, past the page cache: a
@@ -404,22 +473,13 @@ class FileWriter:
     cache instead, starting writeback every SYNC_EVERY_BYTES so that the final fsync has little left to do.
 
     Not thread-safe: one thread writes. `offset` is always how far the file holds the bytes written, in order;
-    if a write fails, the file is cut back to it."""
+    if a write fails, the file is cut back to it (and what was buffered is dropped)."""
 
     def __init__(self, path: Path, offset: int = 0, direct: bool = True):
-        self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        super().__init__(path, os.O_WRONLY, direct, DIRECT_BUFFER)
         self.offset = offset
-        self.direct = -1
-        self.buf: mmap.mmap | None = None
         self.pending = 0                # bytes in `buf`, which follow `offset`
         self.unsynced = 0
-        if direct and _O_DIRECT:
-            try:
-                self.direct = os.open(path, os.O_WRONLY | os.O_CLOEXEC | _O_DIRECT)
-            except OSError:
-                self.direct = -1
-            else:
-                self.buf = mmap.mmap(-1, DIRECT_BUFFER)
 
     def write(self, data) -> None:
         view = memoryview(data)
@@ -434,11 +494,11 @@ class FileWriter:
             if self.buf is None:  # direct I/O was refused on the way
                 self._cached(view)
                 return
-            n = min(len(view), DIRECT_BUFFER - self.pending)
+            n = min(len(view), len(self.buf) - self.pending)
             self.buf[self.pending:self.pending + n] = view[:n]
             self.pending += n
             view = view[n:]
-            if self.pending == DIRECT_BUFFER:
+            if self.pending == len(self.buf):
                 self._flush_buffer()
 
     def finish(self, sync: bool = True) -> None:
@@ -448,59 +508,45 @@ class FileWriter:
         if sync:
             os.fsync(self.fd)
 
-    def close(self) -> None:
-        if self.direct >= 0:
-            os.close(self.direct)
-            self.direct = -1
-        if self.buf is not None:
-            self.buf.close()
-            self.buf = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> FileWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def _flush_buffer(self) -> None:
         whole = self.pending - self.pending % DIRECT_ALIGN
-        with memoryview(self.buf) as buf:
-            try:
+        try:
+            # every view of the buffer is released on the way out, even by an error: the buffer can be closed
+            with memoryview(self.buf) as buf:
                 if whole:
-                    self._direct(buf[:whole])
+                    with buf[:whole] as part:
+                        self._direct(part)
                 if whole < self.pending:
-                    self._cached(buf[whole:self.pending])
-            finally:
-                self.pending = 0
+                    with buf[whole:self.pending] as part:
+                        self._cached(part)
+        finally:
+            self.pending = 0
         if self.direct < 0:  # refused on the way: no more direct writes, no buffer
-            self.buf.close()
-            self.buf = None
+            self._no_direct()
 
     def _direct(self, view: memoryview) -> None:
-        done = 0
+        done, refused = 0, False
         try:
             while done < len(view):
-                done += os.pwrite(self.direct, view[done:], self.offset + done)
+                with view[done:] as part:
+                    done += os.pwrite(self.direct, part, self.offset + done)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 self._cut()
                 raise
-            # refused after all (alignment this file system wants, a short write): the page cache takes the rest
-            os.close(self.direct)
-            self.direct = -1
-            self.offset += done
-            self._cached(view[done:])
-            return
+            refused = True  # alignment this file system wants, a short write: the page cache takes the rest
         self.offset += done
+        if refused:
+            self.direct = -1
+            with view[done:] as rest:
+                self._cached(rest)
 
     def _cached(self, view: memoryview) -> None:
         done = 0
         try:
             while done < len(view):
-                done += os.pwrite(self.fd, view[done:], self.offset + done)
+                with view[done:] as part:
+                    done += os.pwrite(self.fd, part, self.offset + done)
         except OSError:
             self._cut()
             raise
@@ -515,9 +561,6 @@ class FileWriter:
         with contextlib.suppress(OSError):
             os.ftruncate(self.fd, self.offset)
         self.pending = 0
-
-
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 try:
@@ -564,7 +607,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class FileReader:
+class FileReader(_Direct):
     """Reads a file in order from `offset` on. With `direct`, for files FileWriter wrote (so not in the page
     cache), the bytes come straight from the disk into a buffer of the reader's own (O_DIRECT): reading them
     through the page cache would fill it with a file read once, which costs most on a virtual machine. Without
@@ -572,36 +615,23 @@ class FileReader:
     often there already). Not thread-safe: one thread reads."""
 
     def __init__(self, path: Path, offset: int = 0, direct: bool = False):
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        super().__init__(path, os.O_RDONLY, direct, DIRECT_BUFFER + DIRECT_ALIGN)
         self.pos = offset
-        self.direct = -1
-        self.buf: mmap.mmap | None = None
-        if direct and _O_DIRECT:
-            try:
-                self.direct = os.open(path, os.O_RDONLY | os.O_CLOEXEC | _O_DIRECT)
-            except OSError:
-                self.direct = -1
-            else:
-                self.buf = mmap.mmap(-1, DIRECT_BUFFER + DIRECT_ALIGN)
 
     def read(self, n: int) -> bytes:
         """Up to `n` bytes from where the reader stands; fewer only at the end of the file."""
-        n = min(n, DIRECT_BUFFER)
         if self.buf is not None:
+            n = min(n, len(self.buf) - DIRECT_ALIGN)
             start = self.pos - self.pos % DIRECT_ALIGN
             skip = self.pos - start
             want = -(-(skip + n) // DIRECT_ALIGN) * DIRECT_ALIGN
-            view = memoryview(self.buf)
-            part = view[:want]
+            got = -1
             try:
-                got = os.preadv(self.direct, [part], start)
+                with memoryview(self.buf) as view, view[:want] as part:
+                    got = os.preadv(self.direct, [part], start)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                got = -1
-            finally:
-                part.release()
-                view.release()
             if got >= 0:
                 data = self.buf[skip:max(skip, min(got, skip + n))]
                 self.pos += len(data)
@@ -610,26 +640,6 @@ class FileReader:
         data = os.pread(self.fd, n, self.pos)
         self.pos += len(data)
         return data
-
-    def _no_direct(self) -> None:
-        if self.direct >= 0:
-            os.close(self.direct)
-            self.direct = -1
-        if self.buf is not None:
-            self.buf.close()
-            self.buf = None
-
-    def close(self) -> None:
-        self._no_direct()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> FileReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def copy_file(src: Path, dst: Path) -> None:
@@ -644,11 +654,10 @@ def copy_file(src: Path, dst: Path) -> None:
 
 
 def blob_chunks(path: Path, sha256: str, size: int, offset: int = 0, direct: bool = False):
-    """The upload messages (aifed.v1.BlobChunk) of the file at `path`, from `offset` on (`direct`: see
-    FileReader). The file is opened here, so that a missing file is an OSError for the caller, not a broken
-    call; one that shrinks while it is read ends the upload short (the receiver keeps what came, and says how
-    much)."""
-    from federation.pb import jobs_pb2
+    """The upload messages (aifed.v1.BlobChunk) of the file at `path`, from `offset` on, serialized already (for
+    `put_blob`: protobuf would copy each chunk's data twice more); `direct`: see FileReader. The file is opened
+    here, so that a missing file is an OSError for the caller, not a broken call; one that shrinks while it is
+    read ends the upload short (the receiver keeps what came, and says how much)."""
     f = FileReader(path, offset, direct)
 
     async def chunks():
@@ -662,8 +671,7 @@ def blob_chunks(path: Path, sha256: str, size: int, offset: int = 0, direct: boo
                     if data and offset + len(data) < size:
                         reading = asyncio.ensure_future(asyncio.to_thread(f.read, CHUNK_BYTES))
                     if data or first:
-                        yield jobs_pb2.BlobChunk(sha256=sha256 if first else "", size=size if first else 0,
-                                                 offset=offset, data=data)
+                        yield chunk_bytes(offset, data, sha256, size) if first else chunk_bytes(offset, data)
                     if not data or offset + len(data) >= size:
                         return
                     first = False
@@ -673,17 +681,26 @@ def blob_chunks(path: Path, sha256: str, size: int, offset: int = 0, direct: boo
     return chunks()
 
 
-async def send(stub, store: BlobStore, sha256: str, size: int, to: str) -> int:
-    """Make sure the daemon behind `stub` (a hub) holds this content from us: nothing if it does, else the upload,
-    resumed where an interrupted one stopped. Returns the bytes sent; raises Unavailable if the transfer ended
-    short (it resumes on the next try) and grpc.aio.AioRpcError if the daemon refused it."""
+def put_blob(channel, service: str):
+    """The PutBlob call of `service` ("aifed.v1.Antenna" or "aifed.v1.Hub") on `channel`, for the messages
+    `blob_chunks` yields (serialized already)."""
+    from federation.pb import jobs_pb2
+    return channel.stream_unary(f"/{service}/PutBlob", request_serializer=None,
+                                response_deserializer=jobs_pb2.BlobInfo.FromString)
+
+
+async def send(site, store: BlobStore, sha256: str, size: int, to: str) -> int:
+    """Make sure the hub `site` (a HubSite: its `stub` and `channel`) holds this content from us: nothing if it
+    does, else the upload, resumed where an interrupted one stopped. Returns the bytes sent; raises Unavailable
+    if the transfer ended short (it resumes on the next try) and grpc.aio.AioRpcError if the hub refused it."""
     from federation.errors import Unavailable
     from federation.pb import jobs_pb2
-    held = await stub.StatBlob(jobs_pb2.BlobRef(sha256=sha256), timeout=30)
+    held = await site.stub.StatBlob(jobs_pb2.BlobRef(sha256=sha256), timeout=30)
     if held.complete:
         return 0
-    answer = await stub.PutBlob(blob_chunks(store.path(sha256), sha256, size, held.held, direct=True),
-                                timeout=SEND_TIMEOUT_S + size / SEND_MIN_RATE)
+    answer = await put_blob(site.channel, "aifed.v1.Hub")(
+        blob_chunks(store.path(sha256), sha256, size, held.held, direct=True),
+        timeout=SEND_TIMEOUT_S + size / SEND_MIN_RATE)
     if not answer.complete:
         raise Unavailable(f"{to} holds {answer.held} of the {size} bytes of input {sha256[:12]}...; the rest goes "
                           "on the next try")
@@ -712,10 +729,17 @@ def _encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def chunk_bytes(offset: int, data: bytes) -> bytes:
-    """One serialized aifed.v1.BlobChunk carrying `data` at `offset` (no sha256, no size): what protobuf would
-    produce, with one copy of the data instead of two."""
-    parts = [b"\x18", _encode_varint(offset)] if offset else []
+def chunk_bytes(offset: int, data: bytes, sha256: str = "", size: int = 0) -> bytes:
+    """One serialized aifed.v1.BlobChunk: what protobuf would produce, with one copy of the data instead of
+    three (fields in number order, zero values left out)."""
+    parts = []
+    if sha256:
+        raw = sha256.encode()
+        parts += [b"\x0a", _encode_varint(len(raw)), raw]
+    if size:
+        parts += [b"\x10", _encode_varint(size)]
+    if offset:
+        parts += [b"\x18", _encode_varint(offset)]
     if data:
         parts += [b"\x22", _encode_varint(len(data)), data]
     return b"".join(parts)

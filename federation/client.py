@@ -78,11 +78,12 @@ class AntennaClient:
     async def upload(self, path: Path, sha256: str, size: int, timeout: float = 600) -> jobs_pb2.BlobInfo:
         """Upload one file's content, or the rest of an interrupted upload of it; nothing if the antenna holds it
         from you already. Returns what the antenna holds afterwards."""
-        from federation.blobs import blob_chunks
+        from federation.blobs import blob_chunks, put_blob
         held = await self.stub.StatBlob(jobs_pb2.BlobRef(sha256=sha256), timeout=30)
         if held.complete:
             return held
-        return await self.stub.PutBlob(blob_chunks(path, sha256, size, held.held), timeout=timeout)
+        return await put_blob(self.channel, "aifed.v1.Antenna")(blob_chunks(path, sha256, size, held.held),
+                                                              timeout=timeout)
 
     async def list_outputs(self, job_id: str) -> jobs_pb2.OutputList:
         return await self.stub.ListOutputs(jobs_pb2.JobRef(job_id=job_id), timeout=30)

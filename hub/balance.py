@@ -347,7 +347,7 @@ class Balancer:
             self._sending[peer] += 1
             alone, turn = self._sending[peer] == 1, self._started[peer]
             try:
-                sent = await send(site.stub, self.core.blobs, sha, size, f"hub {peer}")
+                sent = await send(site, self.core.blobs, sha, size, f"hub {peer}")
             except Exception as exc:
                 self.transfers_failed.labels(peer).inc()
                 opened = self.breaker.failed(peer)

@@ -20,7 +20,7 @@ from federation.model import JobSpec, JobState
 from federation.pb import hub_pb2, hub_pb2_grpc, jobs_pb2
 from federation.placement import Candidate, Placer
 from federation.rpc import secure_channel
-from tests.conftest import FEDERATION, Federation, eventually, hub_config
+from tests.conftest import FEDERATION, Federation, eventually
 
 ONE_BOOSTER = (PartitionConfig("booster", "A100", 4, 7200),)
 HOUR = 3600

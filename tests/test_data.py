@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -15,7 +16,8 @@ import grpc
 import pytest
 from hypothesis import given, strategies as st
 
-from federation.blobs import CHUNK_BYTES, BlobStore, Chunk, blob_chunks, collect_inputs, describe_inputs
+from federation.blobs import (CHUNK_BYTES, BlobStore, Chunk, blob_chunks, collect_inputs, describe_inputs,
+                              put_blob)
 from federation.cli import main
 from federation.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from federation.identity import Role
@@ -248,7 +250,7 @@ async def test_an_interrupted_upload_through_the_antenna_resumes(fed, tmp_path):
             if n == 2:
                 return  # the client goes away after 2 chunks
 
-    partial = await client.stub.PutBlob(first_two_chunks())
+    partial = await put_blob(client.channel, "aifed.v1.Antenna")(first_two_chunks())
     assert (partial.held, partial.complete) == (2 * CHUNK_BYTES, False)
     held = await client.stub.StatBlob(jobs_pb2.BlobRef(sha256=h))
     assert held.held == 2 * CHUNK_BYTES
@@ -448,6 +450,58 @@ async def test_an_interrupted_fetch_resumes_and_a_corrupt_one_is_thrown_away(fed
     code, err = await _cli_code(fed, "fetch", done.id, "--to", str(to))
     assert code != 0 and "do not match its SHA-256" in err
     assert not (to / "model.bin").exists() and not (to / "model.bin.aifed-part").exists()
+
+
+async def test_a_fetch_whose_disk_fails_keeps_only_good_bytes_and_resumes_after_them(fed, tmp_path, monkeypatch):
+    """The disk fails on the second chunk: nothing queued behind it is written (at the wrong place), the part
+    file holds the output's first bytes only, and the fetch run again completes it."""
+    from federation import blobs
+    done, _ = await _ended_with_outputs(fed, "head -c 13000000 /dev/urandom > model.bin", collect=("model.bin",))
+    truth = (fed.hubs[done.site].core.backend.folder(done.id) / "model.bin").read_bytes()
+    real, calls = blobs.write_chunk, []
+
+    def failing(out, digest, data, failed):
+        calls.append(len(data))
+        if len(calls) == 2:
+            failed.append(OSError(errno.EIO, "Input/output error"))
+            raise failed[0]
+        real(out, digest, data, failed)
+
+    monkeypatch.setattr(blobs, "write_chunk", failing)
+    to = tmp_path / "got"
+    code, err = await _cli_code(fed, "fetch", done.id, "--to", str(to))
+    assert code != 0 and "writing" in err and "(Input/output error)" in err and "run the same fetch again" in err
+    part = (to / "model.bin.aifed-part").read_bytes()
+    assert 0 < len(part) < len(truth) and truth.startswith(part)
+    monkeypatch.setattr(blobs, "write_chunk", real)
+    await _cli(fed, "fetch", done.id, "--to", str(to))
+    assert (to / "model.bin").read_bytes() == truth
+
+
+async def test_a_full_disk_mid_upload_says_so_and_leaves_no_file_open(tmp_path, monkeypatch):
+    store = BlobStore(tmp_path)
+    data = os.urandom(3 * CHUNK_BYTES)
+    h = sha(data)
+    real, calls = os.pwrite, []
+
+    def pwrite(fd, view, offset):
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, view, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ResourceExhausted, match="no space left to store uploads here") as caught:
+        await store.put("alice", chunks(*(Chunk(h if i == 0 else "", len(data), i * CHUNK_BYTES,
+                                                data[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES]) for i in range(3))))
+    assert "can resume later" in str(caught.value)
+    assert len(os.listdir("/proc/self/fd")) == before  # nothing left open, even with the error kept alive
+    monkeypatch.setattr(os, "pwrite", real)
+    held = store.stat("alice", h).held
+    assert held < len(data) and (tmp_path / "partial").exists()
+    done = await store.put("alice", chunks(Chunk(h, len(data), held, data[held:])))
+    assert done.complete and store.path(h).read_bytes() == data
 
 
 async def test_outputs_over_the_limit_or_leading_out_are_not_collected_and_say_why(fed, tmp_path):
@@ -679,10 +733,12 @@ def test_upload_messages_decode_as_protobuf_does(sha256, size, offset, data):
     assert (chunk.sha256, chunk.size, chunk.offset, bytes(chunk.data)) == (sha256, size, offset, data)
 
 
-@given(st.integers(0, 2**64 - 1), st.binary(max_size=300))
-def test_fetch_messages_encode_as_protobuf_does(offset, data):
+@given(st.text(max_size=70), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=300))
+def test_upload_and_fetch_messages_encode_as_protobuf_does(sha256, size, offset, data):
     from federation.blobs import chunk_bytes
     assert chunk_bytes(offset, data) == jobs_pb2.BlobChunk(offset=offset, data=data).SerializeToString()
+    assert chunk_bytes(offset, data, sha256, size) == jobs_pb2.BlobChunk(sha256=sha256, size=size, offset=offset,
+                                                                         data=data).SerializeToString()
 
 
 @given(st.binary(max_size=60))
@@ -706,7 +762,7 @@ async def test_a_write_that_fails_mid_upload_leaves_only_bytes_at_their_right_of
     store = BlobStore(tmp_path)
     data = os.urandom(6 * 1000)
     h = sha(data)
-    real = blobs._write_chunk
+    real = blobs.write_chunk
     calls = []
 
     def flaky(out, digest, chunk, failed):
@@ -717,14 +773,52 @@ async def test_a_write_that_fails_mid_upload_leaves_only_bytes_at_their_right_of
             raise failed[0]
         real(out, digest, chunk, failed)
 
-    monkeypatch.setattr(blobs, "_write_chunk", flaky)
+    monkeypatch.setattr(blobs, "write_chunk", flaky)
     with pytest.raises(OSError):
         await store.put("alice", chunks(*(Chunk(h if i == 0 else "", len(data), i * 1000, data[i * 1000:(i + 1) * 1000])
                                           for i in range(6))))
     partial = store.stat("alice", h)
     assert partial.held == 1100 and not partial.complete  # the chunks queued behind the failure were not written
-    monkeypatch.setattr(blobs, "_write_chunk", real)
+    monkeypatch.setattr(blobs, "write_chunk", real)
     done = await store.put("alice", chunks(Chunk(h, len(data), 1100, data[1100:])))  # resumes where it stands
+    assert done.complete and store.path(h).read_bytes() == data
+
+
+async def test_an_upload_cancelled_twice_still_writes_every_byte_it_received(tmp_path, monkeypatch):
+    """A cancel, and another while the received chunks are still being written: they are all written (in
+    order, synced), and the upload resumes after them."""
+    import time as _time
+
+    from federation import blobs
+    store = BlobStore(tmp_path)
+    piece = 3 << 20  # chunks that do not fill the writer's buffer: some bytes wait there at the end
+    data = os.urandom(3 * piece)
+    h = sha(data)
+    real = blobs.write_chunk
+
+    def slow(out, digest, chunk, failed):
+        _time.sleep(0.3)  # a slow disk: the chunks wait in line
+        real(out, digest, chunk, failed)
+
+    monkeypatch.setattr(blobs, "write_chunk", slow)
+    received = asyncio.Event()
+
+    async def two_chunks_then_nothing():
+        for i in range(2):
+            yield Chunk(h if i == 0 else "", len(data), i * piece, data[i * piece:(i + 1) * piece])
+        received.set()
+        await asyncio.Event().wait()
+
+    upload = asyncio.ensure_future(store.put("alice", two_chunks_then_nothing()))
+    await received.wait()
+    upload.cancel()
+    await asyncio.sleep(0.1)  # the writes are still going on
+    upload.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await upload
+    assert store.stat("alice", h).held == 2 * piece
+    monkeypatch.setattr(blobs, "write_chunk", real)
+    done = await store.put("alice", chunks(Chunk(h, len(data), 2 * piece, data[2 * piece:])))
     assert done.complete and store.path(h).read_bytes() == data
 
 

@@ -98,8 +98,14 @@ def test_a_failed_write_cuts_the_file_back_to_its_good_bytes(tmp_path, monkeypat
         return real(fd, data, offset)
     monkeypatch.setattr(os, "pwrite", pwrite)
     data = os.urandom(3 * blobs.DIRECT_BUFFER)
-    with FileWriter(path) as w, pytest.raises(OSError, match="No space"):
-        w.write(data)
+    with pytest.raises(OSError, match="No space") as caught:  # the error outlives the writer
+        with FileWriter(path) as w:
+            fds = [fd for fd in (w.fd, w.direct) if fd >= 0]
+            w.write(data)
+    assert caught.value.errno == errno.ENOSPC  # closing the writer did not hide it behind an error of its own
+    for fd in fds:  # and closed every file
+        with pytest.raises(OSError):
+            os.fstat(fd)
     assert path.read_bytes() == data[:blobs.DIRECT_BUFFER]  # the first write only: nothing half-written after it
 
 
@@ -172,3 +178,16 @@ def test_copy_file_replaces_the_target_with_an_exact_copy(tmp_path):
     dst.write_bytes(os.urandom(10 * blobs.DIRECT_BUFFER))  # longer than the copy: nothing of it may remain
     copy_file(src, dst)
     assert dst.read_bytes() == data
+
+
+def test_files_left_unclosed_are_closed_when_dropped(tmp_path):
+    import gc
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(10_000))
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        FileWriter(path)
+        FileReader(path, direct=True)
+        blobs.blob_chunks(path, "0" * 64, 10_000)  # an upload never started
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
