@@ -22,7 +22,7 @@ from pathlib import Path
 
 import orjson
 
-from federation.bench import BenchFederation, workdir
+from federation.bench import BenchFederation, cpu_seconds, workdir
 from federation.cli import _fetch
 
 
@@ -37,12 +37,23 @@ async def _federation_run(fed: BenchFederation, client, path: Path) -> dict:
     from federation.blobs import describe_inputs
     from federation.model import JobSpec, JobState
 
+    pids = {"client": os.getpid(), "antenna": fed.procs["antenna"].pid, "hub": fed.procs["hub1"].pid}
+    cpu: dict[str, float] = {}
+
+    def sample(phase: str, start: dict[str, float] | None = None) -> dict[str, float]:
+        now = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        if start is not None:
+            cpu.update({f"{phase}_{name}_cpu_s": now[name] - start[name] for name in pids})
+        return now
+
     started = time.perf_counter()
     inputs, sources = await asyncio.to_thread(describe_inputs, [(path.name, path)])
     hashed = time.perf_counter()
+    c = sample("")
     info = await client.upload(path, inputs[0].sha256, inputs[0].size, timeout=3600)
     assert info.complete, info
     uploaded = time.perf_counter()
+    c = sample("upload", c)
     # The job collects its own input as its output: the same bytes come back for the fetch.
     job = await client.submit(JobSpec(argv=("true",), walltime_s=60, site="hub1", inputs=inputs,
                                       outputs=(path.name,)))
@@ -50,17 +61,20 @@ async def _federation_run(fed: BenchFederation, client, path: Path) -> dict:
         await asyncio.sleep(0.01)
     assert not job.final or job.state is JobState.COMPLETED, f"{job.state.name}: {job.reason}"
     staged = time.perf_counter()
+    sample("stage", c)
     while not (await client.list_outputs(job.id)).ready:
         await asyncio.sleep(0.05)
     to = path.parent / "fetched"
     started_fetch = time.perf_counter()
+    c = sample("")
     with contextlib.redirect_stdout(io.StringIO()):
         await _fetch(client, job.id, to, as_json=False)
     fetched = time.perf_counter()
+    sample("fetch", c)
     assert (to / path.name).stat().st_size == inputs[0].size
     (to / path.name).unlink()
     return {"hash_s": hashed - started, "upload_s": uploaded - hashed, "stage_s": staged - uploaded,
-            "fetch_s": fetched - started_fetch}
+            "fetch_s": fetched - started_fetch, **cpu}
 
 
 async def _runs(root: Path, mb: int, runs: int) -> list[dict]:
@@ -108,6 +122,14 @@ def run_data_bench(mb: int, runs: int, as_json: bool, keep: Path | None = None) 
           f"{through:.0f} MiB/s ({through / cp:.2f} of cp); fetch, hub to user through the antenna "
           f"{summary['fetch_mb_per_s']:.0f} MiB/s ({summary['fetch_ratio']:.2f} of cp); client hashing "
           f"{summary['hash_mb_per_s']:.0f} MiB/s")
+    # CPU-seconds per GiB moved, per process and phase (the client is this process: it also polls and waits)
+    gib = mb / 1024
+    summary["cpu_s_per_gib"] = {phase: {name: round(med[f"{phase}_{name}_cpu_s"] / gib, 2)
+                                        for name in ("client", "antenna", "hub")}
+                                for phase in ("upload", "stage", "fetch")}
+    print("CPU-seconds per GiB, medians: " + "; ".join(
+        f"{phase} " + ", ".join(f"{name} {v:.1f}" for name, v in by.items())
+        for phase, by in summary["cpu_s_per_gib"].items()))
     if as_json:
         print(orjson.dumps(summary).decode())
     return 0

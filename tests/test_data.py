@@ -841,3 +841,16 @@ async def test_one_uploader_may_run_only_a_few_uploads_at_once(tmp_path):
     gate.set()
     results = await asyncio.gather(*uploads, other)
     assert all(r.held == 10 or r.held == 5 for r in results)
+
+
+def test_the_data_benchmark_prints_its_figures(capsys, tmp_path):
+    """`aifed bench data`, small: real daemons, every path timed against cp, CPU per GiB per process."""
+    import orjson
+    assert main(["bench", "data", "--mb", "32", "--runs", "1", "--json", "--keep", str(tmp_path / "bench")]) == 0
+    result = orjson.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["mb"] == 32 and result["runs"] == 1
+    for key in ("cp_mb_per_s", "upload_mb_per_s", "stage_mb_per_s", "user_to_hub_mb_per_s", "fetch_mb_per_s"):
+        assert result[key] > 0, key
+    assert result["user_to_hub_mb_per_s"] < min(result["upload_mb_per_s"], result["stage_mb_per_s"])
+    assert set(result["cpu_s_per_gib"]) == {"upload", "stage", "fetch"}
+    assert result["cpu_s_per_gib"]["upload"]["antenna"] > 0  # the antenna received the upload
