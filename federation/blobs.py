@@ -578,12 +578,6 @@ def start_writeback(fd: int) -> None:
         os.fdatasync(fd)
 
 
-def sync_file(f) -> None:
-    """Flush a file object and fsync it: its bytes are on disk."""
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def hash_into(digest, path: Path, length: int) -> None:
     with open(path, "rb") as f:
         while length > 0 and (block := f.read(min(CHUNK_BYTES, length))):
@@ -619,7 +613,7 @@ class FileReader(_Direct):
         self.pos = offset
 
     def read(self, n: int) -> bytes:
-        """Up to `n` bytes from where the reader stands; fewer only at the end of the file."""
+        """Up to `n` bytes (at most 4 MiB) from where the reader stands; fewer only at the end of the file."""
         if self.buf is not None:
             n = min(n, len(self.buf) - DIRECT_ALIGN)
             start = self.pos - self.pos % DIRECT_ALIGN
