@@ -205,31 +205,17 @@ class BlobStore:
         if held:
             await asyncio.to_thread(hash_into, digest, partial, held)
         try:
-            # Writing and hashing run in a thread of this upload's own (both let go of the GIL), up to
-            # WRITE_AHEAD chunks behind the receiving, in order: the next messages arrive while earlier ones are
-            # written. The bytes go to the disk as they arrive (FileWriter), so that the final fsync has little
-            # left to do; only that fsync makes the upload durable.
-            loop = asyncio.get_running_loop()
-            with FileWriter(partial, held) as out, \
-                    concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="blob-write") as writer:
-                writing: collections.deque[asyncio.Future] = collections.deque()
-                failed: list[BaseException] = []  # the first failed write: later chunks are not written
-                try:
-                    async for chunk in _with_first(first, chunks):
-                        if chunk.offset != held:
-                            raise FailedPrecondition(f"the upload of {sha} stands at byte {held}, not "
-                                                     f"{chunk.offset}: resume it there")
-                        if held + len(chunk.data) > size:
-                            raise InvalidArgument(f"the upload of {sha} sent more than the {size} bytes it "
-                                                  "announced")
-                        while writing and (writing[0].done() or len(writing) >= WRITE_AHEAD):
-                            await writing.popleft()
-                        writing.append(loop.run_in_executor(writer, write_chunk, out, digest, chunk.data, failed))
-                        held += len(chunk.data)
-                finally:
-                    await settle_writes(writer, writing, out, failed)
-                if failed:
-                    raise failed[0]
+            # Written and hashed in order, a few chunks behind the receiving (OrderedWriter); only the fsync at
+            # the end makes the upload durable.
+            async with OrderedWriter(partial, held, digest, WRITE_AHEAD, "blob-write") as out:
+                async for chunk in _with_first(first, chunks):
+                    if chunk.offset != held:
+                        raise FailedPrecondition(f"the upload of {sha} stands at byte {held}, not {chunk.offset}: "
+                                                 "resume it there")
+                    if held + len(chunk.data) > size:
+                        raise InvalidArgument(f"the upload of {sha} sent more than the {size} bytes it announced")
+                    await out.write(chunk.data)
+                    held += len(chunk.data)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceExhausted(f"no space left to store uploads here ({exc.strerror}); the upload stands "
@@ -389,8 +375,8 @@ def _finish(out: FileWriter, failed: list) -> None:
             failed.append(exc)
 
 
-async def settle_writes(writer: concurrent.futures.Executor, writing: Iterable[asyncio.Future], out: FileWriter,
-                        failed: list) -> None:
+async def _settle_writes(writer: concurrent.futures.Executor, writing: Iterable[asyncio.Future], out: FileWriter,
+                         failed: list) -> None:
     """After a transfer's last chunk (or its end, early or failed): wait for the chunks queued to `writer`, then
     write what `out` buffers and fsync it. Runs to the end even if the caller is cancelled meanwhile, again and
     again (the cancel is raised afterwards): what arrived is written in order, and the executor has nothing
@@ -408,6 +394,40 @@ async def settle_writes(writer: concurrent.futures.Executor, writing: Iterable[a
             cancelled = True
     if cancelled:
         raise asyncio.CancelledError
+
+
+class OrderedWriter:
+    """A transfer received into a file (an upload, a fetched output): each chunk written and hashed into `digest`
+    in order, in a thread of the transfer's own (both let go of the GIL), at most `ahead` chunks behind the
+    receiving, through a FileWriter from `offset` on. After a failed write nothing more is written: the file keeps
+    only bytes at their right offsets, and the transfer resumes after them. On leaving, whatever happened, what
+    arrived is written and fsynced (_settle_writes); then a failed write is raised, if nothing else was."""
+
+    def __init__(self, path: Path, offset: int, digest, ahead: int, name: str):
+        self.out = FileWriter(path, offset)
+        self.digest = digest
+        self.ahead = ahead
+        self.failed: list[BaseException] = []  # the first failed write
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._writing: collections.deque[asyncio.Future] = collections.deque()
+
+    async def write(self, data) -> None:
+        while self._writing and (self._writing[0].done() or len(self._writing) >= self.ahead):
+            await self._writing.popleft()
+        self._writing.append(asyncio.get_running_loop().run_in_executor(
+            self._pool, write_chunk, self.out, self.digest, data, self.failed))
+
+    async def __aenter__(self) -> OrderedWriter:
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        try:
+            await _settle_writes(self._pool, self._writing, self.out, self.failed)
+        finally:
+            self._pool.shutdown()
+            self.out.close()
+        if exc_type is None and self.failed:
+            raise self.failed[0]
 
 
 DIRECT_ALIGN = 4096                   # direct I/O writes whole blocks, from aligned memory, at aligned offsets

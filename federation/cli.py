@@ -502,11 +502,9 @@ async def _client_command(args: argparse.Namespace, command: list[str] | None) -
 async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
     """Download each collected output into `to` under its name: into `NAME.aifed-part` first (resumed if it is
     there from an interrupted fetch), checked against its SHA-256, then renamed."""
-    import collections
     import hashlib
-    from concurrent.futures import ThreadPoolExecutor
 
-    from federation.blobs import FileWriter, fsync_dir, hash_into, settle_writes, write_chunk
+    from federation.blobs import OrderedWriter, fsync_dir, hash_into
     from federation.model import check_input_name
     listing = await client.list_outputs(job_id)
     if not listing.ready:
@@ -530,31 +528,18 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
         if offset:
             hash_into(digest, part, offset)
 
-        # Writing and hashing run in a thread of their own (both let go of the GIL), in order, a few chunks
-        # behind the receiving; the bytes go to the disk as they arrive (FileWriter). After a failed write
-        # nothing more is written: the part file keeps only bytes at their right offsets, and a fetch run again
-        # resumes after them.
-        loop = asyncio.get_running_loop()
+        # Written and hashed in order, a few chunks behind the receiving, and on disk before it is renamed into
+        # place (OrderedWriter); after a failed write nothing more is written, and a fetch run again resumes.
         part.touch()
         try:
-            with FileWriter(part, offset) as out, ThreadPoolExecutor(1, thread_name_prefix="fetch-write") as writer:
-                writing: collections.deque[asyncio.Future] = collections.deque()
-                failed: list[BaseException] = []
-                try:
-                    async for chunk in client.fetch_output(job_id, f.name, offset):
-                        while writing and (writing[0].done() or len(writing) >= 16):
-                            await writing.popleft()
-                        data = chunk.data
-                        writing.append(loop.run_in_executor(writer, write_chunk, out, digest, data, failed))
-                        offset += len(data)
-                        if tty:
-                            rate = offset / max(time.monotonic() - started, 1e-6) / 1e6
-                            print(f"\r{name}: {100 * offset / max(f.size, 1):3.0f}% of {f.size / 1e6:.1f} MB, "
-                                  f"{rate:.0f} MB/s", end="", file=sys.stderr, flush=True)
-                finally:
-                    await settle_writes(writer, writing, out, failed)  # on disk before it is renamed into place
-                if failed:
-                    raise failed[0]
+            async with OrderedWriter(part, offset, digest, 16, "fetch-write") as out:
+                async for chunk in client.fetch_output(job_id, f.name, offset):
+                    await out.write(chunk.data)
+                    offset += len(chunk.data)
+                    if tty:
+                        rate = offset / max(time.monotonic() - started, 1e-6) / 1e6
+                        print(f"\r{name}: {100 * offset / max(f.size, 1):3.0f}% of {f.size / 1e6:.1f} MB, "
+                              f"{rate:.0f} MB/s", end="", file=sys.stderr, flush=True)
         except OSError as exc:  # the disk here: full, failing, not writable
             raise FailedPrecondition(f"output {name}: writing {part} failed ({exc.strerror or exc}); what was "
                                      "written before is kept: run the same fetch again to resume") from None
