@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -27,13 +26,14 @@ from federation.audit import AuditLog
 from federation.blobs import BlobStore, send
 from federation.errors import (AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                               ResourceExhausted, Unavailable)
+from federation.ids import random_hex
 from federation.identity import Identity, Role
 from federation.journal import Journal, Tx, purge_forever
 from federation.crl import Revocations
 from federation.discovery import Change, ChangeKind, Member, make_discovery
 from federation.limits import SubmitLimiter
 from federation.metrics import Metrics, register_journal_gauges
-from federation.model import FINAL_STATES, Job, JobSpec, JobState, Transition
+from federation.model import FINAL_STATES, Job, JobSpec, JobState, Transition, evolve
 from federation.pb import hub_pb2, jobs_pb2
 from federation.rpc import peer
 from federation.sbatch import parse_array
@@ -367,15 +367,15 @@ class AntennaCore:
         if pinned:
             spec = charged
             site = self._precheck_once(spec, country, sites)
-        array_id = f"{self.config.site}-{secrets.token_hex(6)}" if entry.array else ""
+        array_id = f"{self.config.site}-{random_hex(6)}" if entry.array else ""
         jobs = []
         for index in indices:
             key = f"{who.uri}#{request_id}" if request_id else None
             task_spec = spec
             if index is not None:
-                task_spec = replace(spec, array_job=array_id, array_task=index)
+                task_spec = evolve(spec, array_job=array_id, array_task=index)
                 key = f"{key}#{index}" if key else None
-            jobs.append((Job(id=f"{self.config.site}-{secrets.token_hex(6)}", spec=task_spec, state=JobState.PENDING,
+            jobs.append((Job(id=f"{self.config.site}-{random_hex(6)}", spec=task_spec, state=JobState.PENDING,
                              owner=who.uri, antenna=self.config.site, site=site, created_at=now, updated_at=now,
                              country=country,
                              reason=f"forwarding to {site}" if site else "waiting to be forwarded",
@@ -759,8 +759,8 @@ class AntennaCore:
                     continue  # cancelled (or placed) meanwhile
                 # The decision is kept in the job's history, for `aifed explain` and `aifed status` later.
                 job = current.moved(state, reason) if state is JobState.FAILED else \
-                    replace(current, site=site, reason=reason, updated_at=now,
-                            history=(*current.history, Transition(JobState.PENDING, now, decision)))
+                    evolve(current, site=site, reason=reason, updated_at=now,
+                           history=(*current.history, Transition(JobState.PENDING, now, decision)))
                 tx.update(job)
                 out.append(job)
             return out
@@ -950,8 +950,8 @@ class AntennaCore:
             for job_id, reason in why.items():
                 current = tx.get(job_id)
                 if current is not None and current.state is JobState.PENDING and current.site == site.site:
-                    job = replace(current, site="", reason=f"hub {site.site} did not take it now: {reason}; "
-                                  "choosing a hub again", updated_at=time.time())
+                    job = evolve(current, site="", reason=f"hub {site.site} did not take it now: {reason}; "
+                                 "choosing a hub again", updated_at=time.time())
                     tx.update(job)
                     out.append(job)
             return out
@@ -1013,8 +1013,9 @@ class AntennaCore:
 
             def apply(tx: Tx, remote=remote, lost=lost, position=position) -> list[Job]:
                 out = []
+                stored_now = tx.get_many(job.id for job in remote)
                 for job in remote:
-                    current = tx.get(job.id)
+                    current = stored_now.get(job.id)
                     if current is None:
                         continue
                     if current.site == site.site:
@@ -1022,11 +1023,12 @@ class AntennaCore:
                     elif job.moved_from and job.moved_from == current.site:
                         # The hub it was at handed it to this one (load balancing): it is followed here from now
                         # on. This record may arrive before the first hub's own word of the move.
-                        merged = replace(_merge(current, job), site=site.site)
+                        merged = evolve(_merge(current, job), site=site.site)
                     else:
                         continue
                     if merged != current and (stored := _apply(tx, merged, None, True, current)) is not None:
                         out.append(stored)
+                        stored_now[job.id] = stored  # a job named twice in one batch merges with its latest
                 for job_id in lost:
                     current = tx.get(job_id)
                     if current is not None and not current.final:
@@ -1133,8 +1135,8 @@ def _moved_on(local: Job, remote: Job) -> Job:
     is FORWARDED until the peer's own change feed says more."""
     if local.final:
         return local  # cancelled here: the cancel owed to the first hub is passed on by it
-    merged = _merge(local, replace(remote, state=JobState.FORWARDED))
-    return replace(merged, site=remote.moved_to, partition="", reason=remote.reason)
+    merged = _merge(local, evolve(remote, state=JobState.FORWARDED))
+    return evolve(merged, site=remote.moved_to, partition="", reason=remote.reason)
 
 
 def _merge(local: Job, remote: Job) -> Job:
@@ -1142,6 +1144,6 @@ def _merge(local: Job, remote: Job) -> Job:
     if local.final and local.state is JobState.CANCELLED and not remote.final:
         return local  # cancelled here; the hub's cancel will follow
     own = tuple(t for t in local.history if t.state in ANTENNA_STATES)
-    return replace(local, state=remote.state, partition=remote.partition,
-                   exit_code=remote.exit_code, reason=remote.reason, history=own + remote.history,
-                   updated_at=max(local.updated_at, remote.updated_at))
+    return evolve(local, state=remote.state, partition=remote.partition,
+                  exit_code=remote.exit_code, reason=remote.reason, history=own + remote.history,
+                  updated_at=max(local.updated_at, remote.updated_at))

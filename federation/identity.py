@@ -7,9 +7,8 @@ Identities are SPIFFE-style URIs on the federation's trust domain:
 
 from __future__ import annotations
 
-import functools
-
 import enum
+import functools
 import re
 from dataclasses import dataclass
 
@@ -40,7 +39,7 @@ class Identity:
     site: str
     name: str = ""
 
-    @property
+    @functools.cached_property  # asked several times per job; the identity never changes
     def uri(self) -> str:
         tail = f"{self.site}/{self.name}" if self.role.named else self.site
         return f"spiffe://{self.federation}/{self.role.value}/{tail}"

@@ -108,16 +108,40 @@ class Tx:
         row = self.db.execute("SELECT record FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
         return job_from_json(row[0]) if row else None
 
+    def get_many(self, job_ids: Iterable[str]) -> dict[str, Job]:
+        """The stored jobs among these ids, by id: one query per 500 ids."""
+        out, ids = {}, list(job_ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            for (record,) in self.db.execute(
+                    f"SELECT record FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk):
+                job = job_from_json(record)
+                out[job.id] = job
+        return out
+
     def exists(self, job_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
+
+    def taken(self, keys: Iterable[str], job_ids: Iterable[str]) -> tuple[set[str], set[str]]:
+        """Which of these idempotency keys, and which of these job ids, are stored: one query per 500 of each."""
+        found: tuple[set[str], set[str]] = (set(), set())
+        for out, column, values in ((found[0], "idempotency_key", list(keys)), (found[1], "id", list(job_ids))):
+            for i in range(0, len(values), 500):
+                chunk = values[i:i + 500]
+                out.update(v for (v,) in self.db.execute(
+                    f"SELECT {column} FROM jobs WHERE {column} IN ({','.join('?' * len(chunk))})", chunk))
+        return found
 
     def backend_ref(self, job_id: str) -> str:
         row = self.db.execute("SELECT backend_ref FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row[0] if row else ""
 
-    def insert(self, job: Job, idempotency_key: str | None = None, backend_ref: str = "") -> tuple[Job, bool]:
-        """Store a new job. With a key seen before, store nothing and return (the first job, False)."""
-        if idempotency_key is not None and (first := self.by_key(idempotency_key)) is not None:
+    def insert(self, job: Job, idempotency_key: str | None = None, backend_ref: str = "", checked: bool = False
+               ) -> tuple[Job, bool]:
+        """Store a new job. With a key seen before, store nothing and return (the first job, False).
+        `checked`: the caller has just found the key free in this transaction (`taken`), so it is not looked up
+        again; a key or id that is taken after all fails the insert (sqlite3.IntegrityError)."""
+        if idempotency_key is not None and not checked and (first := self.by_key(idempotency_key)) is not None:
             return first, False
         self.db.execute(
             "INSERT INTO jobs (id, idempotency_key, owner, antenna, state, backend_ref, created, updated, seq, record)"
@@ -300,7 +324,7 @@ class Journal:
 
     def state(self, job_id: str) -> JobState | None:
         row = self._read.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return JobState(row[0]) if row else None
+        return _STATES[row[0]] if row else None
 
     def known_keys(self, keys: Iterable[str]) -> set[str]:
         """Which of these idempotency keys are taken."""

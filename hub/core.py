@@ -20,7 +20,7 @@ from federation.identity import Identity, Role, parse_identity
 from federation.journal import Journal, Tx, purge_forever
 from federation.limits import SubmitLimiter
 from federation.metrics import Metrics, register_journal_gauges
-from federation.model import FINAL_STATES, Job, JobSpec, JobState
+from federation.model import Job, JobSpec, JobState
 from federation.rpc import peer
 from federation.timefmt import format_duration
 from federation.watch import Signal, Topics, bounded, every
@@ -79,6 +79,9 @@ class HubCore:
         self._purger: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
         self._changes: list[Change] = []  # reported by the backend, not yet journaled
+        # Jobs journaled and on their way to the backend, and those of them cancelled meanwhile (not submitted).
+        self._handing_over: set[str] = set()
+        self._cancelled_on_the_way: set[str] = set()
         self._flusher: asyncio.Task | None = None
         self.balancer = None  # hub.balance.Balancer, when the daemon starts one
 
@@ -260,22 +263,28 @@ class HubCore:
         def store(tx: Tx) -> list[tuple[Job | AifedError, bool]]:
             out: list[tuple[Job | AifedError, bool]] = []
             admitted: list[str] = []
+            # The batch's keys and ids looked up together; each job stored adds its own, so that a key or an id
+            # that comes twice in one batch is a replay or a conflict, as if it had come in two batches.
+            keys, ids = tx.taken([item[0] for item in prepared if not isinstance(item, AifedError)],
+                                 [item[1].id for item in prepared if not isinstance(item, AifedError)])
             try:
                 for item in prepared:
                     if isinstance(item, AifedError):
                         out.append((item, False))
                         continue
                     scoped_key, accepted = item
-                    if (first := tx.by_key(scoped_key)) is not None:
+                    if scoped_key in keys and (first := tx.by_key(scoped_key)) is not None:
                         out.append(_replayed(first, accepted, scoped_key))
-                    elif tx.exists(accepted.id):
+                    elif accepted.id in ids:
                         out.append((AlreadyExists(f"job {accepted.id} exists here under another idempotency key"),
                                     False))
                     elif self.quotas and (over := self.quotas.admit(accepted)) is not None:
                         out.append((over, False))
                     else:
                         admitted.append(accepted.id)
-                        tx.insert(accepted, scoped_key)
+                        tx.insert(accepted, scoped_key, checked=True)
+                        keys.add(scoped_key)
+                        ids.add(accepted.id)
                         out.append((accepted, False))
             except BaseException:
                 self.quotas.forget(admitted)  # this batch's changes are undone
@@ -349,8 +358,14 @@ class HubCore:
                 self.audit.record("accepted", who=who.uri, owner=job.owner, job=job.id, partition=job.partition,
                                   account=job.account, **({"moved_from": job.moved_from} if job.moved_from else {}))
         # Look again just before each job goes out: a cancel that came while earlier jobs were handed over has
-        # ended it.
-        await self.backend.submit_many(created, lambda job: self.journal.state(job.id) not in FINAL_STATES)
+        # ended it (`cancel` notes it here, with no journal read per job).
+        ids = {job.id for job in created}
+        self._handing_over |= ids
+        try:
+            await self.backend.submit_many(created, lambda job: job.id not in self._cancelled_on_the_way)
+        finally:
+            self._handing_over -= ids
+            self._cancelled_on_the_way -= ids
         if created:
             log.info("accepted %d job(s) from %s", len(created), who.site)
             for job in created:
@@ -506,7 +521,9 @@ class HubCore:
             raise FailedPrecondition(f"job {job_id} has already ended ({job.state.name}); nothing to cancel")
         self.audit.record("cancelled", who=who.uri, owner=job.owner, job=job_id)
         if not await self.backend.cancel(job_id):
-            # Not at the backend (yet): committed now, so that a hand-over in progress sees it and skips the job.
+            # Not at the backend (yet): a hand-over in progress skips the job.
+            if job_id in self._handing_over:
+                self._cancelled_on_the_way.add(job_id)
             self._commit_now(Change(job_id, JobState.CANCELLED, reason="cancelled"))
         await self.settle()
         return self.journal.get(job_id) or job

@@ -7,7 +7,6 @@ import time
 
 from federation import blobs, convert
 from federation.errors import AifedError, InvalidArgument, PermissionDenied
-from federation.journal import job_from_json
 from federation.identity import Identity, Role
 from federation.model import JobState
 from federation.pb import hub_pb2, hub_pb2_grpc, jobs_pb2
@@ -148,8 +147,7 @@ class HubService(hub_pb2_grpc.HubServicer):
                 after = rows[-1][0]
                 caught_up = len(rows) < CHANGES_BATCH
                 yield hub_pb2.JobChanges(epoch=journal.epoch, sequence=after, caught_up=caught_up,
-                                         jobs=[convert.job_to_pb(job_from_json(record), spec=False)
-                                               for _, record in rows])
+                                         jobs=[convert.progress_pb(record) for _, record in rows])
                 continue
             if not caught_up:
                 caught_up = True

@@ -220,6 +220,29 @@ async def test_forward_jobs_gives_one_result_per_job_and_feed_reports_them(fed, 
         assert all(j.id != "antenna-a-ok1" for j in message.jobs)  # nothing older than the position again
 
 
+async def test_a_key_or_an_id_twice_in_one_batch_is_a_replay_or_a_conflict(fed, test_pki):
+    """Within one batch as across batches: a key seen again returns the job it created, an id under a new key is
+    refused, and each is stored once."""
+    port = fed.hubs["lumi"].port
+    async with secure_channel(f"127.0.0.1:{port}", test_pki.tls(Role.ANTENNA, "antenna-a")) as channel:
+        stub = hub_pb2_grpc.HubStub(channel)
+        batch = hub_pb2.ForwardJobsRequest(jobs=[
+            _forward_request("antenna-a-one", key="k1"),
+            _forward_request("antenna-a-one", key="k1"),   # the same job again: a replay
+            _forward_request("antenna-a-one", key="k2"),   # its id under another key
+            _forward_request("antenna-a-two", key="k3"),
+        ])
+        results = (await stub.ForwardJobs(batch, timeout=10)).results
+        assert [r.error.code if r.HasField("error") else 0 for r in results] == [
+            0, 0, grpc.StatusCode.ALREADY_EXISTS.value[0], 0]
+        assert [r.duplicate for r in results] == [False, True, False, False]
+        assert results[1].accepted.id == "antenna-a-one"
+        assert "another idempotency key" in results[2].error.message
+        journal = fed.hubs["lumi"].core.journal
+        assert journal.count() == 2 and journal.by_key("antenna-a/k1").id == "antenna-a-one"
+        assert journal.by_key("antenna-a/k2") is None
+
+
 async def test_antenna_catches_up_on_changes_made_while_it_was_down(fed):
     client = fed.client("alice")
     job = await client.submit(JobSpec(argv=("sh", "-c", "sleep 1; echo done"), site="lumi"))

@@ -207,3 +207,29 @@ def test_one_journal_per_file(tmp_path):
         first.close()
     again = Journal(path)  # free once the first is closed
     again.close()
+
+
+def test_taken_and_get_many_inside_a_transaction_see_its_own_changes(journal):
+    """What the hub's batch insert relies on: keys and ids found together, including those stored earlier in the
+    same transaction; a checked insert whose key is taken after all fails rather than storing twice."""
+    journal.write(lambda tx: tx.insert(make_job("j1"), "k1"))
+
+    def batch(tx):
+        assert tx.taken(["k1", "k2"], ["j1", "j2"]) == ({"k1"}, {"j1"})
+        tx.insert(make_job("j2"), "k2", checked=True)
+        assert tx.taken(["k1", "k2", "k3"], ["j2", "j3"]) == ({"k1", "k2"}, {"j2"})
+        assert set(tx.get_many(["j1", "j2", "nope"])) == {"j1", "j2"}
+        with pytest.raises(sqlite3.IntegrityError):
+            tx.insert(make_job("j3"), "k1", checked=True)
+        return tx.get_many(f"j{i}" for i in range(1, 4))
+
+    got = journal.write(batch)
+    assert set(got) == {"j1", "j2"} and got["j2"] == make_job("j2")
+    assert journal.count() == 2 and journal.by_key("k2").id == "j2"
+
+
+def test_taken_and_get_many_look_up_more_than_one_query_holds(journal):
+    journal.write(lambda tx: [tx.insert(make_job(f"j{i}"), f"k{i}") for i in range(0, 1200, 3)])
+    keys, ids = journal.write(lambda tx: tx.taken([f"k{i}" for i in range(1200)], [f"j{i}" for i in range(1200)]))
+    assert keys == {f"k{i}" for i in range(0, 1200, 3)} and ids == {f"j{i}" for i in range(0, 1200, 3)}
+    assert set(journal.write(lambda tx: tx.get_many(f"j{i}" for i in range(1200)))) == ids

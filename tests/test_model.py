@@ -8,10 +8,11 @@ import grpc
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from federation.convert import job_from_pb, job_to_pb, spec_from_pb, spec_to_pb
+from federation.convert import job_from_pb, job_to_pb, progress_pb, spec_from_pb, spec_to_pb
 from federation.errors import InvalidArgument
+from federation.journal import job_from_json, job_to_json
 from federation.model import (MAX_ARGV, MAX_GPUS, MAX_WALLTIME_S, AccessMode, Job, JobSpec, JobState,
-                              Transition)
+                              Transition, evolve)
 from federation.pb import jobs_pb2
 
 VALID = JobSpec(argv=("python", "train.py"), env={"SEED": "1", "_X9": ""}, name="train-1.v2+a_b", gpus=4, cpus=8,
@@ -189,6 +190,25 @@ def test_job_round_trips_through_protobuf(exit_code):
     assert job_from_pb(jobs_pb2.Job.FromString(msg.SerializeToString())) == back  # through the wire format too
 
 
+states = st.sampled_from(list(JobState))
+stamps = st.floats(min_value=0, max_value=4e9, allow_nan=False)
+words = st.text(max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(job=st.builds(
+    Job, id=words, spec=st.just(VALID), state=states, owner=words, antenna=words, site=words, partition=words,
+    exit_code=st.none() | st.integers(-255, 255), reason=st.text(max_size=40), created_at=stamps, updated_at=stamps,
+    history=st.lists(st.builds(Transition, states, stamps, words), max_size=4).map(tuple),
+    account=words, country=words, alternatives=st.lists(words, max_size=3).map(tuple), moved_from=words,
+    moved_to=words))
+def test_a_change_feed_message_read_from_the_record_is_the_job_without_its_spec(job):
+    """progress_pb(record) sends exactly what job_to_pb(job_from_json(record), spec=False) would."""
+    record = job_to_json(job)
+    assert progress_pb(record) == job_to_pb(job_from_json(record), spec=False)
+    assert not progress_pb(record).HasField("spec")
+
+
 def test_zero_timestamps_round_trip():
     job = Job(id="j", spec=JobSpec(argv=("x",)), state=JobState.PENDING)
     assert job_from_pb(job_to_pb(job)) == job
@@ -237,3 +257,18 @@ def test_validate_passes_or_raises_invalid_argument(**fields):
 def test_reserved_env_names_are_refused(name):
     with pytest.raises(InvalidArgument, match="is reserved"):
         JobSpec(argv=("true",), env={name: "x"}).validate()
+
+
+def test_evolve_is_replace():
+    """The model's fast copy gives what dataclasses.replace gives, and refuses unknown fields the same way."""
+    job = full_job(3)
+    changes = dict(state=JobState.QUEUED, reason="again", history=(), exit_code=None, alternatives=("lumi",))
+    assert evolve(job, **changes) == replace(job, **changes)
+    assert evolve(job) == job and evolve(job) is not job
+    assert evolve(VALID, array_job="a-1", array_task=3) == replace(VALID, array_job="a-1", array_task=3)
+    copy = evolve(job, reason="other")
+    assert job.reason == "r" and copy.reason == "other"  # the original is untouched
+    with pytest.raises(AttributeError):
+        copy.reason = "frozen still"  # type: ignore[misc]
+    with pytest.raises(TypeError, match="no field 'colour'"):
+        evolve(job, colour="red")

@@ -52,6 +52,42 @@ async def test_cancel_that_arrives_before_the_forward_wins(fed, test_pki):
     assert not (fed.hubs["leonardo"].config.state_dir / "late").exists()
 
 
+async def test_a_job_cancelled_while_its_batch_goes_to_the_backend_is_not_submitted(fed, test_pki, monkeypatch):
+    """The hub hands a forwarded batch to its backend one job after another; a cancel that comes meanwhile for a
+    job not yet handed over keeps that job from the backend."""
+    hub = fed.hubs["leonardo"].core
+    real, submitted = hub.backend.submit, []
+    first_in, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_submit(job):
+        submitted.append(job.id)
+        if len(submitted) == 1:
+            first_in.set()
+            await release.wait()
+        await real(job)
+
+    monkeypatch.setattr(hub.backend, "submit", slow_submit)
+    state_dir = fed.hubs["leonardo"].config.state_dir
+    batch = hub_pb2.ForwardJobsRequest(jobs=[hub_pb2.ForwardJobRequest(
+        idempotency_key=f"antenna-a-ho{i}", job=convert.job_to_pb(Job(
+            id=f"antenna-a-ho{i}", spec=sh(f"echo ran > {state_dir}/ran{i}"), state=JobState.PENDING, owner=ALICE)))
+        for i in (1, 2)])
+    async with secure_channel(f"127.0.0.1:{fed.hubs['leonardo'].port}", test_pki.tls(Role.ANTENNA, "antenna-a")) as ch:
+        stub = hub_pb2_grpc.HubStub(ch)
+        call = asyncio.ensure_future(stub.ForwardJobs(batch, timeout=30))
+        await asyncio.wait_for(first_in.wait(), 10)
+        cancelled = await stub.CancelJob(jobs_pb2.JobRef(job_id="antenna-a-ho2"), timeout=10)
+        assert cancelled.state == JobState.CANCELLED
+        release.set()
+        results = (await call).results
+    assert [r.job_id for r in results] == ["antenna-a-ho1", "antenna-a-ho2"]
+    assert submitted == ["antenna-a-ho1"]
+    await eventually(lambda: (state_dir / "ran1").exists())
+    await asyncio.sleep(0.5)
+    assert not (state_dir / "ran2").exists() and hub.journal.get("antenna-a-ho2").state is JobState.CANCELLED
+    assert not hub._handing_over and not hub._cancelled_on_the_way  # nothing kept once the batch is handed over
+
+
 async def test_cancel_during_placement_is_not_overwritten(fed, monkeypatch):
     """Placement that finishes after a cancel must not bring the job back to life."""
     core = fed.antennas["antenna-a"].core
