@@ -330,15 +330,34 @@ async def forward_run(root: Path, seconds: float, clients: int, batch: int) -> d
 def run_forward_bench(seconds: float, clients: int, batch: int, as_json: bool, keep: Path | None = None) -> int:
     with workdir(keep, "aifed-bench-forward-") as root:
         result = {}
+        # The baseline, measured first in the same command: a gRPC server over mTLS with a handler that does
+        # nothing (federation.bench_floor). Unbatched jobs per second are compared with its calls per second.
+        from federation.bench_floor import measure
+        floor_pki = root / "floor-pki"
+        pki.init_ca(floor_pki, FEDERATION)
+        print(f"gRPC floor: {clients} clients, a handler that does nothing, {min(seconds, 10):g} s...", file=sys.stderr)
+        floor = result["grpc_floor"] = asyncio.run(measure(
+            floor_pki, pki.issue(floor_pki, Role.ANTENNA, "floor"), pki.issue(floor_pki, Role.USER, "floor", "bench"),
+            min(seconds, 10), clients))
+        print(f"gRPC floor: {floor['calls_per_s']:8.1f} calls/s, server CPU {floor['server_cpu_us_per_call']} us "
+              f"per call ({floor['server_cpu_pct']:.0f}%)")
         for name, per_call, n in (("unbatched", 1, clients), ("batched", batch, max(2, clients // 4))):
             print(f"{name}: {n} clients, {per_call} job(s) per call, {seconds:g} s...", file=sys.stderr)
             r = result[name] = asyncio.run(forward_run(root / name, seconds, n, per_call))
+            # CPU per job: the antenna's for each job it acknowledged, the hub's for each job it journaled.
+            r["antenna_cpu_us_per_job"] = round(r["antenna_cpu_pct"] * 1e4 / max(r["jobs_per_s"], 1e-9))
+            r["hub_cpu_us_per_job"] = round(r["hub_cpu_pct"] * 1e4 / max(r["forwarded_per_s"], 1e-9))
+            floor_note = ""
+            if per_call == 1:  # one call per job: the floor bounds it
+                r["of_grpc_floor"] = round(r["jobs_per_s"] / floor["calls_per_s"], 3)
+                floor_note = f"; {r['of_grpc_floor']:.2f} of the gRPC floor's calls/s"
             print(f"{name:>9}: acknowledged {r['jobs_per_s']:8.1f} jobs/s, forwarded {r['forwarded_per_s']:8.1f} "
                   f"jobs/s, submit p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms per call; backlog max "
                   f"{r['backlog_max']} end {r['backlog_end']}, drained in {r['drain_s']:.1f} s; CPU hub "
                   f"{r['hub_cpu_pct']:.0f}% antenna {r['antenna_cpu_pct']:.0f}% clients {r['client_cpu_pct']:.0f}%; "
                   f"peak RSS hub "
-                  f"{r['hub_peak_rss_mb']:.0f} MB antenna {r['antenna_peak_rss_mb']:.0f} MB")
+                  f"{r['hub_peak_rss_mb']:.0f} MB antenna {r['antenna_peak_rss_mb']:.0f} MB; CPU per job antenna "
+                  f"{r['antenna_cpu_us_per_job']} us hub {r['hub_cpu_us_per_job']} us{floor_note}")
         if as_json:
             print(orjson.dumps(result).decode())
         return 0
