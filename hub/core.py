@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import shutil
@@ -79,8 +80,9 @@ class HubCore:
         self._purger: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
         self._changes: list[Change] = []  # reported by the backend, not yet journaled
-        # Jobs journaled and on their way to the backend, and those of them cancelled meanwhile (not submitted).
-        self._handing_over: set[str] = set()
+        # Jobs of forwarded batches on their way to the backend (by batches holding each), and those of them
+        # cancelled meanwhile: never submitted.
+        self._handing_over: collections.Counter[str] = collections.Counter()
         self._cancelled_on_the_way: set[str] = set()
         self._flusher: asyncio.Task | None = None
         self.balancer = None  # hub.balance.Balancer, when the daemon starts one
@@ -293,7 +295,8 @@ class HubCore:
 
         # Committing and handing over run to the end even if the caller goes away (a timeout, a killed antenna):
         # a job journaled here must reach the backend, since the antenna's retry is answered as a duplicate.
-        return await asyncio.shield(self._store_and_hand_over(who, store))
+        ids = [item[1].id for item in prepared if not isinstance(item, AifedError)]
+        return await asyncio.shield(self._store_and_hand_over(who, store, ids))
 
     @property
     def draining(self) -> bool:
@@ -343,7 +346,20 @@ class HubCore:
                         f": {value}" if drain else "")
         self.capacity.notify()  # antennas learn it from the next advert
 
-    async def _store_and_hand_over(self, who: Identity, store) -> list[tuple[Job | AifedError, bool]]:
+    async def _store_and_hand_over(self, who: Identity, store, ids: list[str]) -> list[tuple[Job | AifedError, bool]]:
+        # From before the commit until the backend has each job: a cancel that comes meanwhile is noted, and the
+        # hand-over skips the job (counted per batch: a resent job may be in two batches at once).
+        self._handing_over.update(ids)
+        try:
+            return await self._commit_and_hand_over(who, store)
+        finally:
+            self._handing_over.subtract(ids)
+            for job_id in ids:
+                if self._handing_over[job_id] <= 0:
+                    del self._handing_over[job_id]
+                    self._cancelled_on_the_way.discard(job_id)
+
+    async def _commit_and_hand_over(self, who: Identity, store) -> list[tuple[Job | AifedError, bool]]:
         try:
             results = await self.journal.commit(store)
         except BaseException:
@@ -358,14 +374,8 @@ class HubCore:
                 self.audit.record("accepted", who=who.uri, owner=job.owner, job=job.id, partition=job.partition,
                                   account=job.account, **({"moved_from": job.moved_from} if job.moved_from else {}))
         # Look again just before each job goes out: a cancel that came while earlier jobs were handed over has
-        # ended it (`cancel` notes it here, with no journal read per job).
-        ids = {job.id for job in created}
-        self._handing_over |= ids
-        try:
-            await self.backend.submit_many(created, lambda job: job.id not in self._cancelled_on_the_way)
-        finally:
-            self._handing_over -= ids
-            self._cancelled_on_the_way -= ids
+        # ended it (`cancel` notes it, with no journal read per job).
+        await self.backend.submit_many(created, lambda job: job.id not in self._cancelled_on_the_way)
         if created:
             log.info("accepted %d job(s) from %s", len(created), who.site)
             for job in created:

@@ -88,6 +88,40 @@ async def test_a_job_cancelled_while_its_batch_goes_to_the_backend_is_not_submit
     assert not hub._handing_over and not hub._cancelled_on_the_way  # nothing kept once the batch is handed over
 
 
+async def test_a_job_cancelled_just_after_its_batch_is_committed_is_not_submitted(fed, test_pki, monkeypatch):
+    """A cancel that comes between the forwarded batch's commit and the start of its hand-over (the moment the
+    forward's commit returns) also keeps the job from the backend."""
+    from federation.identity import Identity
+    hub = fed.hubs["leonardo"].core
+    real_commit, real_submit, submitted = hub.journal.commit, hub.backend.submit, []
+    antenna = Identity("eurohpc.test", Role.ANTENNA, "antenna-a")
+
+    async def commit_then_cancel(fn):
+        result = await real_commit(fn)
+        if hub.journal.get("antenna-a-race1") is not None and not submitted and not hub.journal.get(
+                "antenna-a-race1").final:
+            assert (await hub.cancel(antenna, "antenna-a-race1")).state is JobState.CANCELLED
+        return result
+
+    async def recording_submit(job):
+        submitted.append(job.id)
+        await real_submit(job)
+
+    monkeypatch.setattr(hub.journal, "commit", commit_then_cancel)
+    monkeypatch.setattr(hub.backend, "submit", recording_submit)
+    state_dir = fed.hubs["leonardo"].config.state_dir
+    job = Job(id="antenna-a-race1", spec=sh(f"echo ran > {state_dir}/race1"), state=JobState.PENDING, owner=ALICE)
+    async with secure_channel(f"127.0.0.1:{fed.hubs['leonardo'].port}", test_pki.tls(Role.ANTENNA, "antenna-a")) as ch:
+        result = (await hub_pb2_grpc.HubStub(ch).ForwardJobs(hub_pb2.ForwardJobsRequest(jobs=[
+            hub_pb2.ForwardJobRequest(idempotency_key="antenna-a-race1", job=convert.job_to_pb(job))]),
+            timeout=30)).results[0]
+    assert result.job_id == "antenna-a-race1" and not result.HasField("error")
+    await asyncio.sleep(0.5)
+    assert submitted == [] and not (state_dir / "race1").exists()
+    assert hub.journal.get("antenna-a-race1").state is JobState.CANCELLED
+    assert not hub._handing_over and not hub._cancelled_on_the_way
+
+
 async def test_cancel_during_placement_is_not_overwritten(fed, monkeypatch):
     """Placement that finishes after a cancel must not bring the job back to life."""
     core = fed.antennas["antenna-a"].core
