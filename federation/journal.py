@@ -45,6 +45,19 @@ CREATE INDEX IF NOT EXISTS jobs_feed ON jobs (antenna, seq);
 """
 PURGE_CHUNK = 10_000
 FINAL_SQL = ",".join(str(int(s)) for s in FINAL_STATES)
+IN_CHUNK = 500  # values per `IN (...)` query, well under SQLite's limit on parameters
+
+
+def _select_in(db: sqlite3.Connection, what: str, column: str, values: Iterable[str]) -> Iterable[tuple]:
+    """The rows of `SELECT what FROM jobs WHERE column IN values`, one query per `IN_CHUNK` values."""
+    values = list(values)
+    for i in range(0, len(values), IN_CHUNK):
+        chunk = values[i:i + IN_CHUNK]
+        yield from db.execute(f"SELECT {what} FROM jobs WHERE {column} IN ({','.join('?' * len(chunk))})", chunk)
+
+
+def _jobs_by_id(rows: Iterable[tuple]) -> dict[str, Job]:
+    return {job.id: job for job in (job_from_json(record) for (record,) in rows)}
 
 
 def job_to_json(job: Job) -> bytes:
@@ -109,28 +122,16 @@ class Tx:
         return job_from_json(row[0]) if row else None
 
     def get_many(self, job_ids: Iterable[str]) -> dict[str, Job]:
-        """The stored jobs among these ids, by id: one query per 500 ids."""
-        out, ids = {}, list(job_ids)
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            for (record,) in self.db.execute(
-                    f"SELECT record FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk):
-                job = job_from_json(record)
-                out[job.id] = job
-        return out
+        """The stored jobs among these ids, by id, as this transaction sees them."""
+        return _jobs_by_id(_select_in(self.db, "record", "id", job_ids))
 
     def exists(self, job_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
 
     def taken(self, keys: Iterable[str], job_ids: Iterable[str]) -> tuple[set[str], set[str]]:
-        """Which of these idempotency keys, and which of these job ids, are stored: one query per 500 of each."""
-        found: tuple[set[str], set[str]] = (set(), set())
-        for out, column, values in ((found[0], "idempotency_key", list(keys)), (found[1], "id", list(job_ids))):
-            for i in range(0, len(values), 500):
-                chunk = values[i:i + 500]
-                out.update(v for (v,) in self.db.execute(
-                    f"SELECT {column} FROM jobs WHERE {column} IN ({','.join('?' * len(chunk))})", chunk))
-        return found
+        """Which of these idempotency keys, and which of these job ids, are stored, as this transaction sees it."""
+        return ({k for (k,) in _select_in(self.db, "idempotency_key", "idempotency_key", keys)},
+                {i for (i,) in _select_in(self.db, "id", "id", job_ids)})
 
     def backend_ref(self, job_id: str) -> str:
         row = self.db.execute("SELECT backend_ref FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -313,14 +314,7 @@ class Journal:
         return job_from_json(row[0]) if row else None
 
     def get_many(self, job_ids: Iterable[str]) -> dict[str, Job]:
-        out, ids = {}, list(job_ids)
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            rows = self._read.execute(f"SELECT record FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-            for (record,) in rows:
-                job = job_from_json(record)
-                out[job.id] = job
-        return out
+        return _jobs_by_id(_select_in(self._read, "record", "id", job_ids))
 
     def state(self, job_id: str) -> JobState | None:
         row = self._read.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -328,12 +322,7 @@ class Journal:
 
     def known_keys(self, keys: Iterable[str]) -> set[str]:
         """Which of these idempotency keys are taken."""
-        out, keys = set(), list(keys)
-        for i in range(0, len(keys), 500):
-            chunk = keys[i:i + 500]
-            out.update(k for (k,) in self._read.execute(
-                f"SELECT idempotency_key FROM jobs WHERE idempotency_key IN ({','.join('?' * len(chunk))})", chunk))
-        return out
+        return {k for (k,) in _select_in(self._read, "idempotency_key", "idempotency_key", keys)}
 
     def by_key(self, idempotency_key: str) -> Job | None:
         row = self._read.execute("SELECT record FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
