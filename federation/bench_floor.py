@@ -73,13 +73,9 @@ async def measure(pki: Path, server_id, client_id, seconds: float, clients: int 
 
 def main(argv: list[str]) -> None:
     from federation.tls import TlsFiles
+    import uvloop
     port, ca, cert, key = argv
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:
-        pass
-    asyncio.run(_serve(int(port), TlsFiles(Path(ca), Path(cert), Path(key))))
+    uvloop.run(_serve(int(port), TlsFiles(Path(ca), Path(cert), Path(key))))
 
 
 if __name__ == "__main__":

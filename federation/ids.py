@@ -1,7 +1,7 @@
 """Random identifiers for jobs and job arrays, from the operating system's CSPRNG.
 
-`secrets.token_hex` makes one `getrandom` system call per identifier; an antenna accepting thousands of jobs
-per second spent about 5% of its time there. `random_hex` draws 4 KiB at a time and cuts identifiers from it:
+`secrets.token_hex` makes one `getrandom` system call per identifier (and lets go of the GIL for it); py-spy put
+about 5% of a busy antenna's samples there. `random_hex` draws 4 KiB at a time and cuts identifiers from it:
 the same source and the same unpredictability, one system call per several hundred identifiers. A forked child
 starts with a fresh draw, so parent and child never hand out the same bytes.
 """

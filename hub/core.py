@@ -262,13 +262,15 @@ class HubCore:
             except AifedError as exc:
                 prepared.append(exc)
 
+        accepted_keys = [item[0] for item in prepared if not isinstance(item, AifedError)]
+        accepted_ids = [item[1].id for item in prepared if not isinstance(item, AifedError)]
+
         def store(tx: Tx) -> list[tuple[Job | AifedError, bool]]:
             out: list[tuple[Job | AifedError, bool]] = []
             admitted: list[str] = []
             # The batch's keys and ids looked up together; each job stored adds its own, so that a key or an id
             # that comes twice in one batch is a replay or a conflict, as if it had come in two batches.
-            keys, ids = tx.taken([item[0] for item in prepared if not isinstance(item, AifedError)],
-                                 [item[1].id for item in prepared if not isinstance(item, AifedError)])
+            keys, ids = tx.taken(accepted_keys, accepted_ids)
             try:
                 for item in prepared:
                     if isinstance(item, AifedError):
@@ -295,8 +297,7 @@ class HubCore:
 
         # Committing and handing over run to the end even if the caller goes away (a timeout, a killed antenna):
         # a job journaled here must reach the backend, since the antenna's retry is answered as a duplicate.
-        ids = [item[1].id for item in prepared if not isinstance(item, AifedError)]
-        return await asyncio.shield(self._store_and_hand_over(who, store, ids))
+        return await asyncio.shield(self._store_and_hand_over(who, store, accepted_ids))
 
     @property
     def draining(self) -> bool:
