@@ -26,7 +26,7 @@ from federation.audit import AuditLog
 from federation.blobs import BlobStore, send
 from federation.errors import (AifedError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                               ResourceExhausted, Unavailable)
-from federation.ids import random_hex
+from federation.ids import job_token
 from federation.identity import Identity, Role
 from federation.journal import Journal, Tx, purge_forever
 from federation.crl import Revocations
@@ -367,7 +367,7 @@ class AntennaCore:
         if pinned:
             spec = charged
             site = self._precheck_once(spec, country, sites)
-        array_id = f"{self.config.site}-{random_hex(6)}" if entry.array else ""
+        array_id = f"{self.config.site}-{job_token()}" if entry.array else ""
         jobs = []
         for index in indices:
             key = f"{who.uri}#{request_id}" if request_id else None
@@ -375,7 +375,7 @@ class AntennaCore:
             if index is not None:
                 task_spec = evolve(spec, array_job=array_id, array_task=index)
                 key = f"{key}#{index}" if key else None
-            jobs.append((Job(id=f"{self.config.site}-{random_hex(6)}", spec=task_spec, state=JobState.PENDING,
+            jobs.append((Job(id=f"{self.config.site}-{job_token()}", spec=task_spec, state=JobState.PENDING,
                              owner=who.uri, antenna=self.config.site, site=site, created_at=now, updated_at=now,
                              country=country,
                              reason=f"forwarding to {site}" if site else "waiting to be forwarded",

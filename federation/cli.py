@@ -274,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--finished", type=int, default=1_000_000, help="finished jobs in the journal (default 1000000)")
     bm.add_argument("--active", type=int, default=10_000, help="active jobs (default 10000)")
     bm.add_argument("--queries", type=int, default=5000, help="status queries to time (default 5000)")
+    bj = bench_parser("journal", "journaling cost per job as a journal grows: job ids that sort by time against "
+                      "random ones", "the two journals")
+    bj.add_argument("--jobs", type=int, default=200_000, help="jobs written to each journal (default 200000)")
+    bj.add_argument("--batch", type=int, default=500, help="jobs per transaction (default 500)")
     bc = bench_parser("crash", "SIGKILL the daemons during a burst of submissions: nothing lost or run twice",
                       "configs, journals, logs and the executions record")
     bc.add_argument("--jobs", type=int, default=10_000, help="jobs in the burst (default 10000)")
@@ -856,6 +860,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.bench_cmd == "data":
                 from federation.bench_data import run_data_bench
                 return run_data_bench(args.mb, args.runs, args.json, keep)
+            if args.bench_cmd == "journal":
+                from federation.bench_journal import run_journal_bench
+                return run_journal_bench(args.jobs, args.batch, args.json, keep)
             if args.bench_cmd == "forward":
                 return bench.run_forward_bench(args.seconds, args.clients, args.batch, args.json, keep)
             return bench.run_slurm_bench(args.jobs, args.json, keep, args.single)

@@ -137,6 +137,9 @@ async def test_bulk_submit_with_an_array_and_a_refused_entry(fed):
     array = results[2:]
     assert [r.array_task for r in array] == [0, 4, 8] and all(r.state is JobState.PENDING for r in array)
     assert len({r.array_job for r in array}) == 1 and len({r.id for r in array}) == 3
+    # Ids sort in submission order (the order of the entries, then of the tasks), as Slurm's job ids do.
+    accepted = [results[0].id, *(r.id for r in array)]
+    assert accepted == sorted(accepted) and all(i.startswith("antenna-a-") for i in accepted)
     for job in [results[0], *array]:
         done = await client.wait(job.id)
         assert done.state is JobState.COMPLETED, done.reason
