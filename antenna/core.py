@@ -528,7 +528,8 @@ class AntennaCore:
         """The hubs that advertise the job's strategic sector (placement prefers them)."""
         if not spec.sector:
             return frozenset()
-        return frozenset(s.site for s in self.sites.values() if s.advert is not None and spec.sector in s.advert.sectors)
+        return frozenset(s.site for s in self.sites.values()
+                         if s.advert is not None and spec.sector in s.advert.sectors)
 
     def precheck(self, spec: JobSpec, country: str) -> str:
         """Refuse now a job that no known hub could ever run, so users are never rejected late.

@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--hub", help="ask this hub (HOST:PORT) for its consumption per antenna instead")
     us.add_argument("--days", type=int, default=30, help="with --hub: jobs accepted in the last DAYS days "
                                                          "(default 30)")
-    ex = sub.add_parser("explain", help="why a job is where it is: each hub's verdict for it, its status, its allocation",
+    ex = sub.add_parser("explain",
+                        help="why a job is where it is: each hub's verdict for it, its status, its allocation",
                         description="For each hub: the rule that excludes the job there, or the estimated wait before "
                                     "it would start there now, in the order placement would choose; where the job "
                                     "is and why it has not started (or how it ended); the allocation it is charged "
@@ -513,9 +514,9 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
     listing = await client.list_outputs(job_id)
     if not listing.ready:
         job = await client.get(job_id)
-        raise FailedPrecondition(listing.error or (f"job {job_id} is {job.state.name}: its outputs are collected when it ends"
-                                           if not job.final else f"the outputs of job {job_id} are being collected; "
-                                           "try again in a moment"))
+        raise FailedPrecondition(listing.error or (
+            f"job {job_id} is {job.state.name}: its outputs are collected when it ends" if not job.final
+            else f"the outputs of job {job_id} are being collected; try again in a moment"))
     tty = sys.stderr.isatty()
     fetched = []
     for f in listing.files:
@@ -551,7 +552,8 @@ async def _fetch(client, job_id: str, to: Path, as_json: bool) -> int:
             print(file=sys.stderr)
         if digest.hexdigest() != f.sha256:
             part.unlink()
-            raise FailedPrecondition(f"output {name}: the bytes received do not match its SHA-256 (removed); fetch again")
+            raise FailedPrecondition(f"output {name}: the bytes received do not match its SHA-256 (removed); "
+                                     "fetch again")
         part.replace(target)
         fsync_dir(target.parent)
         fetched.append({"name": name, "size": f.size, "sha256": f.sha256, "path": str(target)})

@@ -645,9 +645,11 @@ def load_hub(path: str | Path) -> HubConfig:
                      partitions=tuple(partitions), services=services, sectors=sectors, access_modes=tuple(modes),
                      advert_ttl_s=ttl, backend=backend, kill_grace_s=kill_grace, cpu_slots=cpu_slots,
                      slurm_conf=slurm_conf, poll_interval_s=poll, capacity_interval_s=capacity,
-                     command_timeout_s=command_timeout, array_size=array_size, accounts=accounts, retention_s=retention, limits=limits,
+                     command_timeout_s=command_timeout, array_size=array_size, accounts=accounts, retention_s=retention,
+                     limits=limits,
                      audit_log=audit_log, user_map=user_map, metrics_listen=metrics_listen,
-                     maintenance=maintenance, mode_limits=mode_limits, countries=countries, location=location, min_free_disk_mb=min_free_disk_mb, advertise=advertise,
+                     maintenance=maintenance, mode_limits=mode_limits, countries=countries, location=location,
+                     min_free_disk_mb=min_free_disk_mb, advertise=advertise,
                      discovery=discovery, events=events, ha_instance=ha_instance, balance=balance, data=data)
 
 
@@ -666,7 +668,8 @@ def _data(root: _Table, hub: bool) -> DataConfig:
             raise ConfigError(p, f"data.{key}", "must be at least 1h: jobs must find their inputs, and users their "
                               "outputs, for longer than that")
     sizes = {}
-    for key, default, low, high in (("quota_mb", 0, 0, 10**9), ("max_job_input_mb", 100_000, 1, MAX_JOB_INPUT_BYTES // 1_000_000),
+    for key, default, low, high in (("quota_mb", 0, 0, 10**9),
+                                    ("max_job_input_mb", 100_000, 1, MAX_JOB_INPUT_BYTES // 1_000_000),
                                     ("max_output_mb", 10_240, 1, 1 << 20), ("outputs_quota_mb", 0, 0, 10**9)):
         value = d.get(key, int, default)
         if isinstance(value, bool) or not low <= value <= high:

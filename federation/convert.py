@@ -58,7 +58,8 @@ def spec_from_pb(msg: jobs_pb2.JobSpec) -> JobSpec:
 def job_to_pb(job: Job, spec: bool = True) -> jobs_pb2.Job:
     """The job as a message; without its spec (`spec=False`) for messages that report only its progress."""
     return jobs_pb2.Job(
-        id=job.id, spec=spec_to_pb(job.spec) if spec else None, state=int(job.state), owner=job.owner, antenna=job.antenna,
+        id=job.id, spec=spec_to_pb(job.spec) if spec else None, state=int(job.state), owner=job.owner,
+        antenna=job.antenna,
         site=job.site, partition=job.partition, has_exit_code=job.exit_code is not None,
         exit_code=job.exit_code or 0, reason=job.reason,
         history=[jobs_pb2.Transition(state=int(t.state), at=ts(t.at), reason=t.reason) for t in job.history],

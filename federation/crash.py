@@ -105,7 +105,8 @@ async def crash_run(root: Path, jobs: int, kills: int, seed: int, batch: int = 2
         reported_lost = [j for j in acknowledged if any(st == int(JobState.LOST) for _, st in at_hubs.get(j, ()))]
         return {"acknowledged": len(acknowledged), "lost": len(lost), "duplicated": len(twice_placed) + len(ran_twice),
                 "ran": sum(1 for j in acknowledged if runs.get(j)), "unfinished": len(unfinished),
-                "ran_unacknowledged": len(never_acknowledged), "reported_lost": len(reported_lost), "kills": kills, "seed": seed,
+                "ran_unacknowledged": len(never_acknowledged), "reported_lost": len(reported_lost), "kills": kills,
+                "seed": seed,
                 "lost_ids": lost[:20], "duplicated_ids": (twice_placed + ran_twice)[:20],
                 "unfinished_ids": unfinished[:20]}
     finally:

@@ -83,7 +83,8 @@ def parse_identity(uri: str) -> Identity:
     if role.named:
         if len(parts) != 3:
             where = "antenna" if role is Role.USER else "site"
-            raise ValueError(f"{uri!r}: {article(role.value)} identity is spiffe://<federation>/{role.value}/<{where}>/<name>")
+            raise ValueError(f"{uri!r}: {article(role.value)} identity is "
+                             f"spiffe://<federation>/{role.value}/<{where}>/<name>")
         return Identity(federation, role, check_site_name(parts[1]), check_user_name(parts[2]))
     if len(parts) != 2:
         raise ValueError(f"{uri!r}: {article(role.value)} identity is spiffe://<federation>/{role.value}/<site>")

@@ -139,8 +139,8 @@ def authenticate(context: grpc.aio.ServicerContext, federation: str,
     if who.federation != federation:
         raise Unauthenticated(f"the client certificate belongs to federation {who.federation!r}, not {federation!r}")
     if cert.roles != (who.role.value,):
-        raise Unauthenticated(f"the client certificate claims to be {article(who.role.value)} ({who.uri}) but was issued "
-                              f"for the role {'/'.join(cert.roles) or 'none'}")
+        raise Unauthenticated(f"the client certificate claims to be {article(who.role.value)} ({who.uri}) but was "
+                              f"issued for the role {'/'.join(cert.roles) or 'none'}")
     if revocations is not None and revocations.revoked(cert.serial):
         raise Unauthenticated(f"the client certificate of {who.uri} (serial {cert.serial:x}) has been revoked")
     return who, cert.serial

@@ -7,10 +7,10 @@ A discrete-event simulation that runs the daemons' own code, not copies of it:
 - every antenna places with `federation.placement.Placer`, under each policy in turn, on candidates made from the
   adverts it can see: estimated waits from the advert's queue model, corrected for what it sent since;
 - with `balance` (`--balance`), every site balances load with `federation.balance.plan` and the hub's default
-  `[balance]` settings, under every policy but `home-only` (no federation): every `interval_s` while jobs wait in its queue (skipping a
-  round when nothing changed at any site since its last one), the jobs waiting in its own queue longer than the
-  threshold are handed to the peer whose advert (as the site sees it, `delay_s` late) promises a clearly
-  earlier start; they join the peer's queue at once, never move twice, and are counted in `moved`.
+  `[balance]` settings, under every policy but `home-only` (no federation): every `interval_s` while jobs wait in
+  its queue (skipping a round when nothing changed at any site since its last one), the jobs waiting in its own
+  queue longer than the threshold are handed to the peer whose advert (as the site sees it, `delay_s` late) promises
+  a clearly earlier start; they join the peer's queue at once, never move twice, and are counted in `moved`.
 
 Traces (`read_trace`): the Standard Workload Format of the Parallel Workloads Archive (runtime, processors,
 requested time) and the Philly GPU trace as CSV (GPUs, duration; no requested time, so the runtime is the

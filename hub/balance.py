@@ -439,8 +439,8 @@ class Balancer:
             if job.state is JobState.QUEUED and self.core.journal.state(job.id) is JobState.QUEUED:
                 await self.core.backend.submit(job)
         for job in settled:
-            self.core.audit.record("moved" if job.state is JobState.MOVED else "rejected", who=self.peers[peer].identity,
-                                   owner=job.owner, job=job.id, site=peer,
+            self.core.audit.record("moved" if job.state is JobState.MOVED else "rejected",
+                                   who=self.peers[peer].identity, owner=job.owner, job=job.id, site=peer,
                                    **({"reason": refused[job.id]} if job.id in refused else {}))
         if accepted:
             log.info("moved %d job(s) to hub %s", len(accepted), peer)

@@ -82,7 +82,8 @@ class HubService(hub_pb2_grpc.HubServicer):
                                                         earliest_start=convert.ts(now + wait), wait_s=int(wait)))
         health = core.backend.health()
         return jobs_pb2.Advert(
-            degraded=not health.ok, status_message=health.message, site=cfg.site, federation=cfg.federation, services=cfg.services, sectors=cfg.sectors,
+            degraded=not health.ok, status_message=health.message, site=cfg.site, federation=cfg.federation,
+            services=cfg.services, sectors=cfg.sectors,
             access_modes=[int(m) for m in cfg.access_modes], sequence=core.capacity.version,
             cert_expires_at=convert.ts(cert_expires(cfg.tls)), draining=bool(drain := core.drain_now(now)),
             drain_reason=drain,
@@ -94,7 +95,8 @@ class HubService(hub_pb2_grpc.HubServicer):
                          for m in cfg.mode_limits],
             issued_at=convert.ts(now), ttl_s=cfg.advert_ttl_s, estimates=estimates,
             partitions=[jobs_pb2.PartitionAdvert(
-                name=p.name, gpu_model=p.gpu_model, gflops_per_watt=p.gflops_per_watt, gpus_total=usage[p.name].gpus_total, gpus_free=usage[p.name].gpus_free,
+                name=p.name, gpu_model=p.gpu_model, gflops_per_watt=p.gflops_per_watt,
+                gpus_total=usage[p.name].gpus_total, gpus_free=usage[p.name].gpus_free,
                 running_jobs=usage[p.name].running_jobs, pending_jobs=usage[p.name].pending_jobs,
                 pending_gpu_seconds=usage[p.name].pending_gpu_seconds, max_walltime_s=p.max_walltime_s,
                 max_cpus=cfg.cpu_slots)

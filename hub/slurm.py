@@ -3,10 +3,11 @@
 Submission is `sbatch --parsable` of a script file the hub writes, tagged with the federated job id (`--job-name`
 and `--comment=aifed:<id>`). The jobs of one forwarded batch that ask for the same resources go as one Slurm job
 array (one `sbatch` for up to `backend.array_size` jobs): task N runs the job linked as N in the array's folder,
-from the job's own folder, with its own environment and arguments (quoted literally in a launcher file). States come from `squeue --json`
-(filtered here: Slurm 22.05 ignores `-j`), final states of jobs that left the queue from `sacct -c` (jobcomp
-works without slurmdbd), cancel is `scancel`. Capacity comes from `sinfo --json` and `squeue --json` and start
-estimates from `sbatch --test-only`, all cached and refreshed on a schedule that does not hammer slurmctld.
+from the job's own folder, with its own environment and arguments (quoted literally in a launcher file). States come
+from `squeue --json` (filtered here: Slurm 22.05 ignores `-j`), final states of jobs that left the queue from
+`sacct -c` (jobcomp works without slurmdbd), cancel is `scancel`. Capacity comes from `sinfo --json` and
+`squeue --json` and start estimates from `sbatch --test-only`, all cached and refreshed on a schedule that does
+not hammer slurmctld.
 While slurmctld cannot be reached, new jobs wait at the hub and go out when it returns, and the hub says it is
 degraded. Every command runs through one `CommandRunner`.
 """
