@@ -11,8 +11,9 @@ starts with a fresh draw, so parent and child never hand out the same bytes.
 random bits. Each token is greater than the one before it in the process, even within one millisecond or when
 the clock steps back (it then counts on from the last one). Ids that grow with time land at the end of the
 journals' indexes instead of at a random page each: a journal that writes a batch of jobs touches a few pages
-instead of one per job, and stays as fast when it holds a million of them (docs/benchmarks.md measures it). As
-with Slurm's job ids, a later job has a greater id. Job ids are not secrets: every call on a job checks its owner.
+instead of one per job, and costs half as much CPU per job as with random ids once it holds a million of them
+(`aifed bench journal`, docs/benchmarks.md). As with Slurm's job ids, a later job has a greater id. Job ids are
+not secrets: an antenna shows a job only to its owner and its operators.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ _pool = b""
 _used = 0
 _last_token = 0
 
-TOKEN_CHARS = 15
 _DIGITS = "0123456789abcdefghijklmnopqrstuv"  # base32hex: in the order of the values
 _PAIRS = [a + b for a in _DIGITS for b in _DIGITS]  # 10 bits at a time
 _RANDOM_BITS = 30
