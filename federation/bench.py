@@ -250,8 +250,10 @@ async def _sites(client):
 
 # -- aifed bench forward -------------------------------------------------------------------------
 
-async def forward_run(root: Path, seconds: float, clients: int, batch: int) -> dict:
-    """One run: `clients` concurrent submitters for `seconds`, `batch` jobs per call (1: SubmitJob)."""
+async def forward_run(root: Path, seconds: float, clients: int, batch: int, array: bool = False) -> dict:
+    """One run: `clients` concurrent submitters for `seconds`, `batch` jobs per call (1: SubmitJob). With
+    `array`, each call asks for one job array of `batch` tasks (`aifed submit --array 0-N`) rather than
+    `batch` separate jobs."""
     from federation import convert
     from federation.model import JobSpec, JobState
     from federation.pb import antenna_pb2
@@ -271,7 +273,8 @@ async def forward_run(root: Path, seconds: float, clients: int, batch: int) -> d
 
         # Requests are built once: the clients share the machine with the daemons, and should cost it little.
         one = antenna_pb2.SubmitJobRequest(spec=convert.spec_to_pb(spec))
-        many = antenna_pb2.SubmitJobsRequest(jobs=[one] * batch)
+        many = antenna_pb2.SubmitJobsRequest(jobs=[antenna_pb2.SubmitJobRequest(spec=one.spec, array=f"0-{batch - 1}")]
+                                             if array else [one] * batch)
 
         async def submitter():
             nonlocal acked
@@ -341,9 +344,12 @@ def run_forward_bench(seconds: float, clients: int, batch: int, as_json: bool, k
             min(seconds, 10), clients))
         print(f"gRPC floor: {floor['calls_per_s']:8.1f} calls/s, server CPU {floor['server_cpu_us_per_call']} us "
               f"per call ({floor['server_cpu_pct']:.0f}%)")
-        for name, per_call, n in (("unbatched", 1, clients), ("batched", batch, max(2, clients // 4))):
-            print(f"{name}: {n} clients, {per_call} job(s) per call, {seconds:g} s...", file=sys.stderr)
-            r = result[name] = asyncio.run(forward_run(root / name, seconds, n, per_call))
+        runs = (("unbatched", 1, clients, False), ("batched", batch, max(2, clients // 4), False),
+                ("arrays", batch, max(2, clients // 4), True))
+        for name, per_call, n, array in runs:
+            what = f"an array of {per_call} tasks" if array else f"{per_call} job(s)"
+            print(f"{name}: {n} clients, {what} per call, {seconds:g} s...", file=sys.stderr)
+            r = result[name] = asyncio.run(forward_run(root / name, seconds, n, per_call, array))
             # CPU per job: the antenna's for each job it acknowledged, the hub's for each job it journaled.
             r["antenna_cpu_us_per_job"] = round(r["antenna_cpu_pct"] * 1e4 / max(r["jobs_per_s"], 1e-9))
             r["hub_cpu_us_per_job"] = round(r["hub_cpu_pct"] * 1e4 / max(r["forwarded_per_s"], 1e-9))

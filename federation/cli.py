@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--seconds", type=float, default=20, help="length of each run (default 20)")
     bf.add_argument("--clients", type=int, default=16, help="concurrent clients, unbatched run (default 16; the "
                                                             "batched run uses a quarter as many)")
-    bf.add_argument("--batch", type=int, default=500, help="jobs per SubmitJobs call, batched run (default 500)")
+    bf.add_argument("--batch", type=int, default=500, help="jobs per SubmitJobs call, batched run, and tasks per "
+                                                        "array, arrays run (default 500)")
     bd = bench_parser("data", "input staging throughput, user to antenna to hub (mTLS, checksums), against cp",
                       "configs, state and logs")
     bd.add_argument("--mb", type=int, default=1024, help="size of the file, MiB (default 1024)")

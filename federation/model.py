@@ -5,12 +5,48 @@ from __future__ import annotations
 import enum
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import TypeVar
 
 from federation.errors import InvalidArgument
 
 T = TypeVar("T")
+
+
+def record(cls: type[T]) -> type[T]:
+    """`@dataclass(frozen=True)` with a faster `__init__`, for the job model's classes, which daemons build
+    thousands of times a second (every journal read, every message).
+
+    A frozen dataclass's own `__init__` sets each field through `object.__setattr__`, a call per field: 4.6 µs
+    for a `Job` or a `JobSpec` here. This one takes the same arguments, with the same defaults, and stores them
+    straight into the instance's `__dict__` (about 1.5 µs). The class is otherwise the dataclass, frozen: its
+    fields cannot be assigned, and equality, hashing and `repr` are the dataclass's own. Not for classes with
+    `__post_init__`, `InitVar`s or fields left out of `__init__`."""
+    cls = dataclass(frozen=True)(cls)
+    if hasattr(cls, "__post_init__"):
+        raise TypeError(f"{cls.__name__} has __post_init__, which record() would skip")
+    params, body, scope = [], [], {}
+    for f in fields(cls):
+        if not f.init or f.kw_only:
+            raise TypeError(f"{cls.__name__}.{f.name}: record() takes only plain init fields")
+        if f.default is not MISSING:
+            scope[f"_d_{f.name}"] = f.default
+            params.append(f"{f.name}=_d_{f.name}")
+        elif f.default_factory is not MISSING:
+            scope[f"_f_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=_NO_VALUE")
+            body.append(f"    if {f.name} is _NO_VALUE: {f.name} = _f_{f.name}()")
+        else:
+            params.append(f.name)
+        body.append(f"    d[{f.name!r}] = {f.name}")
+    scope["_NO_VALUE"] = object()
+    source = f"def __init__(self, {', '.join(params)}):\n    d = self.__dict__\n" + "\n".join(body) + "\n"
+    exec(source, scope)  # noqa: S102 - built from the class's own field names only
+    init = scope["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__doc__ = cls.__init__.__doc__
+    cls.__init__ = init
+    return cls
 
 
 class JobState(enum.IntEnum):
@@ -110,7 +146,7 @@ def check_input_name(name: str, kind: str = "input") -> str:
     return name
 
 
-@dataclass(frozen=True)
+@record
 class InputFile:
     """One input of a job: its path in the working directory, and its content by SHA-256."""
 
@@ -125,7 +161,7 @@ class InputFile:
 _ARRAY_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}[a-z0-9]-[a-z0-9]{1,64}")  # a job id
 
 
-@dataclass(frozen=True)
+@record
 class JobSpec:
     """What a user asks to run: a command (argv) or a script, and the resources it needs."""
 
@@ -293,14 +329,14 @@ def _bounded(name: str, value: int, low: int, high: int) -> None:
         raise InvalidArgument(f"{name} must be between {low} and {high}, not {value}")
 
 
-@dataclass(frozen=True)
+@record
 class Transition:
     state: JobState
     at: float
     reason: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class Job:
     """A federated job as journaled by an antenna or a hub."""
 

@@ -15,25 +15,30 @@ class HoldBackend(Backend):
     def __init__(self, partitions, on_change, workdir):
         super().__init__(partitions, on_change, workdir)
         self.held: dict[str, str] = {}  # job id -> partition
+        self.pending: dict[str, int] = dict.fromkeys(self.partitions, 0)  # partition -> jobs held (usage is O(1))
+
+    def _hold(self, job: Job) -> None:
+        if job.id not in self.held:
+            self.held[job.id] = job.partition
+            self.pending[job.partition] = self.pending.get(job.partition, 0) + 1
 
     async def submit(self, job: Job) -> None:
-        self.held[job.id] = job.partition
+        self._hold(job)
 
     async def cancel(self, job_id: str) -> bool:
-        if self.held.pop(job_id, None) is None:
+        partition = self.held.pop(job_id, None)
+        if partition is None:
             return False
+        self.pending[partition] -= 1
         self.on_change(Change(job_id, JobState.CANCELLED, reason="cancelled"))
         return True
 
     async def recover(self, job: Job, ref: str) -> Change | None:
-        self.held[job.id] = job.partition
+        self._hold(job)
         return None
 
     def usage(self) -> list[PartitionUsage]:
-        counts = dict.fromkeys(self.partitions, 0)
-        for partition in self.held.values():
-            counts[partition] = counts.get(partition, 0) + 1
-        return [PartitionUsage(p.name, p.gpus, p.gpus, 0, counts.get(p.name, 0), 0.0)
+        return [PartitionUsage(p.name, p.gpus, p.gpus, 0, self.pending.get(p.name, 0), 0.0)
                 for p in self.partitions.values()]
 
     async def estimate_wait(self, partition: str, gpus: int, walltime_s: int) -> float:

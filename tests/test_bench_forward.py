@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import orjson
 
 from federation.cli import main
@@ -14,7 +16,7 @@ def test_the_forward_benchmark_prints_its_figures_against_the_grpc_floor(capsys,
     result = orjson.loads(out[-1])
     floor = result["grpc_floor"]
     assert floor["calls_per_s"] > 0 and floor["server_cpu_us_per_call"] > 0 and floor["clients"] == 4
-    for name, per_call in (("unbatched", 1), ("batched", 50)):
+    for name, per_call in (("unbatched", 1), ("batched", 50), ("arrays", 50)):
         r = result[name]
         for key in ("jobs_per_s", "forwarded_per_s", "p50_ms", "p99_ms", "antenna_cpu_us_per_job",
                     "hub_cpu_us_per_job"):
@@ -24,5 +26,15 @@ def test_the_forward_benchmark_prints_its_figures_against_the_grpc_floor(capsys,
     # One call per job: the unbatched run cannot outrun a server that does nothing.
     assert 0 < result["unbatched"]["of_grpc_floor"] < 1.5
     assert result["unbatched"]["of_grpc_floor"] == round(result["unbatched"]["jobs_per_s"] / floor["calls_per_s"], 3)
-    assert "of_grpc_floor" not in result["batched"]
+    assert "of_grpc_floor" not in result["batched"] and "of_grpc_floor" not in result["arrays"]
+    # The arrays run asked for arrays of 50 tasks: every job the hub holds from it is a task of one.
+    tasks = sqlite3.connect(tmp_path / "bench" / "arrays" / "hub1" / "hub.sqlite").execute(
+        "SELECT json_extract(record, '$.spec.array_job'), json_extract(record, '$.spec.array_task')"
+        " FROM jobs").fetchall()
+    arrays = {job for job, _ in tasks}
+    assert "" not in arrays and len(tasks) == 50 * len(arrays) == result["arrays"]["acknowledged"]
+    assert sorted(task for _, task in tasks) == sorted(list(range(50)) * len(arrays))
+    batched = sqlite3.connect(tmp_path / "bench" / "batched" / "hub1" / "hub.sqlite").execute(
+        "SELECT DISTINCT json_extract(record, '$.spec.array_job') FROM jobs").fetchall()
+    assert batched == [("",)]
     assert any(line.startswith("gRPC floor:") for line in out)

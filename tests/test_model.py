@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import replace
 
 import grpc
@@ -11,8 +13,8 @@ from hypothesis import given, settings, strategies as st
 from federation.convert import job_from_pb, job_to_pb, progress_pb, spec_from_pb, spec_to_pb
 from federation.errors import InvalidArgument
 from federation.journal import job_from_json, job_to_json
-from federation.model import (MAX_ARGV, MAX_GPUS, MAX_WALLTIME_S, AccessMode, Job, JobSpec, JobState,
-                              Transition, evolve)
+from federation.model import (MAX_ARGV, MAX_GPUS, MAX_WALLTIME_S, AccessMode, InputFile, Job, JobSpec, JobState,
+                              Transition, evolve, record)
 from federation.pb import jobs_pb2
 
 VALID = JobSpec(argv=("python", "train.py"), env={"SEED": "1", "_X9": ""}, name="train-1.v2+a_b", gpus=4, cpus=8,
@@ -272,3 +274,63 @@ def test_evolve_is_replace():
         copy.reason = "frozen still"  # type: ignore[misc]
     with pytest.raises(TypeError, match="no field 'colour'"):
         evolve(job, colour="red")
+
+
+def _plain_twin(cls: type) -> type:
+    """The same class as a plain frozen dataclass, with the `__init__` the dataclasses module generates."""
+    plain = type(cls.__name__, (), {"__annotations__": dict(cls.__annotations__),
+                                    **{f.name: f for f in dataclasses.fields(cls)}})
+    return dataclasses.dataclass(frozen=True)(plain)
+
+
+@pytest.mark.parametrize("cls", [JobSpec, Job, Transition, InputFile])
+def test_record_init_is_the_dataclass_init(cls):
+    """The job model's fast `__init__` takes the arguments the dataclass's own would, with the same defaults,
+    and builds the same instance; the class stays frozen."""
+    twin = _plain_twin(cls)
+    fast, plain = inspect.signature(cls.__init__).parameters, inspect.signature(twin.__init__).parameters
+    assert list(fast) == list(plain)
+    for name, param in plain.items():
+        if param.default is not inspect.Parameter.empty and not repr(param.default).startswith("<factory>"):
+            assert fast[name].default == param.default, name
+    samples = {
+        JobSpec: [{}, {"argv": ("x",), "gpus": 2, "env": {"A": "1"}, "inputs": (InputFile("a", "0" * 64, 3),)},
+                  {"script": "#!/bin/sh\n", "site": "lumi", "prefer": ("a", "b"), "overflow_after_s": 5}],
+        Job: [{"id": "j", "spec": VALID, "state": JobState.PENDING},
+              {"id": "j", "spec": VALID, "state": JobState.FAILED, "exit_code": 3, "history": (Transition(
+                  JobState.PENDING, 1.5),), "moved_to": "lumi", "alternatives": ("x",)}],
+        Transition: [{"state": JobState.RUNNING, "at": 2.0}, {"state": JobState.FAILED, "at": 3.0, "reason": "r"}],
+        InputFile: [{"name": "a", "sha256": "f" * 64, "size": 1}, {"name": "b", "sha256": "e" * 64, "size": 0,
+                                                                  "residency": ("IT",)}],
+    }[cls]
+    for kwargs in samples:
+        got, want = cls(**kwargs), twin(**kwargs)
+        assert got.__dict__ == want.__dict__
+        assert cls(**kwargs) == got
+        if cls in (Transition, InputFile):  # hashable as the dataclass's are (a spec holds a dict: never)
+            assert hash(got) == hash(want) == hash(cls(**kwargs))
+        positional = [kwargs[name] for name in list(plain)[1:] if name in kwargs][:1]
+        if positional and list(plain)[1] in kwargs:  # the first field may be given by position too
+            rest = {k: v for k, v in kwargs.items() if k != list(plain)[1]}
+            assert cls(*positional, **rest) == got
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(got, dataclasses.fields(cls)[0].name, None)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+        cls(**samples[0], colour="red")
+    if cls is JobSpec:
+        assert JobSpec().env == {} and JobSpec().env is not JobSpec().env  # a fresh default each time
+
+
+def test_record_refuses_what_it_would_skip():
+    """A class whose `__init__` does more than store its fields cannot be made a record."""
+    with pytest.raises(TypeError, match="__post_init__"):
+        @record
+        class Checked:
+            x: int
+
+            def __post_init__(self):
+                pass
+    with pytest.raises(TypeError, match="plain init fields"):
+        @record
+        class Hidden:
+            x: int = dataclasses.field(default=0, init=False)
