@@ -512,8 +512,17 @@ class AntennaCore:
 
     def _rank(self, candidates: list[Candidate], spec: JobSpec, turn: bool = True) -> list[Scored]:
         """The policy's order, with the user's preferred hubs first where they would start the job in time."""
-        ranked = self.placer.order(candidates, spec.gpus, spec.walltime_s, turn=turn)
+        ranked = self.placer.order(candidates, spec.gpus, spec.walltime_s, turn=turn, lane=self._lane())
         return self.placer.preferred_first(ranked, spec.prefer, spec.overflow_after_s) if spec.prefer else ranked
+
+    def _lane(self) -> str:
+        """The hub kept for short jobs (federation/placement.py): the one with the fewest GPUs (then by name) of
+        the trusted hubs whose adverts this antenna has, when there are two or more; "" when there is no lane."""
+        if not self.config.short_job_lane or self.placer.policy != "earliest-start":
+            return ""
+        sizes = [(sum(p.gpus_total for p in s.advert.partitions), s.site) for s in self.sites.values()
+                 if s.advert is not None and not s.untrusted]
+        return min(sizes)[1] if len(sizes) > 1 else ""
 
     def _why_chosen(self, chosen: Scored) -> str:
         """Why placement chose this hub, in words, for the job's reason."""
@@ -1085,7 +1094,8 @@ def _decision(chosen: Scored, why: str, ranked: list[Scored], verdicts: list[Ver
     parts = [f"{PLACED}{chosen.site} ({why})"]
     if spec.prefer:
         parts[0] += f", preferred: {', '.join(spec.prefer)}"
-    others = [f"{s.site} #{i} (wait {s.candidate.wait_s:.0f}s)" for i, s in enumerate(ranked[1:], 2)]
+    others = [f"{s.site} #{i} (wait {s.candidate.wait_s:.0f}s{'; kept for shorter jobs' if s.kept else ''})"
+              for i, s in enumerate(ranked[1:], 2)]
     others += [f"{v.site} {v.reason}" for v in verdicts if not v.fits]
     if others:
         parts.append("; ".join(others[:MAX_DECISION_SITES])

@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--balance", action="store_true",
                     help="hubs also balance load between them, with the hub's default [balance] settings, under "
                          "every policy but home-only (default: placement alone; much slower on long queues)")
+    bp.add_argument("--no-lane", action="store_true",
+                    help="earliest-start without the short-job lane (antenna.short_job_lane = false)")
     bp.add_argument("--workers", type=int, default=0,
                     help="policies simulated at once, each in a process of its own (default 0: one per CPU; 1: one "
                          "after the other); the figures are the same either way")

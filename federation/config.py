@@ -217,6 +217,7 @@ class AntennaConfig:
     events: EventsConfig = field(default_factory=EventsConfig)
     allocations: Path | None = None  # a TOML file of [[allocation]] GPU-hour budgets (antenna/allocations.py)
     placement: str = "earliest-start"  # the placement policy (federation/placement.py)
+    short_job_lane: bool = True  # earliest-start keeps the smallest hub for short jobs (federation/placement.py)
     link_rate_mb_s: float = 100.0  # MB/s to each hub, for the transfer time of inputs until transfers measure it
     home: str = ""  # the home hub site, for the home-only policy
     data: DataConfig = field(default_factory=DataConfig)
@@ -745,6 +746,7 @@ def load_antenna(path: str | Path) -> AntennaConfig:
     if placement == "home-only" and not home:
         raise ConfigError(p, "antenna.home", "is required with placement = \"home-only\": the hub this antenna's "
                           "jobs all go to")
+    short_job_lane = a.get("short_job_lane", bool, True)
     link_rate = a.get("link_rate_mb_s", (int, float), 100.0)
     if isinstance(link_rate, bool) or not 0.001 <= link_rate <= 1e6:
         raise ConfigError(p, "antenna.link_rate_mb_s", "must be a number of MB/s between 0.001 and 1000000")
@@ -781,7 +783,7 @@ def load_antenna(path: str | Path) -> AntennaConfig:
                          hubs=tuple(hubs), retention_s=retention, limits=limits, audit_log=audit_log, country=country,
                          metrics_listen=metrics_listen, discovery=discovery, events=events,
                          allocations=allocations, placement=placement, home=home,
-                         link_rate_mb_s=float(link_rate), data=data)
+                         short_job_lane=short_job_lane, link_rate_mb_s=float(link_rate), data=data)
 
 
 def load_client(path: str | Path) -> ClientConfig:

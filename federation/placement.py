@@ -16,15 +16,25 @@ job. The hubs left are `Candidate`s, ordered by the antenna's `Placer` under one
 - `round-robin`: each hub in turn; `random`: any, uniformly (seeded); `home-only`: only `antenna.home`, no
   federation.
 
+**The short-job lane** (under `earliest-start`, unless `antenna.short_job_lane = false`): the smallest hub of
+the federation is kept for short jobs. A job is long when its size (GPUs, at least one, times its walltime) is
+above the median of the last `LANE_HISTORY` jobs this antenna placed; a long job goes to the smallest hub only
+when the policy would choose that hub anyway and the job would start there at once (capacity nobody else
+uses). Short jobs then never queue there behind long ones: the idea of size-interval task assignment with
+unbalanced load (Schroeder and Harchol-Balter, "Evaluation of task assignment policies for supercomputing
+servers: the case for load unbalancing and fairness", 2004), without its fixed intervals. Measured in
+docs/benchmarks.md.
+
 Under every policy, hubs that specialise in the job's strategic sector come first. The same `Placer` runs in the
 daemon and in the placement simulator (federation/simulate.py).
 """
 
 from __future__ import annotations
 
+import bisect
 import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from federation.config import quota_why_not
@@ -120,10 +130,36 @@ class Candidate:
 class Scored:
     candidate: Candidate
     score: float  # what the policy orders by (earliest-start: the expected wait in seconds, corrected)
+    kept: bool = False  # ranked last because this hub is the short-job lane and the job is long
 
     @property
     def site(self) -> str:
         return self.candidate.site
+
+
+LANE_HISTORY = 5000  # jobs whose sizes set the median that tells a long job from a short one
+LANE_MIN_HISTORY = 50  # until this many jobs were placed, every job counts as short
+
+
+class Sizes:
+    """The sizes of the last `n` jobs placed, sorted, for their median."""
+
+    def __init__(self, n: int = LANE_HISTORY):
+        self.n = n
+        self._arrived: deque[float] = deque()
+        self._sorted: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self._arrived)
+
+    def add(self, size: float) -> None:
+        self._arrived.append(size)
+        bisect.insort(self._sorted, size)
+        if len(self._arrived) > self.n:
+            del self._sorted[bisect.bisect_left(self._sorted, self._arrived.popleft())]
+
+    def median(self) -> float:
+        return self._sorted[len(self._sorted) // 2]
 
 
 class Placer:
@@ -139,6 +175,7 @@ class Placer:
         self._turn = 0
         self._unseen: dict[str, OrderedDict[str, tuple[float, float]]] = {}  # site -> job -> (sent at, GPU-s)
         self._unseen_gpu_s: dict[str, float] = {}
+        self.sizes = Sizes()  # of the jobs placed with a short-job lane
 
     @property
     def needs_estimates(self) -> bool:
@@ -151,8 +188,10 @@ class Placer:
         return ""
 
     def order(self, candidates: list[Candidate], gpus: int, walltime_s: float, now: float | None = None,
-              turn: bool = True) -> list[Scored]:
-        """The candidates, best first. `turn`: a real choice (round-robin moves on); False for a preview."""
+              turn: bool = True, lane: str = "") -> list[Scored]:
+        """The candidates, best first. `turn`: a real choice (round-robin moves on, the job's size is
+        remembered); False for a preview. `lane`: the hub kept for short jobs (the federation's smallest), if any;
+        only `earliest-start` keeps it."""
         if not candidates:
             return []
         now = time.time() if now is None else now
@@ -160,6 +199,8 @@ class Placer:
             scored = [Scored(c, self.expected_wait(c, now)) for c in candidates]
             ranked = sorted(scored, key=lambda s: (round(s.score), -s.candidate.free_gpus,
                                                    -s.candidate.gflops_per_watt, s.site))
+            if lane:
+                ranked = self._keep_lane(ranked, lane, max(gpus, 1) * walltime_s, turn)
         elif self.policy == "least-queue":
             ranked = sorted((Scored(c, c.pending_jobs + self.unseen_jobs(c.site, now)) for c in candidates),
                             key=lambda s: (s.score, -s.candidate.free_gpus, -s.candidate.gflops_per_watt, s.site))
@@ -177,6 +218,21 @@ class Placer:
             ranked = [Scored(c, 0) for c in candidates if c.site == self.home]
         # Specialised hubs first, each group in the policy's order (sorted() is stable).
         return sorted(ranked, key=lambda s: not s.candidate.specialised)
+
+    def is_long(self, size: float) -> bool:
+        """Whether a job of this size (GPUs times walltime) is long: above the median of the jobs placed lately."""
+        return len(self.sizes) >= LANE_MIN_HISTORY and size > self.sizes.median()
+
+    def _keep_lane(self, ranked: list[Scored], lane: str, size: float, turn: bool) -> list[Scored]:
+        """A long job ranks the lane hub last, unless that hub comes first anyway and would start it at once."""
+        if turn:
+            self.sizes.add(size)
+        kept = next((s for s in ranked if s.site == lane), None)
+        if kept is None or len(ranked) < 2 or not self.is_long(size):
+            return ranked
+        if kept is ranked[0] and round(kept.score) <= 0:
+            return ranked  # capacity there that would otherwise stay idle
+        return [s for s in ranked if s is not kept] + [Scored(kept.candidate, kept.score, kept=True)]
 
     def expected_wait(self, candidate: Candidate, now: float | None = None) -> float:
         """The hub's estimate for the job, plus what this antenna sent there that the hub does not show yet, plus

@@ -219,9 +219,10 @@ class Result:
 
 
 def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s: float = 10.0,
-             delay_s: float = 0.5, seed: int = 1, balance: BalanceConfig | None = None) -> Result:
+             delay_s: float = 0.5, seed: int = 1, balance: BalanceConfig | None = None, lane: bool = True) -> Result:
     """Run the workload; `policy` None is the pooled bound (one site of all the capacity, no placement).
-    `balance`: the hubs' load-balancing settings (None: no balancing); never under home-only."""
+    `balance`: the hubs' load-balancing settings (None: no balancing); never under home-only. `lane`: the
+    smallest site is the short-job lane (federation/placement.py), as at an antenna's default."""
     settings = balance or BalanceConfig(enabled=False)
     balancing = policy not in (None, "home-only") and settings.enabled and len(sites) > 1
     rng = random.Random(seed)
@@ -233,6 +234,7 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
     antennas = max(w.antenna) + 1 if w.antenna else 1
     placers = [Placer(policy, home=f"site{i % len(hubs)}", seed=seed * 1000 + i) if policy else None
                for i in range(antennas)]
+    lane_site = min(hubs, key=lambda hub: (hub.capacity, hub.name)).name if lane and len(hubs) > 1 else ""
     jobs = w.jobs
     events: list[tuple[float, int, int, int]] = []  # (time, order, hub, job): a job ends
     starts = [0.0] * len(jobs)
@@ -368,7 +370,7 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
         if policy is None:
             h = 0
         else:
-            h = _place(placers[w.antenna[i]], hubs, job, t)
+            h = _place(placers[w.antenna[i]], hubs, job, t, lane_site)
             if h < 0:
                 rejected += 1
                 i += 1
@@ -383,7 +385,7 @@ def simulate(w: Workload, sites: list[int], policy: str | None, advert_period_s:
     return Result(waits, slowdowns, busy, span, sum(sites), moved=len(moved), rejected=rejected)
 
 
-def _place(placer: Placer, hubs: list[_Site], job: TraceJob, t: float) -> int:
+def _place(placer: Placer, hubs: list[_Site], job: TraceJob, t: float, lane: str = "") -> int:
     """The antenna's choice for a job arriving at t, from the adverts it sees: the hub's index, or -1."""
     candidates, index = [], {}
     for h, hub in enumerate(hubs):
@@ -394,7 +396,7 @@ def _place(placer: Placer, hubs: list[_Site], job: TraceJob, t: float) -> int:
         wait = view.wait(job.gpus, job.walltime_s, t) if placer.needs_estimates else 0.0
         candidates.append(Candidate(hub.name, wait, view.free, hub.capacity, view.pending_jobs))
         index[hub.name] = h
-    ranked = placer.order(candidates, job.gpus, job.walltime_s, now=t)
+    ranked = placer.order(candidates, job.gpus, job.walltime_s, now=t, lane=lane)
     if not ranked:
         return -1
     chosen = ranked[0].site
@@ -404,10 +406,11 @@ def _place(placer: Placer, hubs: list[_Site], job: TraceJob, t: float) -> int:
 
 def run(trace_path: str | Path, sites: list[int], load: float = 0.85, advert_period_s: float = 10.0,
         delay_s: float = 0.5, seed: int = 1, policies: tuple[str, ...] = POLICIES, antennas: int = 0,
-        keep_waits: bool = False, balance: bool = False, workers: int = 0) -> tuple[dict, dict[str, list[float]]]:
+        keep_waits: bool = False, balance: bool = False, workers: int = 0, lane: bool = True
+        ) -> tuple[dict, dict[str, list[float]]]:
     """Every policy and the pooled bound over one trace: the figures `aifed bench placement` prints, and (with
     `keep_waits`) every job's wait per policy. `workers`: policies run at once, each in a process of its own
-    (0: one per CPU; 1: one after the other, in this process)."""
+    (0: one per CPU; 1: one after the other, in this process). `lane`: the short-job lane (earliest-start)."""
     import time
 
     trace = read_trace(trace_path)
@@ -415,10 +418,11 @@ def run(trace_path: str | Path, sites: list[int], load: float = 0.85, advert_per
     out: dict = {"trace": str(trace_path), "format": trace.kind, "jobs": len(w.jobs), "malformed": trace.malformed,
                  "skipped": trace.skipped, "too_large": w.too_large, "native_load": w.native_load, "load": load,
                  "sites": sites, "advert_period_s": advert_period_s, "delay_s": delay_s, "seed": seed,
-                 "balance": balance,
+                 "balance": balance, "lane": lane,
                  "policies": {}, "default_policy": POLICIES[0], "examples": trace.examples}
     began = time.perf_counter()
-    runs = [(w, sites, policy, advert_period_s, delay_s, seed, balance, keep_waits) for policy in (*policies, None)]
+    runs = [(w, sites, policy, advert_period_s, delay_s, seed, balance, keep_waits, lane)
+            for policy in (*policies, None)]
     workers = min(len(runs), workers or os.cpu_count() or 1)
     if workers > 1:
         # Each policy is an independent, deterministic run: in parallel, each in a process of its own (spawned,
@@ -444,8 +448,8 @@ def run(trace_path: str | Path, sites: list[int], load: float = 0.85, advert_per
 
 def _run_one(run: tuple) -> tuple[str | None, dict, list[float] | None]:
     """One policy (None: the pooled bound) over the workload: its summary, and its waits if asked."""
-    w, sites, policy, advert_period_s, delay_s, seed, balance, keep_waits = run
-    result = simulate(w, sites, policy, advert_period_s, delay_s, seed, BalanceConfig(enabled=balance))
+    w, sites, policy, advert_period_s, delay_s, seed, balance, keep_waits, lane = run
+    result = simulate(w, sites, policy, advert_period_s, delay_s, seed, BalanceConfig(enabled=balance), lane)
     return policy, result.summary(), result.waits if keep_waits else None
 
 
@@ -477,13 +481,14 @@ def run_bench(args) -> int:
     if args.workers < 0:
         raise UsageError(f"--workers {args.workers}: give 0 (one per CPU) or more")
     out, waits = run(args.trace, sites, args.load, args.advert_period, args.delay, args.seed, policies,
-                     keep_waits=bool(args.plot), balance=args.balance, workers=args.workers)
+                     keep_waits=bool(args.plot), balance=args.balance, workers=args.workers, lane=not args.no_lane)
     print(f"{out['trace']} ({out['format']}): {out['jobs']} jobs, {out['malformed']} malformed line(s) skipped"
           + (f" (e.g. {out['examples'][0]})" if out["examples"] else "")
           + f", {out['skipped']} without runtime or size, {out['too_large']} larger than every site")
     print(f"sites {','.join(map(str, sites))}; offered load {args.load} (the trace's own: {out['native_load']:.3f}); "
           f"adverts every {args.advert_period:g} s, seen {args.delay:g} s later; seed {args.seed}; "
-          + ("hubs balance load (default [balance] settings)" if out["balance"] else "no load balancing between hubs"))
+          + ("hubs balance load (default [balance] settings)" if out["balance"] else "no load balancing between hubs")
+          + ("; earliest-start keeps the smallest site for short jobs" if out["lane"] else "; no short-job lane"))
     print()
     rows = [*out["policies"].items(), ("pooled bound", out["pooled"])]
     print(f"{'POLICY':16} {'MEAN_WAIT_S':>12} {'P95_WAIT_S':>12} {'MEAN_BSLD':>10} {'UTIL':>6} {'MOVED':>6} "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from federation.placement import POLICIES, UNSEEN_TTL_S, Candidate, Placer
+from federation.placement import LANE_MIN_HISTORY, POLICIES, UNSEEN_TTL_S, Candidate, Placer, Sizes
 from federation.config import load_antenna
 from federation.errors import ConfigError
 from federation.model import JobSpec, JobState
@@ -220,3 +220,96 @@ async def test_preferred_sites_with_overflow_and_excluded_sites_through_daemons(
         assert (await alice.get(patient.id)).site == "lumi"
         await alice.cancel(patient.id)
         await alice.cancel(busy.id)
+
+
+# -- the short-job lane -----------------------------------------------------------------------------------------
+
+SMALL = Candidate("small", wait_s=0, free_gpus=4, total_gpus=4)
+BIG = Candidate("big", wait_s=50, free_gpus=0, total_gpus=64)
+
+
+def placer_that_saw(sizes: list[tuple[int, float]]) -> Placer:
+    """A placer that has placed jobs of these (GPUs, walltime) shapes."""
+    p = Placer()
+    for gpus, walltime in sizes:
+        p.order([BIG], gpus, walltime, now=0, lane="small")
+    return p
+
+
+def test_a_long_job_keeps_off_the_lane_hub_and_a_short_one_takes_it():
+    p = placer_that_saw([(1, 600)] * (LANE_MIN_HISTORY - 1))
+    busy_small = Candidate("small", wait_s=30, free_gpus=0, total_gpus=4)
+    # Short (its size is the median's) or long: the lane hub is the earliest start.
+    short = p.order([busy_small, BIG], 1, 600, now=0, lane="small")
+    assert sites(short) == ["small", "big"] and not any(s.kept for s in short)
+    long = p.order([busy_small, BIG], 2, 3600, now=0, lane="small")
+    assert sites(long) == ["big", "small"] and [s.kept for s in long] == [False, True]
+    assert long[1].score == 30  # ranked last, its estimate unchanged
+    # Without a lane (one hub, or switched off), or under another policy, nothing is kept.
+    assert sites(p.order([busy_small, BIG], 2, 3600, now=0)) == ["small", "big"]
+    for policy in ("least-queue", "round-robin"):
+        q = Placer(policy)
+        for _ in range(LANE_MIN_HISTORY):
+            q.order([BIG], 1, 60, now=0, lane="small")
+        assert not any(s.kept for s in q.order([busy_small, BIG], 8, 10**5, now=0, lane="small"))
+
+
+def test_a_long_job_takes_the_lane_hub_when_it_would_start_there_at_once_and_it_comes_first():
+    p = placer_that_saw([(1, 600)] * LANE_MIN_HISTORY)
+    assert sites(p.order([SMALL, BIG], 2, 3600, now=0, lane="small")) == ["small", "big"]  # idle capacity
+    idle_big = Candidate("big", wait_s=0, free_gpus=32, total_gpus=64)
+    # Both would start it at once: the big hub comes first (more GPUs free), so the lane is kept.
+    assert sites(p.order([SMALL, idle_big], 2, 3600, now=0, lane="small")) == ["big", "small"]
+
+
+def test_every_job_is_short_until_enough_jobs_were_placed_and_previews_are_not_counted():
+    p = Placer()
+    busy_small = Candidate("small", wait_s=30, free_gpus=0, total_gpus=4)
+    for _ in range(LANE_MIN_HISTORY - 1):
+        assert sites(p.order([busy_small, BIG], 8, 10**5, now=0, lane="small", turn=False))[0] == "small"
+        p.order([BIG], 1, 60, now=0, lane="small")
+    assert len(p.sizes) == LANE_MIN_HISTORY - 1  # previews (explain, dry runs) were not counted
+    assert sites(p.order([busy_small, BIG], 8, 10**5, now=0, lane="small"))[0] == "big"  # the 50th: long
+
+
+def test_the_median_is_of_the_last_jobs_placed_and_a_cpu_job_counts_as_one_gpu():
+    sizes = Sizes(n=5)
+    for size in (10, 1, 7, 3, 5):
+        sizes.add(size)
+    assert sizes.median() == 5
+    for size in (100, 100, 100):  # 10, 1 and 7 leave the window
+        sizes.add(size)
+    assert len(sizes) == 5 and sizes.median() == 100
+    p = placer_that_saw([(0, 600)] * LANE_MIN_HISTORY)
+    assert p.sizes.median() == 600 and p.is_long(601) and not p.is_long(600)
+
+
+def test_config_reads_the_short_job_lane_switch(test_pki, tmp_path):
+    assert load_antenna(antenna_toml(test_pki, tmp_path, "")).short_job_lane is True
+    assert load_antenna(antenna_toml(test_pki, tmp_path, "short_job_lane = false")).short_job_lane is False
+    with pytest.raises(ConfigError) as err:
+        load_antenna(antenna_toml(test_pki, tmp_path, 'short_job_lane = "no"'))
+    assert err.value.key == "antenna.short_job_lane" and "must be a bool" in str(err.value)
+
+
+def test_a_placement_decision_says_which_hub_was_kept_for_shorter_jobs():
+    from antenna.core import _decision
+    from federation.placement import Scored, Verdict
+    ranked = [Scored(BIG, 50), Scored(SMALL, 0, kept=True)]
+    text = _decision(ranked[0], "estimated wait 50s", ranked, [Verdict("big"), Verdict("small")], JobSpec(argv=("x",)))
+    assert text == "placed on big (estimated wait 50s) | small #2 (wait 0s; kept for shorter jobs)"
+
+
+async def test_the_antenna_keeps_the_hub_with_fewest_gpus_as_its_lane_unless_switched_off(test_pki, tmp_path):
+    small = (PartitionConfig("booster", "A100", 2, 7200),)
+    big = (PartitionConfig("booster", "A100", 8, 7200), PartitionConfig("gpu", "H100", 8, 7200))
+    async with running_federation(test_pki, tmp_path / "on", {"leonardo": {"partitions": big},
+                                                              "lumi": {"partitions": small}}, antenna={}) as f:
+        core = f.antennas["antenna-a"].core
+        assert core._lane() == "lumi"  # 2 GPUs against 16 in two partitions
+        core.sites["lumi"].untrusted = "its certificate was revoked"
+        assert core._lane() == ""  # one trusted hub left: no lane
+    async with running_federation(test_pki, tmp_path / "off", {"leonardo": {"partitions": big},
+                                                               "lumi": {"partitions": small}},
+                                  antenna={"short_job_lane": False}) as f:
+        assert f.antennas["antenna-a"].core._lane() == ""

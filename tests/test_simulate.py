@@ -584,3 +584,20 @@ def test_bench_placement_draws_the_wait_time_cdf_into_a_png(tmp_path, capsys):
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert f"wait-time CDF drawn in {png}" in out
     assert json.loads(out.splitlines()[-1])["default_policy"] == "earliest-start"
+
+
+def test_the_short_job_lane_keeps_short_jobs_from_waiting_behind_a_long_one_at_the_smallest_site():
+    # Two 1-GPU sites; site0 (first by name) is the lane. 50 short jobs teach the antenna what short is. Then a
+    # short job takes site0 for 300 s and a long one site1; a second long job would start first at site0 (after
+    # 300 s): with the lane it waits for site1 instead, and the short jobs after it run at site0 once it is free.
+    jobs = [(100 * k, 10, 1) for k in range(50)]
+    jobs += [(10_000, 300, 1), (10_001, 5_000, 1), (10_002, 5_000, 1)]
+    jobs += [(10_010 + 10 * k, 10, 1) for k in range(5)]
+    lane = simulate(hand_workload(jobs), [1, 1], "earliest-start")
+    plain = simulate(hand_workload(jobs), [1, 1], "earliest-start", lane=False)
+    assert lane.summary()["jobs"] == plain.summary()["jobs"] == len(jobs)
+    assert sorted(plain.waits)[-5:] == [4_991.0] * 5  # the short jobs, behind the second long job
+    assert sorted(lane.waits)[-6:] == [290.0] * 5 + [4_999.0]  # only the second long job waits long
+    assert lane.summary()["mean_bounded_slowdown"] < plain.summary()["mean_bounded_slowdown"] / 10
+    assert simulate(hand_workload(jobs), [1, 1], "least-queue").waits == \
+        simulate(hand_workload(jobs), [1, 1], "least-queue", lane=False).waits  # only earliest-start keeps a lane
