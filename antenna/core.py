@@ -510,9 +510,12 @@ class AntennaCore:
     def _order(self, verdicts: list[Verdict], spec: JobSpec, turn: bool = True) -> list[Scored]:
         return self._rank(self._candidates(verdicts, spec), spec, turn)
 
-    def _rank(self, candidates: list[Candidate], spec: JobSpec, turn: bool = True) -> list[Scored]:
-        """The policy's order, with the user's preferred hubs first where they would start the job in time."""
-        ranked = self.placer.order(candidates, spec.gpus, spec.walltime_s, turn=turn, lane=self._lane())
+    def _rank(self, candidates: list[Candidate], spec: JobSpec, turn: bool = True, lane: str | None = None
+              ) -> list[Scored]:
+        """The policy's order, with the user's preferred hubs first where they would start the job in time.
+        `lane`: the short-job lane, if the caller has it at hand (one per group of jobs placed together)."""
+        lane = self._lane() if lane is None else lane
+        ranked = self.placer.order(candidates, spec.gpus, spec.walltime_s, turn=turn, lane=lane)
         return self.placer.preferred_first(ranked, spec.prefer, spec.overflow_after_s) if spec.prefer else ranked
 
     def _lane(self) -> str:
@@ -751,8 +754,9 @@ class AntennaCore:
             if not candidates:
                 waiting += [job.id for job in group]
                 continue
+            lane = self._lane()
             for job in group:  # one by one: what this antenna just sent counts against each hub (no herding)
-                ranked = self._rank(candidates, spec)
+                ranked = self._rank(candidates, spec, lane=lane)
                 chosen = ranked[0]
                 self.placer.sent(chosen.site, job.id, spec.gpus, spec.walltime_s)
                 self.metrics.placements.labels(chosen.site).inc()
