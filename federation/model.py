@@ -19,9 +19,9 @@ def record(cls: type[T]) -> type[T]:
 
     A frozen dataclass's own `__init__` sets each field through `object.__setattr__`, a call per field: 4.6 µs
     for a `Job` or a `JobSpec` here. This one takes the same arguments, with the same defaults, and stores them
-    straight into the instance's `__dict__` (about 1.5 µs). The class is otherwise the dataclass, frozen: its
-    fields cannot be assigned, and equality, hashing and `repr` are the dataclass's own. Not for classes with
-    `__post_init__`, `InitVar`s or fields left out of `__init__`."""
+    straight into the instance's `__dict__` (2.1 µs for a `JobSpec`, 2.5 for a `Job`). The class is otherwise
+    the dataclass, frozen: its fields cannot be assigned, and equality, hashing and `repr` are the dataclass's
+    own. Not for classes with `__post_init__`, `InitVar`s or fields left out of `__init__`."""
     cls = dataclass(frozen=True)(cls)
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"{cls.__name__} has __post_init__, which record() would skip")
@@ -44,7 +44,6 @@ def record(cls: type[T]) -> type[T]:
     exec(source, scope)  # noqa: S102 - built from the class's own field names only
     init = scope["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
-    init.__doc__ = cls.__init__.__doc__
     cls.__init__ = init
     return cls
 
