@@ -28,7 +28,7 @@ from federation.errors import (AifedError, AlreadyExists, FailedPrecondition, In
                               ResourceExhausted, Unavailable)
 from federation.ids import job_token
 from federation.identity import Identity, Role
-from federation.journal import Journal, Tx, purge_forever
+from federation.journal import Journal, Tx, job_from_record, purge_forever
 from federation.crl import Revocations
 from federation.discovery import Change, ChangeKind, Member, make_discovery
 from federation.limits import SubmitLimiter
@@ -689,10 +689,15 @@ class AntennaCore:
             return stored
         return self.journal.get(job.id) or job
 
-    async def _commit_changes(self, changes: Callable[[Tx], list[Job]]) -> list[Job]:
-        """Run `changes` in a group commit and publish the jobs it changed."""
+    async def _commit_changes(self, changes: Callable[[Tx], list]) -> list:
+        """Run `changes` in a group commit, publish the jobs it changed, and return what it returned. A change may
+        be given as the stored record (`Tx.records`): it is made into a `Job` only if someone is listening."""
         changed = await self.journal.commit(changes)
         for job in changed:
+            if isinstance(job, dict):
+                if not self.jobs.wanted(job["id"]):
+                    continue
+                job = job_from_record(job)
             self.jobs.publish(job.id, job)
         return changed
 
@@ -1014,24 +1019,32 @@ class AntennaCore:
             if batch.epoch != epoch:
                 log.info("hub %s: following its change feed from the start (journal %s)", site.site, batch.epoch)
                 epoch, restart = batch.epoch, set()
-            remote = [convert.job_from_pb(j) for j in batch.jobs]
             lost: list[str] = []
             scanning = restart is not None
             if restart is not None:
-                restart.update(j.id for j in remote)
+                restart.update(j.id for j in batch.jobs)
                 if batch.caught_up:
                     lost, restart = sorted(expected - restart), None
             # While a feed that started over is being read, the old position stays journaled: if the feed breaks
             # now, the next one starts over again and the check for lost jobs is not skipped.
             position = None if restart is not None else f"{batch.epoch}:{batch.sequence}"
 
-            def apply(tx: Tx, remote=remote, lost=lost, position=position) -> list[Job]:
-                out = []
-                stored_now = tx.get_many(job.id for job in remote)
-                for job in remote:
-                    current = stored_now.get(job.id)
-                    if current is None:
+            def apply(tx: Tx, messages=batch.jobs, lost=lost, position=position) -> list[Job | dict]:
+                out: dict[str, Job | dict] = {}  # by id: a job named twice in one batch is published at its latest
+                records = tx.records(m.id for m in messages)
+                jobs: dict[str, Job] = {}  # the jobs of this batch changed by the general path, at their latest
+                for msg in messages:
+                    record = records.get(msg.id)
+                    if record is None:
                         continue
+                    if msg.id not in jobs and _progress_applies(record, msg, site.site):
+                        # The usual case, and thousands a second: the hub's word on a job it is running, merged
+                        # into the stored record without making either into a `Job` (what `_merge` does).
+                        if _merge_progress(record, msg):
+                            tx.put_record(record)
+                            out[msg.id] = record
+                        continue
+                    current, job = jobs.get(msg.id) or job_from_record(record), convert.job_from_pb(msg)
                     if current.site == site.site:
                         merged = _moved_on(current, job) if job.state is JobState.MOVED else _merge(current, job)
                     elif job.moved_from and job.moved_from == current.site:
@@ -1041,17 +1054,16 @@ class AntennaCore:
                     else:
                         continue
                     if merged != current and (stored := _apply(tx, merged, None, True, current)) is not None:
-                        out.append(stored)
-                        stored_now[job.id] = stored  # a job named twice in one batch merges with its latest
+                        out[msg.id] = jobs[msg.id] = stored
                 for job_id in lost:
                     current = tx.get(job_id)
                     if current is not None and not current.final:
                         job = current.moved(JobState.LOST, f"hub {site.site} no longer knows this job")
                         if (stored := _apply(tx, job, None, True, current)) is not None:
-                            out.append(stored)
+                            out[job_id] = stored
                 if position is not None:
                     tx.set_meta(cursor_key, position)
-                return out
+                return list(out.values())
 
             await self._commit_changes(apply)
             if scanning and restart is None and lost:
@@ -1143,6 +1155,34 @@ def _apply(tx: Tx, job: Job, ref: str | None, from_hub: bool, current: Job | Non
         return None
     tx.update(job, backend_ref=ref)
     return job
+
+
+_FINAL = frozenset(int(s) for s in FINAL_STATES)
+_KNOWN = frozenset(int(s) for s in JobState)
+_OWN = frozenset(int(s) for s in ANTENNA_STATES)
+
+
+def _progress_applies(record: dict, msg: jobs_pb2.Job, site: str) -> bool:
+    """Whether the hub `site`'s word on a job (`msg`, from its change feed) is the plain case that
+    `_merge_progress` handles: the stored job is at that hub and not ended, and the hub reports a known state
+    other than a move."""
+    return (record["site"] == site and record["state"] not in _FINAL and msg.state != JobState.MOVED
+            and msg.state in _KNOWN and all(t.state in _KNOWN for t in msg.history))
+
+
+def _merge_progress(record: dict, msg: jobs_pb2.Job) -> bool:
+    """`_merge(job_from_record(record), convert.job_from_pb(msg))` done on the stored record in place, for the
+    case `_progress_applies` accepts; whether anything changed."""
+    at = msg.updated_at
+    fields = {"state": msg.state, "partition": msg.partition,
+              "exit_code": msg.exit_code if msg.has_exit_code else None, "reason": msg.reason,
+              "history": [t for t in record["history"] if t[0] in _OWN]
+              + [[t.state, t.at.seconds + t.at.nanos / 1e9, t.reason] for t in msg.history],
+              "updated_at": max(record["updated_at"], at.seconds + at.nanos / 1e9)}
+    if all(record[k] == v for k, v in fields.items()):
+        return False
+    record.update(fields)
+    return True
 
 
 def _moved_on(local: Job, remote: Job) -> Job:

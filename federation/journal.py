@@ -86,7 +86,11 @@ _MODES = {int(m): m for m in AccessMode}
 
 
 def job_from_json(data: bytes) -> Job:
-    d = orjson.loads(data)
+    return job_from_record(orjson.loads(data))
+
+
+def job_from_record(d: dict) -> Job:
+    """The job of a decoded journal record (`orjson.loads` of what `job_to_json` wrote)."""
     s = d["spec"]
     spec = JobSpec(argv=tuple(s["argv"]), script=s["script"], script_args=tuple(s["script_args"]), env=s["env"],
                    name=s["name"], gpus=s["gpus"], cpus=s["cpus"], memory_mb=s["memory_mb"],
@@ -124,6 +128,20 @@ class Tx:
     def get_many(self, job_ids: Iterable[str]) -> dict[str, Job]:
         """The stored jobs among these ids, by id, as this transaction sees them."""
         return _jobs_by_id(_select_in(self.db, "record", "id", job_ids))
+
+    def records(self, job_ids: Iterable[str]) -> dict[str, dict]:
+        """The stored records among these ids, decoded but not made into jobs, by id: for a change that touches a
+        few fields of many jobs (see `put_record`)."""
+        return {job_id: orjson.loads(record) for job_id, record in _select_in(self.db, "id, record", "id", job_ids)}
+
+    def put_record(self, record: dict) -> None:
+        """Store a record read by `records` and changed in place; `update` with the job it decodes to stores the
+        same."""
+        cur = self.db.execute("UPDATE jobs SET state = ?, updated = ?, seq = ?, record = ? WHERE id = ?",
+                              (record["state"], record["updated_at"], self.journal._next_seq(), orjson.dumps(record),
+                               record["id"]))
+        if cur.rowcount != 1:
+            raise KeyError(record["id"])
 
     def exists(self, job_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None

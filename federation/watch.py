@@ -31,6 +31,11 @@ class Topics(Generic[T]):
                 q.get_nowait()
             q.put_nowait(value)
 
+    def wanted(self, key: str) -> bool:
+        """Whether a value published under `key` now would reach anyone: a publisher with a value that is costly
+        to build may skip building it."""
+        return bool(self.taps) or key in self._subs
+
     @asynccontextmanager
     async def subscribe(self, key: str) -> AsyncIterator[asyncio.Queue[T]]:
         q: asyncio.Queue[T] = asyncio.Queue(self._maxsize)

@@ -100,6 +100,38 @@ def test_update_changes_state_and_ref(journal):
     assert journal.list(states=[JobState.COMPLETED]) == [done]
 
 
+def test_a_record_changed_in_place_is_stored_as_update_would_store_it(journal, tmp_path):
+    """records() reads decoded records by id; put_record() stores one changed in place: the job, the state index,
+    the change sequence and the ref end up as `update` with the same job leaves them."""
+    job = make_job("j1", history=(Transition(JobState.PENDING, 1000.0, "accepted"),))
+    journal.insert(job, backend_ref="r0")
+    journal.insert(make_job("j2"))
+    running = job.moved(JobState.RUNNING, "started", at=1001.5)
+    before = journal.changes("a", 0)
+
+    def change(tx):
+        records = tx.records(["j1", "missing"])
+        assert list(records) == ["j1"]
+        records["j1"].update(state=int(running.state), reason=running.reason, updated_at=running.updated_at,
+                             history=[[int(t.state), t.at, t.reason] for t in running.history])
+        tx.put_record(records["j1"])
+
+    journal.write(change)
+    assert journal.get("j1") == running
+    assert journal.backend_ref("j1") == "r0"
+    assert journal.list(states=[JobState.RUNNING]) == [running]
+    after = journal.changes("a", 0)
+    assert len(after) == len(before) == 2 and after[-1][0] > before[-1][0]  # j1 changed last
+    other = Journal(tmp_path / "other.sqlite")
+    other.insert(job, backend_ref="r0")
+    other.insert(make_job("j2"))
+    other.update(running)
+    assert other.get("j1") == journal.get("j1") and other.changes("a", 0) == after  # the same bytes
+    other.close()
+    with pytest.raises(KeyError):
+        journal.write(lambda tx: tx.put_record({**tx.records(["j1"])["j1"], "id": "ghost"}))
+
+
 def test_update_unknown_job_raises_key_error(journal):
     with pytest.raises(KeyError):
         journal.update(make_job("ghost"))

@@ -7,6 +7,7 @@ import inspect
 from dataclasses import replace
 
 import grpc
+import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -209,6 +210,55 @@ def test_a_change_feed_message_read_from_the_record_is_the_job_without_its_spec(
     record = job_to_json(job)
     assert progress_pb(record) == job_to_pb(job_from_json(record), spec=False)
     assert not progress_pb(record).HasField("spec")
+
+
+hub_states = st.sampled_from([s for s in JobState if s is not JobState.MOVED])
+
+
+@settings(max_examples=300, deadline=None)
+@given(local=st.builds(
+    Job, id=st.just("a-1"), spec=st.just(VALID), state=st.sampled_from([s for s in JobState if not s.final]),
+    owner=words, antenna=words, site=st.just("hub1"), partition=words,
+    exit_code=st.none() | st.integers(-255, 255), reason=st.text(max_size=40), created_at=stamps,
+    updated_at=stamps, history=st.lists(st.builds(Transition, states, stamps, words), max_size=4).map(tuple),
+    country=words, alternatives=st.lists(words, max_size=3).map(tuple)),
+    state=hub_states, partition=words, exit_code=st.none() | st.integers(-255, 255), reason=st.text(max_size=40),
+    updated_at=stamps, history=st.lists(st.builds(Transition, hub_states, stamps, words), max_size=4).map(tuple),
+    same=st.booleans())
+def test_the_antennas_merge_of_a_change_on_the_stored_record_is_its_merge_of_jobs(local, same, **remote):
+    """The antenna applies a hub's change to the stored record in place (`_merge_progress`): the record it stores
+    is what `_merge` of the two jobs would store, byte for byte, and it reports a change exactly when `_merge`
+    makes one."""
+    from antenna.core import _merge, _merge_progress, _progress_applies
+    from federation.journal import job_from_record
+    hub = evolve(local, state=JobState.FORWARDED, history=local.history[1:]) if same else evolve(local, **remote)
+    msg = job_to_pb(hub, spec=False)
+    if same:  # the hub says what the antenna already has: nothing to store
+        local = _merge(local, job_from_pb(msg))
+    record = orjson.loads(job_to_json(local))
+    assert _progress_applies(record, msg, "hub1")
+    expected = _merge(local, job_from_pb(msg))
+    assert _merge_progress(record, msg) is (expected != local)
+    assert orjson.dumps(record) == job_to_json(expected)
+    assert job_from_record(record) == expected
+
+
+def test_a_change_the_record_merge_does_not_handle_goes_the_general_way():
+    """`_progress_applies` leaves to `_merge` a job stored at another hub, a job that has ended, a move, and a
+    state this antenna does not know."""
+    from antenna.core import _progress_applies
+    job = full_job(None)
+    record = orjson.loads(job_to_json(evolve(job, site="hub1", state=JobState.QUEUED)))
+    msg = job_to_pb(evolve(job, state=JobState.RUNNING), spec=False)
+    assert _progress_applies(record, msg, "hub1")
+    assert not _progress_applies(record, msg, "hub2")
+    assert not _progress_applies({**record, "state": int(JobState.CANCELLED)}, msg, "hub1")
+    assert not _progress_applies(record, job_to_pb(evolve(job, state=JobState.MOVED), spec=False), "hub1")
+    unknown = job_to_pb(evolve(job, state=JobState.RUNNING), spec=False)
+    unknown.history[0].state = 42
+    assert not _progress_applies(record, unknown, "hub1")
+    unknown.state = 42
+    assert not _progress_applies(record, unknown, "hub1")
 
 
 def test_zero_timestamps_round_trip():

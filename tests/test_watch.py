@@ -76,6 +76,18 @@ async def test_a_failing_tap_does_not_stop_a_change_from_being_published(caplog)
     assert seen == [("job-1", 7)] and "a tap on job-1 failed" in caplog.text
 
 
+async def test_a_value_is_wanted_while_someone_subscribes_to_its_key_or_taps_every_key():
+    from federation.watch import Topics
+
+    topics: Topics[int] = Topics()
+    assert not topics.wanted("job-1")
+    async with topics.subscribe("job-1"):
+        assert topics.wanted("job-1") and not topics.wanted("job-2")
+    assert not topics.wanted("job-1")
+    topics.taps.append(lambda key, value: None)
+    assert topics.wanted("job-2")
+
+
 async def test_bounded_gives_up_on_a_hanging_step_and_says_so(caplog):
     never = asyncio.get_running_loop().create_future()  # a step waiting for what never comes
     started = time.monotonic()
