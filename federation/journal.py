@@ -61,24 +61,24 @@ def _jobs_by_id(rows: Iterable[tuple]) -> dict[str, Job]:
 
 
 def job_to_json(job: Job) -> bytes:
-    s = job.spec
+    """The job's journal record. Its spec is written by orjson itself, field by field (a `JobSpec` is a
+    dataclass): a fifth of the cost of building the same dict here."""
     return orjson.dumps({
         "id": job.id, "state": int(job.state), "owner": job.owner, "antenna": job.antenna,
         "site": job.site, "partition": job.partition, "exit_code": job.exit_code, "reason": job.reason,
         "history": [[int(t.state), t.at, t.reason] for t in job.history],
         "created_at": job.created_at, "updated_at": job.updated_at, "account": job.account,
         "country": job.country, "alternatives": list(job.alternatives), "moved_from": job.moved_from,
-        "moved_to": job.moved_to,
-        "spec": {"argv": list(s.argv), "script": s.script, "script_args": list(s.script_args), "env": s.env,
-                 "name": s.name, "gpus": s.gpus, "cpus": s.cpus, "memory_mb": s.memory_mb,
-                 "walltime_s": s.walltime_s, "partition": s.partition, "access_mode": int(s.access_mode),
-                 "project": s.project, "site": s.site, "array_job": s.array_job, "array_task": s.array_task,
-                 "sector": s.sector, "sector_required": s.sector_required, "prefer": list(s.prefer),
-                 "exclude": list(s.exclude), "overflow_after_s": s.overflow_after_s,
-                 **({"inputs": [[f.name, f.sha256, f.size, *([list(f.residency)] if f.residency else [])]
-                                for f in s.inputs]} if s.inputs else {}),
-                 **({"outputs": list(s.outputs)} if s.outputs else {})},
+        "moved_to": job.moved_to, "spec": job.spec,
     })
+
+
+def _input(f: dict | list) -> InputFile:
+    """An input file as a record keeps it: an object with the fields of `InputFile`, or (records written before
+    2026-11-27) a list: name, sha256, size and, if it has any, its residency."""
+    if isinstance(f, dict):
+        return InputFile(f["name"], f["sha256"], f["size"], tuple(f["residency"]))
+    return InputFile(f[0], f[1], f[2], tuple(f[3]) if len(f) > 3 else ())
 
 
 _STATES = {int(s): s for s in JobState}  # a dict lookup costs a tenth of calling the enum
@@ -99,8 +99,7 @@ def job_from_record(d: dict) -> Job:
                    array_task=s.get("array_task", 0), sector=s.get("sector", ""),
                    sector_required=s.get("sector_required", False), prefer=tuple(s.get("prefer", ())),
                    exclude=tuple(s.get("exclude", ())), overflow_after_s=s.get("overflow_after_s", 3600),
-                   inputs=tuple(InputFile(f[0], f[1], f[2], tuple(f[3]) if len(f) > 3 else ())
-                                for f in s.get("inputs", ())),
+                   inputs=tuple(map(_input, s.get("inputs", ()))),
                    outputs=tuple(s.get("outputs", ())))
     return Job(id=d["id"], spec=spec, state=_STATES[d["state"]], owner=d["owner"], antenna=d["antenna"],
                site=d["site"], partition=d["partition"], exit_code=d["exit_code"], reason=d["reason"],

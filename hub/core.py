@@ -21,7 +21,7 @@ from federation.identity import Identity, Role, parse_identity
 from federation.journal import Journal, Tx, purge_forever
 from federation.limits import SubmitLimiter
 from federation.metrics import Metrics, register_journal_gauges
-from federation.model import Job, JobSpec, JobState
+from federation.model import Job, JobSpec, JobState, Transition
 from federation.rpc import peer
 from federation.timefmt import format_duration
 from federation.watch import Signal, Topics, bounded, every
@@ -450,14 +450,16 @@ class HubCore:
         now = time.time()
         # The hub's history starts when it accepts the job; the antenna keeps what came before. A job handed over
         # by a peer keeps the history it had there, so that its owner sees where it waited.
+        # It is journaled QUEUED, having passed through FORWARDED (two transitions, one journal write).
         history = tuple(job.history[-MAX_HISTORY:]) if moved_from else ()
-        accepted = Job(id=job.id, spec=job.spec, state=JobState.PENDING, owner=job.owner, antenna=antenna,
-                       site=self.config.site, partition=partition.name, created_at=now, updated_at=now,
-                       account=account, country=job.country, history=history, moved_from=moved_from,
-                       alternatives=() if moved_from else job.alternatives
-                       ).moved(JobState.FORWARDED, f"moved here from hub {moved_from}" if moved_from
-                               else f"accepted by hub {self.config.site}", at=now)
-        return scoped_key, accepted.moved(JobState.QUEUED, f"queued in partition {partition.name}", at=now)
+        queued = f"queued in partition {partition.name}"
+        return scoped_key, Job(
+            id=job.id, spec=job.spec, state=JobState.QUEUED, owner=job.owner, antenna=antenna, site=self.config.site,
+            partition=partition.name, reason=queued, created_at=now, updated_at=now, account=account,
+            country=job.country, moved_from=moved_from, alternatives=() if moved_from else job.alternatives,
+            history=(*history, Transition(JobState.FORWARDED, now, f"moved here from hub {moved_from}"
+                                          if moved_from else f"accepted by hub {self.config.site}"),
+                     Transition(JobState.QUEUED, now, queued)))
 
     async def _place(self, job: Job) -> PartitionConfig:
         spec, parts = job.spec, self.config.partitions

@@ -132,6 +132,32 @@ def test_a_record_changed_in_place_is_stored_as_update_would_store_it(journal, t
         journal.write(lambda tx: tx.put_record({**tx.records(["j1"])["j1"], "id": "ghost"}))
 
 
+def test_a_record_keeps_every_field_of_the_spec_and_reads_records_written_before(journal):
+    """The spec is stored field by field (orjson writes the dataclass), inputs and residency included; a record
+    written before (inputs as lists, residency only when set, no inputs or outputs key when empty) still reads."""
+    from dataclasses import fields
+
+    import orjson
+
+    from federation.journal import job_from_json, job_to_json
+    from federation.model import InputFile
+
+    spec = replace(SPEC, inputs=(InputFile("data/a.bin", "a" * 64, 10, ("IT", "leonardo")),
+                                 InputFile("b.txt", "b" * 64, 0)), outputs=("out/model.pt",))
+    job = make_job("j1", spec=spec, history=(Transition(JobState.PENDING, 1000.5, "accepted"),))
+    record = orjson.loads(job_to_json(job))
+    assert list(record["spec"]) == [f.name for f in fields(JobSpec)]
+    assert record["spec"]["inputs"][0] == {"name": "data/a.bin", "sha256": "a" * 64, "size": 10,
+                                           "residency": ["IT", "leonardo"]}
+    journal.insert(job)
+    assert journal.get("j1") == job
+    old = {**record, "spec": {**record["spec"], "inputs": [["data/a.bin", "a" * 64, 10, ["IT", "leonardo"]],
+                                                           ["b.txt", "b" * 64, 0]]}}
+    assert job_from_json(orjson.dumps(old)) == job
+    bare = {**record, "spec": {k: v for k, v in record["spec"].items() if k not in ("inputs", "outputs")}}
+    assert job_from_json(orjson.dumps(bare)) == replace(job, spec=replace(spec, inputs=(), outputs=()))
+
+
 def test_update_unknown_job_raises_key_error(journal):
     with pytest.raises(KeyError):
         journal.update(make_job("ghost"))
