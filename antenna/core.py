@@ -323,6 +323,7 @@ class AntennaCore:
             if self.allocations:  # the transaction failed: its reservations are void
                 self.allocations.rebuild(self.journal.list(limit=2**62))
             raise
+        placed: dict[str, int] = defaultdict(int)  # placed when accepted: it names its hub, or only one can take it
         for item in stored:
             if isinstance(item, AifedError):
                 self.audit.record("rejected", who=who.uri, reason=item.message)
@@ -334,9 +335,11 @@ class AntennaCore:
                     created += 1
                     self.audit.record("accepted", who=who.uri, job=job.id, site=job.site)
                     self.jobs.publish(job.id, job)
-                    if job.site:  # placed when accepted: the job names its hub, or only one hub can take it
-                        self.metrics.placements.labels(job.site).inc()
+                    if job.site:
+                        placed[job.site] += 1
                     self._queue(job)
+        for site, n in placed.items():
+            self.metrics.placements.labels(site).inc(n)
         if created:
             log.info("accepted %d job(s) from %s", created, who.uri)
         return results

@@ -26,16 +26,13 @@ def from_ts(stamp: Timestamp) -> float:
 
 
 def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
-    return jobs_pb2.JobSpec(
-        name=spec.name, argv=spec.argv, script=spec.script, script_args=spec.script_args, env=spec.env,
-        gpus=spec.gpus, cpus=spec.cpus, memory_mb=spec.memory_mb, walltime_s=spec.walltime_s,
-        partition=spec.partition, access_mode=int(spec.access_mode), project=spec.project, site=spec.site,
-        array_job=spec.array_job, array_task=spec.array_task, sector=spec.sector,
-        sector_required=spec.sector_required, prefer=spec.prefer, exclude=spec.exclude,
-        overflow_after_s=spec.overflow_after_s,
-        inputs=[jobs_pb2.InputFile(name=f.name, sha256=f.sha256, size=f.size, residency=f.residency)
-                for f in spec.inputs],
-        outputs=spec.outputs)
+    # Only the fields that are set: most of a spec is empty, and each field given costs the constructor as much
+    # as a set one (a JobSpec's fields and the message's have the same names; a test checks every field).
+    fields = {name: value for name, value in spec.__dict__.items() if value}
+    if spec.inputs:
+        fields["inputs"] = [jobs_pb2.InputFile(name=f.name, sha256=f.sha256, size=f.size, residency=f.residency)
+                            for f in spec.inputs]
+    return jobs_pb2.JobSpec(**fields)
 
 
 def spec_from_pb(msg: jobs_pb2.JobSpec) -> JobSpec:
@@ -72,12 +69,26 @@ def progress_pb(record: bytes) -> jobs_pb2.Job:
     thousands of these a second, and building the `Job` and its `JobSpec` first cost more than the rest."""
     d = orjson.loads(record)
     exit_code = d["exit_code"]
-    return jobs_pb2.Job(
+    msg = jobs_pb2.Job(
         id=d["id"], state=d["state"], owner=d["owner"], antenna=d["antenna"], site=d["site"],
         partition=d["partition"], has_exit_code=exit_code is not None, exit_code=exit_code or 0, reason=d["reason"],
-        history=[jobs_pb2.Transition(state=state, at=ts(at), reason=reason) for state, at, reason in d["history"]],
-        created_at=ts(d["created_at"]), updated_at=ts(d["updated_at"]), country=d.get("country", ""),
-        alternatives=d.get("alternatives", ()), moved_from=d.get("moved_from", ""), moved_to=d.get("moved_to", ""))
+        country=d.get("country", ""), alternatives=d.get("alternatives", ()), moved_from=d.get("moved_from", ""),
+        moved_to=d.get("moved_to", ""))
+    # Timestamps are set in place: a `Timestamp` built first is then copied into the message.
+    for state, at, reason in d["history"]:
+        _stamp(msg.history.add(state=state, reason=reason).at, at)
+    _stamp(msg.created_at, d["created_at"])
+    _stamp(msg.updated_at, d["updated_at"])
+    return msg
+
+
+def _stamp(stamp: Timestamp, seconds: float) -> None:
+    """Set a message's timestamp to `seconds` as `ts` would make it (present even when zero)."""
+    if seconds:
+        nanos = int(seconds * 1e9)
+        stamp.seconds, stamp.nanos = nanos // 1_000_000_000, nanos % 1_000_000_000
+    else:
+        stamp.SetInParent()
 
 
 _NO_SPEC: JobSpec | None = None  # what a message without a spec (a change feed's) decodes to, decoded once

@@ -214,7 +214,7 @@ class JobSpec:
             raise InvalidArgument("the command is empty: its first word must name a program")
         if len(self.argv) + len(self.script_args) > MAX_ARGV:
             raise InvalidArgument(f"too many arguments ({len(self.argv) + len(self.script_args)}); at most {MAX_ARGV}")
-        if any("\x00" in a for a in (*self.argv, *self.script_args)):
+        if "\x00" in "".join(self.argv) or "\x00" in "".join(self.script_args):
             raise InvalidArgument("an argument contains a NUL byte")
         if len(self.script.encode()) > MAX_SCRIPT_BYTES:
             raise InvalidArgument(f"the script is larger than {MAX_SCRIPT_BYTES} bytes")
@@ -258,6 +258,8 @@ class JobSpec:
 
 
 def _check_inputs(inputs: tuple[InputFile, ...]) -> None:
+    if not inputs:
+        return
     if len(inputs) > MAX_INPUTS:
         raise InvalidArgument(f"at most {MAX_INPUTS} input files per job, not {len(inputs)}")
     names: set[str] = set()
@@ -285,6 +287,12 @@ def _check_inputs(inputs: tuple[InputFile, ...]) -> None:
 
 
 def _check_sites(spec: JobSpec) -> None:
+    if spec.prefer or spec.exclude:
+        _check_site_choices(spec)
+    _bounded("overflow_after", spec.overflow_after_s, 0, MAX_WALLTIME_S)
+
+
+def _check_site_choices(spec: JobSpec) -> None:
     for name, sites in (("preferred", spec.prefer), ("excluded", spec.exclude)):
         if len(sites) > MAX_SITE_CHOICES:
             raise InvalidArgument(f"at most {MAX_SITE_CHOICES} {name} sites, not {len(sites)}")
@@ -296,9 +304,8 @@ def _check_sites(spec: JobSpec) -> None:
             raise InvalidArgument(f"a site is listed twice among the {name} sites")
     if both := sorted(set(spec.prefer) & set(spec.exclude)):
         raise InvalidArgument(f"site {both[0]} is both preferred and excluded")
-    if spec.site and (spec.prefer or spec.exclude):
+    if spec.site:
         raise InvalidArgument("a job pinned to a site (--site) takes no preferred or excluded sites")
-    _bounded("overflow_after", spec.overflow_after_s, 0, MAX_WALLTIME_S)
 
 
 

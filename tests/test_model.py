@@ -275,6 +275,19 @@ def test_spec_round_trips_and_unset_fields_take_defaults():
     assert bare.cpus == 1 and bare.walltime_s == JobSpec.walltime_s
 
 
+def test_a_spec_with_every_field_set_round_trips():
+    """spec_to_pb sends the fields that are set, by name: each field of a JobSpec, set, comes back."""
+    spec = JobSpec(argv=("a", "b"), script="", script_args=("c",), env={"K": "v"}, name="n", gpus=2, cpus=3,
+                   memory_mb=4, walltime_s=5, partition="p", access_mode=AccessMode.LARGE_SCALE, project="pr",
+                   site="", array_job="a-1", array_task=6, sector="health", sector_required=True, prefer=("x",),
+                   overflow_after_s=7, exclude=("y",), inputs=(InputFile("i", "0" * 64, 8, ("IT",)),
+                                                                InputFile("j", "1" * 64, 0)), outputs=("o",))
+    assert {f.name for f in dataclasses.fields(JobSpec)} == {
+        name for name, value in dataclasses.asdict(spec).items() if value} | {"script", "site"}
+    assert spec_from_pb(spec_to_pb(spec)) == spec
+    assert spec_from_pb(jobs_pb2.JobSpec.FromString(spec_to_pb(spec).SerializeToString())) == spec
+
+
 def test_unknown_enum_values_from_the_wire_are_invalid_argument():
     with pytest.raises(InvalidArgument, match="access mode"):
         spec_from_pb(jobs_pb2.JobSpec(argv=["x"], access_mode=42))
