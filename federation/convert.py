@@ -54,14 +54,16 @@ def spec_from_pb(msg: jobs_pb2.JobSpec) -> JobSpec:
 
 def job_to_pb(job: Job, spec: bool = True) -> jobs_pb2.Job:
     """The job as a message; without its spec (`spec=False`) for messages that report only its progress."""
-    return jobs_pb2.Job(
-        id=job.id, spec=spec_to_pb(job.spec) if spec else None, state=int(job.state), owner=job.owner,
-        antenna=job.antenna,
-        site=job.site, partition=job.partition, has_exit_code=job.exit_code is not None,
-        exit_code=job.exit_code or 0, reason=job.reason,
-        history=[jobs_pb2.Transition(state=int(t.state), at=ts(t.at), reason=t.reason) for t in job.history],
-        created_at=ts(job.created_at), updated_at=ts(job.updated_at), country=job.country,
-        alternatives=job.alternatives, moved_from=job.moved_from, moved_to=job.moved_to)
+    msg = jobs_pb2.Job(
+        id=job.id, spec=spec_to_pb(job.spec) if spec else None, state=job.state, owner=job.owner,
+        antenna=job.antenna, site=job.site, partition=job.partition, has_exit_code=job.exit_code is not None,
+        exit_code=job.exit_code or 0, reason=job.reason, country=job.country, alternatives=job.alternatives,
+        moved_from=job.moved_from, moved_to=job.moved_to)
+    for t in job.history:
+        _stamp(msg.history.add(state=t.state, reason=t.reason).at, t.at)
+    _stamp(msg.created_at, job.created_at)
+    _stamp(msg.updated_at, job.updated_at)
+    return msg
 
 
 def progress_pb(record: bytes) -> jobs_pb2.Job:
@@ -119,5 +121,7 @@ def error_pb(error: AifedError) -> jobs_pb2.JobError:
 
 
 def receipt_pb(job: Job) -> jobs_pb2.JobReceipt:
-    return jobs_pb2.JobReceipt(id=job.id, state=int(job.state), array_job=job.spec.array_job,
-                               array_task=job.spec.array_task, created_at=ts(job.created_at))
+    msg = jobs_pb2.JobReceipt(id=job.id, state=job.state, array_job=job.spec.array_job,
+                              array_task=job.spec.array_task)
+    _stamp(msg.created_at, job.created_at)
+    return msg

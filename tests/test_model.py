@@ -11,7 +11,7 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from federation.convert import job_from_pb, job_to_pb, progress_pb, spec_from_pb, spec_to_pb
+from federation.convert import job_from_pb, job_to_pb, progress_pb, receipt_pb, spec_from_pb, spec_to_pb, ts
 from federation.errors import InvalidArgument
 from federation.journal import job_from_json, job_to_json
 from federation.model import (MAX_ARGV, MAX_GPUS, MAX_WALLTIME_S, AccessMode, InputFile, Job, JobSpec, JobState,
@@ -210,6 +210,13 @@ def test_a_change_feed_message_read_from_the_record_is_the_job_without_its_spec(
     record = job_to_json(job)
     assert progress_pb(record) == job_to_pb(job_from_json(record), spec=False)
     assert not progress_pb(record).HasField("spec")
+    # Timestamps are set in place: the same as a Timestamp made by ts(), and present even when zero.
+    msg = job_to_pb(job)
+    assert msg.created_at == ts(job.created_at) and msg.updated_at == ts(job.updated_at)
+    assert msg.HasField("created_at") and msg.HasField("updated_at")
+    assert [t.at for t in msg.history] == [ts(t.at) for t in job.history]
+    assert all(t.HasField("at") for t in msg.history)
+    assert receipt_pb(job).created_at == ts(job.created_at) and receipt_pb(job).HasField("created_at")
 
 
 hub_states = st.sampled_from([s for s in JobState if s is not JobState.MOVED])
