@@ -891,11 +891,12 @@ class AntennaCore:
             if key not in alternatives:
                 alternatives[key] = self._alternatives(job, site.site)
         await self._stage(site, jobs)
-        request = hub_pb2.ForwardJobsRequest(jobs=[hub_pb2.ForwardJobRequest(
-            idempotency_key=job.id, job=jobs_pb2.Job(
+        request = hub_pb2.ForwardJobsRequest()
+        add = request.jobs.add  # built in place: a message given to a list is copied into it
+        for job in jobs:
+            add(idempotency_key=job.id, job=jobs_pb2.Job(
                 id=job.id, spec=convert.spec_to_pb(job.spec), owner=job.owner, antenna=job.antenna,
-                state=int(job.state), country=job.country, alternatives=alternatives[keys[job.id]]))
-            for job in jobs])
+                state=job.state, country=job.country, alternatives=alternatives[keys[job.id]]))
         elsewhere: dict[str, str] = {}
         try:
             started = time.monotonic()

@@ -67,14 +67,16 @@ class AntennaService(antenna_pb2_grpc.AntennaServicer):
                 entries.append(exc)
         valid = [e for e in entries if isinstance(e, Submission)]
         outcomes = iter(await self.core.submit_many(caller(), valid))
-        results = []
+        response = antenna_pb2.SubmitJobsResponse()
+        add = response.results.add  # built in place: a message given to a list is copied into it
         for entry in entries:
             outcome = entry if isinstance(entry, AifedError) else next(outcomes)
             if isinstance(outcome, AifedError):
-                results.append(antenna_pb2.SubmitResult(error=convert.error_pb(outcome)))
+                add(error=convert.error_pb(outcome))
             else:
-                results.extend(antenna_pb2.SubmitResult(accepted=convert.receipt_pb(job)) for job in outcome)
-        return antenna_pb2.SubmitJobsResponse(results=results)
+                for job in outcome:
+                    add(accepted=convert.receipt_pb(job))
+        return response
 
     async def GetJob(self, request, context):
         return convert.job_to_pb(self.core.get(caller(), request.job_id))

@@ -66,12 +66,13 @@ def job_to_pb(job: Job, spec: bool = True) -> jobs_pb2.Job:
     return msg
 
 
-def progress_pb(record: bytes) -> jobs_pb2.Job:
+def progress_pb(record: bytes, add=None) -> jobs_pb2.Job:
     """`job_to_pb(job_from_json(record), spec=False)`, read straight from a journal record: a change feed sends
-    thousands of these a second, and building the `Job` and its `JobSpec` first cost more than the rest."""
+    thousands of these a second, and building the `Job` and its `JobSpec` first cost more than the rest.
+    `add`: the `add` of a repeated field of jobs, to build the message in place there rather than copy it in."""
     d = orjson.loads(record)
     exit_code = d["exit_code"]
-    msg = jobs_pb2.Job(
+    msg = (add or jobs_pb2.Job)(
         id=d["id"], state=d["state"], owner=d["owner"], antenna=d["antenna"], site=d["site"],
         partition=d["partition"], has_exit_code=exit_code is not None, exit_code=exit_code or 0, reason=d["reason"],
         country=d.get("country", ""), alternatives=d.get("alternatives", ()), moved_from=d.get("moved_from", ""),

@@ -128,15 +128,15 @@ class HubService(hub_pb2_grpc.HubServicer):
         if len(request.jobs) > MAX_BATCH:  # before converting any of them
             raise InvalidArgument(f"at most {MAX_BATCH} jobs per batch, not {len(request.jobs)}")
         requests = [(r.idempotency_key, convert.job_from_pb(r.job)) for r in request.jobs]
-        results = []
         answers = await self.core.forward_many(caller(), requests, hand_off=hand_off)
+        response = hub_pb2.ForwardJobsResponse()
+        add = response.results.add  # built in place: a message given to a list is copied into it
         for (job_or_error, duplicate), (_, asked) in zip(answers, requests):
             if isinstance(job_or_error, AifedError):
-                results.append(hub_pb2.ForwardResult(job_id=asked.id, error=convert.error_pb(job_or_error)))
+                add(job_id=asked.id, error=convert.error_pb(job_or_error))
             else:
-                results.append(hub_pb2.ForwardResult(job_id=asked.id, accepted=convert.receipt_pb(job_or_error),
-                                                     duplicate=duplicate))
-        return hub_pb2.ForwardJobsResponse(results=results)
+                add(job_id=asked.id, accepted=convert.receipt_pb(job_or_error), duplicate=duplicate)
+        return response
 
     async def WatchChanges(self, request, context):
         who, journal, changes = caller(), self.core.journal, self.core.changes
@@ -148,8 +148,11 @@ class HubService(hub_pb2_grpc.HubServicer):
             if rows:
                 after = rows[-1][0]
                 caught_up = len(rows) < CHANGES_BATCH
-                yield hub_pb2.JobChanges(epoch=journal.epoch, sequence=after, caught_up=caught_up,
-                                         jobs=[convert.progress_pb(record) for _, record in rows])
+                message = hub_pb2.JobChanges(epoch=journal.epoch, sequence=after, caught_up=caught_up)
+                add = message.jobs.add  # each job built in place: a message given to a list is copied into it
+                for _, record in rows:
+                    convert.progress_pb(record, add)
+                yield message
                 continue
             if not caught_up:
                 caught_up = True

@@ -16,7 +16,7 @@ from federation.errors import InvalidArgument
 from federation.journal import job_from_json, job_to_json
 from federation.model import (MAX_ARGV, MAX_GPUS, MAX_WALLTIME_S, AccessMode, InputFile, Job, JobSpec, JobState,
                               Transition, evolve, record)
-from federation.pb import jobs_pb2
+from federation.pb import hub_pb2, jobs_pb2
 
 VALID = JobSpec(argv=("python", "train.py"), env={"SEED": "1", "_X9": ""}, name="train-1.v2+a_b", gpus=4, cpus=8,
                 memory_mb=1024, walltime_s=3600, access_mode=AccessMode.PLAYGROUND)
@@ -210,6 +210,9 @@ def test_a_change_feed_message_read_from_the_record_is_the_job_without_its_spec(
     record = job_to_json(job)
     assert progress_pb(record) == job_to_pb(job_from_json(record), spec=False)
     assert not progress_pb(record).HasField("spec")
+    changes = hub_pb2.JobChanges()
+    progress_pb(record, changes.jobs.add)  # built in place in a feed message: the same job
+    assert list(changes.jobs) == [progress_pb(record)]
     # Timestamps are set in place: the same as a Timestamp made by ts(), and present even when zero.
     msg = job_to_pb(job)
     assert msg.created_at == ts(job.created_at) and msg.updated_at == ts(job.updated_at)
