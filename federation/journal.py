@@ -62,7 +62,7 @@ def _jobs_by_id(rows: Iterable[tuple]) -> dict[str, Job]:
 
 def job_to_json(job: Job) -> bytes:
     """The job's journal record. Its spec is written by orjson itself, field by field (a `JobSpec` is a
-    dataclass): a fifth of the cost of building the same dict here."""
+    dataclass), which costs less than building the same dict here (the record 16.7 to 13.2 µs)."""
     return orjson.dumps({
         "id": job.id, "state": int(job.state), "owner": job.owner, "antenna": job.antenna,
         "site": job.site, "partition": job.partition, "exit_code": job.exit_code, "reason": job.reason,
