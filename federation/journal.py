@@ -124,10 +124,6 @@ class Tx:
         row = self.db.execute("SELECT record FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
         return job_from_json(row[0]) if row else None
 
-    def get_many(self, job_ids: Iterable[str]) -> dict[str, Job]:
-        """The stored jobs among these ids, by id, as this transaction sees them."""
-        return _jobs_by_id(_select_in(self.db, "record", "id", job_ids))
-
     def records(self, job_ids: Iterable[str]) -> dict[str, dict]:
         """The stored records among these ids, decoded but not made into jobs, by id: for a change that touches a
         few fields of many jobs (see `put_record`)."""
@@ -136,11 +132,7 @@ class Tx:
     def put_record(self, record: dict) -> None:
         """Store a record read by `records` and changed in place; `update` with the job it decodes to stores the
         same."""
-        cur = self.db.execute("UPDATE jobs SET state = ?, updated = ?, seq = ?, record = ? WHERE id = ?",
-                              (record["state"], record["updated_at"], self.journal._next_seq(), orjson.dumps(record),
-                               record["id"]))
-        if cur.rowcount != 1:
-            raise KeyError(record["id"])
+        self._rewrite(record["id"], record["state"], record["updated_at"], orjson.dumps(record), None)
 
     def exists(self, job_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
@@ -169,16 +161,19 @@ class Tx:
         return job, True
 
     def update(self, job: Job, backend_ref: str | None = None) -> None:
+        self._rewrite(job.id, int(job.state), job.updated_at, job_to_json(job), backend_ref)
+
+    def _rewrite(self, job_id: str, state: int, updated: float, record: bytes, backend_ref: str | None) -> None:
         seq = self.journal._next_seq()
         if backend_ref is None:
             cur = self.db.execute("UPDATE jobs SET state = ?, updated = ?, seq = ?, record = ? WHERE id = ?",
-                                  (int(job.state), job.updated_at, seq, job_to_json(job), job.id))
+                                  (state, updated, seq, record, job_id))
         else:
             cur = self.db.execute(
                 "UPDATE jobs SET state = ?, updated = ?, seq = ?, record = ?, backend_ref = ? WHERE id = ?",
-                (int(job.state), job.updated_at, seq, job_to_json(job), backend_ref, job.id))
+                (state, updated, seq, record, backend_ref, job_id))
         if cur.rowcount != 1:
-            raise KeyError(job.id)
+            raise KeyError(job_id)
 
     def set_ref(self, job_id: str, backend_ref: str) -> None:
         self.db.execute("UPDATE jobs SET backend_ref = ? WHERE id = ?", (backend_ref, job_id))

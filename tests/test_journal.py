@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from federation.journal import Journal
+from federation.journal import Journal, job_from_record
 from federation.model import AccessMode, Job, JobSpec, JobState, Transition
 
 SPEC = JobSpec(argv=("python", "train.py", "--lr", "3e-4"), env={"WANDB_MODE": "offline", "SEED": "7"},
@@ -267,7 +267,7 @@ def test_one_journal_per_file(tmp_path):
     again.close()
 
 
-def test_taken_and_get_many_inside_a_transaction_see_its_own_changes(journal):
+def test_taken_and_records_inside_a_transaction_see_its_own_changes(journal):
     """What the hub's batch insert relies on: keys and ids found together, including those stored earlier in the
     same transaction; a checked insert whose key is taken after all fails rather than storing twice."""
     journal.write(lambda tx: tx.insert(make_job("j1"), "k1"))
@@ -276,18 +276,19 @@ def test_taken_and_get_many_inside_a_transaction_see_its_own_changes(journal):
         assert tx.taken(["k1", "k2"], ["j1", "j2"]) == ({"k1"}, {"j1"})
         tx.insert(make_job("j2"), "k2", checked=True)
         assert tx.taken(["k1", "k2", "k3"], ["j2", "j3"]) == ({"k1", "k2"}, {"j2"})
-        assert set(tx.get_many(["j1", "j2", "nope"])) == {"j1", "j2"}
+        assert set(tx.records(["j1", "j2", "nope"])) == {"j1", "j2"}
         with pytest.raises(sqlite3.IntegrityError):
             tx.insert(make_job("j3"), "k1", checked=True)
-        return tx.get_many(f"j{i}" for i in range(1, 4))
+        return tx.records(f"j{i}" for i in range(1, 4))
 
     got = journal.write(batch)
-    assert set(got) == {"j1", "j2"} and got["j2"] == make_job("j2")
+    assert set(got) == {"j1", "j2"} and job_from_record(got["j2"]) == make_job("j2")
     assert journal.count() == 2 and journal.by_key("k2").id == "j2"
 
 
-def test_taken_and_get_many_look_up_more_than_one_query_holds(journal):
+def test_taken_and_records_look_up_more_than_one_query_holds(journal):
     journal.write(lambda tx: [tx.insert(make_job(f"j{i}"), f"k{i}") for i in range(0, 1200, 3)])
     keys, ids = journal.write(lambda tx: tx.taken([f"k{i}" for i in range(1200)], [f"j{i}" for i in range(1200)]))
     assert keys == {f"k{i}" for i in range(0, 1200, 3)} and ids == {f"j{i}" for i in range(0, 1200, 3)}
-    assert set(journal.write(lambda tx: tx.get_many(f"j{i}" for i in range(1200)))) == ids
+    assert set(journal.write(lambda tx: tx.records(f"j{i}" for i in range(1200)))) == ids
+    assert set(journal.get_many(f"j{i}" for i in range(1200))) == ids
