@@ -13,7 +13,7 @@ import ssl
 import threading
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -46,6 +46,9 @@ class Metrics:
 
     def __init__(self, role: str, site: str, version: str):
         self.registry = CollectorRegistry(auto_describe=False)
+        # The usual process_* (CPU, resident memory, open files) and python_gc_* (collections by generation) series.
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.rpcs = Counter("aifed_rpc_requests", "RPCs served, by method and final status code",
                             ["method", "code"], registry=self.registry)
         self.placements = Counter("aifed_placement_decisions", "jobs placed by the antenna, by chosen hub",

@@ -60,6 +60,10 @@ async def test_metrics_describe_what_the_daemons_did(watched, test_pki):
     assert 0 <= a[("aifed_advert_age_seconds", (("site", "leonardo"),))] < 10
     assert a[("aifed_journal_bytes", ())] > 0
     assert a[("aifed_cert_expiry_timestamp_seconds", ())] == pytest.approx(cert_expires(antenna.config.tls))
+    # The standard series of the process (these daemons run in the test's own process).
+    assert a[("process_resident_memory_bytes", ())] > 10 * 2**20
+    assert a[("process_cpu_seconds_total", ())] > 0
+    assert a[("python_gc_collections_total", (("generation", "0"),))] >= 0
 
     h = await asyncio.to_thread(scrape, hub.metrics_port, operator)
     assert h[("aifed_jobs", (("state", "COMPLETED"),))] == 3
