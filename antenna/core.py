@@ -92,7 +92,7 @@ class AntennaCore:
 
     def __init__(self, config: AntennaConfig):
         self.config = config
-        self.journal = Journal(config.state_dir / "antenna.sqlite")
+        self.journal = Journal(config.state_dir / "antenna.sqlite", feed=False)  # an antenna serves no change feed
         self.blobs = BlobStore(config.state_dir / "blobs",  # users' input files, by SHA-256
                                quota_bytes=config.data.quota_mb * 1_000_000, retention_s=config.data.retention_s)
         self.sites_changed = Signal()

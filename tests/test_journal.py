@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import replace
 
+import orjson
 import pytest
 
 from federation.journal import Journal, job_from_record
@@ -292,3 +293,34 @@ def test_taken_and_records_look_up_more_than_one_query_holds(journal):
     assert keys == {f"k{i}" for i in range(0, 1200, 3)} and ids == {f"j{i}" for i in range(0, 1200, 3)}
     assert set(journal.write(lambda tx: tx.records(f"j{i}" for i in range(1200)))) == ids
     assert set(journal.get_many(f"j{i}" for i in range(1200))) == ids
+
+
+def test_a_journal_nobody_follows_keeps_no_feed_index_and_still_answers_changes(tmp_path):
+    """An antenna's journal (`feed=False`) drops the index that serves `changes`, also from a journal written with
+    it; `changes` gives the same answer without it, and opening with `feed` builds the index again."""
+    path = tmp_path / "j.sqlite"
+
+    def indexes() -> set[str]:
+        db = sqlite3.connect(path)
+        try:
+            return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        finally:
+            db.close()
+
+    journal = Journal(path)
+    for i, created in enumerate((3.0, 1.0, 2.0)):
+        journal.insert(make_job(f"j{i}", created=created))
+    journal.insert(replace(make_job("x", created=4.0), antenna="b"))  # another antenna's
+    journal.update(make_job("j0", state=JobState.RUNNING, created=3.0))
+    followed = journal.changes("a", 0)
+    journal.close()
+    assert "jobs_feed" in indexes()
+
+    journal = Journal(path, feed=False)
+    assert "jobs_feed" not in indexes() and {"jobs_owner", "jobs_state"} <= indexes()
+    assert journal.changes("a", 0) == followed and [r[0] for r in journal.changes("a", followed[0][0])] == [
+        seq for seq, _ in followed[1:]]
+    assert [orjson.loads(record)["id"] for _, record in followed] == ["j1", "j2", "j0"]  # in change order
+    journal.close()
+    Journal(path).close()
+    assert "jobs_feed" in indexes()
