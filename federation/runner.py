@@ -18,8 +18,8 @@ log = logging.getLogger("aifed")
 
 # Python's cyclic garbage collector runs its youngest generation every 700 net allocations of container objects by
 # default. A daemon handling thousands of jobs a second allocates that many in well under a millisecond, and most of
-# them are freed by reference counting anyway; with the default, the collector took 16% of the antenna's CPU in a
-# batched forwarding run (docs/benchmarks.md). Cyclic garbage waits for a collection at most this many allocations.
+# them are freed by reference counting anyway; with the default, the collector took 9% of the antenna's CPU and 5% of
+# the hub's in a batched forwarding run (docs/benchmarks.md). Cyclic garbage waits for at most this many allocations.
 GC_YOUNG_THRESHOLD = 50_000
 
 
