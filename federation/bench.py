@@ -10,7 +10,9 @@ same Slurm, with 16 submissions in flight. Phase (b) ends when all N jobs are in
 `aifed bench forward`: an antenna and a hub whose backend holds jobs without running them (`hold`), driven by
 concurrent clients for a given time, (a) one job per SubmitJob call and (b) in SubmitJobs batches. Prints
 jobs per second acknowledged (by the antenna) and forwarded (journaled by the hub), per-call latency, the
-backlog between the two, and each daemon's CPU and peak memory.
+backlog between the two, and each daemon's CPU and peak memory. Two baselines are measured first, in the same
+command: a gRPC server doing nothing (federation/bench_floor.py) and the bare pipeline, which forwards the same
+way with none of aifed's own work (federation/bench_bare.py); every run is printed as a share of them.
 """
 
 from __future__ import annotations
@@ -344,6 +346,20 @@ def run_forward_bench(seconds: float, clients: int, batch: int, as_json: bool, k
             min(seconds, 10), clients))
         print(f"gRPC floor: {floor['calls_per_s']:8.1f} calls/s, server CPU {floor['server_cpu_us_per_call']} us "
               f"per call ({floor['server_cpu_pct']:.0f}%)")
+        # The second baseline: the bare pipeline (federation.bench_bare), forwarding with none of aifed's own work,
+        # unbatched and batched with the same clients. Every run's jobs per second are compared with it.
+        from federation.bench_bare import measure as measure_bare
+        hub_id, antenna_id = pki.issue(floor_pki, Role.HUB, "hub1"), pki.issue(floor_pki, Role.ANTENNA, "antenna1")
+        user_id = pki.issue(floor_pki, Role.USER, "antenna1", "bench")
+        bare = result["bare_pipeline"] = {}
+        for name, per_call, n in (("unbatched", 1, clients), ("batched", batch, max(2, clients // 4))):
+            print(f"bare pipeline, {name}: {n} clients, {per_call} job(s) per call, {min(seconds, 10):g} s...",
+                  file=sys.stderr)
+            b = bare[name] = asyncio.run(measure_bare(root / f"bare-{name}", floor_pki, hub_id, antenna_id, user_id,
+                                                      min(seconds, 10), n, per_call))
+            print(f"bare pipeline, {name:>9}: acknowledged {b['jobs_per_s']:8.1f} jobs/s, forwarded "
+                  f"{b['forwarded_per_s']:8.1f} jobs/s; CPU per job antenna {b['antenna_cpu_us_per_job']} us hub "
+                  f"{b['hub_cpu_us_per_job']} us")
         runs = (("unbatched", 1, clients, False), ("batched", batch, max(2, clients // 4), False),
                 ("arrays", batch, max(2, clients // 4), True))
         for name, per_call, n, array in runs:
@@ -353,10 +369,12 @@ def run_forward_bench(seconds: float, clients: int, batch: int, as_json: bool, k
             # CPU per job: the antenna's for each job it acknowledged, the hub's for each job it journaled.
             r["antenna_cpu_us_per_job"] = round(r["antenna_cpu_pct"] * 1e4 / max(r["jobs_per_s"], 1e-9))
             r["hub_cpu_us_per_job"] = round(r["hub_cpu_pct"] * 1e4 / max(r["forwarded_per_s"], 1e-9))
-            floor_note = ""
+            r["of_bare_pipeline"] = round(r["jobs_per_s"] / bare["unbatched" if per_call == 1 else "batched"]
+                                          ["jobs_per_s"], 3)
+            floor_note = f"; {r['of_bare_pipeline']:.2f} of the bare pipeline's jobs/s"
             if per_call == 1:  # one call per job: the floor bounds it
                 r["of_grpc_floor"] = round(r["jobs_per_s"] / floor["calls_per_s"], 3)
-                floor_note = f"; {r['of_grpc_floor']:.2f} of the gRPC floor's calls/s"
+                floor_note += f", {r['of_grpc_floor']:.2f} of the gRPC floor's calls/s"
             print(f"{name:>9}: acknowledged {r['jobs_per_s']:8.1f} jobs/s, forwarded {r['forwarded_per_s']:8.1f} "
                   f"jobs/s, submit p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms per call; backlog max "
                   f"{r['backlog_max']} end {r['backlog_end']}, drained in {r['drain_s']:.1f} s; CPU hub "

@@ -1,0 +1,314 @@
+"""The bare pipeline, for `aifed bench forward`: jobs acknowledged, forwarded and followed the way aifed does it,
+with none of aifed's own work, measured in the same command as aifed itself.
+
+Two processes, a bare antenna and a bare hub, keep only what forwarding cannot do without:
+- gRPC over mutual TLS, with the daemons' server options and uvloop;
+- a SQLite journal each, made by `federation.journal.Journal` (the same table and indexes, WAL, synchronous=FULL),
+  holding a JSON record per job with its spec;
+- a job journaled before it is acknowledged, the submissions of concurrent calls committed together, in a thread;
+- forwarding in calls of up to 1,000 jobs, two in flight, after the same linger; the hub's change feed, read
+  from its journal and applied to the antenna's records.
+
+They leave out everything aifed adds to that: the guard, validation, placement, allocations, idempotency,
+audit lines, metrics, the job model, the hub's backend. aifed's jobs per second over theirs is the share of
+what this machine can do with this design that aifed reaches, on the day of the run.
+
+Run as `python -m federation.bench_bare hub|antenna DIR PORT CA CERT KEY [HUB_PORT]`; `measure` does that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import orjson
+
+from federation.ids import job_token
+from federation.pb import antenna_pb2, antenna_pb2_grpc, hub_pb2, hub_pb2_grpc, jobs_pb2
+
+ANTENNA = "antenna1"
+INSERT = ("INSERT INTO jobs (id, idempotency_key, owner, antenna, state, backend_ref, created, updated, seq, record)"
+          " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+UPDATE = "UPDATE jobs SET state = ?, updated = ?, seq = ?, record = ? WHERE id = ?"
+PENDING, FORWARDED, QUEUED = jobs_pb2.JOB_STATE_PENDING, jobs_pb2.JOB_STATE_FORWARDED, jobs_pb2.JOB_STATE_QUEUED
+
+
+def _spec(s: jobs_pb2.JobSpec) -> dict:
+    return {"argv": list(s.argv), "script": s.script, "script_args": list(s.script_args), "env": dict(s.env),
+            "name": s.name, "gpus": s.gpus, "cpus": s.cpus, "memory_mb": s.memory_mb, "walltime_s": s.walltime_s,
+            "partition": s.partition, "access_mode": s.access_mode, "project": s.project, "site": s.site}
+
+
+def _stamp(stamp, seconds: float) -> None:
+    nanos = int(seconds * 1e9)
+    stamp.seconds, stamp.nanos = nanos // 1_000_000_000, nanos % 1_000_000_000
+
+
+class _Journal:
+    """One connection, one transaction at a time in a worker thread; the functions of concurrent callers share
+    a transaction (group commit), each caller answered once it is on disk."""
+
+    def __init__(self, path: Path, feed: bool):
+        from federation.journal import Journal
+        Journal(path, feed=feed).close()  # aifed's own schema and indexes
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.seq = self.db.execute("SELECT coalesce(max(seq), 0) FROM jobs").fetchone()[0]
+        self._pending: list[tuple[Callable, asyncio.Future]] = []
+        self._busy = False
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    async def write(self, fn: Callable[[sqlite3.Connection], None]) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((fn, done))
+        if not self._busy:
+            self._busy = True
+            try:
+                while self._pending:
+                    group, self._pending = self._pending, []
+                    await asyncio.to_thread(self._commit, [f for f, _ in group])
+                    for _, future in group:
+                        future.set_result(None)
+            finally:
+                self._busy = False
+        await done
+
+    def _commit(self, fns: list[Callable]) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        for fn in fns:
+            fn(self.db)
+        self.db.execute("COMMIT")
+
+
+class BareHub(hub_pb2_grpc.HubServicer):
+    def __init__(self, folder: Path):
+        self.path = folder / "hub.sqlite"
+        self.journal = _Journal(self.path, feed=True)
+        self.read = sqlite3.connect(self.path, check_same_thread=False)
+        self.changed = asyncio.Event()
+
+    async def ForwardJobs(self, request, context):
+        now, journal, rows = time.time(), self.journal, []
+        for forwarded in request.jobs:
+            job = forwarded.job
+            record = orjson.dumps({
+                "id": job.id, "state": QUEUED, "owner": job.owner, "antenna": job.antenna, "site": "hub1",
+                "partition": "debug", "reason": "queued in partition debug",
+                "history": [[FORWARDED, now, "accepted by hub hub1"], [QUEUED, now, "queued in partition debug"]],
+                "created_at": now, "updated_at": now, "spec": _spec(job.spec)})
+            rows.append((job.id, forwarded.idempotency_key, job.owner, job.antenna, QUEUED, "", now, now, 0, record))
+        await journal.write(lambda db: db.executemany(INSERT, [(*r[:8], journal.next_seq(), r[9]) for r in rows]))
+        self.changed.set()
+        response = hub_pb2.ForwardJobsResponse()
+        add = response.results.add
+        for row in rows:
+            add(job_id=row[0]).accepted.id = row[0]
+        return response
+
+    async def WatchChanges(self, request, context):
+        after = request.after
+        while True:
+            self.changed.clear()
+            rows = self.read.execute("SELECT seq, record FROM jobs WHERE antenna = ? AND seq > ? ORDER BY seq"
+                                     " LIMIT 1000", (ANTENNA, after)).fetchall()
+            if not rows:
+                await self.changed.wait()
+                await asyncio.sleep(0.05)  # the hub's CHANGES_LINGER_S
+                continue
+            after = rows[-1][0]
+            message = hub_pb2.JobChanges(epoch="bare", sequence=after)
+            add = message.jobs.add
+            for _, record in rows:
+                d = orjson.loads(record)
+                job = add(id=d["id"], state=d["state"], partition=d["partition"], reason=d["reason"])
+                for state, at, reason in d["history"]:
+                    _stamp(job.history.add(state=state, reason=reason).at, at)
+                _stamp(job.updated_at, d["updated_at"])
+            yield message
+
+
+class BareAntenna(antenna_pb2_grpc.AntennaServicer):
+    def __init__(self, folder: Path, hub: hub_pb2_grpc.HubStub):
+        self.journal = _Journal(folder / "antenna.sqlite", feed=False)
+        self.hub = hub
+        self.outbox: dict[str, jobs_pb2.JobSpec] = {}
+        self.wake = asyncio.Event()
+        self.owner = f"spiffe://bench.test/user/{ANTENNA}/bench"
+
+    def _row(self, spec: jobs_pb2.JobSpec, now: float) -> tuple:
+        job_id = f"{ANTENNA}-{job_token()}"
+        record = orjson.dumps({"id": job_id, "state": PENDING, "owner": self.owner, "antenna": ANTENNA, "site": "hub1",
+                               "partition": "", "reason": "forwarding to hub1",
+                               "history": [[PENDING, now, "accepted by the antenna"]], "created_at": now,
+                               "updated_at": now, "spec": _spec(spec)})
+        return (job_id, None, self.owner, ANTENNA, PENDING, "", now, now, 0, record)
+
+    async def _store(self, rows: list[tuple], specs) -> None:
+        journal = self.journal
+        await journal.write(lambda db: db.executemany(INSERT, [(*r[:8], journal.next_seq(), r[9]) for r in rows]))
+        for row, spec in zip(rows, specs):
+            self.outbox[row[0]] = spec
+        self.wake.set()
+
+    async def SubmitJob(self, request, context):
+        now = time.time()
+        row = self._row(request.spec, now)
+        await self._store([row], [request.spec])
+        job = jobs_pb2.Job(id=row[0], state=PENDING, owner=self.owner, antenna=ANTENNA, site="hub1")
+        _stamp(job.created_at, now)
+        return job
+
+    async def SubmitJobs(self, request, context):
+        now = time.time()
+        specs = [entry.spec for entry in request.jobs]
+        rows = [self._row(spec, now) for spec in specs]
+        await self._store(rows, specs)
+        response = antenna_pb2.SubmitJobsResponse()
+        add = response.results.add
+        for row in rows:
+            receipt = add().accepted
+            receipt.id, receipt.state = row[0], PENDING
+            _stamp(receipt.created_at, now)
+        return response
+
+    async def forwarder(self) -> None:
+        while True:
+            if not self.outbox:
+                self.wake.clear()
+                await self.wake.wait()
+            if len(self.outbox) < 1000:
+                await asyncio.sleep(0.05)  # the antenna's FORWARD_LINGER_S
+            ids = []
+            for job_id in self.outbox:
+                ids.append(job_id)
+                if len(ids) == 1000:
+                    break
+            request = hub_pb2.ForwardJobsRequest()
+            add = request.jobs.add
+            for job_id in ids:
+                add(idempotency_key=job_id, job=jobs_pb2.Job(id=job_id, spec=self.outbox.pop(job_id), owner=self.owner,
+                                                             antenna=ANTENNA, state=PENDING))
+            if ids:
+                await self.hub.ForwardJobs(request, timeout=60)
+
+    async def follower(self) -> None:
+        journal = self.journal
+        async for batch in self.hub.WatchChanges(hub_pb2.WatchChangesRequest(), wait_for_ready=True):
+            def apply(db, jobs=batch.jobs, position=f"{batch.epoch}:{batch.sequence}"):
+                ids = [job.id for job in jobs]
+                records = dict(db.execute(f"SELECT id, record FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids))
+                rows = []
+                for job in jobs:
+                    d = orjson.loads(records[job.id])
+                    d.update(state=job.state, partition=job.partition, reason=job.reason,
+                             history=[t for t in d["history"] if t[0] == PENDING]
+                             + [[t.state, t.at.seconds + t.at.nanos / 1e9, t.reason] for t in job.history],
+                             updated_at=job.updated_at.seconds + job.updated_at.nanos / 1e9)
+                    rows.append((job.state, d["updated_at"], journal.next_seq(), orjson.dumps(d), job.id))
+                db.executemany(UPDATE, rows)
+                db.execute("INSERT INTO meta (key, value) VALUES ('feed/hub1', ?) ON CONFLICT (key) DO UPDATE"
+                           " SET value = excluded.value", (position,))
+            if batch.jobs:
+                await journal.write(apply)
+
+
+async def _serve(role: str, folder: Path, port: int, tls, hub_port: int | None) -> None:
+    from federation.rpc import SERVER_OPTIONS, secure_channel
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    if role == "hub":
+        hub_pb2_grpc.add_HubServicer_to_server(BareHub(folder), server)
+    else:
+        antenna = BareAntenna(folder, hub_pb2_grpc.HubStub(secure_channel(f"localhost:{hub_port}", tls)))
+        antenna_pb2_grpc.add_AntennaServicer_to_server(antenna, server)
+        tasks = [asyncio.create_task(antenna.forwarder()) for _ in range(2)]
+        tasks.append(asyncio.create_task(antenna.follower()))
+    if server.add_secure_port(f"127.0.0.1:{port}", tls.server_credentials()) == 0:
+        raise OSError(f"cannot listen on 127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+async def measure(folder: Path, pki: Path, hub_id, antenna_id, user_id, seconds: float, clients: int,
+                  batch: int) -> dict:
+    """Jobs per second acknowledged by the bare antenna and journaled by the bare hub, and each one's CPU per job,
+    with `clients` submitters of `batch` jobs per call (1: SubmitJob) for `seconds`."""
+    from federation.bench import cpu_seconds
+    from federation.net import free_port
+    from federation.rpc import secure_channel
+    from federation.tls import TlsFiles
+
+    folder.mkdir(parents=True, exist_ok=True)
+    hub_port, antenna_port = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    ca = str(pki / "ca.pem")
+
+    def start(*args) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "federation.bench_bare", *map(str, args)], env=env)
+
+    procs = {"hub": start("hub", folder, hub_port, ca, hub_id.cert, hub_id.key),
+             "antenna": start("antenna", folder, antenna_port, ca, antenna_id.cert, antenna_id.key, hub_port)}
+    try:
+        channel = secure_channel(f"localhost:{antenna_port}", TlsFiles(pki / "ca.pem", user_id.cert, user_id.key))
+        stub = antenna_pb2_grpc.AntennaStub(channel)
+        spec = jobs_pb2.JobSpec(argv=["true"], cpus=1, walltime_s=60)  # the spec `forward_run` sends
+        one = antenna_pb2.SubmitJobRequest(spec=spec)
+        many = antenna_pb2.SubmitJobsRequest(jobs=[one] * batch)
+        await stub.SubmitJob(one, timeout=30, wait_for_ready=True)
+        hub_db = sqlite3.connect(folder / "hub.sqlite", timeout=30)
+
+        def forwarded() -> int:
+            return hub_db.execute("SELECT count(*) FROM jobs").fetchone()[0]
+
+        while forwarded() < 1:
+            await asyncio.sleep(0.05)
+        acked = 0
+        cpu0 = {name: cpu_seconds(p.pid) for name, p in procs.items()}
+        before, started = forwarded(), time.perf_counter()
+        stop_at = started + seconds
+
+        async def submitter():
+            nonlocal acked
+            while time.perf_counter() < stop_at:
+                if batch == 1:
+                    await stub.SubmitJob(one, timeout=30)
+                else:
+                    await stub.SubmitJobs(many, timeout=60)
+                acked += batch
+
+        await asyncio.gather(*(submitter() for _ in range(clients)))
+        window = time.perf_counter() - started
+        cpu = {name: cpu_seconds(p.pid) - cpu0[name] for name, p in procs.items()}
+        hub_jobs = forwarded() - before
+        await channel.close()
+        return {"jobs_per_s": round(acked / window, 1), "forwarded_per_s": round(hub_jobs / window, 1),
+                "antenna_cpu_us_per_job": round(1e6 * cpu["antenna"] / max(acked, 1)),
+                "hub_cpu_us_per_job": round(1e6 * cpu["hub"] / max(hub_jobs, 1)),
+                "antenna_cpu_pct": round(100 * cpu["antenna"] / window, 1),
+                "hub_cpu_pct": round(100 * cpu["hub"] / window, 1), "clients": clients, "jobs_per_call": batch}
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+
+
+def main(argv: list[str]) -> None:
+    import uvloop
+
+    from federation.tls import TlsFiles
+    role, folder, port, ca, cert, key, *rest = argv
+    tls = TlsFiles(Path(ca), Path(cert), Path(key))
+    uvloop.run(_serve(role, Path(folder), int(port), tls, int(rest[0]) if rest else None))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
