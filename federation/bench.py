@@ -490,14 +490,23 @@ async def scale_run(root: Path, finished: int, active: int, queries: int) -> dic
                 job = await stub.GetJob(jobs_pb2.JobRef(job_id=job_id), timeout=10)
                 latencies.append(time.perf_counter() - t)
                 assert job.id == job_id
-        rss = memory_mb(hub.pid, "VmRSS")
-        return {"finished": finished, "active": active, "journal_mb": round(size_mb, 1),
-                "fill_s": round(filled, 1), "hub_start_s": round(ready, 2), "queries": queries,
-                "status_p50_ms": round(1000 * percentile(latencies, 0.5), 3),
-                "status_p99_ms": round(1000 * percentile(latencies, 0.99), 3),
-                "hub_rss_mb": round(rss, 1), "hub_peak_rss_mb": round(memory_mb(hub.pid), 1)}
+        rss, peak = memory_mb(hub.pid, "VmRSS"), memory_mb(hub.pid)
     finally:
         fed.stop()
+    # The baseline, in the same command: as many calls, one at a time, to a gRPC server whose handler does nothing
+    # (federation.bench_floor). What a status query takes beyond it is the hub's; the rest is the machine's now.
+    from federation.bench_floor import round_trips
+    floor_pki = root / "floor-pki"
+    pki.init_ca(floor_pki, FEDERATION)
+    floor = await round_trips(floor_pki, pki.issue(floor_pki, R.ANTENNA, "floor"),
+                              pki.issue(floor_pki, R.USER, "floor", "bench"), queries)
+    return {"finished": finished, "active": active, "journal_mb": round(size_mb, 1),
+            "fill_s": round(filled, 1), "hub_start_s": round(ready, 2), "queries": queries,
+            "status_p50_ms": round(1000 * percentile(latencies, 0.5), 3),
+            "status_p99_ms": round(1000 * percentile(latencies, 0.99), 3),
+            "grpc_floor_p50_ms": round(1000 * percentile(floor, 0.5), 3),
+            "grpc_floor_p99_ms": round(1000 * percentile(floor, 0.99), 3),
+            "hub_rss_mb": round(rss, 1), "hub_peak_rss_mb": round(peak, 1)}
 
 
 def run_scale_bench(finished: int, active: int, queries: int, as_json: bool, keep: Path | None = None) -> int:
@@ -507,6 +516,8 @@ def run_scale_bench(finished: int, active: int, queries: int, as_json: bool, kee
         print(f"journal {r['journal_mb']:.0f} MB (filled in {r['fill_s']:.0f} s); hub up in {r['hub_start_s']:.1f} s; "
               f"status query p50 {r['status_p50_ms']:.2f} ms p99 {r['status_p99_ms']:.2f} ms over {queries}; "
               f"hub resident memory {r['hub_rss_mb']:.0f} MB (peak {r['hub_peak_rss_mb']:.0f} MB)")
+        print(f"gRPC floor, the same number of calls to a handler that does nothing: p50 {r['grpc_floor_p50_ms']:.2f} "
+              f"ms p99 {r['grpc_floor_p99_ms']:.2f} ms")
         if as_json:
             print(orjson.dumps(r).decode())
         return 0

@@ -9,6 +9,7 @@ the daemons' server options and uvloop, and no aifed code between gRPC and the h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -35,18 +36,29 @@ async def _serve(port: int, tls) -> None:
     await server.wait_for_termination()
 
 
-async def measure(pki: Path, server_id, client_id, seconds: float, clients: int = 16) -> dict:
-    """Unary calls per second, and the server's CPU per call, with `clients` calls in flight for `seconds`."""
-    from federation.bench import cpu_seconds
+@contextlib.contextmanager
+def _server(pki: Path, server_id):
+    """The floor server, in a process of its own, for as long as the block runs; yields its port."""
     from federation.net import free_port
-    from federation.rpc import secure_channel
-    from federation.tls import TlsFiles
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "federation.bench_floor", str(port), str(pki / "ca.pem"),
                              str(server_id.cert), str(server_id.key)],
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     try:
+        yield port, proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def measure(pki: Path, server_id, client_id, seconds: float, clients: int = 16) -> dict:
+    """Unary calls per second, and the server's CPU per call, with `clients` calls in flight for `seconds`."""
+    from federation.bench import cpu_seconds
+    from federation.rpc import secure_channel
+    from federation.tls import TlsFiles
+
+    with _server(pki, server_id) as (port, proc):
         channel = secure_channel(f"localhost:{port}", TlsFiles(pki / "ca.pem", client_id.cert, client_id.key))
         stub = antenna_pb2_grpc.AntennaStub(channel)
         request = jobs_pb2.JobRef(job_id="floor")
@@ -66,9 +78,26 @@ async def measure(pki: Path, server_id, client_id, seconds: float, clients: int 
         await channel.close()
         return {"calls_per_s": round(calls / window, 1), "server_cpu_us_per_call": round(1e6 * cpu / calls),
                 "server_cpu_pct": round(100 * cpu / window, 1), "clients": clients}
-    finally:
-        proc.kill()
-        proc.wait()
+
+
+async def round_trips(pki: Path, server_id, client_id, calls: int) -> list[float]:
+    """The seconds each of `calls` unary calls takes, one at a time: the floor under any one query's latency
+    on this machine now (`aifed bench scale` compares a hub's status queries with it)."""
+    from federation.rpc import secure_channel
+    from federation.tls import TlsFiles
+
+    with _server(pki, server_id) as (port, _):
+        async with secure_channel(f"localhost:{port}", TlsFiles(pki / "ca.pem", client_id.cert, client_id.key)
+                                  ) as channel:
+            stub = antenna_pb2_grpc.AntennaStub(channel)
+            request = jobs_pb2.JobRef(job_id="floor")
+            await stub.GetJob(request, timeout=30, wait_for_ready=True)
+            latencies = []
+            for _ in range(calls):
+                t = time.perf_counter()
+                await stub.GetJob(request, timeout=10)
+                latencies.append(time.perf_counter() - t)
+            return latencies
 
 
 def main(argv: list[str]) -> None:
