@@ -3,9 +3,9 @@ with none of aifed's own work, measured in the same command as aifed itself.
 
 Two processes, a bare antenna and a bare hub, keep only what forwarding cannot do without:
 - gRPC over mutual TLS, with the daemons' server options and uvloop;
-- a SQLite journal each, made by `federation.journal.Journal` (the same table and indexes, WAL, synchronous=FULL),
-  holding a JSON record per job with its spec;
-- a job journaled before it is acknowledged, the submissions of concurrent calls committed together, in a thread;
+- a SQLite journal each, aifed's own `Journal` (the same table and indexes, WAL, synchronous=FULL, its group
+  commit in a worker thread), holding a JSON record per job with its spec, written by one `executemany` per call;
+- a job journaled before it is acknowledged;
 - forwarding in calls of up to 1,000 jobs, two in flight, after the same linger; the hub's change feed, read
   from its journal and applied to the antenna's records.
 
@@ -25,12 +25,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import grpc
 import orjson
 
+from federation.convert import _stamp
 from federation.ids import job_token
+from federation.journal import Journal, Tx
 from federation.pb import antenna_pb2, antenna_pb2_grpc, hub_pb2, hub_pb2_grpc, jobs_pb2
 
 ANTENNA = "antenna1"
@@ -46,55 +47,14 @@ def _spec(s: jobs_pb2.JobSpec) -> dict:
             "partition": s.partition, "access_mode": s.access_mode, "project": s.project, "site": s.site}
 
 
-def _stamp(stamp, seconds: float) -> None:
-    nanos = int(seconds * 1e9)
-    stamp.seconds, stamp.nanos = nanos // 1_000_000_000, nanos % 1_000_000_000
-
-
-class _Journal:
-    """One connection, one transaction at a time in a worker thread; the functions of concurrent callers share
-    a transaction (group commit), each caller answered once it is on disk."""
-
-    def __init__(self, path: Path, feed: bool):
-        from federation.journal import Journal
-        Journal(path, feed=feed).close()  # aifed's own schema and indexes
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.seq = self.db.execute("SELECT coalesce(max(seq), 0) FROM jobs").fetchone()[0]
-        self._pending: list[tuple[Callable, asyncio.Future]] = []
-        self._busy = False
-
-    def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
-
-    async def write(self, fn: Callable[[sqlite3.Connection], None]) -> None:
-        done = asyncio.get_running_loop().create_future()
-        self._pending.append((fn, done))
-        if not self._busy:
-            self._busy = True
-            try:
-                while self._pending:
-                    group, self._pending = self._pending, []
-                    await asyncio.to_thread(self._commit, [f for f, _ in group])
-                    for _, future in group:
-                        future.set_result(None)
-            finally:
-                self._busy = False
-        await done
-
-    def _commit(self, fns: list[Callable]) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-        for fn in fns:
-            fn(self.db)
-        self.db.execute("COMMIT")
+def _insert(tx: Tx, rows: list[tuple]) -> None:
+    """New jobs' rows, each given the journal's next change sequence (what a hub's change feed follows)."""
+    tx.db.executemany(INSERT, [(*row[:8], tx.journal._next_seq(), row[9]) for row in rows])
 
 
 class BareHub(hub_pb2_grpc.HubServicer):
     def __init__(self, folder: Path):
-        self.path = folder / "hub.sqlite"
-        self.journal = _Journal(self.path, feed=True)
-        self.read = sqlite3.connect(self.path, check_same_thread=False)
+        self.journal = Journal(folder / "hub.sqlite")
         self.changed = asyncio.Event()
 
     async def ForwardJobs(self, request, context):
@@ -107,7 +67,7 @@ class BareHub(hub_pb2_grpc.HubServicer):
                 "history": [[FORWARDED, now, "accepted by hub hub1"], [QUEUED, now, "queued in partition debug"]],
                 "created_at": now, "updated_at": now, "spec": _spec(job.spec)})
             rows.append((job.id, forwarded.idempotency_key, job.owner, job.antenna, QUEUED, "", now, now, 0, record))
-        await journal.write(lambda db: db.executemany(INSERT, [(*r[:8], journal.next_seq(), r[9]) for r in rows]))
+        await journal.commit(lambda tx: _insert(tx, rows))
         self.changed.set()
         response = hub_pb2.ForwardJobsResponse()
         add = response.results.add
@@ -119,8 +79,7 @@ class BareHub(hub_pb2_grpc.HubServicer):
         after = request.after
         while True:
             self.changed.clear()
-            rows = self.read.execute("SELECT seq, record FROM jobs WHERE antenna = ? AND seq > ? ORDER BY seq"
-                                     " LIMIT 1000", (ANTENNA, after)).fetchall()
+            rows = self.journal.changes(ANTENNA, after)
             if not rows:
                 await self.changed.wait()
                 await asyncio.sleep(0.05)  # the hub's CHANGES_LINGER_S
@@ -139,7 +98,7 @@ class BareHub(hub_pb2_grpc.HubServicer):
 
 class BareAntenna(antenna_pb2_grpc.AntennaServicer):
     def __init__(self, folder: Path, hub: hub_pb2_grpc.HubStub):
-        self.journal = _Journal(folder / "antenna.sqlite", feed=False)
+        self.journal = Journal(folder / "antenna.sqlite", feed=False)
         self.hub = hub
         self.outbox: dict[str, jobs_pb2.JobSpec] = {}
         self.wake = asyncio.Event()
@@ -154,8 +113,7 @@ class BareAntenna(antenna_pb2_grpc.AntennaServicer):
         return (job_id, None, self.owner, ANTENNA, PENDING, "", now, now, 0, record)
 
     async def _store(self, rows: list[tuple], specs) -> None:
-        journal = self.journal
-        await journal.write(lambda db: db.executemany(INSERT, [(*r[:8], journal.next_seq(), r[9]) for r in rows]))
+        await self.journal.commit(lambda tx: _insert(tx, rows))
         for row, spec in zip(rows, specs):
             self.outbox[row[0]] = spec
         self.wake.set()
@@ -202,11 +160,11 @@ class BareAntenna(antenna_pb2_grpc.AntennaServicer):
                 await self.hub.ForwardJobs(request, timeout=60)
 
     async def follower(self) -> None:
-        journal = self.journal
         async for batch in self.hub.WatchChanges(hub_pb2.WatchChangesRequest(), wait_for_ready=True):
-            def apply(db, jobs=batch.jobs, position=f"{batch.epoch}:{batch.sequence}"):
+            def apply(tx: Tx, jobs=batch.jobs, position=f"{batch.epoch}:{batch.sequence}"):
                 ids = [job.id for job in jobs]
-                records = dict(db.execute(f"SELECT id, record FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids))
+                records = dict(tx.db.execute(f"SELECT id, record FROM jobs WHERE id IN ({','.join('?' * len(ids))})",
+                                             ids))
                 rows = []
                 for job in jobs:
                     d = orjson.loads(records[job.id])
@@ -214,12 +172,11 @@ class BareAntenna(antenna_pb2_grpc.AntennaServicer):
                              history=[t for t in d["history"] if t[0] == PENDING]
                              + [[t.state, t.at.seconds + t.at.nanos / 1e9, t.reason] for t in job.history],
                              updated_at=job.updated_at.seconds + job.updated_at.nanos / 1e9)
-                    rows.append((job.state, d["updated_at"], journal.next_seq(), orjson.dumps(d), job.id))
-                db.executemany(UPDATE, rows)
-                db.execute("INSERT INTO meta (key, value) VALUES ('feed/hub1', ?) ON CONFLICT (key) DO UPDATE"
-                           " SET value = excluded.value", (position,))
+                    rows.append((job.state, d["updated_at"], tx.journal._next_seq(), orjson.dumps(d), job.id))
+                tx.db.executemany(UPDATE, rows)
+                tx.set_meta("feed/hub1", position)
             if batch.jobs:
-                await journal.write(apply)
+                await self.journal.commit(apply)
 
 
 async def _serve(role: str, folder: Path, port: int, tls, hub_port: int | None) -> None:
