@@ -188,6 +188,12 @@ state_dir = "{self.root / 'antenna'}"
         return sum(row[0] for site in self.hubs for row in self.query(site, "SELECT count(*) FROM jobs"))
 
 
+def bench_spec():
+    """The job every forwarding benchmark submits: `true`, one CPU, a minute of walltime."""
+    from federation.model import JobSpec
+    return JobSpec(argv=("true",), walltime_s=60)
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU seconds of a process, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -257,7 +263,7 @@ async def forward_run(root: Path, seconds: float, clients: int, batch: int, arra
     `array`, each call asks for one job array of `batch` tasks (`aifed submit --array 0-N`) rather than
     `batch` separate jobs."""
     from federation import convert
-    from federation.model import JobSpec, JobState
+    from federation.model import JobState
     from federation.pb import antenna_pb2
 
     fed = BenchFederation(root, "hold")
@@ -265,7 +271,7 @@ async def forward_run(root: Path, seconds: float, clients: int, batch: int, arra
     try:
         client = fed.client()
         await fed.wait_ready(client)
-        spec = JobSpec(argv=("true",), walltime_s=60)
+        spec = bench_spec()
         latencies: list[float] = []
         acked = 0
         pids = {"hub": hub.pid, "antenna": antenna.pid, "client": os.getpid()}

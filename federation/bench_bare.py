@@ -6,8 +6,8 @@ Two processes, a bare antenna and a bare hub, keep only what forwarding cannot d
 - a SQLite journal each, aifed's own `Journal` (the same table and indexes, WAL, synchronous=FULL, its group
   commit in a worker thread), holding a JSON record per job with its spec, written by one `executemany` per call;
 - a job journaled before it is acknowledged;
-- forwarding in calls of up to 1,000 jobs, two in flight, after the same linger; the hub's change feed, read
-  from its journal and applied to the antenna's records.
+- forwarding in calls of up to 1,000 jobs, two in flight, after the same linger, and the hub's change feed in
+  batches after its linger, all with the daemons' own settings; the feed is applied to the antenna's records.
 
 They leave out everything aifed adds to that: the guard, validation, placement, allocations, idempotency,
 audit lines, metrics, the job model, the hub's backend. aifed's jobs per second over theirs is the share of
@@ -29,10 +29,12 @@ from pathlib import Path
 import grpc
 import orjson
 
+from antenna.core import FORWARD_BATCH, FORWARD_IN_FLIGHT, FORWARD_LINGER_S, _first
 from federation.convert import _stamp
 from federation.ids import job_token
 from federation.journal import Journal, Tx
 from federation.pb import antenna_pb2, antenna_pb2_grpc, hub_pb2, hub_pb2_grpc, jobs_pb2
+from hub.service import CHANGES_BATCH, CHANGES_LINGER_S
 
 ANTENNA = "antenna1"
 INSERT = ("INSERT INTO jobs (id, idempotency_key, owner, antenna, state, backend_ref, created, updated, seq, record)"
@@ -79,10 +81,10 @@ class BareHub(hub_pb2_grpc.HubServicer):
         after = request.after
         while True:
             self.changed.clear()
-            rows = self.journal.changes(ANTENNA, after)
+            rows = self.journal.changes(ANTENNA, after, CHANGES_BATCH)
             if not rows:
                 await self.changed.wait()
-                await asyncio.sleep(0.05)  # the hub's CHANGES_LINGER_S
+                await asyncio.sleep(CHANGES_LINGER_S)
                 continue
             after = rows[-1][0]
             message = hub_pb2.JobChanges(epoch="bare", sequence=after)
@@ -144,20 +146,16 @@ class BareAntenna(antenna_pb2_grpc.AntennaServicer):
             if not self.outbox:
                 self.wake.clear()
                 await self.wake.wait()
-            if len(self.outbox) < 1000:
-                await asyncio.sleep(0.05)  # the antenna's FORWARD_LINGER_S
-            ids = []
-            for job_id in self.outbox:
-                ids.append(job_id)
-                if len(ids) == 1000:
-                    break
+            if len(self.outbox) < FORWARD_BATCH:
+                await asyncio.sleep(FORWARD_LINGER_S)
+            ids = _first(self.outbox, FORWARD_BATCH)
             request = hub_pb2.ForwardJobsRequest()
             add = request.jobs.add
             for job_id in ids:
                 add(idempotency_key=job_id, job=jobs_pb2.Job(id=job_id, spec=self.outbox.pop(job_id), owner=self.owner,
                                                              antenna=ANTENNA, state=PENDING))
             if ids:
-                await self.hub.ForwardJobs(request, timeout=60)
+                await self.hub.ForwardJobs(request, timeout=60, wait_for_ready=True)  # the hub may start later
 
     async def follower(self) -> None:
         async for batch in self.hub.WatchChanges(hub_pb2.WatchChangesRequest(), wait_for_ready=True):
@@ -187,7 +185,7 @@ async def _serve(role: str, folder: Path, port: int, tls, hub_port: int | None) 
     else:
         antenna = BareAntenna(folder, hub_pb2_grpc.HubStub(secure_channel(f"localhost:{hub_port}", tls)))
         antenna_pb2_grpc.add_AntennaServicer_to_server(antenna, server)
-        tasks = [asyncio.create_task(antenna.forwarder()) for _ in range(2)]
+        tasks = [asyncio.create_task(antenna.forwarder()) for _ in range(FORWARD_IN_FLIGHT)]
         tasks.append(asyncio.create_task(antenna.follower()))
     if server.add_secure_port(f"127.0.0.1:{port}", tls.server_credentials()) == 0:
         raise OSError(f"cannot listen on 127.0.0.1:{port}")
@@ -199,7 +197,8 @@ async def measure(folder: Path, pki: Path, hub_id, antenna_id, user_id, seconds:
                   batch: int) -> dict:
     """Jobs per second acknowledged by the bare antenna and journaled by the bare hub, and each one's CPU per job,
     with `clients` submitters of `batch` jobs per call (1: SubmitJob) for `seconds`."""
-    from federation.bench import cpu_seconds
+    from federation import convert
+    from federation.bench import bench_spec, cpu_seconds
     from federation.net import free_port
     from federation.rpc import secure_channel
     from federation.tls import TlsFiles
@@ -217,16 +216,21 @@ async def measure(folder: Path, pki: Path, hub_id, antenna_id, user_id, seconds:
     try:
         channel = secure_channel(f"localhost:{antenna_port}", TlsFiles(pki / "ca.pem", user_id.cert, user_id.key))
         stub = antenna_pb2_grpc.AntennaStub(channel)
-        spec = jobs_pb2.JobSpec(argv=["true"], cpus=1, walltime_s=60)  # the spec `forward_run` sends
-        one = antenna_pb2.SubmitJobRequest(spec=spec)
+        one = antenna_pb2.SubmitJobRequest(spec=convert.spec_to_pb(bench_spec()))
         many = antenna_pb2.SubmitJobsRequest(jobs=[one] * batch)
         await stub.SubmitJob(one, timeout=30, wait_for_ready=True)
-        hub_db = sqlite3.connect(folder / "hub.sqlite", timeout=30)
+        hub_db = None
 
         def forwarded() -> int:
             return hub_db.execute("SELECT count(*) FROM jobs").fetchone()[0]
 
-        while forwarded() < 1:
+        while True:  # until the hub has made its journal (read, never created, here) and holds the first job
+            try:
+                hub_db = hub_db or sqlite3.connect(f"file:{folder / 'hub.sqlite'}?mode=ro", uri=True, timeout=30)
+                if forwarded() >= 1:
+                    break
+            except sqlite3.OperationalError:
+                pass
             await asyncio.sleep(0.05)
         acked = 0
         cpu0 = {name: cpu_seconds(p.pid) for name, p in procs.items()}

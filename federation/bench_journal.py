@@ -22,14 +22,15 @@ KINDS = ("time-ordered", "random")
 def journal_run(root: Path, jobs: int, batch: int) -> dict:
     from federation.ids import job_token, random_hex
     from federation.journal import Journal
-    from federation.model import Job, JobSpec, JobState
+    from federation.bench import bench_spec
+    from federation.model import Job, JobState
 
     root.mkdir(parents=True, exist_ok=True)
     antenna = "antenna1"
     make_id = {"time-ordered": lambda: f"{antenna}-{job_token()}", "random": lambda: f"{antenna}-{random_hex(6)}"}
     journals = {kind: Journal(root / f"{kind}.db") for kind in KINDS}
     owner = f"spiffe://aifed.bench/user/{antenna}/bench"
-    spec = JobSpec(argv=("true",), walltime_s=60)
+    spec = bench_spec()
     windows = 10
     per_window = max(1, jobs // batch // windows)
     spent = {kind: {"cpu": 0.0, "wall": 0.0, "jobs": 0} for kind in KINDS}
